@@ -1,0 +1,56 @@
+//! Clients built once per process (Lambda init, worker start) and shared by every
+//! function and invocation: the Postgres pool, Redis leases, the ClickHouse sink, and
+//! the breakers in front of them.
+
+use std::sync::Arc;
+
+use sqlx::PgPool;
+
+use crate::breaker::CircuitBreaker;
+use crate::config::Config;
+use crate::guard::lease::{Leases, RedisConnectError};
+use crate::postgres::{self, PostgresError};
+use crate::sink::{ClickHouseSink, SinkError};
+
+#[derive(Clone)]
+pub struct Clients {
+    pub config: Arc<Config>,
+    pub pg: PgPool,
+    pub leases: Arc<Leases>,
+    pub sink: Arc<ClickHouseSink>,
+    pub kafka_breaker: Arc<CircuitBreaker>,
+}
+
+/// Start-up failed: which dependency, and how to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error(transparent)]
+    Postgres(#[from] PostgresError),
+    #[error(transparent)]
+    Redis(#[from] RedisConnectError),
+    #[error(transparent)]
+    ClickHouse(#[from] SinkError),
+}
+
+impl Clients {
+    /// Connects to every dependency (fail fast: an unreachable one stops start-up with
+    /// a message naming it) and applies the Postgres migrations.
+    pub async fn connect(config: Config) -> Result<Self, InitError> {
+        let b = &config.breakers;
+        let redis_breaker = Arc::new(CircuitBreaker::new("redis", b.redis));
+        let clickhouse_breaker = Arc::new(CircuitBreaker::new("clickhouse", b.clickhouse));
+        let kafka_breaker = Arc::new(CircuitBreaker::new("kafka", b.kafka));
+
+        let pg = postgres::connect(&config.postgres).await?;
+        postgres::migrate(&pg, &config.postgres).await?;
+        let leases = Leases::connect(&config.redis, redis_breaker).await?;
+        let sink = ClickHouseSink::connect(&config.clickhouse, clickhouse_breaker).await?;
+        Ok(Self {
+            config: Arc::new(config),
+            pg,
+            leases: Arc::new(leases),
+            sink: Arc::new(sink),
+            kafka_breaker,
+        })
+    }
+}

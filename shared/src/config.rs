@@ -1,0 +1,451 @@
+//! Configuration: one typed struct per component, read from environment variables.
+//!
+//! Every variable is listed once in [`VARIABLES`] with its default and meaning; the
+//! README's configuration table is checked against that list by a test, so the docs
+//! cannot drift from the code. An invalid value is an error naming the variable; a
+//! secret's value never appears in an error or a log line.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// One documented environment variable.
+#[derive(Debug, Clone, Copy)]
+pub struct Var {
+    pub name: &'static str,
+    pub default: &'static str,
+    /// Secrets (or URLs that may carry one) are never echoed back.
+    pub secret: bool,
+    pub doc: &'static str,
+}
+
+const fn var(name: &'static str, default: &'static str, doc: &'static str) -> Var {
+    Var { name, default, secret: false, doc }
+}
+
+const fn secret(name: &'static str, default: &'static str, doc: &'static str) -> Var {
+    Var { name, default, secret: true, doc }
+}
+
+/// Every variable the library reads, with its default. The README table mirrors this.
+pub const VARIABLES: &[Var] = &[
+    secret("DATABASE_URL", "postgres://exactly_once:exactly_once@127.0.0.1:5432/exactly_once", "Postgres connection URL (truth: `processed_events`, dead letters, handler effects)."),
+    var("DATABASE_SCHEMA", "", "Postgres schema for the project's tables; empty means the server's default `search_path`. Created if missing."),
+    var("DATABASE_MAX_CONNECTIONS", "10", "Postgres pool size."),
+    var("DATABASE_CONNECT_TIMEOUT_MS", "5000", "How long to wait for a Postgres connection before failing."),
+    secret("REDIS_URL", "redis://127.0.0.1:6379", "Redis URL for leases and done markers."),
+    var("REDIS_POOL_SIZE", "16", "Redis connection pool size."),
+    var("REDIS_KEY_PREFIX", "eo", "Prefix of every Redis key (`<prefix>:{<function>}:lease:<id>`)."),
+    var("REDIS_TIMEOUT_MS", "1000", "Per-call Redis timeout; a slow Redis counts as a failure for its breaker."),
+    var("CLICKHOUSE_URL", "http://127.0.0.1:8123", "ClickHouse HTTP endpoint."),
+    var("CLICKHOUSE_DATABASE", "default", "ClickHouse database holding the function tables."),
+    var("CLICKHOUSE_USER", "default", "ClickHouse user."),
+    secret("CLICKHOUSE_PASSWORD", "", "ClickHouse password."),
+    var("CLICKHOUSE_TIMEOUT_MS", "10000", "Timeout of one ClickHouse insert."),
+    var("GUARD_LEASE_TTL_MS", "30000", "Lease TTL; capped by the caller's deadline (on Lambda, the invocation's remaining time)."),
+    var("GUARD_DONE_TTL_SECS", "86400", "How long Redis remembers a confirmed id (the done marker)."),
+    var("KAFKA_DEDUP_TTL_SECONDS", "3600", "How long the in-process cache remembers a confirmed id; 0 disables the cache."),
+    var("GUARD_LOCAL_CACHE_MAX_BYTES", "67108864", "Memory bound of the in-process cache of confirmed ids (64 MiB)."),
+    var("GUARD_MAX_ATTEMPTS", "5", "Failed attempts before an event is dead-lettered."),
+    var("CLICKHOUSE_BREAKER_FAILURES", "3", "Consecutive ClickHouse failures that open its breaker."),
+    var("CLICKHOUSE_BREAKER_OPEN_SECS", "30", "How long the ClickHouse breaker stays open before a probe."),
+    var("CLICKHOUSE_BREAKER_SUCCESSES", "3", "Successful probes that close the ClickHouse breaker."),
+    var("CLICKHOUSE_BREAKER_PROBES", "1", "Concurrent probe calls allowed while the ClickHouse breaker is half-open."),
+    var("KAFKA_BREAKER_FAILURES", "2", "Consecutive Kafka failures that open its breaker."),
+    var("KAFKA_BREAKER_OPEN_SECS", "60", "How long the Kafka breaker stays open before a probe."),
+    var("KAFKA_BREAKER_SUCCESSES", "3", "Successful probes that close the Kafka breaker."),
+    var("KAFKA_BREAKER_PROBES", "1", "Concurrent probe calls allowed while the Kafka breaker is half-open."),
+    var("REDIS_BREAKER_FAILURES", "5", "Consecutive Redis failures that open its breaker."),
+    var("REDIS_BREAKER_OPEN_SECS", "15", "How long the Redis breaker stays open before a probe."),
+    var("REDIS_BREAKER_SUCCESSES", "2", "Successful probes that close the Redis breaker."),
+    var("REDIS_BREAKER_PROBES", "1", "Concurrent probe calls allowed while the Redis breaker is half-open."),
+];
+
+/// Where values come from: the process environment, or a map in tests.
+pub trait Env {
+    fn get(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl Env for HashMap<String, String> {
+    fn get(&self, name: &str) -> Option<String> {
+        HashMap::get(self, name).cloned()
+    }
+}
+
+impl Env for HashMap<&str, &str> {
+    fn get(&self, name: &str) -> Option<String> {
+        HashMap::get(self, name).map(|s| (*s).to_owned())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{var}={shown}: {reason}")]
+    Invalid { var: &'static str, shown: String, reason: String },
+}
+
+impl ConfigError {
+    pub fn variable(&self) -> &'static str {
+        match self {
+            ConfigError::Invalid { var, .. } => var,
+        }
+    }
+}
+
+fn lookup(name: &str) -> &'static Var {
+    VARIABLES
+        .iter()
+        .find(|v| v.name == name)
+        .unwrap_or_else(|| unreachable!("{name} is read but not listed in config::VARIABLES"))
+}
+
+/// Reads one documented variable, falling back to its documented default.
+pub fn read<T>(env: &dyn Env, name: &str) -> Result<T, ConfigError>
+where
+    T: FromStr,
+    T::Err: fmt::Display,
+{
+    let v = lookup(name);
+    let raw = env.get(v.name).unwrap_or_else(|| v.default.to_owned());
+    raw.trim().parse::<T>().map_err(|e| ConfigError::Invalid {
+        var: v.name,
+        shown: if v.secret { "<hidden>".into() } else { format!("{raw:?}") },
+        reason: e.to_string(),
+    })
+}
+
+fn positive<T: PartialOrd + Default + FromStr>(env: &dyn Env, name: &str) -> Result<T, ConfigError>
+where
+    T::Err: fmt::Display,
+{
+    let value: T = read(env, name)?;
+    if value <= T::default() {
+        return Err(ConfigError::Invalid {
+            var: lookup(name).name,
+            shown: env.get(name).unwrap_or_default(),
+            reason: "must be greater than zero".into(),
+        });
+    }
+    Ok(value)
+}
+
+fn millis(env: &dyn Env, name: &str) -> Result<Duration, ConfigError> {
+    Ok(Duration::from_millis(positive::<u64>(env, name)?))
+}
+
+fn secs(env: &dyn Env, name: &str) -> Result<Duration, ConfigError> {
+    Ok(Duration::from_secs(positive::<u64>(env, name)?))
+}
+
+/// A string that is never printed: `Debug` and `Display` show `***`.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// `scheme://user:***@host/...`: a URL safe to print. Anything unparsable is hidden whole.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "<unparsable url>".into();
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{host}{}", strip_query(path))
+        }
+        None => format!("{scheme}://{authority}{}", strip_query(path)),
+    }
+}
+
+fn strip_query(path: &str) -> &str {
+    // Query strings can carry passwords too (`?password=`).
+    path.split('?').next().unwrap_or("")
+}
+
+#[derive(Debug, Clone)]
+pub struct PostgresConfig {
+    pub url: Secret,
+    /// `None`: the server's default search path.
+    pub schema: Option<String>,
+    pub max_connections: u32,
+    pub connect_timeout: Duration,
+}
+
+impl PostgresConfig {
+    pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
+        let schema: String = read(env, "DATABASE_SCHEMA")?;
+        let schema = match schema.as_str() {
+            "" => None,
+            s if is_identifier(s) => Some(s.to_owned()),
+            s => {
+                return Err(ConfigError::Invalid {
+                    var: "DATABASE_SCHEMA",
+                    shown: format!("{s:?}"),
+                    reason: "use lowercase letters, digits and `_`, starting with a letter".into(),
+                })
+            }
+        };
+        Ok(Self {
+            url: Secret::new(read::<String>(env, "DATABASE_URL")?),
+            schema,
+            max_connections: positive(env, "DATABASE_MAX_CONNECTIONS")?,
+            connect_timeout: millis(env, "DATABASE_CONNECT_TIMEOUT_MS")?,
+        })
+    }
+}
+
+/// Lowercase SQL identifier we are willing to splice into DDL (schema and database names).
+pub fn is_identifier(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.starts_with(|c: char| c.is_ascii_lowercase())
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    pub url: Secret,
+    pub pool_size: usize,
+    pub key_prefix: String,
+    pub timeout: Duration,
+}
+
+impl RedisConfig {
+    pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
+        let key_prefix: String = read(env, "REDIS_KEY_PREFIX")?;
+        if key_prefix.is_empty() || key_prefix.contains(['{', '}', ' ']) {
+            return Err(ConfigError::Invalid {
+                var: "REDIS_KEY_PREFIX",
+                shown: format!("{key_prefix:?}"),
+                reason: "must be non-empty, without spaces or braces".into(),
+            });
+        }
+        Ok(Self {
+            url: Secret::new(read::<String>(env, "REDIS_URL")?),
+            pool_size: positive(env, "REDIS_POOL_SIZE")?,
+            key_prefix,
+            timeout: millis(env, "REDIS_TIMEOUT_MS")?,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ClickHouseConfig {
+    pub url: String,
+    pub database: String,
+    pub user: String,
+    pub password: Secret,
+    pub timeout: Duration,
+}
+
+impl ClickHouseConfig {
+    pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
+        let database: String = read(env, "CLICKHOUSE_DATABASE")?;
+        if !is_identifier(&database) {
+            return Err(ConfigError::Invalid {
+                var: "CLICKHOUSE_DATABASE",
+                shown: format!("{database:?}"),
+                reason: "use lowercase letters, digits and `_`, starting with a letter".into(),
+            });
+        }
+        Ok(Self {
+            url: read(env, "CLICKHOUSE_URL")?,
+            database,
+            user: read(env, "CLICKHOUSE_USER")?,
+            password: Secret::new(read::<String>(env, "CLICKHOUSE_PASSWORD")?),
+            timeout: millis(env, "CLICKHOUSE_TIMEOUT_MS")?,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GuardConfig {
+    pub lease_ttl: Duration,
+    pub done_ttl: Duration,
+    /// Zero disables the in-process cache.
+    pub local_cache_ttl: Duration,
+    pub local_cache_max_bytes: u64,
+    pub max_attempts: u32,
+}
+
+impl GuardConfig {
+    pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
+        Ok(Self {
+            lease_ttl: millis(env, "GUARD_LEASE_TTL_MS")?,
+            done_ttl: secs(env, "GUARD_DONE_TTL_SECS")?,
+            local_cache_ttl: Duration::from_secs(read(env, "KAFKA_DEDUP_TTL_SECONDS")?),
+            local_cache_max_bytes: read(env, "GUARD_LOCAL_CACHE_MAX_BYTES")?,
+            max_attempts: positive(env, "GUARD_MAX_ATTEMPTS")?,
+        })
+    }
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        Self::from_env(&HashMap::<&str, &str>::new()).expect("documented defaults are valid")
+    }
+}
+
+/// Thresholds of one circuit breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerConfig {
+    /// Consecutive failures that open the breaker.
+    pub failure_threshold: u32,
+    /// How long it stays open before letting a probe through.
+    pub open_for: Duration,
+    /// Successful probes (in half-open) that close it again.
+    pub success_threshold: u32,
+    /// Probe calls allowed at once while half-open.
+    pub half_open_max_calls: u32,
+}
+
+impl BreakerConfig {
+    /// `prefix` is `CLICKHOUSE`, `KAFKA` or `REDIS`.
+    pub fn from_env(env: &dyn Env, prefix: &str) -> Result<Self, ConfigError> {
+        Ok(Self {
+            failure_threshold: positive(env, &format!("{prefix}_BREAKER_FAILURES"))?,
+            open_for: secs(env, &format!("{prefix}_BREAKER_OPEN_SECS"))?,
+            success_threshold: positive(env, &format!("{prefix}_BREAKER_SUCCESSES"))?,
+            half_open_max_calls: positive(env, &format!("{prefix}_BREAKER_PROBES"))?,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BreakersConfig {
+    pub clickhouse: BreakerConfig,
+    pub kafka: BreakerConfig,
+    pub redis: BreakerConfig,
+}
+
+impl BreakersConfig {
+    pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
+        Ok(Self {
+            clickhouse: BreakerConfig::from_env(env, "CLICKHOUSE")?,
+            kafka: BreakerConfig::from_env(env, "KAFKA")?,
+            redis: BreakerConfig::from_env(env, "REDIS")?,
+        })
+    }
+}
+
+impl Default for BreakersConfig {
+    fn default() -> Self {
+        Self::from_env(&HashMap::<&str, &str>::new()).expect("documented defaults are valid")
+    }
+}
+
+/// Everything the library needs to build its clients.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub postgres: PostgresConfig,
+    pub redis: RedisConfig,
+    pub clickhouse: ClickHouseConfig,
+    pub guard: GuardConfig,
+    pub breakers: BreakersConfig,
+}
+
+impl Config {
+    pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
+        Ok(Self {
+            postgres: PostgresConfig::from_env(env)?,
+            redis: RedisConfig::from_env(env)?,
+            clickhouse: ClickHouseConfig::from_env(env)?,
+            guard: GuardConfig::from_env(env)?,
+            breakers: BreakersConfig::from_env(env)?,
+        })
+    }
+
+    /// Reads the process environment.
+    pub fn load() -> Result<Self, ConfigError> {
+        Self::from_env(&ProcessEnv)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&'static str, &'static str)]) -> HashMap<&'static str, &'static str> {
+        pairs.iter().copied().collect()
+    }
+
+    #[test]
+    fn defaults_match_the_seed_breaker_thresholds() {
+        let b = BreakersConfig::default();
+        assert_eq!((b.clickhouse.failure_threshold, b.clickhouse.open_for.as_secs(), b.clickhouse.success_threshold), (3, 30, 3));
+        assert_eq!((b.kafka.failure_threshold, b.kafka.open_for.as_secs(), b.kafka.success_threshold), (2, 60, 3));
+        assert_eq!((b.redis.failure_threshold, b.redis.open_for.as_secs(), b.redis.success_threshold), (5, 15, 2));
+    }
+
+    #[test]
+    fn invalid_value_names_the_variable() {
+        let err = GuardConfig::from_env(&env(&[("GUARD_LEASE_TTL_MS", "soon")])).unwrap_err();
+        assert_eq!(err.variable(), "GUARD_LEASE_TTL_MS");
+        assert!(err.to_string().contains("GUARD_LEASE_TTL_MS=\"soon\""), "{err}");
+        let zero = GuardConfig::from_env(&env(&[("GUARD_MAX_ATTEMPTS", "0")])).unwrap_err();
+        assert!(zero.to_string().contains("greater than zero"), "{zero}");
+    }
+
+    #[test]
+    fn secret_values_are_not_echoed_in_errors() {
+        // A URL is a plain string, so only a non-string secret could fail to parse;
+        // the redaction flag is what matters, check it directly.
+        assert!(lookup("DATABASE_URL").secret && lookup("CLICKHOUSE_PASSWORD").secret && lookup("REDIS_URL").secret);
+        let c = PostgresConfig::from_env(&env(&[("DATABASE_URL", "postgres://u:hunter2@h/db")])).unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn redact_url_hides_passwords_and_queries() {
+        assert_eq!(redact_url("postgres://u:pw@h:5432/db?sslmode=x&password=pw"), "postgres://u:***@h:5432/db");
+        assert_eq!(redact_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(redact_url("redis://:pw@h:6379/0"), "redis://:***@h:6379/0");
+        assert_eq!(redact_url("garbage"), "<unparsable url>");
+    }
+
+    #[test]
+    fn schema_and_database_names_are_validated() {
+        assert!(PostgresConfig::from_env(&env(&[("DATABASE_SCHEMA", "a;drop")])).is_err());
+        assert_eq!(PostgresConfig::from_env(&env(&[("DATABASE_SCHEMA", "t_1")])).unwrap().schema.as_deref(), Some("t_1"));
+        assert!(ClickHouseConfig::from_env(&env(&[("CLICKHOUSE_DATABASE", "x`y")])).is_err());
+    }
+
+    #[test]
+    fn zero_ttl_disables_the_local_cache() {
+        let g = GuardConfig::from_env(&env(&[("KAFKA_DEDUP_TTL_SECONDS", "0")])).unwrap();
+        assert!(g.local_cache_ttl.is_zero());
+    }
+}

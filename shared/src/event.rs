@@ -1,0 +1,113 @@
+//! The one event type both runtimes produce.
+//!
+//! Lambda decodes an MSK event into `Event`s, the worker converts rdkafka messages into
+//! them; everything downstream (ids, guard, handlers) sees only this type. Keys, values
+//! and header values stay raw bytes: decoding them is the handler's business.
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+
+/// One Kafka record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    /// Milliseconds since the Unix epoch, when the broker reported one.
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<Bytes>,
+    pub headers: Vec<Header>,
+    pub value: Option<Bytes>,
+}
+
+/// A record header. Kafka allows repeated names and null values; both are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub name: String,
+    pub value: Option<Bytes>,
+}
+
+impl Event {
+    /// A record with only the fields every record has; builders fill in the rest.
+    pub fn new(topic: impl Into<String>, partition: i32, offset: i64) -> Self {
+        Self {
+            topic: topic.into(),
+            partition,
+            offset,
+            timestamp_ms: None,
+            key: None,
+            headers: Vec::new(),
+            value: None,
+        }
+    }
+
+    pub fn with_value(mut self, value: impl Into<Bytes>) -> Self {
+        self.value = Some(value.into());
+        self
+    }
+
+    pub fn with_key(mut self, key: impl Into<Bytes>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<Bytes>) -> Self {
+        self.headers.push(Header {
+            name: name.into(),
+            value: Some(value.into()),
+        });
+        self
+    }
+
+    pub fn with_timestamp_ms(mut self, ts: i64) -> Self {
+        self.timestamp_ms = Some(ts);
+        self
+    }
+
+    /// The first header with this name (Kafka allows repeats; the first wins, as in
+    /// most clients).
+    pub fn header(&self, name: &str) -> Option<&Header> {
+        self.headers.iter().find(|h| h.name == name)
+    }
+
+    /// The value's bytes, empty for a null value.
+    pub fn value_bytes(&self) -> &[u8] {
+        self.value.as_deref().unwrap_or_default()
+    }
+
+    /// SHA-256 of the value: what "the same payload" means for payload validation.
+    pub fn payload_hash(&self) -> PayloadHash {
+        PayloadHash(Sha256::digest(self.value_bytes()).into())
+    }
+
+    /// `topic-partition-offset`, the record's position; unique within a cluster.
+    pub fn position(&self) -> String {
+        format!("{}-{}-{}", self.topic, self.partition, self.offset)
+    }
+}
+
+/// SHA-256 of an event's value.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PayloadHash(pub [u8; 32]);
+
+impl PayloadHash {
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    pub fn from_hex(s: &str) -> Option<Self> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).ok()?;
+        Some(Self(out))
+    }
+
+    pub fn from_slice(b: &[u8]) -> Option<Self> {
+        Some(Self(b.try_into().ok()?))
+    }
+}
+
+impl std::fmt::Debug for PayloadHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PayloadHash({})", &self.to_hex()[..12])
+    }
+}

@@ -1,0 +1,232 @@
+//! Redis: done markers and leases, one round trip per batch in each direction.
+//!
+//! Keys: `<prefix>:{<namespace>}:done:<id>` holds the payload hash of a confirmed event;
+//! `<prefix>:{<namespace>}:lease:<id>` holds the token of the batch working on it. The
+//! namespace is a hash tag, so a batch's keys share one cluster slot and a multi-key
+//! script stays legal on Redis Cluster.
+//!
+//! Invariants:
+//! - a lease is only ever deleted by the holder of its token (compare-and-delete inside
+//!   the script, never a plain DEL), so an expired holder cannot free a successor's lease;
+//! - Redis is an optimisation: every caller must treat an error here as "no lease
+//!   information" and fall back to Postgres, which stays the truth.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_redis::{Pool, Runtime};
+use redis::Script;
+
+use crate::breaker::{BreakerOpen, CircuitBreaker};
+use crate::config::{redact_url, RedisConfig};
+use crate::event::PayloadHash;
+use crate::event_id::{EventId, Namespace};
+
+/// For each (done, lease) key pair: a done marker wins; otherwise try `SET NX PX`.
+/// Replies `D<marker>` (done), `L` (lease taken) or `B` (busy: someone else holds it).
+const ACQUIRE: &str = r#"
+local out = {}
+for i = 1, #KEYS, 2 do
+  local done = redis.call('GET', KEYS[i])
+  if done then
+    out[#out + 1] = 'D' .. done
+  elseif redis.call('SET', KEYS[i + 1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    out[#out + 1] = 'L'
+  else
+    out[#out + 1] = 'B'
+  end
+end
+return out
+"#;
+
+/// For each (lease, done) key pair with ARGV mode/marker: mode `D` sets the done marker
+/// (with TTL ARGV[2]); every lease still holding our token (ARGV[1]) is deleted.
+/// Returns how many leases were ours.
+const RELEASE: &str = r#"
+local released = 0
+for i = 1, #KEYS, 2 do
+  if ARGV[i + 2] == 'D' then
+    redis.call('SET', KEYS[i + 1], ARGV[i + 3], 'PX', ARGV[2])
+  end
+  if redis.call('GET', KEYS[i]) == ARGV[1] then
+    redis.call('DEL', KEYS[i])
+    released = released + 1
+  end
+end
+return released
+"#;
+
+/// What Redis said about one id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseReply {
+    /// A done marker exists, with the payload hash it recorded (if readable).
+    Done(Option<PayloadHash>),
+    /// We hold the lease now.
+    Acquired,
+    /// Someone else holds the lease.
+    Busy,
+}
+
+/// What to do with one id on release.
+pub struct Release<'a> {
+    pub id: &'a EventId,
+    /// `Some`: the event is confirmed; write its done marker with this hash.
+    pub done: Option<PayloadHash>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error(transparent)]
+    BreakerOpen(#[from] BreakerOpen),
+    #[error("Redis at {url}: {message}")]
+    Redis { url: String, message: String },
+    #[error("Redis at {url}: no answer within {} ms", timeout.as_millis())]
+    Timeout { url: String, timeout: Duration },
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("Redis at {url}: {message}; start it with scripts/services.sh or set REDIS_URL")]
+pub struct RedisConnectError {
+    pub url: String,
+    pub message: String,
+}
+
+/// The Redis side of the guard, shared by every function in a process.
+pub struct Leases {
+    pool: Pool,
+    breaker: Arc<CircuitBreaker>,
+    prefix: String,
+    timeout: Duration,
+    url: String,
+    acquire: Script,
+    release: Script,
+}
+
+impl Leases {
+    /// Builds the pool and checks that Redis answers (fail fast at start-up).
+    pub async fn connect(config: &RedisConfig, breaker: Arc<CircuitBreaker>) -> Result<Self, RedisConnectError> {
+        let url = redact_url(config.url.expose());
+        let err = |message: String| RedisConnectError { url: url.clone(), message };
+        let pool = deadpool_redis::Config::from_url(config.url.expose())
+            .builder()
+            .map_err(|e| err(e.to_string()))?
+            .max_size(config.pool_size)
+            .wait_timeout(Some(config.timeout))
+            .create_timeout(Some(config.timeout))
+            .recycle_timeout(Some(config.timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| err(e.to_string()))?;
+        let leases = Self {
+            pool,
+            breaker,
+            prefix: config.key_prefix.clone(),
+            timeout: config.timeout,
+            url: url.clone(),
+            acquire: Script::new(ACQUIRE),
+            release: Script::new(RELEASE),
+        };
+        // Loading the scripts proves Redis answers and saves the first batch a NOSCRIPT
+        // round trip.
+        let mut conn = tokio::time::timeout(config.timeout, leases.pool.get())
+            .await
+            .map_err(|_| err(format!("no connection within {} ms", config.timeout.as_millis())))?
+            .map_err(|e| err(e.to_string()))?;
+        for script in [&leases.acquire, &leases.release] {
+            script.load_async(&mut conn).await.map_err(|e| err(e.to_string()))?;
+        }
+        Ok(leases)
+    }
+
+    pub fn breaker(&self) -> &Arc<CircuitBreaker> {
+        &self.breaker
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    pub fn key(&self, ns: &Namespace, kind: &str, id: &EventId) -> String {
+        format!("{}:{{{}}}:{}:{}", self.prefix, ns, kind, id)
+    }
+
+    /// One round trip: done markers and leases for `ids`, in order.
+    pub async fn acquire(
+        &self,
+        ns: &Namespace,
+        ids: &[&EventId],
+        token: &str,
+        ttl: Duration,
+    ) -> Result<Vec<LeaseReply>, LeaseError> {
+        let mut inv = self.acquire.prepare_invoke();
+        for id in ids {
+            inv.key(self.key(ns, "done", id)).key(self.key(ns, "lease", id));
+        }
+        inv.arg(token).arg(ttl.as_millis().max(1) as u64);
+        let replies: Vec<String> = self.call(|mut conn| async move { inv.invoke_async(&mut conn).await }).await?;
+        if replies.len() != ids.len() {
+            return Err(LeaseError::Redis {
+                url: self.url.clone(),
+                message: format!("acquire script answered {} replies for {} ids", replies.len(), ids.len()),
+            });
+        }
+        Ok(replies
+            .into_iter()
+            .map(|r| match r.as_bytes().first() {
+                Some(b'D') => LeaseReply::Done(PayloadHash::from_hex(&r[1..])),
+                Some(b'L') => LeaseReply::Acquired,
+                _ => LeaseReply::Busy,
+            })
+            .collect())
+    }
+
+    /// One round trip: writes done markers and frees the leases our token still holds.
+    pub async fn release(
+        &self,
+        ns: &Namespace,
+        items: &[Release<'_>],
+        token: &str,
+        done_ttl: Duration,
+    ) -> Result<u64, LeaseError> {
+        if items.is_empty() {
+            return Ok(0);
+        }
+        let mut inv = self.release.prepare_invoke();
+        inv.arg(token).arg(done_ttl.as_millis().max(1) as u64);
+        for item in items {
+            inv.key(self.key(ns, "lease", item.id)).key(self.key(ns, "done", item.id));
+            match item.done {
+                Some(hash) => inv.arg("D").arg(hash.to_hex()),
+                None => inv.arg("R").arg(""),
+            };
+        }
+        self.call(|mut conn| async move { inv.invoke_async(&mut conn).await }).await
+    }
+
+    /// Runs one Redis call under the breaker and the timeout.
+    async fn call<T, F, Fut>(&self, f: F) -> Result<T, LeaseError>
+    where
+        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let permit = self.breaker.try_acquire()?;
+        let work = async {
+            let conn = self.pool.get().await.map_err(|e| e.to_string())?;
+            f(conn).await.map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(Ok(v)) => {
+                permit.success();
+                Ok(v)
+            }
+            Ok(Err(message)) => {
+                permit.failure();
+                Err(LeaseError::Redis { url: self.url.clone(), message })
+            }
+            Err(_) => {
+                permit.failure();
+                Err(LeaseError::Timeout { url: self.url.clone(), timeout: self.timeout })
+            }
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! Postgres: the durable ledger of confirmed events, failed attempts and dead letters.
+//!
+//! Every statement takes the whole batch as arrays (`UNNEST`), so each is one round
+//! trip whatever the batch size. The confirm insert sorts by event id so concurrent
+//! batches take row locks in the same order and cannot deadlock each other.
+
+use std::collections::HashMap;
+
+use base64::Engine;
+use sqlx::{PgConnection, PgPool, Row};
+
+use crate::event::{Event, PayloadHash};
+use crate::event_id::{EventId, Namespace};
+
+/// What Postgres knows about one id before we handle it.
+#[derive(Debug, Clone, Default)]
+pub struct LedgerEntry {
+    /// `Some` when already confirmed (processed or dead-lettered), with its payload hash.
+    pub confirmed: Option<Option<PayloadHash>>,
+    /// Failed attempts recorded so far.
+    pub failed_attempts: u32,
+}
+
+/// Step 3: which of `ids` are confirmed already, and how often each has failed.
+pub async fn lookup(pool: &PgPool, ns: &Namespace, ids: &[&EventId]) -> Result<HashMap<String, LedgerEntry>, sqlx::Error> {
+    let ids: Vec<&str> = ids.iter().map(|i| i.as_str()).collect();
+    let rows = sqlx::query(
+        "SELECT i.event_id, p.status, p.payload_hash, COALESCE(a.attempts, 0) AS failed_attempts
+         FROM UNNEST($2::text[]) AS i(event_id)
+         LEFT JOIN processed_events p ON p.namespace = $1 AND p.event_id = i.event_id
+         LEFT JOIN event_attempts a ON a.namespace = $1 AND a.event_id = i.event_id",
+    )
+    .bind(ns.as_str())
+    .bind(&ids)
+    .fetch_all(pool)
+    .await?;
+    let mut out = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let status: Option<String> = row.try_get("status")?;
+        let hash: Option<Vec<u8>> = row.try_get("payload_hash")?;
+        out.insert(
+            row.try_get("event_id")?,
+            LedgerEntry {
+                confirmed: status.map(|_| hash.as_deref().and_then(PayloadHash::from_slice)),
+                failed_attempts: row.try_get::<i32, _>("failed_attempts")?.max(0) as u32,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// One event to confirm.
+pub struct ConfirmRow<'a> {
+    pub id: &'a EventId,
+    pub event: &'a Event,
+    pub hash: PayloadHash,
+    pub attempts: u32,
+}
+
+/// Step 5: `INSERT ... ON CONFLICT DO NOTHING` in the handler's transaction. Returns the
+/// ids this call inserted; an id missing from the answer was confirmed by someone else.
+pub async fn confirm(conn: &mut PgConnection, ns: &Namespace, rows: &[ConfirmRow<'_>]) -> Result<Vec<String>, sqlx::Error> {
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut hashes = Vec::with_capacity(rows.len());
+    let mut topics = Vec::with_capacity(rows.len());
+    let mut partitions = Vec::with_capacity(rows.len());
+    let mut offsets = Vec::with_capacity(rows.len());
+    let mut attempts = Vec::with_capacity(rows.len());
+    for r in rows {
+        ids.push(r.id.as_str());
+        hashes.push(r.hash.0.to_vec());
+        topics.push(r.event.topic.as_str());
+        partitions.push(r.event.partition);
+        offsets.push(r.event.offset);
+        attempts.push(r.attempts as i32);
+    }
+    sqlx::query_scalar(
+        "INSERT INTO processed_events
+             (namespace, event_id, status, payload_hash, topic, kafka_partition, kafka_offset, attempts)
+         SELECT $1, t.event_id, 'processed', t.payload_hash, t.topic, t.kafka_partition, t.kafka_offset, t.attempts
+         FROM UNNEST($2::text[], $3::bytea[], $4::text[], $5::int4[], $6::int8[], $7::int4[])
+              AS t(event_id, payload_hash, topic, kafka_partition, kafka_offset, attempts)
+         ORDER BY t.event_id
+         ON CONFLICT (namespace, event_id) DO NOTHING
+         RETURNING event_id",
+    )
+    .bind(ns.as_str())
+    .bind(&ids)
+    .bind(&hashes)
+    .bind(&topics)
+    .bind(&partitions)
+    .bind(&offsets)
+    .bind(&attempts)
+    .fetch_all(conn)
+    .await
+}
+
+/// Forgets the failure history of events that have now been confirmed.
+pub async fn clear_attempts(conn: &mut PgConnection, ns: &Namespace, ids: &[&str]) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM event_attempts WHERE namespace = $1 AND event_id = ANY($2::text[])")
+        .bind(ns.as_str())
+        .bind(ids)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Counts one more failed attempt for each id; returns the new totals.
+pub async fn record_failures(pool: &PgPool, ns: &Namespace, failures: &[(&EventId, String)]) -> Result<HashMap<String, u32>, sqlx::Error> {
+    let ids: Vec<&str> = failures.iter().map(|(id, _)| id.as_str()).collect();
+    let errors: Vec<&str> = failures.iter().map(|(_, e)| e.as_str()).collect();
+    let rows: Vec<(String, i32)> = sqlx::query_as(
+        "INSERT INTO event_attempts (namespace, event_id, attempts, last_error)
+         SELECT $1, t.event_id, 1, t.error FROM UNNEST($2::text[], $3::text[]) AS t(event_id, error)
+         ORDER BY t.event_id
+         ON CONFLICT (namespace, event_id) DO UPDATE
+             SET attempts = event_attempts.attempts + 1,
+                 last_error = EXCLUDED.last_error,
+                 last_failed_at = now()
+         RETURNING event_id, attempts",
+    )
+    .bind(ns.as_str())
+    .bind(&ids)
+    .bind(&errors)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|(id, n)| (id, n.max(0) as u32)).collect())
+}
+
+/// One event to dead-letter.
+pub struct DeadLetterRow<'a> {
+    pub id: &'a EventId,
+    pub event: &'a Event,
+    pub reason: String,
+    pub error: String,
+    pub attempts: u32,
+}
+
+/// Stores the events in `dead_letters`, confirms them as dead-lettered and forgets
+/// their failure history, in one statement (atomic). Returns the ids this call confirmed; the others were confirmed
+/// by someone else first and get no dead-letter row.
+pub async fn dead_letter(pool: &PgPool, ns: &Namespace, rows: &[DeadLetterRow<'_>]) -> Result<Vec<String>, sqlx::Error> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut ids = Vec::new();
+    let mut hashes = Vec::new();
+    let mut topics = Vec::new();
+    let mut partitions = Vec::new();
+    let mut offsets = Vec::new();
+    let mut keys = Vec::new();
+    let mut values = Vec::new();
+    let mut headers = Vec::new();
+    let mut reasons = Vec::new();
+    let mut errors = Vec::new();
+    let mut attempts = Vec::new();
+    for r in rows {
+        ids.push(r.id.as_str());
+        hashes.push(r.event.payload_hash().0.to_vec());
+        topics.push(r.event.topic.as_str());
+        partitions.push(r.event.partition);
+        offsets.push(r.event.offset);
+        keys.push(r.event.key.as_ref().map(|k| k.to_vec()));
+        values.push(r.event.value.as_ref().map(|v| v.to_vec()));
+        let h: Vec<serde_json::Value> = r
+            .event
+            .headers
+            .iter()
+            .map(|h| serde_json::json!({"name": h.name, "value_b64": h.value.as_ref().map(|v| b64.encode(v))}))
+            .collect();
+        headers.push(serde_json::Value::Array(h).to_string());
+        reasons.push(r.reason.as_str());
+        errors.push(r.error.as_str());
+        attempts.push(r.attempts as i32);
+    }
+    sqlx::query_scalar(
+        "WITH input AS (
+             SELECT * FROM UNNEST($2::text[], $3::bytea[], $4::text[], $5::int4[], $6::int8[],
+                                  $7::bytea[], $8::bytea[], $9::text[], $10::text[], $11::text[], $12::int4[])
+                 AS t(event_id, payload_hash, topic, kafka_partition, kafka_offset,
+                      record_key, record_value, headers, reason, error, attempts)
+         ),
+         confirmed AS (
+             INSERT INTO processed_events
+                 (namespace, event_id, status, payload_hash, topic, kafka_partition, kafka_offset, attempts, metadata)
+             SELECT $1, event_id, 'dead_lettered', payload_hash, topic, kafka_partition, kafka_offset, attempts,
+                    jsonb_build_object('reason', reason)
+             FROM input ORDER BY event_id
+             ON CONFLICT (namespace, event_id) DO NOTHING
+             RETURNING event_id
+         ),
+         cleared AS (
+             DELETE FROM event_attempts
+             WHERE namespace = $1 AND event_id IN (SELECT event_id FROM confirmed)
+         )
+         INSERT INTO dead_letters
+             (namespace, event_id, topic, kafka_partition, kafka_offset, record_key, record_value,
+              headers, reason, error, attempts)
+         SELECT $1, i.event_id, i.topic, i.kafka_partition, i.kafka_offset, i.record_key, i.record_value,
+                i.headers::jsonb, i.reason, i.error, i.attempts
+         FROM input i JOIN confirmed c USING (event_id)
+         ON CONFLICT (namespace, event_id) DO NOTHING
+         RETURNING event_id",
+    )
+    .bind(ns.as_str())
+    .bind(&ids)
+    .bind(&hashes)
+    .bind(&topics)
+    .bind(&partitions)
+    .bind(&offsets)
+    .bind(&keys)
+    .bind(&values)
+    .bind(&headers)
+    .bind(&reasons)
+    .bind(&errors)
+    .bind(&attempts)
+    .fetch_all(pool)
+    .await
+}

@@ -1,0 +1,593 @@
+//! The guard protocol (DESIGN.md), batched. A single event is a batch of one.
+//!
+//! [`Guard::run_batch`] walks the steps in order, each one round trip per batch:
+//!
+//! 0. derive each record's id; records with no usable id go to the dead letters;
+//!    records repeating an id earlier in the batch follow that record's fate;
+//! 1. duplicates: the in-process cache (no round trip), then Redis done markers,
+//! 2. leases: `SET NX PX` in the same Redis script as the markers;
+//! 3. durable check: Postgres `processed_events` (Redis may have lost markers);
+//! 4. handle: handlers run inside one Postgres transaction, their ClickHouse rows staged;
+//! 5. confirm: `INSERT ... UNNEST ... ON CONFLICT DO NOTHING` in that transaction, then
+//!    the ClickHouse write, then commit;
+//! 6. release: done markers written and leases compare-and-deleted in one Redis script;
+//!    confirmed ids remembered locally.
+//!
+//! Invariants:
+//! - Postgres is the truth: a handler's Postgres effects commit only together with the
+//!   event's confirm row, and the primary key on `(namespace, event_id)` lets only one
+//!   confirm succeed. If the confirm finds a row (someone else confirmed first, e.g.
+//!   after our lease expired), the transaction rolls back and the batch is handled
+//!   again without that event, so its effects apply once.
+//! - ClickHouse is written before the commit: a crash between the two leaves rows that
+//!   the retry writes again and the ReplacingMergeTree collapses; the reverse order
+//!   could confirm an event whose rows were never written.
+//! - Redis is never needed for correctness: when it fails (or its breaker is open) the
+//!   batch goes on without leases, on Postgres alone.
+//! - An event whose lease someone else holds is `InFlight`, never skipped: the caller
+//!   must not commit past it.
+
+pub mod lease;
+pub mod ledger;
+pub mod local_cache;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::clients::Clients;
+use crate::config::GuardConfig;
+use crate::event::{Event, PayloadHash};
+use crate::event_id::{EventId, IdError, IdStrategy, Namespace};
+use crate::handler::{Handler, HandlerContext, HandlerError};
+use crate::metrics::metrics;
+use crate::outcome::{BatchReport, DuplicateTier, EventOutcome, FailureKind, Outcome};
+use crate::sink::{ClickHouseSink, SinkBatch, SinkError};
+
+use self::lease::{LeaseError, LeaseReply, Leases, Release};
+use self::ledger::{ConfirmRow, DeadLetterRow};
+use self::local_cache::LocalCache;
+
+/// Round trips made by one guard, for tests and the benchmark.
+#[derive(Debug, Default)]
+pub struct RoundTrips {
+    redis: AtomicU64,
+    postgres: AtomicU64,
+}
+
+impl RoundTrips {
+    pub fn redis(&self) -> u64 {
+        self.redis.load(Ordering::Relaxed)
+    }
+    pub fn postgres(&self) -> u64 {
+        self.postgres.load(Ordering::Relaxed)
+    }
+}
+
+/// One function's guard. Cheap to share (`Arc`); one per function per process.
+pub struct Guard {
+    ns: Namespace,
+    ids: IdStrategy,
+    config: GuardConfig,
+    pg: PgPool,
+    leases: Arc<Leases>,
+    sink: Arc<ClickHouseSink>,
+    cache: LocalCache,
+    round_trips: RoundTrips,
+}
+
+/// One record's progress through the batch.
+struct Slot<'e> {
+    event: &'e Event,
+    id: EventId,
+    /// Why no id could be derived (the id above is then a stand-in for the dead letter).
+    invalid: Option<IdError>,
+    hash: PayloadHash,
+    /// Index of an earlier record with the same id.
+    leader: Option<usize>,
+    /// We hold its Redis lease and must release it.
+    leased: bool,
+    /// The hash Postgres or Redis recorded when this id was confirmed, if known.
+    confirmed_hash: Option<PayloadHash>,
+    prior_failures: u32,
+    /// A handler failure waiting to be counted or dead-lettered.
+    failure: Option<HandlerError>,
+    outcome: Option<Outcome>,
+}
+
+impl Slot<'_> {
+    fn is_open(&self) -> bool {
+        self.outcome.is_none() && self.leader.is_none() && self.invalid.is_none() && self.failure.is_none()
+    }
+
+    fn duplicate(&mut self, tier: DuplicateTier, confirmed: Option<PayloadHash>) {
+        self.confirmed_hash = confirmed;
+        self.outcome = Some(Outcome::Duplicate {
+            tier,
+            payload_mismatch: confirmed.is_some_and(|h| h != self.hash),
+        });
+    }
+
+    fn fail(&mut self, kind: FailureKind, error: impl Into<String>, attempts: Option<u32>) {
+        self.outcome = Some(Outcome::Failed { kind, error: error.into(), attempts });
+    }
+}
+
+impl Guard {
+    pub fn new(clients: &Clients, namespace: &str, ids: IdStrategy, config: GuardConfig) -> Result<Self, IdError> {
+        Ok(Self {
+            ns: Namespace::new(namespace)?,
+            ids,
+            cache: LocalCache::new(config.local_cache_ttl, config.local_cache_max_bytes),
+            config,
+            pg: clients.pg.clone(),
+            leases: clients.leases.clone(),
+            sink: clients.sink.clone(),
+            round_trips: RoundTrips::default(),
+        })
+    }
+
+    pub fn namespace(&self) -> &Namespace {
+        &self.ns
+    }
+
+    pub fn round_trips(&self) -> &RoundTrips {
+        &self.round_trips
+    }
+
+    pub fn local_cache(&self) -> &LocalCache {
+        &self.cache
+    }
+
+    fn count_redis(&self) {
+        self.round_trips.redis.fetch_add(1, Ordering::Relaxed);
+        metrics().round_trips.with_label_values(&[self.ns.as_str(), "redis"]).inc();
+    }
+
+    fn count_postgres(&self, n: u64) {
+        self.round_trips.postgres.fetch_add(n, Ordering::Relaxed);
+        metrics().round_trips.with_label_values(&[self.ns.as_str(), "postgres"]).inc_by(n);
+    }
+
+    /// Runs the protocol over `events`. `deadline` caps the lease TTL (on Lambda, the
+    /// invocation's deadline). Returns one outcome per record, in order.
+    pub async fn run_batch(&self, handler: &dyn Handler, events: &[Event], deadline: Option<Instant>) -> BatchReport {
+        let span = tracing::info_span!("guard.batch", function = %self.ns, size = events.len());
+        async move {
+            let mut slots = self.derive_ids(events);
+            self.check_local_cache(&mut slots);
+            let token = uuid::Uuid::new_v4().to_string();
+            self.check_redis(&mut slots, &token, deadline).await;
+            self.check_postgres(&mut slots).await;
+            self.handle_and_confirm(handler, &mut slots).await;
+            self.settle_failures(&mut slots).await;
+            self.release(&slots, &token).await;
+            self.remember(&slots);
+            self.report(slots)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Step 0: ids, and which records repeat an earlier record's id.
+    fn derive_ids<'e>(&self, events: &'e [Event]) -> Vec<Slot<'e>> {
+        let mut first_seen: HashMap<EventId, usize> = HashMap::with_capacity(events.len());
+        let mut slots = Vec::with_capacity(events.len());
+        for (i, event) in events.iter().enumerate() {
+            let (id, invalid) = match self.ids.derive(event) {
+                Ok(id) => (id, None),
+                // The record's position stands in as the id its dead letter is filed under.
+                Err(e) => (EventId::new(format!("invalid:{}", event.position())).expect("non-empty"), Some(e)),
+            };
+            let leader = if invalid.is_none() {
+                match first_seen.get(&id) {
+                    Some(&l) => Some(l),
+                    None => {
+                        first_seen.insert(id.clone(), i);
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            slots.push(Slot {
+                event,
+                hash: event.payload_hash(),
+                id,
+                invalid,
+                leader,
+                leased: false,
+                confirmed_hash: None,
+                prior_failures: 0,
+                failure: None,
+                outcome: None,
+            });
+        }
+        slots
+    }
+
+    /// Step 1a: ids confirmed recently by this process cost no round trip.
+    fn check_local_cache(&self, slots: &mut [Slot<'_>]) {
+        for slot in slots.iter_mut().filter(|s| s.is_open()) {
+            if let Some(hash) = self.cache.get(&slot.id) {
+                slot.duplicate(DuplicateTier::Local, Some(hash));
+            }
+        }
+    }
+
+    /// Steps 1b and 2: done markers and leases, one script for the batch.
+    async fn check_redis(&self, slots: &mut [Slot<'_>], token: &str, deadline: Option<Instant>) {
+        let open: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].is_open()).collect();
+        if open.is_empty() {
+            return;
+        }
+        let mut ttl = self.config.lease_ttl;
+        if let Some(deadline) = deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left < Duration::from_millis(1) {
+                for &i in &open {
+                    slots[i].fail(FailureKind::Unavailable, "deadline passed before the event could be leased", None);
+                }
+                return;
+            }
+            ttl = ttl.min(left);
+        }
+        let ids: Vec<&EventId> = open.iter().map(|&i| &slots[i].id).collect();
+        let replies = self.leases.acquire(&self.ns, &ids, token, ttl).await;
+        if !matches!(replies, Err(LeaseError::BreakerOpen(_))) {
+            self.count_redis();
+        }
+        match replies {
+            Ok(replies) => {
+                for (&i, reply) in open.iter().zip(replies) {
+                    match reply {
+                        LeaseReply::Done(hash) => slots[i].duplicate(DuplicateTier::Redis, hash),
+                        LeaseReply::Acquired => slots[i].leased = true,
+                        LeaseReply::Busy => slots[i].outcome = Some(Outcome::InFlight),
+                    }
+                }
+            }
+            // No lease information: go on without leases; Postgres keeps it exactly once.
+            Err(LeaseError::BreakerOpen(_)) => {}
+            Err(e) => tracing::warn!(function = %self.ns, error = %e, "Redis unavailable; continuing on Postgres alone"),
+        }
+    }
+
+    /// Step 3: the durable check, for every record still open.
+    async fn check_postgres(&self, slots: &mut [Slot<'_>]) {
+        let open: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].is_open()).collect();
+        if open.is_empty() {
+            return;
+        }
+        let ids: Vec<&EventId> = open.iter().map(|&i| &slots[i].id).collect();
+        self.count_postgres(1);
+        match ledger::lookup(&self.pg, &self.ns, &ids).await {
+            Ok(entries) => {
+                for &i in &open {
+                    let Some(entry) = entries.get(slots[i].id.as_str()) else { continue };
+                    slots[i].prior_failures = entry.failed_attempts;
+                    if let Some(hash) = entry.confirmed {
+                        slots[i].duplicate(DuplicateTier::Postgres, hash);
+                    }
+                }
+            }
+            Err(e) => {
+                let msg = format!("Postgres: durable check failed: {e}");
+                for &i in &open {
+                    slots[i].fail(FailureKind::Unavailable, msg.clone(), None);
+                }
+            }
+        }
+    }
+
+    /// Steps 4 and 5: handlers, confirm, ClickHouse, commit.
+    async fn handle_and_confirm(&self, handler: &dyn Handler, slots: &mut [Slot<'_>]) {
+        let mut work: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].is_open()).collect();
+        while !work.is_empty() {
+            let mut tx = match self.pg.begin().await {
+                Ok(tx) => tx,
+                Err(e) => return fail_all(slots, &work, FailureKind::Unavailable, &format!("Postgres: begin failed: {e}")),
+            };
+            self.count_postgres(1);
+
+            // Step 4: every handler, in record order, in one transaction.
+            let mut staged = SinkBatch::default();
+            let mut succeeded = Vec::with_capacity(work.len());
+            let mut failed: Vec<(usize, HandlerError)> = Vec::new();
+            for &i in &work {
+                let slot = &slots[i];
+                let mut ctx = HandlerContext::new(&slot.id, &self.ns, &mut tx, &self.sink);
+                let result = handler.handle(slot.event, &mut ctx).await;
+                match ctx.finish(result.is_ok()).await {
+                    Ok((rows, used_savepoint)) => {
+                        if used_savepoint {
+                            self.count_postgres(if result.is_ok() { 2 } else { 3 });
+                        }
+                        match result.and_then(|()| staged.extend(rows).map_err(|e| SinkError::from(e).into())) {
+                            Ok(()) => succeeded.push(i),
+                            Err(e) => failed.push((i, e)),
+                        }
+                    }
+                    Err(e) => {
+                        return fail_all(slots, &work, FailureKind::Unavailable, &format!("Postgres: savepoint failed: {e}"));
+                    }
+                }
+            }
+
+            if succeeded.is_empty() {
+                let _ = tx.rollback().await;
+                self.count_postgres(1);
+                for (i, e) in failed {
+                    slots[i].failure = Some(e);
+                }
+                return;
+            }
+
+            // Step 5: confirm in the same transaction.
+            let rows: Vec<ConfirmRow<'_>> = succeeded
+                .iter()
+                .map(|&i| ConfirmRow {
+                    id: &slots[i].id,
+                    event: slots[i].event,
+                    hash: slots[i].hash,
+                    attempts: slots[i].prior_failures + 1,
+                })
+                .collect();
+            self.count_postgres(1);
+            let inserted: HashSet<String> = match ledger::confirm(&mut tx, &self.ns, &rows).await {
+                Ok(ids) => ids.into_iter().collect(),
+                Err(e) => return fail_all(slots, &work, FailureKind::Unavailable, &format!("Postgres: confirm failed: {e}")),
+            };
+            drop(rows);
+            let conflicts: Vec<usize> = succeeded.iter().copied().filter(|&i| !inserted.contains(slots[i].id.as_str())).collect();
+            if !conflicts.is_empty() {
+                // Someone confirmed these first. Roll back everything (their effects with
+                // it) and run the batch again without them.
+                let _ = tx.rollback().await;
+                self.count_postgres(1);
+                tracing::info!(function = %self.ns, conflicts = conflicts.len(), "confirmed elsewhere first; re-running the batch without them");
+                for &i in &conflicts {
+                    slots[i].duplicate(DuplicateTier::Confirm, None);
+                }
+                work.retain(|i| !conflicts.contains(i));
+                continue;
+            }
+
+            // ClickHouse before the commit (see the module docs for why).
+            let token = dedup_token(succeeded.iter().map(|&i| &slots[i].id));
+            if let Err(e) = self.sink.write(&staged, &token).await {
+                let _ = tx.rollback().await;
+                self.count_postgres(1);
+                let msg = e.to_string();
+                for &i in &succeeded {
+                    slots[i].fail(FailureKind::Unavailable, msg.clone(), None);
+                }
+                for (i, e) in failed {
+                    slots[i].failure = Some(e);
+                }
+                return;
+            }
+
+            let retried: Vec<&str> = succeeded.iter().filter(|&&i| slots[i].prior_failures > 0).map(|&i| slots[i].id.as_str()).collect();
+            if !retried.is_empty() {
+                self.count_postgres(1);
+                if let Err(e) = ledger::clear_attempts(&mut tx, &self.ns, &retried).await {
+                    return fail_all(slots, &work, FailureKind::Unavailable, &format!("Postgres: {e}"));
+                }
+            }
+
+            self.count_postgres(1);
+            match tx.commit().await {
+                Ok(()) => {
+                    for &i in &succeeded {
+                        slots[i].outcome = Some(Outcome::Processed);
+                    }
+                }
+                Err(e) => {
+                    let msg = format!("Postgres: commit failed: {e}");
+                    for &i in &succeeded {
+                        slots[i].fail(FailureKind::Unavailable, msg.clone(), None);
+                    }
+                }
+            }
+            for (i, e) in failed {
+                slots[i].failure = Some(e);
+            }
+            return;
+        }
+    }
+
+    /// Failed handlers and records without an id: count the attempt, dead-letter what
+    /// is permanent or out of attempts.
+    async fn settle_failures(&self, slots: &mut [Slot<'_>]) {
+        let mut to_count: Vec<usize> = Vec::new();
+        let mut to_dead_letter: Vec<(usize, String, String, u32)> = Vec::new();
+        for (i, slot) in slots.iter_mut().enumerate() {
+            if slot.outcome.is_some() {
+                continue;
+            }
+            if let Some(e) = &slot.invalid {
+                to_dead_letter.push((i, e.reason().to_owned(), e.to_string(), 1));
+                continue;
+            }
+            match slot.failure.take() {
+                None => {}
+                Some(HandlerError::Unavailable(msg)) => slot.fail(FailureKind::Unavailable, msg, None),
+                Some(HandlerError::Permanent { reason, message }) => {
+                    to_dead_letter.push((i, reason.to_owned(), message, slot.prior_failures + 1))
+                }
+                Some(e @ HandlerError::Retryable(_)) => {
+                    slot.failure = Some(e);
+                    to_count.push(i);
+                }
+            }
+        }
+
+        if !to_count.is_empty() {
+            let failures: Vec<(&EventId, String)> = to_count
+                .iter()
+                .map(|&i| (&slots[i].id, slots[i].failure.as_ref().map(|e| e.to_string()).unwrap_or_default()))
+                .collect();
+            self.count_postgres(1);
+            let counted = ledger::record_failures(&self.pg, &self.ns, &failures).await;
+            drop(failures);
+            for &i in &to_count {
+                let msg = slots[i].failure.take().map(|e| e.to_string()).unwrap_or_default();
+                match &counted {
+                    Ok(map) => {
+                        let attempts = map.get(slots[i].id.as_str()).copied().unwrap_or(slots[i].prior_failures + 1);
+                        if attempts >= self.config.max_attempts {
+                            to_dead_letter.push((i, "max_attempts".to_owned(), msg, attempts));
+                        } else {
+                            slots[i].fail(FailureKind::Retryable, msg, Some(attempts));
+                        }
+                    }
+                    Err(e) => slots[i].fail(FailureKind::Retryable, format!("{msg} (attempt not counted: {e})"), None),
+                }
+            }
+        }
+
+        if to_dead_letter.is_empty() {
+            return;
+        }
+        let rows: Vec<DeadLetterRow<'_>> = to_dead_letter
+            .iter()
+            .map(|(i, reason, error, attempts)| DeadLetterRow {
+                id: &slots[*i].id,
+                event: slots[*i].event,
+                reason: reason.clone(),
+                error: error.clone(),
+                attempts: *attempts,
+            })
+            .collect();
+        self.count_postgres(1);
+        let stored = ledger::dead_letter(&self.pg, &self.ns, &rows).await;
+        drop(rows);
+        match stored {
+            Ok(ids) => {
+                let stored: HashSet<String> = ids.into_iter().collect();
+                for (i, reason, error, _) in to_dead_letter {
+                    let slot = &mut slots[i];
+                    if stored.contains(slot.id.as_str()) {
+                        tracing::warn!(function = %self.ns, event_id = %slot.id, position = %slot.event.position(), %reason, %error, "event dead-lettered");
+                        slot.outcome = Some(Outcome::DeadLettered { reason });
+                    } else {
+                        slot.duplicate(DuplicateTier::Confirm, None);
+                    }
+                }
+            }
+            Err(e) => {
+                for (i, _, error, _) in to_dead_letter {
+                    slots[i].fail(FailureKind::Unavailable, format!("{error} (dead-letter store failed: {e})"), None);
+                }
+            }
+        }
+    }
+
+    /// Step 6: done markers for what is confirmed, our leases freed.
+    async fn release(&self, slots: &[Slot<'_>], token: &str) {
+        let items: Vec<Release<'_>> = slots
+            .iter()
+            .filter(|s| s.leased)
+            .map(|s| Release {
+                id: &s.id,
+                done: match &s.outcome {
+                    Some(o) if o.is_finished() => Some(s.confirmed_hash.unwrap_or(s.hash)),
+                    _ => None,
+                },
+            })
+            .collect();
+        if items.is_empty() {
+            return;
+        }
+        let result = self.leases.release(&self.ns, &items, token, self.config.done_ttl).await;
+        if !matches!(result, Err(LeaseError::BreakerOpen(_))) {
+            self.count_redis();
+        }
+        if let Err(e) = result {
+            // Leases expire on their own; markers are an optimisation.
+            tracing::warn!(function = %self.ns, error = %e, "could not release leases; they expire after their TTL");
+        }
+    }
+
+    /// Confirmed ids go into the local cache.
+    fn remember(&self, slots: &[Slot<'_>]) {
+        for s in slots.iter().filter(|s| s.leader.is_none() && s.invalid.is_none()) {
+            if matches!(&s.outcome, Some(o) if o.is_finished()) {
+                self.cache.insert(s.id.clone(), s.confirmed_hash.unwrap_or(s.hash));
+            }
+        }
+    }
+
+    /// Followers take their leader's fate; metrics; the report.
+    fn report(&self, mut slots: Vec<Slot<'_>>) -> BatchReport {
+        for i in 0..slots.len() {
+            if let Some(l) = slots[i].leader {
+                let leader_outcome = slots[l].outcome.clone();
+                let leader_hash = slots[l].confirmed_hash.unwrap_or(slots[l].hash);
+                slots[i].outcome = Some(match leader_outcome {
+                    Some(o) if o.is_finished() => Outcome::Duplicate {
+                        tier: DuplicateTier::Batch,
+                        payload_mismatch: leader_hash != slots[i].hash,
+                    },
+                    Some(o) => o,
+                    None => Outcome::Failed { kind: FailureKind::Unavailable, error: "not handled".into(), attempts: None },
+                });
+            }
+        }
+        let m = metrics();
+        let ns = self.ns.as_str();
+        let outcomes = slots
+            .into_iter()
+            .map(|s| {
+                let outcome = s
+                    .outcome
+                    .unwrap_or(Outcome::Failed { kind: FailureKind::Unavailable, error: "not handled".into(), attempts: None });
+                match &outcome {
+                    Outcome::Processed => m.processed.with_label_values(&[ns]).inc(),
+                    Outcome::Duplicate { tier, payload_mismatch } => {
+                        m.duplicates.with_label_values(&[ns, tier.as_str()]).inc();
+                        m.deduplicated.with_label_values(&[ns]).inc();
+                        if *payload_mismatch {
+                            m.payload_mismatch.with_label_values(&[ns]).inc();
+                            tracing::warn!(function = ns, event_id = %s.id, position = %s.event.position(), "duplicate id with a different payload than the confirmed event");
+                        }
+                    }
+                    Outcome::InFlight => m.lease_contention.with_label_values(&[ns]).inc(),
+                    Outcome::Failed { kind, error, .. } => {
+                        m.failed.with_label_values(&[ns, kind.as_str()]).inc();
+                        tracing::debug!(function = ns, event_id = %s.id, %error, "event failed");
+                    }
+                    Outcome::DeadLettered { reason } => m.dead_lettered.with_label_values(&[ns, reason]).inc(),
+                }
+                EventOutcome::new(s.event, s.invalid.is_none().then_some(s.id), outcome)
+            })
+            .collect();
+        BatchReport { outcomes }
+    }
+}
+
+fn fail_all(slots: &mut [Slot<'_>], work: &[usize], kind: FailureKind, msg: &str) {
+    for &i in work {
+        slots[i].fail(kind, msg, None);
+    }
+}
+
+/// The same set of ids always yields the same token, so a retried insert of the same
+/// rows is dropped by servers that support `insert_deduplication_token`.
+fn dedup_token<'a>(ids: impl Iterator<Item = &'a EventId>) -> String {
+    let mut ids: Vec<&str> = ids.map(EventId::as_str).collect();
+    ids.sort_unstable();
+    let mut h = Sha256::new();
+    for id in ids {
+        h.update(id.as_bytes());
+        h.update([0]);
+    }
+    hex::encode(&h.finalize()[..16])
+}

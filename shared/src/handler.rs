@@ -1,0 +1,149 @@
+//! The trait a function implements, and what a handler gets to work with.
+
+use async_trait::async_trait;
+use sqlx::PgConnection;
+
+use crate::event::Event;
+use crate::event_id::{EventId, IdStrategy, Namespace};
+use crate::outcome::FailureKind;
+use crate::sink::{ClickHouseSink, SinkBatch, SinkError, SinkRow};
+
+/// What a function is: its name (the guard's namespace), the topics it consumes, how
+/// its event ids are derived, and the ClickHouse DDL of its tables.
+#[derive(Debug, Clone)]
+pub struct FunctionSpec {
+    pub name: &'static str,
+    pub topics: &'static [&'static str],
+    pub id_strategy: IdStrategy,
+    /// `CREATE TABLE IF NOT EXISTS ...` statements, separated by `;`.
+    pub clickhouse_ddl: &'static str,
+}
+
+/// A per-topic handler. `handle` runs once per event that the guard has not seen
+/// confirmed; its Postgres effects (through [`HandlerContext::postgres`]) commit in the
+/// same transaction as the confirm, its ClickHouse rows (through
+/// [`HandlerContext::clickhouse`]) are written before that commit.
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    fn spec(&self) -> FunctionSpec;
+
+    async fn handle(&self, event: &Event, ctx: &mut HandlerContext<'_>) -> Result<(), HandlerError>;
+}
+
+/// A handler's failure, classified.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// Worth retrying (a timeout, a conflict). Counts toward dead-lettering.
+    #[error("{0}")]
+    Retryable(String),
+    /// The event can never succeed (invalid payload). Dead-lettered at once with `reason`.
+    #[error("{reason}: {message}")]
+    Permanent { reason: &'static str, message: String },
+    /// A dependency is unavailable; retried later and not counted against the event.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl HandlerError {
+    pub fn retryable(e: impl std::fmt::Display) -> Self {
+        HandlerError::Retryable(e.to_string())
+    }
+
+    pub fn permanent(reason: &'static str, e: impl std::fmt::Display) -> Self {
+        HandlerError::Permanent { reason, message: e.to_string() }
+    }
+
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            HandlerError::Retryable(_) => FailureKind::Retryable,
+            HandlerError::Permanent { .. } => FailureKind::Permanent,
+            HandlerError::Unavailable(_) => FailureKind::Unavailable,
+        }
+    }
+}
+
+impl From<SinkError> for HandlerError {
+    fn from(e: SinkError) -> Self {
+        match e {
+            SinkError::RowType(_) => HandlerError::Permanent { reason: "row_type", message: e.to_string() },
+            other => HandlerError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+impl From<sqlx::Error> for HandlerError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => {
+                HandlerError::Unavailable(format!("Postgres: {e}"))
+            }
+            _ => HandlerError::Retryable(format!("Postgres: {e}")),
+        }
+    }
+}
+
+impl From<serde_json::Error> for HandlerError {
+    fn from(e: serde_json::Error) -> Self {
+        HandlerError::permanent("payload_invalid", e)
+    }
+}
+
+/// What a handler works with for one event.
+pub struct HandlerContext<'a> {
+    event_id: &'a EventId,
+    namespace: &'a Namespace,
+    conn: &'a mut PgConnection,
+    savepoint: bool,
+    rows: SinkBatch,
+    sink: &'a ClickHouseSink,
+}
+
+const SAVEPOINT: &str = "SAVEPOINT eo_handler";
+
+impl<'a> HandlerContext<'a> {
+    pub(crate) fn new(event_id: &'a EventId, namespace: &'a Namespace, conn: &'a mut PgConnection, sink: &'a ClickHouseSink) -> Self {
+        Self { event_id, namespace, conn, savepoint: false, rows: SinkBatch::default(), sink }
+    }
+
+    /// The stable id of this event: use it as the idempotency key of any effect outside
+    /// our stores (HTTP calls, emails).
+    pub fn event_id(&self) -> &EventId {
+        self.event_id
+    }
+
+    pub fn namespace(&self) -> &Namespace {
+        self.namespace
+    }
+
+    /// The batch's Postgres transaction. Whatever the handler does here commits together
+    /// with the event's confirm, or not at all. A savepoint is opened on first use, so a
+    /// failing handler's statements roll back without touching the rest of the batch,
+    /// and a handler that never asks pays no round trip.
+    pub async fn postgres(&mut self) -> Result<&mut PgConnection, HandlerError> {
+        if !self.savepoint {
+            sqlx::query(SAVEPOINT).execute(&mut *self.conn).await?;
+            self.savepoint = true;
+        }
+        Ok(&mut *self.conn)
+    }
+
+    /// Stages a row for `table`. Fails fast when the ClickHouse breaker is open.
+    pub fn clickhouse<T: SinkRow>(&mut self, table: &'static str, row: T) -> Result<(), HandlerError> {
+        self.sink.check_available()?;
+        self.rows.push(table, row).map_err(|e| HandlerError::from(SinkError::from(e)))
+    }
+
+    /// Ends the event's part of the transaction: keeps its statements when it succeeded,
+    /// rolls them back otherwise. Returns the staged rows (empty on failure) and whether
+    /// a savepoint round trip was made.
+    pub(crate) async fn finish(self, succeeded: bool) -> Result<(SinkBatch, bool), sqlx::Error> {
+        if self.savepoint {
+            if !succeeded {
+                sqlx::query("ROLLBACK TO SAVEPOINT eo_handler").execute(&mut *self.conn).await?;
+            }
+            sqlx::query("RELEASE SAVEPOINT eo_handler").execute(&mut *self.conn).await?;
+        }
+        let rows = if succeeded { self.rows } else { SinkBatch::default() };
+        Ok((rows, self.savepoint))
+    }
+}

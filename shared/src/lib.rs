@@ -1,0 +1,35 @@
+//! # exactly-once
+//!
+//! Consume Kafka exactly once in effect. Every function (one per topic) implements
+//! [`Handler`]; this library runs it under the guard protocol (`guard`), with circuit
+//! breakers (`breaker`) in front of Redis, ClickHouse and Kafka, and a batched
+//! ClickHouse sink (`sink`).
+//!
+//! Where an event goes: `event` (the record) → `event_id` (its stable id) →
+//! `guard` (cache, Redis lease, Postgres check, handler, confirm, release) →
+//! `outcome` (what happened, and whether the offset may move).
+
+pub mod breaker;
+pub mod clients;
+pub mod config;
+pub mod event;
+pub mod event_id;
+pub mod guard;
+pub mod handler;
+pub mod metrics;
+pub mod outcome;
+pub mod postgres;
+pub mod sink;
+
+pub use breaker::{BreakerState, CircuitBreaker};
+pub use clients::{Clients, InitError};
+pub use config::Config;
+pub use event::{Event, Header, PayloadHash};
+pub use event_id::{EventId, IdError, IdStrategy, Namespace};
+pub use guard::Guard;
+pub use handler::{FunctionSpec, Handler, HandlerContext, HandlerError};
+pub use outcome::{BatchReport, DuplicateTier, EventOutcome, FailureKind, Outcome};
+
+/// Re-exported so function crates derive rows against the same version.
+pub use clickhouse;
+pub use async_trait::async_trait;

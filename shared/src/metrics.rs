@@ -1,0 +1,91 @@
+//! Prometheus metrics, named as the seed documents name them where they exist.
+//!
+//! One process-wide registry; every series carries the function (namespace) or the
+//! dependency as a label, so one worker running several functions exports them side by
+//! side. Names are constants so dashboards and alert rules can refer to the code.
+
+use std::sync::LazyLock;
+
+use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+
+pub const EVENTS_PROCESSED: &str = "kafka_events_processed_total";
+pub const EVENTS_DUPLICATES: &str = "kafka_events_duplicates_total";
+pub const EVENT_DEDUPLICATED: &str = "kafka_event_deduplicated_total";
+pub const EVENTS_IN_FLIGHT_SKIPPED: &str = "kafka_events_lease_contention_total";
+pub const EVENTS_FAILED: &str = "kafka_events_failed_total";
+pub const EVENTS_DEAD_LETTERED: &str = "kafka_events_dead_lettered_total";
+pub const PAYLOAD_MISMATCH: &str = "kafka_events_payload_mismatch_total";
+pub const BREAKER_STATE: &str = "circuit_breaker_state";
+pub const BREAKER_TRANSITIONS: &str = "circuit_breaker_transitions_total";
+pub const GUARD_ROUND_TRIPS: &str = "guard_round_trips_total";
+
+pub struct Metrics {
+    pub registry: Registry,
+    /// `{function}`: handled and confirmed.
+    pub processed: IntCounterVec,
+    /// `{function, tier}`: skipped as already confirmed; tier is where it was found
+    /// (`local`, `redis`, `postgres`, `confirm`, `batch`).
+    pub duplicates: IntCounterVec,
+    /// `{function}`: every duplicate, whatever the tier (seed 000's single counter).
+    pub deduplicated: IntCounterVec,
+    /// `{function}`: leased by someone else, to be retried.
+    pub lease_contention: IntCounterVec,
+    /// `{function, kind}`: failed attempts (`retryable`, `permanent`, `unavailable`).
+    pub failed: IntCounterVec,
+    /// `{function, reason}`.
+    pub dead_lettered: IntCounterVec,
+    /// `{function}`: a duplicate id whose payload differs from the confirmed one.
+    pub payload_mismatch: IntCounterVec,
+    /// `{dependency}`: 0 closed, 1 half-open, 2 open.
+    pub breaker_state: IntGaugeVec,
+    /// `{dependency, to}`.
+    pub breaker_transitions: IntCounterVec,
+    /// `{function, store}`: round trips the guard made to Redis and Postgres.
+    pub round_trips: IntCounterVec,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    registry.register(Box::new(c.clone())).expect("metric registered once");
+    c
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let registry = Registry::new();
+        let breaker_state = IntGaugeVec::new(
+            Opts::new(BREAKER_STATE, "Circuit breaker state: 0 closed, 1 half-open, 2 open"),
+            &["dependency"],
+        )
+        .expect("valid metric definition");
+        registry.register(Box::new(breaker_state.clone())).expect("metric registered once");
+        Self {
+            processed: counter(&registry, EVENTS_PROCESSED, "Events handled and confirmed", &["function"]),
+            duplicates: counter(&registry, EVENTS_DUPLICATES, "Duplicate events skipped, by the tier that caught them", &["function", "tier"]),
+            deduplicated: counter(&registry, EVENT_DEDUPLICATED, "Duplicate events skipped", &["function"]),
+            lease_contention: counter(&registry, EVENTS_IN_FLIGHT_SKIPPED, "Events leased by another consumer, left for a retry", &["function"]),
+            failed: counter(&registry, EVENTS_FAILED, "Failed attempts, by kind", &["function", "kind"]),
+            dead_lettered: counter(&registry, EVENTS_DEAD_LETTERED, "Events moved to the dead-letter store", &["function", "reason"]),
+            payload_mismatch: counter(&registry, PAYLOAD_MISMATCH, "Duplicate ids whose payload differs from the confirmed event", &["function"]),
+            breaker_transitions: counter(&registry, BREAKER_TRANSITIONS, "Circuit breaker state changes", &["dependency", "to"]),
+            round_trips: counter(&registry, GUARD_ROUND_TRIPS, "Round trips made by the guard", &["function", "store"]),
+            breaker_state,
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding of gathered metrics");
+        String::from_utf8(out).expect("prometheus text is UTF-8")
+    }
+}
+
+/// The process-wide metrics.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+    &METRICS
+}

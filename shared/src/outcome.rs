@@ -1,0 +1,143 @@
+//! What happened to each event of a batch.
+
+use std::fmt;
+
+use crate::event::Event;
+use crate::event_id::EventId;
+
+/// Where a duplicate was caught.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DuplicateTier {
+    /// The in-process cache of recently confirmed ids.
+    Local,
+    /// A Redis done marker.
+    Redis,
+    /// `processed_events`, before handling (Redis had lost the marker).
+    Postgres,
+    /// The confirm insert found the row: another holder confirmed first.
+    Confirm,
+    /// An earlier record of the same batch carries the same id.
+    Batch,
+}
+
+impl DuplicateTier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DuplicateTier::Local => "local",
+            DuplicateTier::Redis => "redis",
+            DuplicateTier::Postgres => "postgres",
+            DuplicateTier::Confirm => "confirm",
+            DuplicateTier::Batch => "batch",
+        }
+    }
+}
+
+/// Why an attempt failed, which decides what happens next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The handler failed in a way worth retrying; counts toward dead-lettering.
+    Retryable,
+    /// The event can never succeed (bad input); dead-lettered at once.
+    Permanent,
+    /// A dependency is down or a deadline passed; retried later, not counted against
+    /// the event (an outage must not dead-letter healthy events).
+    Unavailable,
+}
+
+impl FailureKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Retryable => "retryable",
+            FailureKind::Permanent => "permanent",
+            FailureKind::Unavailable => "unavailable",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Handled and confirmed now.
+    Processed,
+    /// Confirmed before; skipped. `payload_mismatch`: the confirmed event's payload
+    /// differs from this one's (flagged, not silently skipped).
+    Duplicate { tier: DuplicateTier, payload_mismatch: bool },
+    /// Someone else holds the lease; retry later, do not commit past it.
+    InFlight,
+    /// Not confirmed; retry later, do not commit past it.
+    Failed { kind: FailureKind, error: String, attempts: Option<u32> },
+    /// Stored in the dead-letter table and confirmed as such.
+    DeadLettered { reason: String },
+}
+
+impl Outcome {
+    /// Processed, duplicate or dead-lettered: the offset may move past this event.
+    pub fn is_finished(&self) -> bool {
+        matches!(self, Outcome::Processed | Outcome::Duplicate { .. } | Outcome::DeadLettered { .. })
+    }
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Processed => "processed",
+            Outcome::Duplicate { .. } => "duplicate",
+            Outcome::InFlight => "in_flight",
+            Outcome::Failed { .. } => "failed",
+            Outcome::DeadLettered { .. } => "dead_lettered",
+        }
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Failed { kind, error, .. } => write!(f, "failed ({}): {error}", kind.as_str()),
+            Outcome::DeadLettered { reason } => write!(f, "dead-lettered ({reason})"),
+            Outcome::Duplicate { tier, .. } => write!(f, "duplicate ({})", tier.as_str()),
+            other => f.write_str(other.label()),
+        }
+    }
+}
+
+/// The outcome of one record, with where it came from.
+#[derive(Debug, Clone)]
+pub struct EventOutcome {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    /// `None` when no id could be derived (the record was dead-lettered for it).
+    pub event_id: Option<EventId>,
+    pub outcome: Outcome,
+}
+
+impl EventOutcome {
+    pub fn new(event: &Event, event_id: Option<EventId>, outcome: Outcome) -> Self {
+        Self {
+            topic: event.topic.clone(),
+            partition: event.partition,
+            offset: event.offset,
+            event_id,
+            outcome,
+        }
+    }
+}
+
+/// The outcomes of a batch, in the order the records were given.
+#[derive(Debug, Clone, Default)]
+pub struct BatchReport {
+    pub outcomes: Vec<EventOutcome>,
+}
+
+impl BatchReport {
+    /// True when every record may be committed past.
+    pub fn all_finished(&self) -> bool {
+        self.outcomes.iter().all(|o| o.outcome.is_finished())
+    }
+
+    pub fn count(&self, label: &str) -> usize {
+        self.outcomes.iter().filter(|o| o.outcome.label() == label).count()
+    }
+
+    /// Records that must be retried.
+    pub fn unfinished(&self) -> impl Iterator<Item = &EventOutcome> {
+        self.outcomes.iter().filter(|o| !o.outcome.is_finished())
+    }
+}

@@ -1,0 +1,70 @@
+//! The Postgres pool and the project's migrations.
+
+use std::str::FromStr;
+
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection};
+
+use crate::config::{redact_url, PostgresConfig};
+
+/// The sqlx migrations in `migrations/` (Postgres only; ClickHouse DDL lives in
+/// `migrations/clickhouse/`).
+pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum PostgresError {
+    #[error("DATABASE_URL is not a valid Postgres URL ({url}): {message}")]
+    BadUrl { url: String, message: String },
+    #[error("Postgres at {url}: {message}; start it with scripts/services.sh or set DATABASE_URL")]
+    Unreachable { url: String, message: String },
+    #[error("Postgres at {url}: migrations failed: {message}")]
+    Migrate { url: String, message: String },
+}
+
+fn options(config: &PostgresConfig) -> Result<PgConnectOptions, PostgresError> {
+    let url = redact_url(config.url.expose());
+    let opts = PgConnectOptions::from_str(config.url.expose())
+        .map_err(|e| PostgresError::BadUrl { url, message: e.to_string() })?
+        // Statement logging would print parameters (payloads) at info level.
+        .disable_statement_logging();
+    Ok(match &config.schema {
+        Some(schema) => opts.options([("search_path", schema.as_str())]),
+        None => opts,
+    })
+}
+
+/// Connects (creating the configured schema if missing), and fails fast with a message
+/// that says which database and how to fix it.
+pub async fn connect(config: &PostgresConfig) -> Result<PgPool, PostgresError> {
+    let url = redact_url(config.url.expose());
+    let unreachable = |e: sqlx::Error| PostgresError::Unreachable { url: url.clone(), message: e.to_string() };
+    let opts = options(config)?;
+    if let Some(schema) = &config.schema {
+        // The schema name was validated as a plain identifier by the config loader.
+        let mut conn = tokio::time::timeout(config.connect_timeout, opts.connect())
+            .await
+            .map_err(|_| PostgresError::Unreachable { url: url.clone(), message: "connect timed out".into() })?
+            .map_err(unreachable)?;
+        sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
+            .execute(&mut conn)
+            .await
+            .map_err(unreachable)?;
+        conn.close().await.map_err(unreachable)?;
+    }
+    let pool = PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(config.connect_timeout)
+        .connect_with(opts)
+        .await
+        .map_err(unreachable)?;
+    Ok(pool)
+}
+
+/// Applies pending migrations (idempotent).
+pub async fn migrate(pool: &PgPool, config: &PostgresConfig) -> Result<(), PostgresError> {
+    MIGRATOR.run(pool).await.map_err(|e| PostgresError::Migrate {
+        url: redact_url(config.url.expose()),
+        message: e.to_string(),
+    })
+}
