@@ -52,6 +52,10 @@ wait_for() {
   done
 }
 
+# Tools this script itself uses.
+command -v curl >/dev/null || apt_install curl ca-certificates
+python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip
+
 # ---------------------------------------------------------------- PostgreSQL
 postgres_up() { pg_isready -q -h 127.0.0.1 -p 5432; }
 if ! command -v pg_ctlcluster >/dev/null; then

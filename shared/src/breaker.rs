@@ -127,7 +127,10 @@ impl Drop for Permit<'_> {
 
 impl CircuitBreaker {
     pub fn new(dependency: &'static str, config: BreakerConfig) -> Self {
-        metrics().breaker_state.with_label_values(&[dependency]).set(0);
+        metrics()
+            .breaker_state
+            .with_label_values(&[dependency])
+            .set(0);
         Self {
             dependency,
             config,
@@ -160,7 +163,9 @@ impl CircuitBreaker {
     pub fn state(&self) -> BreakerState {
         let inner = self.lock();
         match inner.state {
-            BreakerState::Open if inner.opened_at.elapsed() >= self.config.open_for => BreakerState::HalfOpen,
+            BreakerState::Open if inner.opened_at.elapsed() >= self.config.open_for => {
+                BreakerState::HalfOpen
+            }
             s => s,
         }
     }
@@ -169,7 +174,11 @@ impl CircuitBreaker {
     pub fn retry_in(&self) -> Option<Duration> {
         let inner = self.lock();
         match inner.state {
-            BreakerState::Open => Some(self.config.open_for.saturating_sub(inner.opened_at.elapsed())),
+            BreakerState::Open => Some(
+                self.config
+                    .open_for
+                    .saturating_sub(inner.opened_at.elapsed()),
+            ),
             _ => None,
         }
     }
@@ -190,12 +199,23 @@ impl CircuitBreaker {
             self.transition(&mut inner, BreakerState::HalfOpen);
         }
         match inner.state {
-            BreakerState::Closed => Ok(Permit { breaker: self, probe: false, reported: false }),
+            BreakerState::Closed => Ok(Permit {
+                breaker: self,
+                probe: false,
+                reported: false,
+            }),
             BreakerState::HalfOpen if inner.probes_in_flight < self.config.half_open_max_calls => {
                 inner.probes_in_flight += 1;
-                Ok(Permit { breaker: self, probe: true, reported: false })
+                Ok(Permit {
+                    breaker: self,
+                    probe: true,
+                    reported: false,
+                })
             }
-            _ => Err(BreakerOpen { dependency: self.dependency, retry_in: Duration::ZERO }),
+            _ => Err(BreakerOpen {
+                dependency: self.dependency,
+                retry_in: Duration::ZERO,
+            }),
         }
     }
 
@@ -270,8 +290,12 @@ impl CircuitBreaker {
         }
         inner.state = to;
         let m = metrics();
-        m.breaker_state.with_label_values(&[self.dependency]).set(to.gauge());
-        m.breaker_transitions.with_label_values(&[self.dependency, to.as_str()]).inc();
+        m.breaker_state
+            .with_label_values(&[self.dependency])
+            .set(to.gauge());
+        m.breaker_transitions
+            .with_label_values(&[self.dependency, to.as_str()])
+            .inc();
         match to {
             BreakerState::Open => tracing::warn!(
                 dependency = self.dependency,
@@ -281,8 +305,12 @@ impl CircuitBreaker {
                 self.dependency,
                 self.config.open_for.as_secs()
             ),
-            BreakerState::HalfOpen => tracing::info!(dependency = self.dependency, %from, "circuit breaker half-open: probing"),
-            BreakerState::Closed => tracing::info!(dependency = self.dependency, %from, "circuit breaker closed: {} recovered", self.dependency),
+            BreakerState::HalfOpen => {
+                tracing::info!(dependency = self.dependency, %from, "circuit breaker half-open: probing")
+            }
+            BreakerState::Closed => {
+                tracing::info!(dependency = self.dependency, %from, "circuit breaker closed: {} recovered", self.dependency)
+            }
         }
     }
 }
@@ -329,7 +357,10 @@ mod tests {
             Err(BreakerError::Open(open)) => assert_eq!(open.retry_in, Duration::from_secs(30)),
             other => panic!("expected fail-fast, got {other:?}"),
         }
-        assert!(!called.load(std::sync::atomic::Ordering::SeqCst), "an open breaker must not call through");
+        assert!(
+            !called.load(std::sync::atomic::Ordering::SeqCst),
+            "an open breaker must not call through"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -355,7 +386,11 @@ mod tests {
         assert_eq!(b.state(), BreakerState::HalfOpen);
         succeed(&b).await.unwrap();
         succeed(&b).await.unwrap();
-        assert_eq!(b.state(), BreakerState::HalfOpen, "two successes are not enough");
+        assert_eq!(
+            b.state(),
+            BreakerState::HalfOpen,
+            "two successes are not enough"
+        );
         succeed(&b).await.unwrap();
         assert_eq!(b.state(), BreakerState::Closed);
     }
@@ -403,7 +438,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn state_is_exported_as_a_metric() {
         let b = CircuitBreaker::new("test-metric", cfg(1, 15, 1, 1));
-        let gauge = || metrics().breaker_state.with_label_values(&["test-metric"]).get();
+        let gauge = || {
+            metrics()
+                .breaker_state
+                .with_label_values(&["test-metric"])
+                .get()
+        };
         assert_eq!(gauge(), 0);
         fail(&b).await.unwrap_err();
         assert_eq!(gauge(), 2);

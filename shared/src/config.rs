@@ -21,11 +21,21 @@ pub struct Var {
 }
 
 const fn var(name: &'static str, default: &'static str, doc: &'static str) -> Var {
-    Var { name, default, secret: false, doc }
+    Var {
+        name,
+        default,
+        secret: false,
+        doc,
+    }
 }
 
 const fn secret(name: &'static str, default: &'static str, doc: &'static str) -> Var {
-    Var { name, default, secret: true, doc }
+    Var {
+        name,
+        default,
+        secret: true,
+        doc,
+    }
 }
 
 /// Every variable the library reads, with its default. The README table mirrors this.
@@ -91,7 +101,11 @@ impl Env for HashMap<&str, &str> {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{var}={shown}: {reason}")]
-    Invalid { var: &'static str, shown: String, reason: String },
+    Invalid {
+        var: &'static str,
+        shown: String,
+        reason: String,
+    },
 }
 
 impl ConfigError {
@@ -119,7 +133,11 @@ where
     let raw = env.get(v.name).unwrap_or_else(|| v.default.to_owned());
     raw.trim().parse::<T>().map_err(|e| ConfigError::Invalid {
         var: v.name,
-        shown: if v.secret { "<hidden>".into() } else { format!("{raw:?}") },
+        shown: if v.secret {
+            "<hidden>".into()
+        } else {
+            format!("{raw:?}")
+        },
         reason: e.to_string(),
     })
 }
@@ -232,7 +250,8 @@ pub fn is_identifier(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.starts_with(|c: char| c.is_ascii_lowercase())
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
 #[derive(Debug, Clone)]
@@ -405,16 +424,40 @@ mod tests {
     #[test]
     fn defaults_match_the_seed_breaker_thresholds() {
         let b = BreakersConfig::default();
-        assert_eq!((b.clickhouse.failure_threshold, b.clickhouse.open_for.as_secs(), b.clickhouse.success_threshold), (3, 30, 3));
-        assert_eq!((b.kafka.failure_threshold, b.kafka.open_for.as_secs(), b.kafka.success_threshold), (2, 60, 3));
-        assert_eq!((b.redis.failure_threshold, b.redis.open_for.as_secs(), b.redis.success_threshold), (5, 15, 2));
+        assert_eq!(
+            (
+                b.clickhouse.failure_threshold,
+                b.clickhouse.open_for.as_secs(),
+                b.clickhouse.success_threshold
+            ),
+            (3, 30, 3)
+        );
+        assert_eq!(
+            (
+                b.kafka.failure_threshold,
+                b.kafka.open_for.as_secs(),
+                b.kafka.success_threshold
+            ),
+            (2, 60, 3)
+        );
+        assert_eq!(
+            (
+                b.redis.failure_threshold,
+                b.redis.open_for.as_secs(),
+                b.redis.success_threshold
+            ),
+            (5, 15, 2)
+        );
     }
 
     #[test]
     fn invalid_value_names_the_variable() {
         let err = GuardConfig::from_env(&env(&[("GUARD_LEASE_TTL_MS", "soon")])).unwrap_err();
         assert_eq!(err.variable(), "GUARD_LEASE_TTL_MS");
-        assert!(err.to_string().contains("GUARD_LEASE_TTL_MS=\"soon\""), "{err}");
+        assert!(
+            err.to_string().contains("GUARD_LEASE_TTL_MS=\"soon\""),
+            "{err}"
+        );
         let zero = GuardConfig::from_env(&env(&[("GUARD_MAX_ATTEMPTS", "0")])).unwrap_err();
         assert!(zero.to_string().contains("greater than zero"), "{zero}");
     }
@@ -423,15 +466,26 @@ mod tests {
     fn secret_values_are_not_echoed_in_errors() {
         // A URL is a plain string, so only a non-string secret could fail to parse;
         // the redaction flag is what matters, check it directly.
-        assert!(lookup("DATABASE_URL").secret && lookup("CLICKHOUSE_PASSWORD").secret && lookup("REDIS_URL").secret);
-        let c = PostgresConfig::from_env(&env(&[("DATABASE_URL", "postgres://u:hunter2@h/db")])).unwrap();
+        assert!(
+            lookup("DATABASE_URL").secret
+                && lookup("CLICKHOUSE_PASSWORD").secret
+                && lookup("REDIS_URL").secret
+        );
+        let c = PostgresConfig::from_env(&env(&[("DATABASE_URL", "postgres://u:hunter2@h/db")]))
+            .unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
     }
 
     #[test]
     fn redact_url_hides_passwords_and_queries() {
-        assert_eq!(redact_url("postgres://u:pw@h:5432/db?sslmode=x&password=pw"), "postgres://u:***@h:5432/db");
-        assert_eq!(redact_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(
+            redact_url("postgres://u:pw@h:5432/db?sslmode=x&password=pw"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
         assert_eq!(redact_url("redis://:pw@h:6379/0"), "redis://:***@h:6379/0");
         assert_eq!(redact_url("garbage"), "<unparsable url>");
     }
@@ -439,7 +493,13 @@ mod tests {
     #[test]
     fn schema_and_database_names_are_validated() {
         assert!(PostgresConfig::from_env(&env(&[("DATABASE_SCHEMA", "a;drop")])).is_err());
-        assert_eq!(PostgresConfig::from_env(&env(&[("DATABASE_SCHEMA", "t_1")])).unwrap().schema.as_deref(), Some("t_1"));
+        assert_eq!(
+            PostgresConfig::from_env(&env(&[("DATABASE_SCHEMA", "t_1")]))
+                .unwrap()
+                .schema
+                .as_deref(),
+            Some("t_1")
+        );
         assert!(ClickHouseConfig::from_env(&env(&[("CLICKHOUSE_DATABASE", "x`y")])).is_err());
     }
 

@@ -27,7 +27,8 @@ pub struct FunctionSpec {
 pub trait Handler: Send + Sync + 'static {
     fn spec(&self) -> FunctionSpec;
 
-    async fn handle(&self, event: &Event, ctx: &mut HandlerContext<'_>) -> Result<(), HandlerError>;
+    async fn handle(&self, event: &Event, ctx: &mut HandlerContext<'_>)
+        -> Result<(), HandlerError>;
 }
 
 /// A handler's failure, classified.
@@ -38,7 +39,10 @@ pub enum HandlerError {
     Retryable(String),
     /// The event can never succeed (invalid payload). Dead-lettered at once with `reason`.
     #[error("{reason}: {message}")]
-    Permanent { reason: &'static str, message: String },
+    Permanent {
+        reason: &'static str,
+        message: String,
+    },
     /// A dependency is unavailable; retried later and not counted against the event.
     #[error("{0}")]
     Unavailable(String),
@@ -50,7 +54,10 @@ impl HandlerError {
     }
 
     pub fn permanent(reason: &'static str, e: impl std::fmt::Display) -> Self {
-        HandlerError::Permanent { reason, message: e.to_string() }
+        HandlerError::Permanent {
+            reason,
+            message: e.to_string(),
+        }
     }
 
     pub fn kind(&self) -> FailureKind {
@@ -65,7 +72,10 @@ impl HandlerError {
 impl From<SinkError> for HandlerError {
     fn from(e: SinkError) -> Self {
         match e {
-            SinkError::RowType(_) => HandlerError::Permanent { reason: "row_type", message: e.to_string() },
+            SinkError::RowType(_) => HandlerError::Permanent {
+                reason: "row_type",
+                message: e.to_string(),
+            },
             other => HandlerError::Unavailable(other.to_string()),
         }
     }
@@ -74,9 +84,10 @@ impl From<SinkError> for HandlerError {
 impl From<sqlx::Error> for HandlerError {
     fn from(e: sqlx::Error) -> Self {
         match &e {
-            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => {
-                HandlerError::Unavailable(format!("Postgres: {e}"))
-            }
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_) => HandlerError::Unavailable(format!("Postgres: {e}")),
             _ => HandlerError::Retryable(format!("Postgres: {e}")),
         }
     }
@@ -101,8 +112,20 @@ pub struct HandlerContext<'a> {
 const SAVEPOINT: &str = "SAVEPOINT eo_handler";
 
 impl<'a> HandlerContext<'a> {
-    pub(crate) fn new(event_id: &'a EventId, namespace: &'a Namespace, conn: &'a mut PgConnection, sink: &'a ClickHouseSink) -> Self {
-        Self { event_id, namespace, conn, savepoint: false, rows: SinkBatch::default(), sink }
+    pub(crate) fn new(
+        event_id: &'a EventId,
+        namespace: &'a Namespace,
+        conn: &'a mut PgConnection,
+        sink: &'a ClickHouseSink,
+    ) -> Self {
+        Self {
+            event_id,
+            namespace,
+            conn,
+            savepoint: false,
+            rows: SinkBatch::default(),
+            sink,
+        }
     }
 
     /// The stable id of this event: use it as the idempotency key of any effect outside
@@ -128,9 +151,15 @@ impl<'a> HandlerContext<'a> {
     }
 
     /// Stages a row for `table`. Fails fast when the ClickHouse breaker is open.
-    pub fn clickhouse<T: SinkRow>(&mut self, table: &'static str, row: T) -> Result<(), HandlerError> {
+    pub fn clickhouse<T: SinkRow>(
+        &mut self,
+        table: &'static str,
+        row: T,
+    ) -> Result<(), HandlerError> {
         self.sink.check_available()?;
-        self.rows.push(table, row).map_err(|e| HandlerError::from(SinkError::from(e)))
+        self.rows
+            .push(table, row)
+            .map_err(|e| HandlerError::from(SinkError::from(e)))
     }
 
     /// Ends the event's part of the transaction: keeps its statements when it succeeded,
@@ -139,11 +168,19 @@ impl<'a> HandlerContext<'a> {
     pub(crate) async fn finish(self, succeeded: bool) -> Result<(SinkBatch, bool), sqlx::Error> {
         if self.savepoint {
             if !succeeded {
-                sqlx::query("ROLLBACK TO SAVEPOINT eo_handler").execute(&mut *self.conn).await?;
+                sqlx::query("ROLLBACK TO SAVEPOINT eo_handler")
+                    .execute(&mut *self.conn)
+                    .await?;
             }
-            sqlx::query("RELEASE SAVEPOINT eo_handler").execute(&mut *self.conn).await?;
+            sqlx::query("RELEASE SAVEPOINT eo_handler")
+                .execute(&mut *self.conn)
+                .await?;
         }
-        let rows = if succeeded { self.rows } else { SinkBatch::default() };
+        let rows = if succeeded {
+            self.rows
+        } else {
+            SinkBatch::default()
+        };
         Ok((rows, self.savepoint))
     }
 }

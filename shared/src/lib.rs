@@ -30,6 +30,6 @@ pub use guard::Guard;
 pub use handler::{FunctionSpec, Handler, HandlerContext, HandlerError};
 pub use outcome::{BatchReport, DuplicateTier, EventOutcome, FailureKind, Outcome};
 
+pub use async_trait::async_trait;
 /// Re-exported so function crates derive rows against the same version.
 pub use clickhouse;
-pub use async_trait::async_trait;

@@ -46,7 +46,9 @@ pub struct Metrics {
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
-    registry.register(Box::new(c.clone())).expect("metric registered once");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("metric registered once");
     c
 }
 
@@ -54,21 +56,71 @@ impl Metrics {
     fn new() -> Self {
         let registry = Registry::new();
         let breaker_state = IntGaugeVec::new(
-            Opts::new(BREAKER_STATE, "Circuit breaker state: 0 closed, 1 half-open, 2 open"),
+            Opts::new(
+                BREAKER_STATE,
+                "Circuit breaker state: 0 closed, 1 half-open, 2 open",
+            ),
             &["dependency"],
         )
         .expect("valid metric definition");
-        registry.register(Box::new(breaker_state.clone())).expect("metric registered once");
+        registry
+            .register(Box::new(breaker_state.clone()))
+            .expect("metric registered once");
         Self {
-            processed: counter(&registry, EVENTS_PROCESSED, "Events handled and confirmed", &["function"]),
-            duplicates: counter(&registry, EVENTS_DUPLICATES, "Duplicate events skipped, by the tier that caught them", &["function", "tier"]),
-            deduplicated: counter(&registry, EVENT_DEDUPLICATED, "Duplicate events skipped", &["function"]),
-            lease_contention: counter(&registry, EVENTS_IN_FLIGHT_SKIPPED, "Events leased by another consumer, left for a retry", &["function"]),
-            failed: counter(&registry, EVENTS_FAILED, "Failed attempts, by kind", &["function", "kind"]),
-            dead_lettered: counter(&registry, EVENTS_DEAD_LETTERED, "Events moved to the dead-letter store", &["function", "reason"]),
-            payload_mismatch: counter(&registry, PAYLOAD_MISMATCH, "Duplicate ids whose payload differs from the confirmed event", &["function"]),
-            breaker_transitions: counter(&registry, BREAKER_TRANSITIONS, "Circuit breaker state changes", &["dependency", "to"]),
-            round_trips: counter(&registry, GUARD_ROUND_TRIPS, "Round trips made by the guard", &["function", "store"]),
+            processed: counter(
+                &registry,
+                EVENTS_PROCESSED,
+                "Events handled and confirmed",
+                &["function"],
+            ),
+            duplicates: counter(
+                &registry,
+                EVENTS_DUPLICATES,
+                "Duplicate events skipped, by the tier that caught them",
+                &["function", "tier"],
+            ),
+            deduplicated: counter(
+                &registry,
+                EVENT_DEDUPLICATED,
+                "Duplicate events skipped",
+                &["function"],
+            ),
+            lease_contention: counter(
+                &registry,
+                EVENTS_IN_FLIGHT_SKIPPED,
+                "Events leased by another consumer, left for a retry",
+                &["function"],
+            ),
+            failed: counter(
+                &registry,
+                EVENTS_FAILED,
+                "Failed attempts, by kind",
+                &["function", "kind"],
+            ),
+            dead_lettered: counter(
+                &registry,
+                EVENTS_DEAD_LETTERED,
+                "Events moved to the dead-letter store",
+                &["function", "reason"],
+            ),
+            payload_mismatch: counter(
+                &registry,
+                PAYLOAD_MISMATCH,
+                "Duplicate ids whose payload differs from the confirmed event",
+                &["function"],
+            ),
+            breaker_transitions: counter(
+                &registry,
+                BREAKER_TRANSITIONS,
+                "Circuit breaker state changes",
+                &["dependency", "to"],
+            ),
+            round_trips: counter(
+                &registry,
+                GUARD_ROUND_TRIPS,
+                "Round trips made by the guard",
+                &["function", "store"],
+            ),
             breaker_state,
             registry,
         }

@@ -60,11 +60,18 @@ pub enum Outcome {
     Processed,
     /// Confirmed before; skipped. `payload_mismatch`: the confirmed event's payload
     /// differs from this one's (flagged, not silently skipped).
-    Duplicate { tier: DuplicateTier, payload_mismatch: bool },
+    Duplicate {
+        tier: DuplicateTier,
+        payload_mismatch: bool,
+    },
     /// Someone else holds the lease; retry later, do not commit past it.
     InFlight,
     /// Not confirmed; retry later, do not commit past it.
-    Failed { kind: FailureKind, error: String, attempts: Option<u32> },
+    Failed {
+        kind: FailureKind,
+        error: String,
+        attempts: Option<u32>,
+    },
     /// Stored in the dead-letter table and confirmed as such.
     DeadLettered { reason: String },
 }
@@ -72,7 +79,10 @@ pub enum Outcome {
 impl Outcome {
     /// Processed, duplicate or dead-lettered: the offset may move past this event.
     pub fn is_finished(&self) -> bool {
-        matches!(self, Outcome::Processed | Outcome::Duplicate { .. } | Outcome::DeadLettered { .. })
+        matches!(
+            self,
+            Outcome::Processed | Outcome::Duplicate { .. } | Outcome::DeadLettered { .. }
+        )
     }
 
     pub fn label(&self) -> &'static str {
@@ -133,7 +143,10 @@ impl BatchReport {
     }
 
     pub fn count(&self, label: &str) -> usize {
-        self.outcomes.iter().filter(|o| o.outcome.label() == label).count()
+        self.outcomes
+            .iter()
+            .filter(|o| o.outcome.label() == label)
+            .count()
     }
 
     /// Records that must be retried.

@@ -1,0 +1,237 @@
+//! Test support: each test gets its own Postgres schema, ClickHouse database and Redis
+//! key prefix on the real local services (started by `scripts/services.sh`), so tests
+//! run in parallel and clean up after themselves, even when they fail.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use exactly_once::{Clients, Config, Event};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A unique, identifier-safe suffix.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+/// One test's isolated slice of the real services.
+pub struct TestEnv {
+    pub clients: Clients,
+    /// The configuration before the test's tweaks (used for cleanup).
+    config: Config,
+    pub schema: String,
+    pub clickhouse_db: String,
+    pub key_prefix: String,
+}
+
+impl TestEnv {
+    pub async fn new() -> Self {
+        Self::with(|_| {}).await
+    }
+
+    /// Like `new`, with a chance to adjust the configuration first.
+    pub async fn with(tweak: impl FnOnce(&mut Config)) -> Self {
+        let name = unique("t");
+        let mut config = Config::load().expect("configuration from the environment");
+        config.postgres.schema = Some(name.clone());
+        config.postgres.max_connections = 8;
+        config.clickhouse.database = name.clone();
+        config.redis.key_prefix = name.clone();
+        // Cleanup goes straight to the services, even if the test pointed a client
+        // elsewhere (a proxy that dies with the test's runtime).
+        let cleanup = config.clone();
+        tweak(&mut config);
+        let clients = Clients::connect(config.clone()).await.unwrap_or_else(|e| {
+            panic!("test services unreachable ({e}); run scripts/services.sh first")
+        });
+        Self {
+            clients,
+            config: cleanup,
+            schema: name.clone(),
+            clickhouse_db: config.clickhouse.database.clone(),
+            key_prefix: config.redis.key_prefix.clone(),
+        }
+    }
+
+    pub fn pg(&self) -> &sqlx::PgPool {
+        &self.clients.pg
+    }
+
+    pub async fn redis(&self) -> deadpool_redis::Connection {
+        self.clients
+            .leases
+            .pool()
+            .get()
+            .await
+            .expect("redis connection")
+    }
+
+    pub async fn redis_exists(&self, key: &str) -> bool {
+        let mut c = self.redis().await;
+        let n: i64 = redis::cmd("EXISTS")
+            .arg(key)
+            .query_async(&mut c)
+            .await
+            .expect("EXISTS");
+        n == 1
+    }
+
+    /// Deletes this test's Redis keys (what a Redis restart or FLUSHALL would do to it).
+    pub async fn flush_redis(&self) {
+        flush_prefix(&mut self.redis().await, &self.key_prefix).await;
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sql)
+            .fetch_one(self.pg())
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    pub async fn clickhouse_count(&self, sql: &str) -> u64 {
+        self.clients
+            .sink
+            .client()
+            .query(sql)
+            .fetch_one::<u64>()
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+}
+
+async fn flush_prefix(conn: &mut impl redis::aio::ConnectionLike, prefix: &str) {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(conn)
+        .await
+        .expect("KEYS");
+    if !keys.is_empty() {
+        let _: i64 = redis::cmd("DEL")
+            .arg(&keys)
+            .query_async(conn)
+            .await
+            .expect("DEL");
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        // Async cleanup from a sync Drop, so it also runs when the test panicked: fresh
+        // connections on a fresh runtime (the test's pools are bound to its runtime).
+        let config = self.config.clone();
+        let (schema, db, prefix) = (
+            self.schema.clone(),
+            self.clickhouse_db.clone(),
+            self.key_prefix.clone(),
+        );
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let work = async move {
+                use sqlx::Connection;
+                if let Ok(mut pg) = sqlx::PgConnection::connect(config.postgres.url.expose()).await
+                {
+                    let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+                        .execute(&mut pg)
+                        .await;
+                }
+                let ch = exactly_once::clickhouse::Client::default()
+                    .with_url(&config.clickhouse.url)
+                    .with_user(&config.clickhouse.user)
+                    .with_password(config.clickhouse.password.expose())
+                    .with_validation(false)
+                    .with_compression(exactly_once::clickhouse::Compression::None);
+                let _ = ch
+                    .query(&format!("DROP DATABASE IF EXISTS {db}"))
+                    .execute()
+                    .await;
+                if let Ok(client) = redis::Client::open(config.redis.url.expose()) {
+                    if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+                        flush_prefix(&mut c, &prefix).await;
+                    }
+                }
+            };
+            let _ = rt.block_on(async {
+                tokio::time::timeout(std::time::Duration::from_secs(10), work).await
+            });
+        })
+        .join();
+    }
+}
+
+/// A JSON user event with an `idempotency_key` header.
+pub fn user_event(topic: &str, partition: i32, offset: i64, id: &str, user: &str) -> Event {
+    Event::new(topic, partition, offset)
+        .with_header("idempotency_key", id.to_owned())
+        .with_value(serde_json::json!({"user_id": user, "type": "created", "email": format!("{user}@example.com")}).to_string())
+        .with_timestamp_ms(1_700_000_000_000)
+}
+
+/// A TCP proxy in front of a real server that a test can take down and bring back:
+/// "down" refuses new connections and cuts open ones, as a crashed server would.
+pub struct ToggleProxy {
+    pub addr: std::net::SocketAddr,
+    up: Arc<AtomicBool>,
+    generation: Arc<AtomicU64>,
+    pub connections: Arc<AtomicU64>,
+}
+
+impl ToggleProxy {
+    pub async fn start(target: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(AtomicBool::new(true));
+        let generation = Arc::new(AtomicU64::new(0));
+        let connections = Arc::new(AtomicU64::new(0));
+        let target = target.to_owned();
+        let (up2, gen2, conns2) = (up.clone(), generation.clone(), connections.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                conns2.fetch_add(1, Ordering::SeqCst);
+                if !up2.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let target = target.clone();
+                let my_gen = gen2.load(Ordering::SeqCst);
+                let gen3 = gen2.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    let copy = tokio::io::copy_bidirectional(&mut inbound, &mut outbound);
+                    let cut = async {
+                        while gen3.load(Ordering::SeqCst) == my_gen {
+                            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        }
+                    };
+                    tokio::select! { _ = copy => {}, _ = cut => {} }
+                });
+            }
+        });
+        Self {
+            addr,
+            up,
+            generation,
+            connections,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::SeqCst);
+        if !up {
+            self.generation.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}

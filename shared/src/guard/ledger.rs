@@ -22,7 +22,11 @@ pub struct LedgerEntry {
 }
 
 /// Step 3: which of `ids` are confirmed already, and how often each has failed.
-pub async fn lookup(pool: &PgPool, ns: &Namespace, ids: &[&EventId]) -> Result<HashMap<String, LedgerEntry>, sqlx::Error> {
+pub async fn lookup(
+    pool: &PgPool,
+    ns: &Namespace,
+    ids: &[&EventId],
+) -> Result<HashMap<String, LedgerEntry>, sqlx::Error> {
     let ids: Vec<&str> = ids.iter().map(|i| i.as_str()).collect();
     let rows = sqlx::query(
         "SELECT i.event_id, p.status, p.payload_hash, COALESCE(a.attempts, 0) AS failed_attempts
@@ -59,7 +63,11 @@ pub struct ConfirmRow<'a> {
 
 /// Step 5: `INSERT ... ON CONFLICT DO NOTHING` in the handler's transaction. Returns the
 /// ids this call inserted; an id missing from the answer was confirmed by someone else.
-pub async fn confirm(conn: &mut PgConnection, ns: &Namespace, rows: &[ConfirmRow<'_>]) -> Result<Vec<String>, sqlx::Error> {
+pub async fn confirm(
+    conn: &mut PgConnection,
+    ns: &Namespace,
+    rows: &[ConfirmRow<'_>],
+) -> Result<Vec<String>, sqlx::Error> {
     let mut ids = Vec::with_capacity(rows.len());
     let mut hashes = Vec::with_capacity(rows.len());
     let mut topics = Vec::with_capacity(rows.len());
@@ -96,7 +104,11 @@ pub async fn confirm(conn: &mut PgConnection, ns: &Namespace, rows: &[ConfirmRow
 }
 
 /// Forgets the failure history of events that have now been confirmed.
-pub async fn clear_attempts(conn: &mut PgConnection, ns: &Namespace, ids: &[&str]) -> Result<(), sqlx::Error> {
+pub async fn clear_attempts(
+    conn: &mut PgConnection,
+    ns: &Namespace,
+    ids: &[&str],
+) -> Result<(), sqlx::Error> {
     sqlx::query("DELETE FROM event_attempts WHERE namespace = $1 AND event_id = ANY($2::text[])")
         .bind(ns.as_str())
         .bind(ids)
@@ -106,7 +118,11 @@ pub async fn clear_attempts(conn: &mut PgConnection, ns: &Namespace, ids: &[&str
 }
 
 /// Counts one more failed attempt for each id; returns the new totals.
-pub async fn record_failures(pool: &PgPool, ns: &Namespace, failures: &[(&EventId, String)]) -> Result<HashMap<String, u32>, sqlx::Error> {
+pub async fn record_failures(
+    pool: &PgPool,
+    ns: &Namespace,
+    failures: &[(&EventId, String)],
+) -> Result<HashMap<String, u32>, sqlx::Error> {
     let ids: Vec<&str> = failures.iter().map(|(id, _)| id.as_str()).collect();
     let errors: Vec<&str> = failures.iter().map(|(_, e)| e.as_str()).collect();
     let rows: Vec<(String, i32)> = sqlx::query_as(
@@ -124,7 +140,10 @@ pub async fn record_failures(pool: &PgPool, ns: &Namespace, failures: &[(&EventI
     .bind(&errors)
     .fetch_all(pool)
     .await?;
-    Ok(rows.into_iter().map(|(id, n)| (id, n.max(0) as u32)).collect())
+    Ok(rows
+        .into_iter()
+        .map(|(id, n)| (id, n.max(0) as u32))
+        .collect())
 }
 
 /// One event to dead-letter.
@@ -139,7 +158,11 @@ pub struct DeadLetterRow<'a> {
 /// Stores the events in `dead_letters`, confirms them as dead-lettered and forgets
 /// their failure history, in one statement (atomic). Returns the ids this call confirmed; the others were confirmed
 /// by someone else first and get no dead-letter row.
-pub async fn dead_letter(pool: &PgPool, ns: &Namespace, rows: &[DeadLetterRow<'_>]) -> Result<Vec<String>, sqlx::Error> {
+pub async fn dead_letter(
+    pool: &PgPool,
+    ns: &Namespace,
+    rows: &[DeadLetterRow<'_>],
+) -> Result<Vec<String>, sqlx::Error> {
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut ids = Vec::new();
     let mut hashes = Vec::new();

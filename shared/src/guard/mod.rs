@@ -103,7 +103,10 @@ struct Slot<'e> {
 
 impl Slot<'_> {
     fn is_open(&self) -> bool {
-        self.outcome.is_none() && self.leader.is_none() && self.invalid.is_none() && self.failure.is_none()
+        self.outcome.is_none()
+            && self.leader.is_none()
+            && self.invalid.is_none()
+            && self.failure.is_none()
     }
 
     fn duplicate(&mut self, tier: DuplicateTier, confirmed: Option<PayloadHash>) {
@@ -115,12 +118,21 @@ impl Slot<'_> {
     }
 
     fn fail(&mut self, kind: FailureKind, error: impl Into<String>, attempts: Option<u32>) {
-        self.outcome = Some(Outcome::Failed { kind, error: error.into(), attempts });
+        self.outcome = Some(Outcome::Failed {
+            kind,
+            error: error.into(),
+            attempts,
+        });
     }
 }
 
 impl Guard {
-    pub fn new(clients: &Clients, namespace: &str, ids: IdStrategy, config: GuardConfig) -> Result<Self, IdError> {
+    pub fn new(
+        clients: &Clients,
+        namespace: &str,
+        ids: IdStrategy,
+        config: GuardConfig,
+    ) -> Result<Self, IdError> {
         Ok(Self {
             ns: Namespace::new(namespace)?,
             ids,
@@ -147,17 +159,28 @@ impl Guard {
 
     fn count_redis(&self) {
         self.round_trips.redis.fetch_add(1, Ordering::Relaxed);
-        metrics().round_trips.with_label_values(&[self.ns.as_str(), "redis"]).inc();
+        metrics()
+            .round_trips
+            .with_label_values(&[self.ns.as_str(), "redis"])
+            .inc();
     }
 
     fn count_postgres(&self, n: u64) {
         self.round_trips.postgres.fetch_add(n, Ordering::Relaxed);
-        metrics().round_trips.with_label_values(&[self.ns.as_str(), "postgres"]).inc_by(n);
+        metrics()
+            .round_trips
+            .with_label_values(&[self.ns.as_str(), "postgres"])
+            .inc_by(n);
     }
 
     /// Runs the protocol over `events`. `deadline` caps the lease TTL (on Lambda, the
     /// invocation's deadline). Returns one outcome per record, in order.
-    pub async fn run_batch(&self, handler: &dyn Handler, events: &[Event], deadline: Option<Instant>) -> BatchReport {
+    pub async fn run_batch(
+        &self,
+        handler: &dyn Handler,
+        events: &[Event],
+        deadline: Option<Instant>,
+    ) -> BatchReport {
         let span = tracing::info_span!("guard.batch", function = %self.ns, size = events.len());
         async move {
             let mut slots = self.derive_ids(events);
@@ -183,7 +206,10 @@ impl Guard {
             let (id, invalid) = match self.ids.derive(event) {
                 Ok(id) => (id, None),
                 // The record's position stands in as the id its dead letter is filed under.
-                Err(e) => (EventId::new(format!("invalid:{}", event.position())).expect("non-empty"), Some(e)),
+                Err(e) => (
+                    EventId::new(format!("invalid:{}", event.position())).expect("non-empty"),
+                    Some(e),
+                ),
             };
             let leader = if invalid.is_none() {
                 match first_seen.get(&id) {
@@ -232,7 +258,11 @@ impl Guard {
             let left = deadline.saturating_duration_since(Instant::now());
             if left < Duration::from_millis(1) {
                 for &i in &open {
-                    slots[i].fail(FailureKind::Unavailable, "deadline passed before the event could be leased", None);
+                    slots[i].fail(
+                        FailureKind::Unavailable,
+                        "deadline passed before the event could be leased",
+                        None,
+                    );
                 }
                 return;
             }
@@ -255,7 +285,9 @@ impl Guard {
             }
             // No lease information: go on without leases; Postgres keeps it exactly once.
             Err(LeaseError::BreakerOpen(_)) => {}
-            Err(e) => tracing::warn!(function = %self.ns, error = %e, "Redis unavailable; continuing on Postgres alone"),
+            Err(e) => {
+                tracing::warn!(function = %self.ns, error = %e, "Redis unavailable; continuing on Postgres alone")
+            }
         }
     }
 
@@ -270,7 +302,9 @@ impl Guard {
         match ledger::lookup(&self.pg, &self.ns, &ids).await {
             Ok(entries) => {
                 for &i in &open {
-                    let Some(entry) = entries.get(slots[i].id.as_str()) else { continue };
+                    let Some(entry) = entries.get(slots[i].id.as_str()) else {
+                        continue;
+                    };
                     slots[i].prior_failures = entry.failed_attempts;
                     if let Some(hash) = entry.confirmed {
                         slots[i].duplicate(DuplicateTier::Postgres, hash);
@@ -292,7 +326,14 @@ impl Guard {
         while !work.is_empty() {
             let mut tx = match self.pg.begin().await {
                 Ok(tx) => tx,
-                Err(e) => return fail_all(slots, &work, FailureKind::Unavailable, &format!("Postgres: begin failed: {e}")),
+                Err(e) => {
+                    return fail_all(
+                        slots,
+                        &work,
+                        FailureKind::Unavailable,
+                        &format!("Postgres: begin failed: {e}"),
+                    )
+                }
             };
             self.count_postgres(1);
 
@@ -309,13 +350,20 @@ impl Guard {
                         if used_savepoint {
                             self.count_postgres(if result.is_ok() { 2 } else { 3 });
                         }
-                        match result.and_then(|()| staged.extend(rows).map_err(|e| SinkError::from(e).into())) {
+                        match result.and_then(|()| {
+                            staged.extend(rows).map_err(|e| SinkError::from(e).into())
+                        }) {
                             Ok(()) => succeeded.push(i),
                             Err(e) => failed.push((i, e)),
                         }
                     }
                     Err(e) => {
-                        return fail_all(slots, &work, FailureKind::Unavailable, &format!("Postgres: savepoint failed: {e}"));
+                        return fail_all(
+                            slots,
+                            &work,
+                            FailureKind::Unavailable,
+                            &format!("Postgres: savepoint failed: {e}"),
+                        );
                     }
                 }
             }
@@ -342,10 +390,21 @@ impl Guard {
             self.count_postgres(1);
             let inserted: HashSet<String> = match ledger::confirm(&mut tx, &self.ns, &rows).await {
                 Ok(ids) => ids.into_iter().collect(),
-                Err(e) => return fail_all(slots, &work, FailureKind::Unavailable, &format!("Postgres: confirm failed: {e}")),
+                Err(e) => {
+                    return fail_all(
+                        slots,
+                        &work,
+                        FailureKind::Unavailable,
+                        &format!("Postgres: confirm failed: {e}"),
+                    )
+                }
             };
             drop(rows);
-            let conflicts: Vec<usize> = succeeded.iter().copied().filter(|&i| !inserted.contains(slots[i].id.as_str())).collect();
+            let conflicts: Vec<usize> = succeeded
+                .iter()
+                .copied()
+                .filter(|&i| !inserted.contains(slots[i].id.as_str()))
+                .collect();
             if !conflicts.is_empty() {
                 // Someone confirmed these first. Roll back everything (their effects with
                 // it) and run the batch again without them.
@@ -374,11 +433,20 @@ impl Guard {
                 return;
             }
 
-            let retried: Vec<&str> = succeeded.iter().filter(|&&i| slots[i].prior_failures > 0).map(|&i| slots[i].id.as_str()).collect();
+            let retried: Vec<&str> = succeeded
+                .iter()
+                .filter(|&&i| slots[i].prior_failures > 0)
+                .map(|&i| slots[i].id.as_str())
+                .collect();
             if !retried.is_empty() {
                 self.count_postgres(1);
                 if let Err(e) = ledger::clear_attempts(&mut tx, &self.ns, &retried).await {
-                    return fail_all(slots, &work, FailureKind::Unavailable, &format!("Postgres: {e}"));
+                    return fail_all(
+                        slots,
+                        &work,
+                        FailureKind::Unavailable,
+                        &format!("Postgres: {e}"),
+                    );
                 }
             }
 
@@ -418,7 +486,9 @@ impl Guard {
             }
             match slot.failure.take() {
                 None => {}
-                Some(HandlerError::Unavailable(msg)) => slot.fail(FailureKind::Unavailable, msg, None),
+                Some(HandlerError::Unavailable(msg)) => {
+                    slot.fail(FailureKind::Unavailable, msg, None)
+                }
                 Some(HandlerError::Permanent { reason, message }) => {
                     to_dead_letter.push((i, reason.to_owned(), message, slot.prior_failures + 1))
                 }
@@ -432,23 +502,43 @@ impl Guard {
         if !to_count.is_empty() {
             let failures: Vec<(&EventId, String)> = to_count
                 .iter()
-                .map(|&i| (&slots[i].id, slots[i].failure.as_ref().map(|e| e.to_string()).unwrap_or_default()))
+                .map(|&i| {
+                    (
+                        &slots[i].id,
+                        slots[i]
+                            .failure
+                            .as_ref()
+                            .map(|e| e.to_string())
+                            .unwrap_or_default(),
+                    )
+                })
                 .collect();
             self.count_postgres(1);
             let counted = ledger::record_failures(&self.pg, &self.ns, &failures).await;
             drop(failures);
             for &i in &to_count {
-                let msg = slots[i].failure.take().map(|e| e.to_string()).unwrap_or_default();
+                let msg = slots[i]
+                    .failure
+                    .take()
+                    .map(|e| e.to_string())
+                    .unwrap_or_default();
                 match &counted {
                     Ok(map) => {
-                        let attempts = map.get(slots[i].id.as_str()).copied().unwrap_or(slots[i].prior_failures + 1);
+                        let attempts = map
+                            .get(slots[i].id.as_str())
+                            .copied()
+                            .unwrap_or(slots[i].prior_failures + 1);
                         if attempts >= self.config.max_attempts {
                             to_dead_letter.push((i, "max_attempts".to_owned(), msg, attempts));
                         } else {
                             slots[i].fail(FailureKind::Retryable, msg, Some(attempts));
                         }
                     }
-                    Err(e) => slots[i].fail(FailureKind::Retryable, format!("{msg} (attempt not counted: {e})"), None),
+                    Err(e) => slots[i].fail(
+                        FailureKind::Retryable,
+                        format!("{msg} (attempt not counted: {e})"),
+                        None,
+                    ),
                 }
             }
         }
@@ -484,7 +574,11 @@ impl Guard {
             }
             Err(e) => {
                 for (i, _, error, _) in to_dead_letter {
-                    slots[i].fail(FailureKind::Unavailable, format!("{error} (dead-letter store failed: {e})"), None);
+                    slots[i].fail(
+                        FailureKind::Unavailable,
+                        format!("{error} (dead-letter store failed: {e})"),
+                        None,
+                    );
                 }
             }
         }
@@ -506,7 +600,10 @@ impl Guard {
         if items.is_empty() {
             return;
         }
-        let result = self.leases.release(&self.ns, &items, token, self.config.done_ttl).await;
+        let result = self
+            .leases
+            .release(&self.ns, &items, token, self.config.done_ttl)
+            .await;
         if !matches!(result, Err(LeaseError::BreakerOpen(_))) {
             self.count_redis();
         }
@@ -518,9 +615,13 @@ impl Guard {
 
     /// Confirmed ids go into the local cache.
     fn remember(&self, slots: &[Slot<'_>]) {
-        for s in slots.iter().filter(|s| s.leader.is_none() && s.invalid.is_none()) {
+        for s in slots
+            .iter()
+            .filter(|s| s.leader.is_none() && s.invalid.is_none())
+        {
             if matches!(&s.outcome, Some(o) if o.is_finished()) {
-                self.cache.insert(s.id.clone(), s.confirmed_hash.unwrap_or(s.hash));
+                self.cache
+                    .insert(s.id.clone(), s.confirmed_hash.unwrap_or(s.hash));
             }
         }
     }
@@ -537,7 +638,11 @@ impl Guard {
                         payload_mismatch: leader_hash != slots[i].hash,
                     },
                     Some(o) => o,
-                    None => Outcome::Failed { kind: FailureKind::Unavailable, error: "not handled".into(), attempts: None },
+                    None => Outcome::Failed {
+                        kind: FailureKind::Unavailable,
+                        error: "not handled".into(),
+                        attempts: None,
+                    },
                 });
             }
         }

@@ -23,7 +23,12 @@ trait TableRows: Send + Sync {
     fn as_any_mut(&mut self) -> &mut dyn Any;
     fn into_any(self: Box<Self>) -> Box<dyn Any>;
     fn append(&mut self, other: Box<dyn TableRows>) -> Result<(), &'static str>;
-    fn write<'a>(&'a self, client: &'a Client, table: &'a str, dedup_token: Option<String>) -> BoxFuture<'a, Result<(), ::clickhouse::error::Error>>;
+    fn write<'a>(
+        &'a self,
+        client: &'a Client,
+        table: &'a str,
+        dedup_token: Option<String>,
+    ) -> BoxFuture<'a, Result<(), ::clickhouse::error::Error>>;
 }
 
 struct Rows<T>(Vec<T>);
@@ -42,12 +47,20 @@ impl<T: SinkRow> TableRows for Rows<T> {
     }
 
     fn append(&mut self, other: Box<dyn TableRows>) -> Result<(), &'static str> {
-        let other = other.into_any().downcast::<Rows<T>>().map_err(|_| std::any::type_name::<T>())?;
+        let other = other
+            .into_any()
+            .downcast::<Rows<T>>()
+            .map_err(|_| std::any::type_name::<T>())?;
         self.0.extend(other.0);
         Ok(())
     }
 
-    fn write<'a>(&'a self, client: &'a Client, table: &'a str, dedup_token: Option<String>) -> BoxFuture<'a, Result<(), ::clickhouse::error::Error>> {
+    fn write<'a>(
+        &'a self,
+        client: &'a Client,
+        table: &'a str,
+        dedup_token: Option<String>,
+    ) -> BoxFuture<'a, Result<(), ::clickhouse::error::Error>> {
         Box::pin(async move {
             let mut insert = client.insert::<T>(table).await?;
             if let Some(token) = dedup_token {
@@ -80,7 +93,12 @@ impl SinkBatch {
         match self.tables.iter_mut().find(|(t, _)| *t == table) {
             Some((_, rows)) => match rows.as_any_mut().downcast_mut::<Rows<T>>() {
                 Some(rows) => rows.0.push(row),
-                None => return Err(RowTypeMismatch { table, row_type: std::any::type_name::<T>() }),
+                None => {
+                    return Err(RowTypeMismatch {
+                        table,
+                        row_type: std::any::type_name::<T>(),
+                    })
+                }
             },
             None => self.tables.push((table, Box::new(Rows(vec![row])))),
         }
@@ -91,7 +109,9 @@ impl SinkBatch {
     pub fn extend(&mut self, other: SinkBatch) -> Result<(), RowTypeMismatch> {
         for (table, rows) in other.tables {
             match self.tables.iter_mut().find(|(t, _)| *t == table) {
-                Some((_, mine)) => mine.append(rows).map_err(|row_type| RowTypeMismatch { table, row_type })?,
+                Some((_, mine)) => mine
+                    .append(rows)
+                    .map_err(|row_type| RowTypeMismatch { table, row_type })?,
                 None => self.tables.push((table, rows)),
             }
         }

@@ -1,0 +1,799 @@
+//! The guard protocol against the real services: duplicates, restarts, failures, lease
+//! expiry, round trips per batch, and the ClickHouse breaker.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use exactly_once::config::GuardConfig;
+use exactly_once::{
+    async_trait, BreakerState, DuplicateTier, Event, FailureKind, FunctionSpec, Guard, Handler,
+    HandlerContext, HandlerError, IdStrategy, Outcome,
+};
+use integration_tests::{user_event, TestEnv, ToggleProxy};
+use tokio::sync::{Notify, Semaphore};
+
+const NS: &str = "probe";
+
+/// A handler that records what happened to it, and can be told to fail, stall, or write
+/// a Postgres effect.
+#[derive(Default)]
+struct Probe {
+    calls: AtomicU32,
+    /// Fail (retryable) this many calls before succeeding.
+    fail_first: AtomicU32,
+    fail_permanently: bool,
+    delay: Duration,
+    /// Writes a row into `effects` (in the guard's transaction) tagged with this.
+    effect_tag: Option<&'static str>,
+    /// Signalled when the handler starts; the handler then waits for `gate`.
+    entered: Option<Arc<Notify>>,
+    gate: Option<Arc<Semaphore>>,
+    ids: Option<IdStrategy>,
+}
+
+#[async_trait]
+impl Handler for Probe {
+    fn spec(&self) -> FunctionSpec {
+        FunctionSpec {
+            name: NS,
+            topics: &["probe"],
+            id_strategy: self
+                .ids
+                .clone()
+                .unwrap_or_else(|| IdStrategy::Header("idempotency_key".into())),
+            clickhouse_ddl: "",
+        }
+    }
+
+    async fn handle(
+        &self,
+        event: &Event,
+        ctx: &mut HandlerContext<'_>,
+    ) -> Result<(), HandlerError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if let Some(tag) = self.effect_tag {
+            let id = ctx.event_id().to_string();
+            sqlx::query("INSERT INTO effects (event_id, writer) VALUES ($1, $2)")
+                .bind(id)
+                .bind(tag)
+                .execute(ctx.postgres().await?)
+                .await?;
+        }
+        if let Some(entered) = &self.entered {
+            entered.notify_one();
+        }
+        if let Some(gate) = &self.gate {
+            let _permit = gate.acquire().await.expect("gate open");
+        }
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        if self.fail_permanently {
+            return Err(HandlerError::permanent(
+                "payload_invalid",
+                "probe refuses this event",
+            ));
+        }
+        if self
+            .fail_first
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(HandlerError::retryable(format!(
+                "probe failure at offset {}",
+                event.offset
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn guard(env: &TestEnv, probe: &Probe, config: GuardConfig) -> Guard {
+    Guard::new(&env.clients, NS, probe.spec().id_strategy, config).expect("guard")
+}
+
+fn event(id: &str, offset: i64) -> Event {
+    user_event("probe", 0, offset, id, "u1")
+}
+
+async fn create_effects_table(env: &TestEnv) {
+    sqlx::query("CREATE TABLE effects (seq BIGSERIAL PRIMARY KEY, event_id TEXT NOT NULL, writer TEXT NOT NULL)")
+        .execute(env.pg())
+        .await
+        .expect("effects table");
+}
+
+fn only(report: &exactly_once::BatchReport) -> &Outcome {
+    assert_eq!(report.outcomes.len(), 1);
+    &report.outcomes[0].outcome
+}
+
+#[tokio::test]
+async fn same_event_twice_runs_the_handler_once() {
+    let env = TestEnv::new().await;
+    let probe = Probe::default();
+    let g = guard(&env, &probe, GuardConfig::default());
+
+    let first = g.run_batch(&probe, &[event("e-1", 0)], None).await;
+    assert_eq!(only(&first), &Outcome::Processed);
+    let second = g.run_batch(&probe, &[event("e-1", 1)], None).await;
+    assert!(
+        matches!(
+            only(&second),
+            Outcome::Duplicate {
+                tier: DuplicateTier::Local,
+                payload_mismatch: false
+            }
+        ),
+        "{second:?}"
+    );
+    assert_eq!(probe.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        env.count("SELECT count(*) FROM processed_events WHERE event_id = 'e-1'")
+            .await,
+        1
+    );
+
+    // A second consumer (own cache) sees the Redis done marker.
+    let other = guard(&env, &probe, GuardConfig::default());
+    let third = other.run_batch(&probe, &[event("e-1", 2)], None).await;
+    assert!(
+        matches!(
+            only(&third),
+            Outcome::Duplicate {
+                tier: DuplicateTier::Redis,
+                ..
+            }
+        ),
+        "{third:?}"
+    );
+    assert_eq!(probe.calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn ten_concurrent_consumers_of_one_event_run_the_handler_once() {
+    let env = TestEnv::new().await;
+    let probe = Arc::new(Probe {
+        delay: Duration::from_millis(200),
+        ..Default::default()
+    });
+    let guards: Vec<Arc<Guard>> = (0..10)
+        .map(|_| Arc::new(guard(&env, &probe, GuardConfig::default())))
+        .collect();
+
+    let tasks: Vec<_> = guards
+        .iter()
+        .map(|g| {
+            let (g, p) = (g.clone(), probe.clone());
+            tokio::spawn(async move { g.run_batch(&*p, &[event("contended", 7)], None).await })
+        })
+        .collect();
+    let mut processed = 0;
+    for t in tasks {
+        match only(&t.await.unwrap()) {
+            Outcome::Processed => processed += 1,
+            Outcome::Duplicate { .. } | Outcome::InFlight => {}
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+    assert_eq!(processed, 1);
+    assert_eq!(probe.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(env.count("SELECT count(*) FROM processed_events").await, 1);
+
+    // Once it is confirmed, every consumer reports a duplicate.
+    for g in &guards {
+        assert!(matches!(
+            only(&g.run_batch(&*probe, &[event("contended", 7)], None).await),
+            Outcome::Duplicate { .. }
+        ));
+    }
+    assert_eq!(probe.calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn duplicate_is_detected_from_postgres_after_restart_and_marker_restored() {
+    let env = TestEnv::new().await;
+    let probe = Probe::default();
+    let before = guard(&env, &probe, GuardConfig::default());
+    assert_eq!(
+        only(
+            &before
+                .run_batch(&probe, &[event("e-restart", 0)], None)
+                .await
+        ),
+        &Outcome::Processed
+    );
+    drop(before);
+
+    // A restart: new guard (empty local cache) and Redis has lost everything.
+    env.flush_redis().await;
+    let ns = exactly_once::Namespace::new(NS).unwrap();
+    let id = exactly_once::EventId::new("e-restart").unwrap();
+    let marker = env.clients.leases.key(&ns, "done", &id);
+    assert!(!env.redis_exists(&marker).await);
+
+    let after = guard(&env, &probe, GuardConfig::default());
+    let report = after
+        .run_batch(&probe, &[event("e-restart", 0)], None)
+        .await;
+    assert!(
+        matches!(
+            only(&report),
+            Outcome::Duplicate {
+                tier: DuplicateTier::Postgres,
+                payload_mismatch: false
+            }
+        ),
+        "{report:?}"
+    );
+    assert_eq!(probe.calls.load(Ordering::SeqCst), 1);
+    assert!(
+        env.redis_exists(&marker).await,
+        "the done marker is restored"
+    );
+    assert!(
+        !env.redis_exists(&env.clients.leases.key(&ns, "lease", &id))
+            .await,
+        "the lease is released"
+    );
+}
+
+#[tokio::test]
+async fn failing_handler_confirms_nothing_releases_the_lease_and_counts_the_attempt() {
+    let env = TestEnv::new().await;
+    let probe = Probe {
+        fail_first: AtomicU32::new(1),
+        ..Default::default()
+    };
+    let g = guard(&env, &probe, GuardConfig::default());
+
+    let report = g.run_batch(&probe, &[event("e-fail", 3)], None).await;
+    match only(&report) {
+        Outcome::Failed {
+            kind: FailureKind::Retryable,
+            attempts: Some(1),
+            error,
+        } => assert!(error.contains("probe failure"), "{error}"),
+        other => panic!("expected a counted retryable failure, got {other:?}"),
+    }
+    assert!(
+        !report.all_finished(),
+        "a failed event must hold the offset"
+    );
+    assert_eq!(env.count("SELECT count(*) FROM processed_events").await, 0);
+    assert_eq!(
+        env.count("SELECT attempts::bigint FROM event_attempts WHERE event_id = 'e-fail'")
+            .await,
+        1
+    );
+    let ns = exactly_once::Namespace::new(NS).unwrap();
+    let id = exactly_once::EventId::new("e-fail").unwrap();
+    assert!(
+        !env.redis_exists(&env.clients.leases.key(&ns, "lease", &id))
+            .await,
+        "lease released after failure"
+    );
+
+    // The retry succeeds and records that it took two attempts.
+    let retry = g.run_batch(&probe, &[event("e-fail", 3)], None).await;
+    assert_eq!(only(&retry), &Outcome::Processed);
+    assert_eq!(
+        env.count("SELECT attempts::bigint FROM processed_events WHERE event_id = 'e-fail'")
+            .await,
+        2
+    );
+    assert_eq!(env.count("SELECT count(*) FROM event_attempts").await, 0);
+}
+
+#[tokio::test]
+async fn event_is_dead_lettered_after_max_attempts_and_then_skipped() {
+    let env = TestEnv::new().await;
+    let probe = Probe {
+        fail_first: AtomicU32::new(u32::MAX),
+        ..Default::default()
+    };
+    let g = guard(
+        &env,
+        &probe,
+        GuardConfig {
+            max_attempts: 2,
+            ..GuardConfig::default()
+        },
+    );
+
+    assert!(matches!(
+        only(&g.run_batch(&probe, &[event("e-poison", 9)], None).await),
+        Outcome::Failed {
+            attempts: Some(1),
+            ..
+        }
+    ));
+    let second = g.run_batch(&probe, &[event("e-poison", 9)], None).await;
+    assert_eq!(
+        only(&second),
+        &Outcome::DeadLettered {
+            reason: "max_attempts".into()
+        }
+    );
+    assert!(
+        second.all_finished(),
+        "a dead-lettered event lets the offset move"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM dead_letters WHERE event_id = 'e-poison' AND attempts = 2 AND record_value IS NOT NULL AND error LIKE '%probe failure%'").await,
+        1
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM processed_events WHERE status = 'dead_lettered'")
+            .await,
+        1
+    );
+    assert!(matches!(
+        only(&g.run_batch(&probe, &[event("e-poison", 9)], None).await),
+        Outcome::Duplicate { .. }
+    ));
+    assert_eq!(probe.calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn permanent_failure_is_dead_lettered_at_once() {
+    let env = TestEnv::new().await;
+    let probe = Probe {
+        fail_permanently: true,
+        ..Default::default()
+    };
+    let g = guard(&env, &probe, GuardConfig::default());
+    let report = g.run_batch(&probe, &[event("e-bad", 1)], None).await;
+    assert_eq!(
+        only(&report),
+        &Outcome::DeadLettered {
+            reason: "payload_invalid".into()
+        }
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM dead_letters WHERE reason = 'payload_invalid'")
+            .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn lease_expiry_does_not_double_apply_postgres_effects() {
+    let env = TestEnv::new().await;
+    create_effects_table(&env).await;
+    let lease_ttl = Duration::from_millis(300);
+    let config = GuardConfig {
+        lease_ttl,
+        ..GuardConfig::default()
+    };
+
+    // A takes the lease, writes its effect, then stalls past the lease TTL.
+    let entered = Arc::new(Notify::new());
+    let gate = Arc::new(Semaphore::new(0));
+    let slow = Arc::new(Probe {
+        effect_tag: Some("A"),
+        entered: Some(entered.clone()),
+        gate: Some(gate.clone()),
+        ..Default::default()
+    });
+    let a = Arc::new(guard(&env, &slow, config.clone()));
+    let a_run = {
+        let (a, slow) = (a.clone(), slow.clone());
+        tokio::spawn(async move { a.run_batch(&*slow, &[event("e-lease", 5)], None).await })
+    };
+    entered.notified().await;
+    tokio::time::sleep(lease_ttl + Duration::from_millis(200)).await;
+
+    // B finds the lease expired, takes it, handles and confirms.
+    let fast = Probe {
+        effect_tag: Some("B"),
+        ..Default::default()
+    };
+    let b = guard(&env, &fast, config);
+    assert_eq!(
+        only(&b.run_batch(&fast, &[event("e-lease", 5)], None).await),
+        &Outcome::Processed
+    );
+
+    // A wakes up: its confirm finds B's row, so A's transaction (and effect) rolls back.
+    gate.add_permits(1);
+    let a_report = a_run.await.unwrap();
+    assert!(
+        matches!(
+            only(&a_report),
+            Outcome::Duplicate {
+                tier: DuplicateTier::Confirm,
+                ..
+            }
+        ),
+        "{a_report:?}"
+    );
+
+    assert_eq!(
+        env.count("SELECT count(*) FROM effects").await,
+        1,
+        "effects applied exactly once"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM effects WHERE writer = 'B'")
+            .await,
+        1
+    );
+    assert_eq!(env.count("SELECT count(*) FROM processed_events").await, 1);
+}
+
+#[tokio::test]
+async fn handler_effects_and_confirm_commit_together_per_event() {
+    // Two events in one batch; one handler fails after writing its effect. The other's
+    // effect and confirm commit; the failed one's effect is rolled back with it.
+    let env = TestEnv::new().await;
+    create_effects_table(&env).await;
+
+    struct Picky;
+    #[async_trait]
+    impl Handler for Picky {
+        fn spec(&self) -> FunctionSpec {
+            FunctionSpec {
+                name: NS,
+                topics: &["probe"],
+                id_strategy: IdStrategy::Header("idempotency_key".into()),
+                clickhouse_ddl: "",
+            }
+        }
+        async fn handle(
+            &self,
+            _event: &Event,
+            ctx: &mut HandlerContext<'_>,
+        ) -> Result<(), HandlerError> {
+            let id = ctx.event_id().to_string();
+            sqlx::query("INSERT INTO effects (event_id, writer) VALUES ($1, 'picky')")
+                .bind(&id)
+                .execute(ctx.postgres().await?)
+                .await?;
+            if id == "e-no" {
+                return Err(HandlerError::retryable("refused after writing"));
+            }
+            Ok(())
+        }
+    }
+    let g = Guard::new(
+        &env.clients,
+        NS,
+        Picky.spec().id_strategy,
+        GuardConfig::default(),
+    )
+    .unwrap();
+    let report = g
+        .run_batch(&Picky, &[event("e-yes", 0), event("e-no", 1)], None)
+        .await;
+    assert_eq!(report.outcomes[0].outcome, Outcome::Processed);
+    assert!(matches!(
+        report.outcomes[1].outcome,
+        Outcome::Failed {
+            kind: FailureKind::Retryable,
+            ..
+        }
+    ));
+    assert_eq!(
+        env.count("SELECT count(*) FROM effects WHERE event_id = 'e-yes'")
+            .await,
+        1
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM effects WHERE event_id = 'e-no'")
+            .await,
+        0
+    );
+    assert_eq!(env.count("SELECT count(*) FROM processed_events").await, 1);
+}
+
+/// Builds a batch of `n` records, a quarter of which repeat an id: some repeat an id of
+/// the same batch, some an id confirmed by an earlier batch.
+fn batch_with_duplicates(n: usize, already_confirmed: &[String], tag: &str) -> Vec<Event> {
+    let dup = n / 4;
+    let from_earlier = dup.min(already_confirmed.len()) / 2;
+    let fresh = n - dup;
+    let mut events: Vec<Event> = (0..fresh)
+        .map(|i| event(&format!("{tag}-{i}"), i as i64))
+        .collect();
+    for (k, id) in already_confirmed.iter().take(from_earlier).enumerate() {
+        events.push(event(id, (fresh + k) as i64));
+    }
+    for k in 0..(dup - from_earlier) {
+        events.push(event(
+            &format!("{tag}-{}", k % fresh),
+            (fresh + from_earlier + k) as i64,
+        ));
+    }
+    events
+}
+
+#[tokio::test]
+async fn a_batch_costs_a_constant_number_of_round_trips() {
+    let env = TestEnv::new().await;
+    let probe = Probe::default();
+    let warm = guard(&env, &probe, GuardConfig::default());
+    let earlier: Vec<String> = (0..200).map(|i| format!("earlier-{i}")).collect();
+    let warm_events: Vec<Event> = earlier
+        .iter()
+        .enumerate()
+        .map(|(i, id)| event(id, i as i64))
+        .collect();
+    assert!(warm
+        .run_batch(&probe, &warm_events, None)
+        .await
+        .all_finished());
+
+    let mut costs = Vec::new();
+    for (n, tag) in [(10usize, "small"), (1000, "large")] {
+        // A fresh guard: its local cache is cold, as after a restart.
+        let g = guard(&env, &probe, GuardConfig::default());
+        let events = batch_with_duplicates(n, &earlier, tag);
+        let report = g.run_batch(&probe, &events, None).await;
+        assert!(report.all_finished(), "{:?}", report.unfinished().next());
+        assert_eq!(report.count("processed") + report.count("duplicate"), n);
+        assert_eq!(report.count("duplicate"), n / 4, "a quarter are duplicates");
+        costs.push((n, g.round_trips().redis(), g.round_trips().postgres()));
+    }
+    // Redis: one script to check markers and take leases, one to release.
+    // Postgres: durable check, begin, confirm, commit.
+    for (n, redis, postgres) in &costs {
+        assert_eq!(
+            (*redis, *postgres),
+            (2, 4),
+            "batch of {n}: redis {redis}, postgres {postgres}"
+        );
+    }
+
+    // A batch that is entirely in the local cache costs nothing at all.
+    let g = guard(&env, &probe, GuardConfig::default());
+    let events: Vec<Event> = (0..50).map(|i| event(&format!("cached-{i}"), i)).collect();
+    g.run_batch(&probe, &events, None).await;
+    let (r0, p0) = (g.round_trips().redis(), g.round_trips().postgres());
+    let again = g.run_batch(&probe, &events, None).await;
+    assert_eq!(again.count("duplicate"), 50);
+    assert_eq!(
+        (g.round_trips().redis(), g.round_trips().postgres()),
+        (r0, p0),
+        "local hits make no round trip"
+    );
+}
+
+#[tokio::test]
+async fn record_without_a_usable_id_is_dead_lettered_with_its_reason() {
+    let env = TestEnv::new().await;
+    let probe = Probe::default();
+    let g = guard(&env, &probe, GuardConfig::default());
+    let no_header = Event::new("probe", 2, 77).with_value("{}");
+    let report = g
+        .run_batch(&probe, &[no_header, event("fine", 78)], None)
+        .await;
+    assert_eq!(
+        report.outcomes[0].outcome,
+        Outcome::DeadLettered {
+            reason: "id_header_missing".into()
+        }
+    );
+    assert_eq!(report.outcomes[0].event_id, None);
+    assert_eq!(report.outcomes[1].outcome, Outcome::Processed);
+    assert_eq!(
+        probe.calls.load(Ordering::SeqCst),
+        1,
+        "the handler never sees a record without an id"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM dead_letters WHERE event_id = 'invalid:probe-2-77' AND reason = 'id_header_missing'").await,
+        1
+    );
+}
+
+/// Reads the PTTL of its own lease while it runs.
+struct TtlSpy {
+    pool: deadpool_redis::Pool,
+    key: String,
+    seen: std::sync::Mutex<Option<i64>>,
+}
+
+#[async_trait]
+impl Handler for TtlSpy {
+    fn spec(&self) -> FunctionSpec {
+        FunctionSpec {
+            name: NS,
+            topics: &["probe"],
+            id_strategy: IdStrategy::Header("idempotency_key".into()),
+            clickhouse_ddl: "",
+        }
+    }
+    async fn handle(
+        &self,
+        _event: &Event,
+        _ctx: &mut HandlerContext<'_>,
+    ) -> Result<(), HandlerError> {
+        let mut conn = self.pool.get().await.map_err(HandlerError::retryable)?;
+        let pttl: i64 = redis::cmd("PTTL")
+            .arg(&self.key)
+            .query_async(&mut conn)
+            .await
+            .map_err(HandlerError::retryable)?;
+        *self.seen.lock().unwrap() = Some(pttl);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn lease_ttl_is_capped_by_the_deadline() {
+    let env = TestEnv::new().await;
+    let ns = exactly_once::Namespace::new(NS).unwrap();
+    let spy = |id: &str| TtlSpy {
+        pool: env.clients.leases.pool().clone(),
+        key: env
+            .clients
+            .leases
+            .key(&ns, "lease", &exactly_once::EventId::new(id).unwrap()),
+        seen: Default::default(),
+    };
+    let config = GuardConfig {
+        lease_ttl: Duration::from_secs(30),
+        ..GuardConfig::default()
+    };
+    let g = Guard::new(
+        &env.clients,
+        NS,
+        IdStrategy::Header("idempotency_key".into()),
+        config,
+    )
+    .unwrap();
+
+    let no_deadline = spy("e-ttl-a");
+    assert_eq!(
+        only(
+            &g.run_batch(&no_deadline, &[event("e-ttl-a", 0)], None)
+                .await
+        ),
+        &Outcome::Processed
+    );
+    let ttl = no_deadline.seen.lock().unwrap().expect("handler ran");
+    assert!(
+        ttl > 25_000 && ttl <= 30_000,
+        "configured TTL applies without a deadline: {ttl} ms"
+    );
+
+    let capped = spy("e-ttl-b");
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
+    assert_eq!(
+        only(
+            &g.run_batch(&capped, &[event("e-ttl-b", 1)], Some(deadline))
+                .await
+        ),
+        &Outcome::Processed
+    );
+    let ttl = capped.seen.lock().unwrap().expect("handler ran");
+    assert!(
+        ttl > 0 && ttl <= 1500,
+        "lease TTL {ttl} ms must not exceed the time left"
+    );
+
+    // Past the deadline no lease is taken and nothing is handled.
+    let late = spy("e-ttl-c");
+    let report = g
+        .run_batch(
+            &late,
+            &[event("e-ttl-c", 2)],
+            Some(tokio::time::Instant::now()),
+        )
+        .await;
+    assert!(
+        matches!(
+            only(&report),
+            Outcome::Failed {
+                kind: FailureKind::Unavailable,
+                ..
+            }
+        ),
+        "{report:?}"
+    );
+    assert!(late.seen.lock().unwrap().is_none());
+}
+
+#[tokio::test]
+async fn clickhouse_breaker_fails_fast_confirms_nothing_and_recovers_through_half_open() {
+    let proxy = ToggleProxy::start("127.0.0.1:8123").await;
+    let url = proxy.url();
+    let env = TestEnv::with(|c| {
+        c.clickhouse.url = url;
+        c.breakers.clickhouse.open_for = Duration::from_secs(1);
+    })
+    .await;
+    let handler = user_events::UserEvents;
+    env.clients
+        .sink
+        .apply_ddl(user_events::CLICKHOUSE_DDL)
+        .await
+        .unwrap();
+    let g = Guard::new(
+        &env.clients,
+        "user-events",
+        handler.spec().id_strategy,
+        GuardConfig::default(),
+    )
+    .unwrap();
+    let breaker = env.clients.sink.breaker().clone();
+
+    proxy.set_up(false);
+    for i in 0..3 {
+        let r = g
+            .run_batch(
+                &handler,
+                &[user_event("user-events", 0, i, &format!("ch-{i}"), "u")],
+                None,
+            )
+            .await;
+        assert!(
+            matches!(
+                only(&r),
+                Outcome::Failed {
+                    kind: FailureKind::Unavailable,
+                    ..
+                }
+            ),
+            "{r:?}"
+        );
+    }
+    assert_eq!(breaker.state(), BreakerState::Open);
+
+    // Open: the handler fails fast, without touching the network.
+    let attempts_before = proxy.connections.load(Ordering::SeqCst);
+    let r = g
+        .run_batch(
+            &handler,
+            &[user_event("user-events", 0, 3, "ch-3", "u")],
+            None,
+        )
+        .await;
+    match only(&r) {
+        Outcome::Failed {
+            kind: FailureKind::Unavailable,
+            error,
+            ..
+        } => assert!(error.contains("circuit breaker is open"), "{error}"),
+        other => panic!("expected fail-fast, got {other:?}"),
+    }
+    assert_eq!(proxy.connections.load(Ordering::SeqCst), attempts_before);
+    assert_eq!(
+        env.count("SELECT count(*) FROM processed_events").await,
+        0,
+        "nothing confirmed while ClickHouse is down"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM event_attempts").await,
+        0,
+        "an outage does not count against events"
+    );
+
+    // Recovery: after the open time, three successful probes close it.
+    proxy.set_up(true);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(breaker.state(), BreakerState::HalfOpen);
+    for i in 0..3 {
+        let r = g
+            .run_batch(
+                &handler,
+                &[user_event("user-events", 0, i, &format!("ch-{i}"), "u")],
+                None,
+            )
+            .await;
+        assert_eq!(only(&r), &Outcome::Processed);
+        let expected = if i < 2 {
+            BreakerState::HalfOpen
+        } else {
+            BreakerState::Closed
+        };
+        assert_eq!(breaker.state(), expected, "after probe {i}");
+    }
+    assert_eq!(
+        env.clickhouse_count("SELECT count() FROM user_events FINAL")
+            .await,
+        3
+    );
+}
