@@ -720,7 +720,7 @@ async fn clickhouse_breaker_fails_fast_confirms_nothing_and_recovers_through_hal
     .unwrap();
     let breaker = env.clients.sink.breaker().clone();
 
-    proxy.set_up(false);
+    proxy.take_down().await;
     for i in 0..3 {
         let r = g
             .run_batch(
@@ -772,7 +772,7 @@ async fn clickhouse_breaker_fails_fast_confirms_nothing_and_recovers_through_hal
     );
 
     // Recovery: after the open time, three successful probes close it.
-    proxy.set_up(true);
+    proxy.bring_up();
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(breaker.state(), BreakerState::HalfOpen);
     for i in 0..3 {

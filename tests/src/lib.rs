@@ -176,7 +176,9 @@ pub fn user_event(topic: &str, partition: i32, offset: i64, id: &str, user: &str
 pub struct ToggleProxy {
     pub addr: std::net::SocketAddr,
     up: Arc<AtomicBool>,
-    generation: Arc<AtomicU64>,
+    cut: tokio::sync::watch::Sender<u64>,
+    active: Arc<AtomicU64>,
+    /// Connections attempted so far (accepted or refused).
     pub connections: Arc<AtomicU64>,
 }
 
@@ -185,10 +187,12 @@ impl ToggleProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().unwrap();
         let up = Arc::new(AtomicBool::new(true));
-        let generation = Arc::new(AtomicU64::new(0));
+        let (cut, _) = tokio::sync::watch::channel(0u64);
+        let active = Arc::new(AtomicU64::new(0));
         let connections = Arc::new(AtomicU64::new(0));
         let target = target.to_owned();
-        let (up2, gen2, conns2) = (up.clone(), generation.clone(), connections.clone());
+        let (up2, cut2, active2, conns2) =
+            (up.clone(), cut.clone(), active.clone(), connections.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((mut inbound, _)) = listener.accept().await else {
@@ -200,26 +204,26 @@ impl ToggleProxy {
                     continue;
                 }
                 let target = target.clone();
-                let my_gen = gen2.load(Ordering::SeqCst);
-                let gen3 = gen2.clone();
+                let mut cut_rx = cut2.subscribe();
+                let active3 = active2.clone();
+                active3.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(&target).await else {
-                        return;
-                    };
-                    let copy = tokio::io::copy_bidirectional(&mut inbound, &mut outbound);
-                    let cut = async {
-                        while gen3.load(Ordering::SeqCst) == my_gen {
-                            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    if let Ok(mut outbound) = TcpStream::connect(&target).await {
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                            _ = cut_rx.changed() => {}
                         }
-                    };
-                    tokio::select! { _ = copy => {}, _ = cut => {} }
+                    }
+                    drop(inbound);
+                    active3.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
         Self {
             addr,
             up,
-            generation,
+            cut,
+            active,
             connections,
         }
     }
@@ -228,10 +232,16 @@ impl ToggleProxy {
         format!("http://{}", self.addr)
     }
 
-    pub fn set_up(&self, up: bool) {
-        self.up.store(up, Ordering::SeqCst);
-        if !up {
-            self.generation.fetch_add(1, Ordering::SeqCst);
+    /// Refuses new connections and returns once every open one is closed.
+    pub async fn take_down(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        self.cut.send_modify(|g| *g += 1);
+        while self.active.load(Ordering::SeqCst) > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
+    }
+
+    pub fn bring_up(&self) {
+        self.up.store(true, Ordering::SeqCst);
     }
 }
