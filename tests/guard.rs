@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use exactly_once::config::GuardConfig;
 use exactly_once::{
-    async_trait, BreakerState, DuplicateTier, Event, FailureKind, FunctionSpec, Guard, Handler,
-    HandlerContext, HandlerError, IdStrategy, Outcome,
+    async_trait, BreakerState, DuplicateTier, Event, FailureKind, FunctionSpec, Guard, Handler, HandlerContext,
+    HandlerError, IdStrategy, Outcome,
 };
 use integration_tests::{user_event, TestEnv, ToggleProxy};
 use tokio::sync::{Notify, Semaphore};
@@ -38,19 +38,12 @@ impl Handler for Probe {
         FunctionSpec {
             name: NS,
             topics: &["probe"],
-            id_strategy: self
-                .ids
-                .clone()
-                .unwrap_or_else(|| IdStrategy::Header("idempotency_key".into())),
+            id_strategy: self.ids.clone().unwrap_or_else(|| IdStrategy::Header("idempotency_key".into())),
             clickhouse_ddl: "",
         }
     }
 
-    async fn handle(
-        &self,
-        event: &Event,
-        ctx: &mut HandlerContext<'_>,
-    ) -> Result<(), HandlerError> {
+    async fn handle(&self, event: &Event, ctx: &mut HandlerContext<'_>) -> Result<(), HandlerError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         if let Some(tag) = self.effect_tag {
             let id = ctx.event_id().to_string();
@@ -70,20 +63,10 @@ impl Handler for Probe {
             tokio::time::sleep(self.delay).await;
         }
         if self.fail_permanently {
-            return Err(HandlerError::permanent(
-                "payload_invalid",
-                "probe refuses this event",
-            ));
+            return Err(HandlerError::permanent("payload_invalid", "probe refuses this event"));
         }
-        if self
-            .fail_first
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-        {
-            return Err(HandlerError::retryable(format!(
-                "probe failure at offset {}",
-                event.offset
-            )));
+        if self.fail_first.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+            return Err(HandlerError::retryable(format!("probe failure at offset {}", event.offset)));
         }
         Ok(())
     }
@@ -119,48 +102,24 @@ async fn same_event_twice_runs_the_handler_once() {
     assert_eq!(only(&first), &Outcome::Processed);
     let second = g.run_batch(&probe, &[event("e-1", 1)], None).await;
     assert!(
-        matches!(
-            only(&second),
-            Outcome::Duplicate {
-                tier: DuplicateTier::Local,
-                payload_mismatch: false
-            }
-        ),
+        matches!(only(&second), Outcome::Duplicate { tier: DuplicateTier::Local, payload_mismatch: false }),
         "{second:?}"
     );
     assert_eq!(probe.calls.load(Ordering::SeqCst), 1);
-    assert_eq!(
-        env.count("SELECT count(*) FROM processed_events WHERE event_id = 'e-1'")
-            .await,
-        1
-    );
+    assert_eq!(env.count("SELECT count(*) FROM processed_events WHERE event_id = 'e-1'").await, 1);
 
     // A second consumer (own cache) sees the Redis done marker.
     let other = guard(&env, &probe, GuardConfig::default());
     let third = other.run_batch(&probe, &[event("e-1", 2)], None).await;
-    assert!(
-        matches!(
-            only(&third),
-            Outcome::Duplicate {
-                tier: DuplicateTier::Redis,
-                ..
-            }
-        ),
-        "{third:?}"
-    );
+    assert!(matches!(only(&third), Outcome::Duplicate { tier: DuplicateTier::Redis, .. }), "{third:?}");
     assert_eq!(probe.calls.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]
 async fn ten_concurrent_consumers_of_one_event_run_the_handler_once() {
     let env = TestEnv::new().await;
-    let probe = Arc::new(Probe {
-        delay: Duration::from_millis(200),
-        ..Default::default()
-    });
-    let guards: Vec<Arc<Guard>> = (0..10)
-        .map(|_| Arc::new(guard(&env, &probe, GuardConfig::default())))
-        .collect();
+    let probe = Arc::new(Probe { delay: Duration::from_millis(200), ..Default::default() });
+    let guards: Vec<Arc<Guard>> = (0..10).map(|_| Arc::new(guard(&env, &probe, GuardConfig::default()))).collect();
 
     let tasks: Vec<_> = guards
         .iter()
@@ -183,10 +142,7 @@ async fn ten_concurrent_consumers_of_one_event_run_the_handler_once() {
 
     // Once it is confirmed, every consumer reports a duplicate.
     for g in &guards {
-        assert!(matches!(
-            only(&g.run_batch(&*probe, &[event("contended", 7)], None).await),
-            Outcome::Duplicate { .. }
-        ));
+        assert!(matches!(only(&g.run_batch(&*probe, &[event("contended", 7)], None).await), Outcome::Duplicate { .. }));
     }
     assert_eq!(probe.calls.load(Ordering::SeqCst), 1);
 }
@@ -196,14 +152,7 @@ async fn duplicate_is_detected_from_postgres_after_restart_and_marker_restored()
     let env = TestEnv::new().await;
     let probe = Probe::default();
     let before = guard(&env, &probe, GuardConfig::default());
-    assert_eq!(
-        only(
-            &before
-                .run_batch(&probe, &[event("e-restart", 0)], None)
-                .await
-        ),
-        &Outcome::Processed
-    );
+    assert_eq!(only(&before.run_batch(&probe, &[event("e-restart", 0)], None).await), &Outcome::Processed);
     drop(before);
 
     // A restart: new guard (empty local cache) and Redis has lost everything.
@@ -214,148 +163,73 @@ async fn duplicate_is_detected_from_postgres_after_restart_and_marker_restored()
     assert!(!env.redis_exists(&marker).await);
 
     let after = guard(&env, &probe, GuardConfig::default());
-    let report = after
-        .run_batch(&probe, &[event("e-restart", 0)], None)
-        .await;
+    let report = after.run_batch(&probe, &[event("e-restart", 0)], None).await;
     assert!(
-        matches!(
-            only(&report),
-            Outcome::Duplicate {
-                tier: DuplicateTier::Postgres,
-                payload_mismatch: false
-            }
-        ),
+        matches!(only(&report), Outcome::Duplicate { tier: DuplicateTier::Postgres, payload_mismatch: false }),
         "{report:?}"
     );
     assert_eq!(probe.calls.load(Ordering::SeqCst), 1);
-    assert!(
-        env.redis_exists(&marker).await,
-        "the done marker is restored"
-    );
-    assert!(
-        !env.redis_exists(&env.clients.leases.key(&ns, "lease", &id))
-            .await,
-        "the lease is released"
-    );
+    assert!(env.redis_exists(&marker).await, "the done marker is restored");
+    assert!(!env.redis_exists(&env.clients.leases.key(&ns, "lease", &id)).await, "the lease is released");
 }
 
 #[tokio::test]
 async fn failing_handler_confirms_nothing_releases_the_lease_and_counts_the_attempt() {
     let env = TestEnv::new().await;
-    let probe = Probe {
-        fail_first: AtomicU32::new(1),
-        ..Default::default()
-    };
+    let probe = Probe { fail_first: AtomicU32::new(1), ..Default::default() };
     let g = guard(&env, &probe, GuardConfig::default());
 
     let report = g.run_batch(&probe, &[event("e-fail", 3)], None).await;
     match only(&report) {
-        Outcome::Failed {
-            kind: FailureKind::Retryable,
-            attempts: Some(1),
-            error,
-        } => assert!(error.contains("probe failure"), "{error}"),
+        Outcome::Failed { kind: FailureKind::Retryable, attempts: Some(1), error } => {
+            assert!(error.contains("probe failure"), "{error}")
+        }
         other => panic!("expected a counted retryable failure, got {other:?}"),
     }
-    assert!(
-        !report.all_finished(),
-        "a failed event must hold the offset"
-    );
+    assert!(!report.all_finished(), "a failed event must hold the offset");
     assert_eq!(env.count("SELECT count(*) FROM processed_events").await, 0);
-    assert_eq!(
-        env.count("SELECT attempts::bigint FROM event_attempts WHERE event_id = 'e-fail'")
-            .await,
-        1
-    );
+    assert_eq!(env.count("SELECT attempts::bigint FROM event_attempts WHERE event_id = 'e-fail'").await, 1);
     let ns = exactly_once::Namespace::new(NS).unwrap();
     let id = exactly_once::EventId::new("e-fail").unwrap();
-    assert!(
-        !env.redis_exists(&env.clients.leases.key(&ns, "lease", &id))
-            .await,
-        "lease released after failure"
-    );
+    assert!(!env.redis_exists(&env.clients.leases.key(&ns, "lease", &id)).await, "lease released after failure");
 
     // The retry succeeds and records that it took two attempts.
     let retry = g.run_batch(&probe, &[event("e-fail", 3)], None).await;
     assert_eq!(only(&retry), &Outcome::Processed);
-    assert_eq!(
-        env.count("SELECT attempts::bigint FROM processed_events WHERE event_id = 'e-fail'")
-            .await,
-        2
-    );
+    assert_eq!(env.count("SELECT attempts::bigint FROM processed_events WHERE event_id = 'e-fail'").await, 2);
     assert_eq!(env.count("SELECT count(*) FROM event_attempts").await, 0);
 }
 
 #[tokio::test]
 async fn event_is_dead_lettered_after_max_attempts_and_then_skipped() {
     let env = TestEnv::new().await;
-    let probe = Probe {
-        fail_first: AtomicU32::new(u32::MAX),
-        ..Default::default()
-    };
-    let g = guard(
-        &env,
-        &probe,
-        GuardConfig {
-            max_attempts: 2,
-            ..GuardConfig::default()
-        },
-    );
+    let probe = Probe { fail_first: AtomicU32::new(u32::MAX), ..Default::default() };
+    let g = guard(&env, &probe, GuardConfig { max_attempts: 2, ..GuardConfig::default() });
 
     assert!(matches!(
         only(&g.run_batch(&probe, &[event("e-poison", 9)], None).await),
-        Outcome::Failed {
-            attempts: Some(1),
-            ..
-        }
+        Outcome::Failed { attempts: Some(1), .. }
     ));
     let second = g.run_batch(&probe, &[event("e-poison", 9)], None).await;
-    assert_eq!(
-        only(&second),
-        &Outcome::DeadLettered {
-            reason: "max_attempts".into()
-        }
-    );
-    assert!(
-        second.all_finished(),
-        "a dead-lettered event lets the offset move"
-    );
+    assert_eq!(only(&second), &Outcome::DeadLettered { reason: "max_attempts".into() });
+    assert!(second.all_finished(), "a dead-lettered event lets the offset move");
     assert_eq!(
         env.count("SELECT count(*) FROM dead_letters WHERE event_id = 'e-poison' AND attempts = 2 AND record_value IS NOT NULL AND error LIKE '%probe failure%'").await,
         1
     );
-    assert_eq!(
-        env.count("SELECT count(*) FROM processed_events WHERE status = 'dead_lettered'")
-            .await,
-        1
-    );
-    assert!(matches!(
-        only(&g.run_batch(&probe, &[event("e-poison", 9)], None).await),
-        Outcome::Duplicate { .. }
-    ));
+    assert_eq!(env.count("SELECT count(*) FROM processed_events WHERE status = 'dead_lettered'").await, 1);
+    assert!(matches!(only(&g.run_batch(&probe, &[event("e-poison", 9)], None).await), Outcome::Duplicate { .. }));
     assert_eq!(probe.calls.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test]
 async fn permanent_failure_is_dead_lettered_at_once() {
     let env = TestEnv::new().await;
-    let probe = Probe {
-        fail_permanently: true,
-        ..Default::default()
-    };
+    let probe = Probe { fail_permanently: true, ..Default::default() };
     let g = guard(&env, &probe, GuardConfig::default());
     let report = g.run_batch(&probe, &[event("e-bad", 1)], None).await;
-    assert_eq!(
-        only(&report),
-        &Outcome::DeadLettered {
-            reason: "payload_invalid".into()
-        }
-    );
-    assert_eq!(
-        env.count("SELECT count(*) FROM dead_letters WHERE reason = 'payload_invalid'")
-            .await,
-        1
-    );
+    assert_eq!(only(&report), &Outcome::DeadLettered { reason: "payload_invalid".into() });
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters WHERE reason = 'payload_invalid'").await, 1);
 }
 
 #[tokio::test]
@@ -363,10 +237,7 @@ async fn lease_expiry_does_not_double_apply_postgres_effects() {
     let env = TestEnv::new().await;
     create_effects_table(&env).await;
     let lease_ttl = Duration::from_millis(300);
-    let config = GuardConfig {
-        lease_ttl,
-        ..GuardConfig::default()
-    };
+    let config = GuardConfig { lease_ttl, ..GuardConfig::default() };
 
     // A takes the lease, writes its effect, then stalls past the lease TTL.
     let entered = Arc::new(Notify::new());
@@ -386,40 +257,17 @@ async fn lease_expiry_does_not_double_apply_postgres_effects() {
     tokio::time::sleep(lease_ttl + Duration::from_millis(200)).await;
 
     // B finds the lease expired, takes it, handles and confirms.
-    let fast = Probe {
-        effect_tag: Some("B"),
-        ..Default::default()
-    };
+    let fast = Probe { effect_tag: Some("B"), ..Default::default() };
     let b = guard(&env, &fast, config);
-    assert_eq!(
-        only(&b.run_batch(&fast, &[event("e-lease", 5)], None).await),
-        &Outcome::Processed
-    );
+    assert_eq!(only(&b.run_batch(&fast, &[event("e-lease", 5)], None).await), &Outcome::Processed);
 
     // A wakes up: its confirm finds B's row, so A's transaction (and effect) rolls back.
     gate.add_permits(1);
     let a_report = a_run.await.unwrap();
-    assert!(
-        matches!(
-            only(&a_report),
-            Outcome::Duplicate {
-                tier: DuplicateTier::Confirm,
-                ..
-            }
-        ),
-        "{a_report:?}"
-    );
+    assert!(matches!(only(&a_report), Outcome::Duplicate { tier: DuplicateTier::Confirm, .. }), "{a_report:?}");
 
-    assert_eq!(
-        env.count("SELECT count(*) FROM effects").await,
-        1,
-        "effects applied exactly once"
-    );
-    assert_eq!(
-        env.count("SELECT count(*) FROM effects WHERE writer = 'B'")
-            .await,
-        1
-    );
+    assert_eq!(env.count("SELECT count(*) FROM effects").await, 1, "effects applied exactly once");
+    assert_eq!(env.count("SELECT count(*) FROM effects WHERE writer = 'B'").await, 1);
     assert_eq!(env.count("SELECT count(*) FROM processed_events").await, 1);
 }
 
@@ -441,11 +289,7 @@ async fn handler_effects_and_confirm_commit_together_per_event() {
                 clickhouse_ddl: "",
             }
         }
-        async fn handle(
-            &self,
-            _event: &Event,
-            ctx: &mut HandlerContext<'_>,
-        ) -> Result<(), HandlerError> {
+        async fn handle(&self, _event: &Event, ctx: &mut HandlerContext<'_>) -> Result<(), HandlerError> {
             let id = ctx.event_id().to_string();
             sqlx::query("INSERT INTO effects (event_id, writer) VALUES ($1, 'picky')")
                 .bind(&id)
@@ -457,34 +301,12 @@ async fn handler_effects_and_confirm_commit_together_per_event() {
             Ok(())
         }
     }
-    let g = Guard::new(
-        &env.clients,
-        NS,
-        Picky.spec().id_strategy,
-        GuardConfig::default(),
-    )
-    .unwrap();
-    let report = g
-        .run_batch(&Picky, &[event("e-yes", 0), event("e-no", 1)], None)
-        .await;
+    let g = Guard::new(&env.clients, NS, Picky.spec().id_strategy, GuardConfig::default()).unwrap();
+    let report = g.run_batch(&Picky, &[event("e-yes", 0), event("e-no", 1)], None).await;
     assert_eq!(report.outcomes[0].outcome, Outcome::Processed);
-    assert!(matches!(
-        report.outcomes[1].outcome,
-        Outcome::Failed {
-            kind: FailureKind::Retryable,
-            ..
-        }
-    ));
-    assert_eq!(
-        env.count("SELECT count(*) FROM effects WHERE event_id = 'e-yes'")
-            .await,
-        1
-    );
-    assert_eq!(
-        env.count("SELECT count(*) FROM effects WHERE event_id = 'e-no'")
-            .await,
-        0
-    );
+    assert!(matches!(report.outcomes[1].outcome, Outcome::Failed { kind: FailureKind::Retryable, .. }));
+    assert_eq!(env.count("SELECT count(*) FROM effects WHERE event_id = 'e-yes'").await, 1);
+    assert_eq!(env.count("SELECT count(*) FROM effects WHERE event_id = 'e-no'").await, 0);
     assert_eq!(env.count("SELECT count(*) FROM processed_events").await, 1);
 }
 
@@ -494,17 +316,12 @@ fn batch_with_duplicates(n: usize, already_confirmed: &[String], tag: &str) -> V
     let dup = n / 4;
     let from_earlier = dup.min(already_confirmed.len()) / 2;
     let fresh = n - dup;
-    let mut events: Vec<Event> = (0..fresh)
-        .map(|i| event(&format!("{tag}-{i}"), i as i64))
-        .collect();
+    let mut events: Vec<Event> = (0..fresh).map(|i| event(&format!("{tag}-{i}"), i as i64)).collect();
     for (k, id) in already_confirmed.iter().take(from_earlier).enumerate() {
         events.push(event(id, (fresh + k) as i64));
     }
     for k in 0..(dup - from_earlier) {
-        events.push(event(
-            &format!("{tag}-{}", k % fresh),
-            (fresh + from_earlier + k) as i64,
-        ));
+        events.push(event(&format!("{tag}-{}", k % fresh), (fresh + from_earlier + k) as i64));
     }
     events
 }
@@ -515,15 +332,8 @@ async fn a_batch_costs_a_constant_number_of_round_trips() {
     let probe = Probe::default();
     let warm = guard(&env, &probe, GuardConfig::default());
     let earlier: Vec<String> = (0..200).map(|i| format!("earlier-{i}")).collect();
-    let warm_events: Vec<Event> = earlier
-        .iter()
-        .enumerate()
-        .map(|(i, id)| event(id, i as i64))
-        .collect();
-    assert!(warm
-        .run_batch(&probe, &warm_events, None)
-        .await
-        .all_finished());
+    let warm_events: Vec<Event> = earlier.iter().enumerate().map(|(i, id)| event(id, i as i64)).collect();
+    assert!(warm.run_batch(&probe, &warm_events, None).await.all_finished());
 
     let mut costs = Vec::new();
     for (n, tag) in [(10usize, "small"), (1000, "large")] {
@@ -539,11 +349,7 @@ async fn a_batch_costs_a_constant_number_of_round_trips() {
     // Redis: one script to check markers and take leases, one to release.
     // Postgres: durable check, begin, confirm, commit.
     for (n, redis, postgres) in &costs {
-        assert_eq!(
-            (*redis, *postgres),
-            (2, 4),
-            "batch of {n}: redis {redis}, postgres {postgres}"
-        );
+        assert_eq!((*redis, *postgres), (2, 4), "batch of {n}: redis {redis}, postgres {postgres}");
     }
 
     // A batch that is entirely in the local cache costs nothing at all.
@@ -553,11 +359,7 @@ async fn a_batch_costs_a_constant_number_of_round_trips() {
     let (r0, p0) = (g.round_trips().redis(), g.round_trips().postgres());
     let again = g.run_batch(&probe, &events, None).await;
     assert_eq!(again.count("duplicate"), 50);
-    assert_eq!(
-        (g.round_trips().redis(), g.round_trips().postgres()),
-        (r0, p0),
-        "local hits make no round trip"
-    );
+    assert_eq!((g.round_trips().redis(), g.round_trips().postgres()), (r0, p0), "local hits make no round trip");
 }
 
 #[tokio::test]
@@ -566,24 +368,16 @@ async fn record_without_a_usable_id_is_dead_lettered_with_its_reason() {
     let probe = Probe::default();
     let g = guard(&env, &probe, GuardConfig::default());
     let no_header = Event::new("probe", 2, 77).with_value("{}");
-    let report = g
-        .run_batch(&probe, &[no_header, event("fine", 78)], None)
-        .await;
-    assert_eq!(
-        report.outcomes[0].outcome,
-        Outcome::DeadLettered {
-            reason: "id_header_missing".into()
-        }
-    );
+    let report = g.run_batch(&probe, &[no_header, event("fine", 78)], None).await;
+    assert_eq!(report.outcomes[0].outcome, Outcome::DeadLettered { reason: "id_header_missing".into() });
     assert_eq!(report.outcomes[0].event_id, None);
     assert_eq!(report.outcomes[1].outcome, Outcome::Processed);
+    assert_eq!(probe.calls.load(Ordering::SeqCst), 1, "the handler never sees a record without an id");
     assert_eq!(
-        probe.calls.load(Ordering::SeqCst),
-        1,
-        "the handler never sees a record without an id"
-    );
-    assert_eq!(
-        env.count("SELECT count(*) FROM dead_letters WHERE event_id = 'invalid:probe-2-77' AND reason = 'id_header_missing'").await,
+        env.count(
+            "SELECT count(*) FROM dead_letters WHERE event_id = 'invalid:probe-2-77' AND reason = 'id_header_missing'"
+        )
+        .await,
         1
     );
 }
@@ -605,17 +399,10 @@ impl Handler for TtlSpy {
             clickhouse_ddl: "",
         }
     }
-    async fn handle(
-        &self,
-        _event: &Event,
-        _ctx: &mut HandlerContext<'_>,
-    ) -> Result<(), HandlerError> {
+    async fn handle(&self, _event: &Event, _ctx: &mut HandlerContext<'_>) -> Result<(), HandlerError> {
         let mut conn = self.pool.get().await.map_err(HandlerError::retryable)?;
-        let pttl: i64 = redis::cmd("PTTL")
-            .arg(&self.key)
-            .query_async(&mut conn)
-            .await
-            .map_err(HandlerError::retryable)?;
+        let pttl: i64 =
+            redis::cmd("PTTL").arg(&self.key).query_async(&mut conn).await.map_err(HandlerError::retryable)?;
         *self.seen.lock().unwrap() = Some(pttl);
         Ok(())
     }
@@ -627,72 +414,27 @@ async fn lease_ttl_is_capped_by_the_deadline() {
     let ns = exactly_once::Namespace::new(NS).unwrap();
     let spy = |id: &str| TtlSpy {
         pool: env.clients.leases.pool().clone(),
-        key: env
-            .clients
-            .leases
-            .key(&ns, "lease", &exactly_once::EventId::new(id).unwrap()),
+        key: env.clients.leases.key(&ns, "lease", &exactly_once::EventId::new(id).unwrap()),
         seen: Default::default(),
     };
-    let config = GuardConfig {
-        lease_ttl: Duration::from_secs(30),
-        ..GuardConfig::default()
-    };
-    let g = Guard::new(
-        &env.clients,
-        NS,
-        IdStrategy::Header("idempotency_key".into()),
-        config,
-    )
-    .unwrap();
+    let config = GuardConfig { lease_ttl: Duration::from_secs(30), ..GuardConfig::default() };
+    let g = Guard::new(&env.clients, NS, IdStrategy::Header("idempotency_key".into()), config).unwrap();
 
     let no_deadline = spy("e-ttl-a");
-    assert_eq!(
-        only(
-            &g.run_batch(&no_deadline, &[event("e-ttl-a", 0)], None)
-                .await
-        ),
-        &Outcome::Processed
-    );
+    assert_eq!(only(&g.run_batch(&no_deadline, &[event("e-ttl-a", 0)], None).await), &Outcome::Processed);
     let ttl = no_deadline.seen.lock().unwrap().expect("handler ran");
-    assert!(
-        ttl > 25_000 && ttl <= 30_000,
-        "configured TTL applies without a deadline: {ttl} ms"
-    );
+    assert!(ttl > 25_000 && ttl <= 30_000, "configured TTL applies without a deadline: {ttl} ms");
 
     let capped = spy("e-ttl-b");
     let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
-    assert_eq!(
-        only(
-            &g.run_batch(&capped, &[event("e-ttl-b", 1)], Some(deadline))
-                .await
-        ),
-        &Outcome::Processed
-    );
+    assert_eq!(only(&g.run_batch(&capped, &[event("e-ttl-b", 1)], Some(deadline)).await), &Outcome::Processed);
     let ttl = capped.seen.lock().unwrap().expect("handler ran");
-    assert!(
-        ttl > 0 && ttl <= 1500,
-        "lease TTL {ttl} ms must not exceed the time left"
-    );
+    assert!(ttl > 0 && ttl <= 1500, "lease TTL {ttl} ms must not exceed the time left");
 
     // Past the deadline no lease is taken and nothing is handled.
     let late = spy("e-ttl-c");
-    let report = g
-        .run_batch(
-            &late,
-            &[event("e-ttl-c", 2)],
-            Some(tokio::time::Instant::now()),
-        )
-        .await;
-    assert!(
-        matches!(
-            only(&report),
-            Outcome::Failed {
-                kind: FailureKind::Unavailable,
-                ..
-            }
-        ),
-        "{report:?}"
-    );
+    let report = g.run_batch(&late, &[event("e-ttl-c", 2)], Some(tokio::time::Instant::now())).await;
+    assert!(matches!(only(&report), Outcome::Failed { kind: FailureKind::Unavailable, .. }), "{report:?}");
     assert!(late.seen.lock().unwrap().is_none());
 }
 
@@ -706,57 +448,24 @@ async fn clickhouse_breaker_fails_fast_confirms_nothing_and_recovers_through_hal
     })
     .await;
     let handler = user_events::UserEvents;
-    env.clients
-        .sink
-        .apply_ddl(user_events::CLICKHOUSE_DDL)
-        .await
-        .unwrap();
-    let g = Guard::new(
-        &env.clients,
-        "user-events",
-        handler.spec().id_strategy,
-        GuardConfig::default(),
-    )
-    .unwrap();
+    env.clients.sink.apply_ddl(user_events::CLICKHOUSE_DDL).await.unwrap();
+    let g = Guard::new(&env.clients, "user-events", handler.spec().id_strategy, GuardConfig::default()).unwrap();
     let breaker = env.clients.sink.breaker().clone();
 
     proxy.take_down().await;
     for i in 0..3 {
-        let r = g
-            .run_batch(
-                &handler,
-                &[user_event("user-events", 0, i, &format!("ch-{i}"), "u")],
-                None,
-            )
-            .await;
-        assert!(
-            matches!(
-                only(&r),
-                Outcome::Failed {
-                    kind: FailureKind::Unavailable,
-                    ..
-                }
-            ),
-            "{r:?}"
-        );
+        let r = g.run_batch(&handler, &[user_event("user-events", 0, i, &format!("ch-{i}"), "u")], None).await;
+        assert!(matches!(only(&r), Outcome::Failed { kind: FailureKind::Unavailable, .. }), "{r:?}");
     }
     assert_eq!(breaker.state(), BreakerState::Open);
 
     // Open: the handler fails fast, without touching the network.
     let attempts_before = proxy.connections.load(Ordering::SeqCst);
-    let r = g
-        .run_batch(
-            &handler,
-            &[user_event("user-events", 0, 3, "ch-3", "u")],
-            None,
-        )
-        .await;
+    let r = g.run_batch(&handler, &[user_event("user-events", 0, 3, "ch-3", "u")], None).await;
     match only(&r) {
-        Outcome::Failed {
-            kind: FailureKind::Unavailable,
-            error,
-            ..
-        } => assert!(error.contains("circuit breaker is open"), "{error}"),
+        Outcome::Failed { kind: FailureKind::Unavailable, error, .. } => {
+            assert!(error.contains("circuit breaker is open"), "{error}")
+        }
         other => panic!("expected fail-fast, got {other:?}"),
     }
     assert_eq!(proxy.connections.load(Ordering::SeqCst), attempts_before);
@@ -765,35 +474,17 @@ async fn clickhouse_breaker_fails_fast_confirms_nothing_and_recovers_through_hal
         0,
         "nothing confirmed while ClickHouse is down"
     );
-    assert_eq!(
-        env.count("SELECT count(*) FROM event_attempts").await,
-        0,
-        "an outage does not count against events"
-    );
+    assert_eq!(env.count("SELECT count(*) FROM event_attempts").await, 0, "an outage does not count against events");
 
     // Recovery: after the open time, three successful probes close it.
     proxy.bring_up();
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(breaker.state(), BreakerState::HalfOpen);
     for i in 0..3 {
-        let r = g
-            .run_batch(
-                &handler,
-                &[user_event("user-events", 0, i, &format!("ch-{i}"), "u")],
-                None,
-            )
-            .await;
+        let r = g.run_batch(&handler, &[user_event("user-events", 0, i, &format!("ch-{i}"), "u")], None).await;
         assert_eq!(only(&r), &Outcome::Processed);
-        let expected = if i < 2 {
-            BreakerState::HalfOpen
-        } else {
-            BreakerState::Closed
-        };
+        let expected = if i < 2 { BreakerState::HalfOpen } else { BreakerState::Closed };
         assert_eq!(breaker.state(), expected, "after probe {i}");
     }
-    assert_eq!(
-        env.clickhouse_count("SELECT count() FROM user_events FINAL")
-            .await,
-        3
-    );
+    assert_eq!(env.clickhouse_count("SELECT count() FROM user_events FINAL").await, 3);
 }

@@ -87,10 +87,7 @@ pub struct CircuitBreaker {
 
 impl fmt::Debug for CircuitBreaker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CircuitBreaker")
-            .field("dependency", &self.dependency)
-            .field("state", &self.state())
-            .finish()
+        f.debug_struct("CircuitBreaker").field("dependency", &self.dependency).field("state", &self.state()).finish()
     }
 }
 
@@ -127,10 +124,7 @@ impl Drop for Permit<'_> {
 
 impl CircuitBreaker {
     pub fn new(dependency: &'static str, config: BreakerConfig) -> Self {
-        metrics()
-            .breaker_state
-            .with_label_values(&[dependency])
-            .set(0);
+        metrics().breaker_state.with_label_values(&[dependency]).set(0);
         Self {
             dependency,
             config,
@@ -163,9 +157,7 @@ impl CircuitBreaker {
     pub fn state(&self) -> BreakerState {
         let inner = self.lock();
         match inner.state {
-            BreakerState::Open if inner.opened_at.elapsed() >= self.config.open_for => {
-                BreakerState::HalfOpen
-            }
+            BreakerState::Open if inner.opened_at.elapsed() >= self.config.open_for => BreakerState::HalfOpen,
             s => s,
         }
     }
@@ -174,11 +166,7 @@ impl CircuitBreaker {
     pub fn retry_in(&self) -> Option<Duration> {
         let inner = self.lock();
         match inner.state {
-            BreakerState::Open => Some(
-                self.config
-                    .open_for
-                    .saturating_sub(inner.opened_at.elapsed()),
-            ),
+            BreakerState::Open => Some(self.config.open_for.saturating_sub(inner.opened_at.elapsed())),
             _ => None,
         }
     }
@@ -189,33 +177,19 @@ impl CircuitBreaker {
         if inner.state == BreakerState::Open {
             let elapsed = inner.opened_at.elapsed();
             if elapsed < self.config.open_for {
-                return Err(BreakerOpen {
-                    dependency: self.dependency,
-                    retry_in: self.config.open_for - elapsed,
-                });
+                return Err(BreakerOpen { dependency: self.dependency, retry_in: self.config.open_for - elapsed });
             }
             inner.probes_in_flight = 0;
             inner.probe_successes = 0;
             self.transition(&mut inner, BreakerState::HalfOpen);
         }
         match inner.state {
-            BreakerState::Closed => Ok(Permit {
-                breaker: self,
-                probe: false,
-                reported: false,
-            }),
+            BreakerState::Closed => Ok(Permit { breaker: self, probe: false, reported: false }),
             BreakerState::HalfOpen if inner.probes_in_flight < self.config.half_open_max_calls => {
                 inner.probes_in_flight += 1;
-                Ok(Permit {
-                    breaker: self,
-                    probe: true,
-                    reported: false,
-                })
+                Ok(Permit { breaker: self, probe: true, reported: false })
             }
-            _ => Err(BreakerOpen {
-                dependency: self.dependency,
-                retry_in: Duration::ZERO,
-            }),
+            _ => Err(BreakerOpen { dependency: self.dependency, retry_in: Duration::ZERO }),
         }
     }
 
@@ -290,12 +264,8 @@ impl CircuitBreaker {
         }
         inner.state = to;
         let m = metrics();
-        m.breaker_state
-            .with_label_values(&[self.dependency])
-            .set(to.gauge());
-        m.breaker_transitions
-            .with_label_values(&[self.dependency, to.as_str()])
-            .inc();
+        m.breaker_state.with_label_values(&[self.dependency]).set(to.gauge());
+        m.breaker_transitions.with_label_values(&[self.dependency, to.as_str()]).inc();
         match to {
             BreakerState::Open => tracing::warn!(
                 dependency = self.dependency,
@@ -357,10 +327,7 @@ mod tests {
             Err(BreakerError::Open(open)) => assert_eq!(open.retry_in, Duration::from_secs(30)),
             other => panic!("expected fail-fast, got {other:?}"),
         }
-        assert!(
-            !called.load(std::sync::atomic::Ordering::SeqCst),
-            "an open breaker must not call through"
-        );
+        assert!(!called.load(std::sync::atomic::Ordering::SeqCst), "an open breaker must not call through");
     }
 
     #[tokio::test(start_paused = true)]
@@ -386,11 +353,7 @@ mod tests {
         assert_eq!(b.state(), BreakerState::HalfOpen);
         succeed(&b).await.unwrap();
         succeed(&b).await.unwrap();
-        assert_eq!(
-            b.state(),
-            BreakerState::HalfOpen,
-            "two successes are not enough"
-        );
+        assert_eq!(b.state(), BreakerState::HalfOpen, "two successes are not enough");
         succeed(&b).await.unwrap();
         assert_eq!(b.state(), BreakerState::Closed);
     }
@@ -438,12 +401,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn state_is_exported_as_a_metric() {
         let b = CircuitBreaker::new("test-metric", cfg(1, 15, 1, 1));
-        let gauge = || {
-            metrics()
-                .breaker_state
-                .with_label_values(&["test-metric"])
-                .get()
-        };
+        let gauge = || metrics().breaker_state.with_label_values(&["test-metric"]).get();
         assert_eq!(gauge(), 0);
         fail(&b).await.unwrap_err();
         assert_eq!(gauge(), 2);

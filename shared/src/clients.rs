@@ -45,12 +45,6 @@ impl Clients {
         postgres::migrate(&pg, &config.postgres).await?;
         let leases = Leases::connect(&config.redis, redis_breaker).await?;
         let sink = ClickHouseSink::connect(&config.clickhouse, clickhouse_breaker).await?;
-        Ok(Self {
-            config: Arc::new(config),
-            pg,
-            leases: Arc::new(leases),
-            sink: Arc::new(sink),
-            kafka_breaker,
-        })
+        Ok(Self { config: Arc::new(config), pg, leases: Arc::new(leases), sink: Arc::new(sink), kafka_breaker })
     }
 }

@@ -21,27 +21,25 @@ pub struct Var {
 }
 
 const fn var(name: &'static str, default: &'static str, doc: &'static str) -> Var {
-    Var {
-        name,
-        default,
-        secret: false,
-        doc,
-    }
+    Var { name, default, secret: false, doc }
 }
 
 const fn secret(name: &'static str, default: &'static str, doc: &'static str) -> Var {
-    Var {
-        name,
-        default,
-        secret: true,
-        doc,
-    }
+    Var { name, default, secret: true, doc }
 }
 
 /// Every variable the library reads, with its default. The README table mirrors this.
 pub const VARIABLES: &[Var] = &[
-    secret("DATABASE_URL", "postgres://exactly_once:exactly_once@127.0.0.1:5432/exactly_once", "Postgres connection URL (truth: `processed_events`, dead letters, handler effects)."),
-    var("DATABASE_SCHEMA", "", "Postgres schema for the project's tables; empty means the server's default `search_path`. Created if missing."),
+    secret(
+        "DATABASE_URL",
+        "postgres://exactly_once:exactly_once@127.0.0.1:5432/exactly_once",
+        "Postgres connection URL (truth: `processed_events`, dead letters, handler effects).",
+    ),
+    var(
+        "DATABASE_SCHEMA",
+        "",
+        "Postgres schema for the project's tables; empty means the server's default `search_path`. Created if missing.",
+    ),
     var("DATABASE_MAX_CONNECTIONS", "10", "Postgres pool size."),
     var("DATABASE_CONNECT_TIMEOUT_MS", "5000", "How long to wait for a Postgres connection before failing."),
     secret("REDIS_URL", "redis://127.0.0.1:6379", "Redis URL for leases and done markers."),
@@ -53,9 +51,17 @@ pub const VARIABLES: &[Var] = &[
     var("CLICKHOUSE_USER", "default", "ClickHouse user."),
     secret("CLICKHOUSE_PASSWORD", "", "ClickHouse password."),
     var("CLICKHOUSE_TIMEOUT_MS", "10000", "Timeout of one ClickHouse insert."),
-    var("GUARD_LEASE_TTL_MS", "30000", "Lease TTL; capped by the caller's deadline (on Lambda, the invocation's remaining time)."),
+    var(
+        "GUARD_LEASE_TTL_MS",
+        "30000",
+        "Lease TTL; capped by the caller's deadline (on Lambda, the invocation's remaining time).",
+    ),
     var("GUARD_DONE_TTL_SECS", "86400", "How long Redis remembers a confirmed id (the done marker)."),
-    var("KAFKA_DEDUP_TTL_SECONDS", "3600", "How long the in-process cache remembers a confirmed id; 0 disables the cache."),
+    var(
+        "KAFKA_DEDUP_TTL_SECONDS",
+        "3600",
+        "How long the in-process cache remembers a confirmed id; 0 disables the cache.",
+    ),
     var("GUARD_LOCAL_CACHE_MAX_BYTES", "67108864", "Memory bound of the in-process cache of confirmed ids (64 MiB)."),
     var("GUARD_MAX_ATTEMPTS", "5", "Failed attempts before an event is dead-lettered."),
     var("CLICKHOUSE_BREAKER_FAILURES", "3", "Consecutive ClickHouse failures that open its breaker."),
@@ -70,6 +76,58 @@ pub const VARIABLES: &[Var] = &[
     var("REDIS_BREAKER_OPEN_SECS", "15", "How long the Redis breaker stays open before a probe."),
     var("REDIS_BREAKER_SUCCESSES", "2", "Successful probes that close the Redis breaker."),
     var("REDIS_BREAKER_PROBES", "1", "Concurrent probe calls allowed while the Redis breaker is half-open."),
+    var("KAFKA_BROKERS", "127.0.0.1:9092", "Worker: Kafka bootstrap servers."),
+    var("KAFKA_GROUP_ID", "exactly-once", "Worker: consumer group id."),
+    var(
+        "KAFKA_TOPIC_PREFIX",
+        "",
+        "Worker: prefix added to every function's topic names (isolates environments and tests).",
+    ),
+    var("KAFKA_SESSION_TIMEOUT_MS", "10000", "Worker: consumer group session timeout."),
+    var(
+        "KAFKA_CREATE_TOPICS",
+        "false",
+        "Worker: create missing topics at start (local use; `scripts/run.sh` turns it on).",
+    ),
+    var("KAFKA_TOPIC_PARTITIONS", "3", "Worker: partitions of topics it creates."),
+    var("WORKER_BATCH_SIZE", "500", "Worker: most records of one partition guarded as one batch."),
+    var(
+        "MAX_IN_FLIGHT_MESSAGES",
+        "1000",
+        "Worker: records received but not yet finished, across all partitions (seed 004).",
+    ),
+    var(
+        "WORKER_RETRY_BACKOFF_MS",
+        "200",
+        "Worker: first wait before retrying an unfinished record; doubles up to 5 s.",
+    ),
+    var("WORKER_SHUTDOWN_TIMEOUT_SECS", "30", "Worker: how long a graceful shutdown waits for in-flight batches."),
+    var(
+        "HTTP_BIND",
+        "127.0.0.1:8080",
+        "Worker: address of the HTTP server (`/healthz`, `/readyz`, `/metrics`, `POST /invoke/{function}`).",
+    ),
+    secret(
+        "INVOKE_TOKEN",
+        "",
+        "Bearer token required by `POST /invoke/{function}`; mandatory when `HTTP_BIND` is not a loopback address.",
+    ),
+    var(
+        "HTTP_MAX_BODY_BYTES",
+        "6291456",
+        "Largest request body the HTTP server accepts (6 MiB, Lambda's payload limit).",
+    ),
+    var(
+        "STARTUP_TIMEOUT_SECS",
+        "30",
+        "How long start-up waits for Postgres, Redis, ClickHouse and Kafka before giving up.",
+    ),
+    var(
+        "LAMBDA_REPORT_BATCH_ITEM_FAILURES",
+        "false",
+        "Lambda: answer a partly failed batch with `batchItemFailures` instead of an error (opt-in; see the README).",
+    ),
+    var("LOG_FORMAT", "text", "`text` or `json`; Lambda always logs JSON."),
 ];
 
 /// Where values come from: the process environment, or a map in tests.
@@ -101,11 +159,7 @@ impl Env for HashMap<&str, &str> {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{var}={shown}: {reason}")]
-    Invalid {
-        var: &'static str,
-        shown: String,
-        reason: String,
-    },
+    Invalid { var: &'static str, shown: String, reason: String },
 }
 
 impl ConfigError {
@@ -133,11 +187,7 @@ where
     let raw = env.get(v.name).unwrap_or_else(|| v.default.to_owned());
     raw.trim().parse::<T>().map_err(|e| ConfigError::Invalid {
         var: v.name,
-        shown: if v.secret {
-            "<hidden>".into()
-        } else {
-            format!("{raw:?}")
-        },
+        shown: if v.secret { "<hidden>".into() } else { format!("{raw:?}") },
         reason: e.to_string(),
     })
 }
@@ -250,8 +300,7 @@ pub fn is_identifier(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.starts_with(|c: char| c.is_ascii_lowercase())
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
 #[derive(Debug, Clone)]
@@ -386,6 +435,111 @@ impl Default for BreakersConfig {
     }
 }
 
+/// The worker's Kafka consumer.
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub group_id: String,
+    pub topic_prefix: String,
+    pub session_timeout: Duration,
+    pub create_topics: bool,
+    pub topic_partitions: i32,
+}
+
+impl KafkaConfig {
+    pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
+        Ok(Self {
+            brokers: read(env, "KAFKA_BROKERS")?,
+            group_id: read(env, "KAFKA_GROUP_ID")?,
+            topic_prefix: read(env, "KAFKA_TOPIC_PREFIX")?,
+            session_timeout: millis(env, "KAFKA_SESSION_TIMEOUT_MS")?,
+            create_topics: read(env, "KAFKA_CREATE_TOPICS")?,
+            topic_partitions: positive(env, "KAFKA_TOPIC_PARTITIONS")?,
+        })
+    }
+
+    /// The topic a function's `topic` is read from.
+    pub fn topic(&self, topic: &str) -> String {
+        format!("{}{}", self.topic_prefix, topic)
+    }
+}
+
+/// How the worker schedules records.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub batch_size: usize,
+    pub max_in_flight: usize,
+    pub retry_backoff: Duration,
+    pub retry_backoff_max: Duration,
+    pub shutdown_timeout: Duration,
+}
+
+impl WorkerConfig {
+    pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
+        Ok(Self {
+            batch_size: positive(env, "WORKER_BATCH_SIZE")?,
+            max_in_flight: positive(env, "MAX_IN_FLIGHT_MESSAGES")?,
+            retry_backoff: millis(env, "WORKER_RETRY_BACKOFF_MS")?,
+            retry_backoff_max: Duration::from_secs(5),
+            shutdown_timeout: secs(env, "WORKER_SHUTDOWN_TIMEOUT_SECS")?,
+        })
+    }
+}
+
+/// The worker's HTTP server.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    pub bind: std::net::SocketAddr,
+    pub invoke_token: Option<Secret>,
+    pub max_body_bytes: usize,
+}
+
+impl HttpConfig {
+    pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
+        let bind: std::net::SocketAddr = read(env, "HTTP_BIND")?;
+        let token: String = read(env, "INVOKE_TOKEN")?;
+        let invoke_token = (!token.is_empty()).then(|| Secret::new(token));
+        if !bind.ip().is_loopback() && invoke_token.is_none() {
+            return Err(ConfigError::Invalid {
+                var: "HTTP_BIND",
+                shown: format!("{bind}"),
+                reason: "not a loopback address: set INVOKE_TOKEN so POST /invoke is not open to the network".into(),
+            });
+        }
+        Ok(Self { bind, invoke_token, max_body_bytes: positive(env, "HTTP_MAX_BODY_BYTES")? })
+    }
+}
+
+/// How start-up and the process behave, whatever the runtime.
+#[derive(Debug, Clone)]
+pub struct ProcessConfig {
+    pub startup_timeout: Duration,
+    pub report_batch_item_failures: bool,
+    pub log_json: bool,
+}
+
+impl ProcessConfig {
+    pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
+        let format: String = read(env, "LOG_FORMAT")?;
+        let log_json = match format.as_str() {
+            "json" => true,
+            "text" => false,
+            other => {
+                return Err(ConfigError::Invalid {
+                    var: "LOG_FORMAT",
+                    shown: format!("{other:?}"),
+                    reason: "use `text` or `json`".into(),
+                })
+            }
+        };
+        Ok(Self {
+            startup_timeout: secs(env, "STARTUP_TIMEOUT_SECS")?,
+            report_batch_item_failures: read(env, "LAMBDA_REPORT_BATCH_ITEM_FAILURES")?,
+            log_json,
+        })
+    }
+}
+
 /// Everything the library needs to build its clients.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -425,39 +579,18 @@ mod tests {
     fn defaults_match_the_seed_breaker_thresholds() {
         let b = BreakersConfig::default();
         assert_eq!(
-            (
-                b.clickhouse.failure_threshold,
-                b.clickhouse.open_for.as_secs(),
-                b.clickhouse.success_threshold
-            ),
+            (b.clickhouse.failure_threshold, b.clickhouse.open_for.as_secs(), b.clickhouse.success_threshold),
             (3, 30, 3)
         );
-        assert_eq!(
-            (
-                b.kafka.failure_threshold,
-                b.kafka.open_for.as_secs(),
-                b.kafka.success_threshold
-            ),
-            (2, 60, 3)
-        );
-        assert_eq!(
-            (
-                b.redis.failure_threshold,
-                b.redis.open_for.as_secs(),
-                b.redis.success_threshold
-            ),
-            (5, 15, 2)
-        );
+        assert_eq!((b.kafka.failure_threshold, b.kafka.open_for.as_secs(), b.kafka.success_threshold), (2, 60, 3));
+        assert_eq!((b.redis.failure_threshold, b.redis.open_for.as_secs(), b.redis.success_threshold), (5, 15, 2));
     }
 
     #[test]
     fn invalid_value_names_the_variable() {
         let err = GuardConfig::from_env(&env(&[("GUARD_LEASE_TTL_MS", "soon")])).unwrap_err();
         assert_eq!(err.variable(), "GUARD_LEASE_TTL_MS");
-        assert!(
-            err.to_string().contains("GUARD_LEASE_TTL_MS=\"soon\""),
-            "{err}"
-        );
+        assert!(err.to_string().contains("GUARD_LEASE_TTL_MS=\"soon\""), "{err}");
         let zero = GuardConfig::from_env(&env(&[("GUARD_MAX_ATTEMPTS", "0")])).unwrap_err();
         assert!(zero.to_string().contains("greater than zero"), "{zero}");
     }
@@ -466,26 +599,15 @@ mod tests {
     fn secret_values_are_not_echoed_in_errors() {
         // A URL is a plain string, so only a non-string secret could fail to parse;
         // the redaction flag is what matters, check it directly.
-        assert!(
-            lookup("DATABASE_URL").secret
-                && lookup("CLICKHOUSE_PASSWORD").secret
-                && lookup("REDIS_URL").secret
-        );
-        let c = PostgresConfig::from_env(&env(&[("DATABASE_URL", "postgres://u:hunter2@h/db")]))
-            .unwrap();
+        assert!(lookup("DATABASE_URL").secret && lookup("CLICKHOUSE_PASSWORD").secret && lookup("REDIS_URL").secret);
+        let c = PostgresConfig::from_env(&env(&[("DATABASE_URL", "postgres://u:hunter2@h/db")])).unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
     }
 
     #[test]
     fn redact_url_hides_passwords_and_queries() {
-        assert_eq!(
-            redact_url("postgres://u:pw@h:5432/db?sslmode=x&password=pw"),
-            "postgres://u:***@h:5432/db"
-        );
-        assert_eq!(
-            redact_url("redis://127.0.0.1:6379"),
-            "redis://127.0.0.1:6379"
-        );
+        assert_eq!(redact_url("postgres://u:pw@h:5432/db?sslmode=x&password=pw"), "postgres://u:***@h:5432/db");
+        assert_eq!(redact_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
         assert_eq!(redact_url("redis://:pw@h:6379/0"), "redis://:***@h:6379/0");
         assert_eq!(redact_url("garbage"), "<unparsable url>");
     }
@@ -494,10 +616,7 @@ mod tests {
     fn schema_and_database_names_are_validated() {
         assert!(PostgresConfig::from_env(&env(&[("DATABASE_SCHEMA", "a;drop")])).is_err());
         assert_eq!(
-            PostgresConfig::from_env(&env(&[("DATABASE_SCHEMA", "t_1")]))
-                .unwrap()
-                .schema
-                .as_deref(),
+            PostgresConfig::from_env(&env(&[("DATABASE_SCHEMA", "t_1")])).unwrap().schema.as_deref(),
             Some("t_1")
         );
         assert!(ClickHouseConfig::from_env(&env(&[("CLICKHOUSE_DATABASE", "x`y")])).is_err());

@@ -30,15 +30,7 @@ pub struct Header {
 impl Event {
     /// A record with only the fields every record has; builders fill in the rest.
     pub fn new(topic: impl Into<String>, partition: i32, offset: i64) -> Self {
-        Self {
-            topic: topic.into(),
-            partition,
-            offset,
-            timestamp_ms: None,
-            key: None,
-            headers: Vec::new(),
-            value: None,
-        }
+        Self { topic: topic.into(), partition, offset, timestamp_ms: None, key: None, headers: Vec::new(), value: None }
     }
 
     pub fn with_value(mut self, value: impl Into<Bytes>) -> Self {
@@ -52,10 +44,7 @@ impl Event {
     }
 
     pub fn with_header(mut self, name: impl Into<String>, value: impl Into<Bytes>) -> Self {
-        self.headers.push(Header {
-            name: name.into(),
-            value: Some(value.into()),
-        });
+        self.headers.push(Header { name: name.into(), value: Some(value.into()) });
         self
     }
 
@@ -109,5 +98,28 @@ impl PayloadHash {
 impl std::fmt::Debug for PayloadHash {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "PayloadHash({})", &self.to_hex()[..12])
+    }
+}
+
+/// A record as a runtime received it: decoded, or not decodable (bad base64, an
+/// oversized value). An undecodable record keeps what could be read of it so its dead
+/// letter can be inspected and replayed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    Ok(Event),
+    Invalid { event: Event, reason: &'static str, error: String },
+}
+
+impl Record {
+    pub fn event(&self) -> &Event {
+        match self {
+            Record::Ok(e) | Record::Invalid { event: e, .. } => e,
+        }
+    }
+}
+
+impl From<Event> for Record {
+    fn from(e: Event) -> Self {
+        Record::Ok(e)
     }
 }

@@ -33,10 +33,7 @@ impl EventId {
             return Err(IdError::Empty);
         }
         if raw.len() > Self::MAX_LEN || raw.chars().any(char::is_control) {
-            return Ok(Self(format!(
-                "sha256:{}",
-                hex::encode(Sha256::digest(raw.as_bytes()))
-            )));
+            return Ok(Self(format!("sha256:{}", hex::encode(Sha256::digest(raw.as_bytes())))));
         }
         Ok(Self(raw))
     }
@@ -70,9 +67,7 @@ impl Namespace {
         let valid = !name.is_empty()
             && name.len() <= 63
             && name.starts_with(|c: char| c.is_ascii_lowercase())
-            && name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+            && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
         if valid {
             Ok(Self(name))
         } else {
@@ -126,9 +121,7 @@ impl IdStrategy {
             chain.push(IdStrategy::PayloadField(f.to_owned()));
         }
         if let Some(c) = composite {
-            chain.push(IdStrategy::Composite(
-                c.iter().map(|s| (*s).to_owned()).collect(),
-            ));
+            chain.push(IdStrategy::Composite(c.iter().map(|s| (*s).to_owned()).collect()));
         }
         chain.push(IdStrategy::Offset);
         IdStrategy::FirstOf(chain)
@@ -143,26 +136,15 @@ impl IdStrategy {
     fn derive_with(&self, event: &Event, payload: &mut LazyJson) -> Result<EventId, IdError> {
         match self {
             IdStrategy::Header(name) => {
-                let header = event
-                    .header(name)
-                    .ok_or_else(|| IdError::MissingHeader(name.clone()))?;
-                let bytes = header
-                    .value
-                    .as_deref()
-                    .ok_or_else(|| IdError::MissingHeader(name.clone()))?;
-                let text =
-                    std::str::from_utf8(bytes).map_err(|_| IdError::HeaderNotUtf8(name.clone()))?;
+                let header = event.header(name).ok_or_else(|| IdError::MissingHeader(name.clone()))?;
+                let bytes = header.value.as_deref().ok_or_else(|| IdError::MissingHeader(name.clone()))?;
+                let text = std::str::from_utf8(bytes).map_err(|_| IdError::HeaderNotUtf8(name.clone()))?;
                 EventId::new(text.trim())
             }
-            IdStrategy::PayloadField(pointer) => {
-                EventId::new(field_text(payload.get(event)?, pointer)?)
-            }
+            IdStrategy::PayloadField(pointer) => EventId::new(field_text(payload.get(event)?, pointer)?),
             IdStrategy::Composite(pointers) => {
                 let json = payload.get(event)?;
-                let parts = pointers
-                    .iter()
-                    .map(|p| field_text(json, p))
-                    .collect::<Result<Vec<_>, _>>()?;
+                let parts = pointers.iter().map(|p| field_text(json, p)).collect::<Result<Vec<_>, _>>()?;
                 EventId::new(parts.join(":"))
             }
             IdStrategy::Offset => EventId::new(event.position()),
@@ -194,9 +176,7 @@ impl LazyJson {
     fn get(&mut self, event: &Event) -> Result<&Value, IdError> {
         let parsed = self.0.get_or_insert_with(|| match &event.value {
             None => Err(IdError::MissingPayload),
-            Some(v) => {
-                serde_json::from_slice(v).map_err(|e| IdError::PayloadNotJson(e.to_string()))
-            }
+            Some(v) => serde_json::from_slice(v).map_err(|e| IdError::PayloadNotJson(e.to_string())),
         });
         parsed.as_ref().map_err(Clone::clone)
     }
@@ -263,136 +243,62 @@ mod tests {
     #[test]
     fn header_strategy_reads_utf8_header() {
         let e = json_event("{}").with_header("idempotency_key", "abc-1");
-        assert_eq!(
-            IdStrategy::Header("idempotency_key".into())
-                .derive(&e)
-                .unwrap()
-                .as_str(),
-            "abc-1"
-        );
+        assert_eq!(IdStrategy::Header("idempotency_key".into()).derive(&e).unwrap().as_str(), "abc-1");
     }
 
     #[test]
     fn header_strategy_rejects_missing_and_non_utf8() {
         let s = IdStrategy::Header("idempotency_key".into());
-        assert_eq!(
-            s.derive(&json_event("{}")),
-            Err(IdError::MissingHeader("idempotency_key".into()))
-        );
+        assert_eq!(s.derive(&json_event("{}")), Err(IdError::MissingHeader("idempotency_key".into())));
         let e = json_event("{}").with_header("idempotency_key", vec![0xff, 0xfe]);
-        assert_eq!(
-            s.derive(&e),
-            Err(IdError::HeaderNotUtf8("idempotency_key".into()))
-        );
+        assert_eq!(s.derive(&e), Err(IdError::HeaderNotUtf8("idempotency_key".into())));
     }
 
     #[test]
     fn payload_field_reads_strings_and_numbers() {
         let s = IdStrategy::PayloadField("/user/id".into());
-        assert_eq!(
-            s.derive(&json_event(r#"{"user":{"id":"u7"}}"#))
-                .unwrap()
-                .as_str(),
-            "u7"
-        );
-        assert_eq!(
-            s.derive(&json_event(r#"{"user":{"id":17}}"#))
-                .unwrap()
-                .as_str(),
-            "17"
-        );
-        assert_eq!(
-            s.derive(&json_event(r#"{"user":{}}"#)),
-            Err(IdError::MissingField("/user/id".into()))
-        );
-        assert_eq!(
-            s.derive(&json_event(r#"{"user":{"id":[1]}}"#)),
-            Err(IdError::FieldNotScalar("/user/id".into()))
-        );
-        assert!(matches!(
-            s.derive(&json_event("not json")),
-            Err(IdError::PayloadNotJson(_))
-        ));
-        assert_eq!(
-            s.derive(&Event::new("t", 0, 0)),
-            Err(IdError::MissingPayload)
-        );
+        assert_eq!(s.derive(&json_event(r#"{"user":{"id":"u7"}}"#)).unwrap().as_str(), "u7");
+        assert_eq!(s.derive(&json_event(r#"{"user":{"id":17}}"#)).unwrap().as_str(), "17");
+        assert_eq!(s.derive(&json_event(r#"{"user":{}}"#)), Err(IdError::MissingField("/user/id".into())));
+        assert_eq!(s.derive(&json_event(r#"{"user":{"id":[1]}}"#)), Err(IdError::FieldNotScalar("/user/id".into())));
+        assert!(matches!(s.derive(&json_event("not json")), Err(IdError::PayloadNotJson(_))));
+        assert_eq!(s.derive(&Event::new("t", 0, 0)), Err(IdError::MissingPayload));
     }
 
     #[test]
     fn composite_joins_fields_in_order() {
-        let s = IdStrategy::Composite(vec![
-            "/timestamp".into(),
-            "/distinct_id".into(),
-            "/token".into(),
-            "/event".into(),
-        ]);
-        let e = json_event(
-            r#"{"timestamp":1700000000,"distinct_id":"d1","token":"tk","event":"click"}"#,
-        );
+        let s =
+            IdStrategy::Composite(vec!["/timestamp".into(), "/distinct_id".into(), "/token".into(), "/event".into()]);
+        let e = json_event(r#"{"timestamp":1700000000,"distinct_id":"d1","token":"tk","event":"click"}"#);
         assert_eq!(s.derive(&e).unwrap().as_str(), "1700000000:d1:tk:click");
         let missing = json_event(r#"{"timestamp":1,"distinct_id":"d1","event":"click"}"#);
-        assert_eq!(
-            s.derive(&missing),
-            Err(IdError::MissingField("/token".into()))
-        );
+        assert_eq!(s.derive(&missing), Err(IdError::MissingField("/token".into())));
     }
 
     #[test]
     fn offset_strategy_uses_position() {
-        assert_eq!(
-            IdStrategy::Offset
-                .derive(&json_event("{}"))
-                .unwrap()
-                .as_str(),
-            "t-1-42"
-        );
+        assert_eq!(IdStrategy::Offset.derive(&json_event("{}")).unwrap().as_str(), "t-1-42");
     }
 
     #[test]
     fn content_hash_is_stable_and_payload_sensitive() {
-        let a = IdStrategy::ContentHash
-            .derive(&json_event(r#"{"a":1}"#))
-            .unwrap();
-        let b = IdStrategy::ContentHash
-            .derive(&Event::new("other", 9, 9).with_value(&b"{\"a\":1}"[..]))
-            .unwrap();
-        let c = IdStrategy::ContentHash
-            .derive(&json_event(r#"{"a":2}"#))
-            .unwrap();
+        let a = IdStrategy::ContentHash.derive(&json_event(r#"{"a":1}"#)).unwrap();
+        let b = IdStrategy::ContentHash.derive(&Event::new("other", 9, 9).with_value(&b"{\"a\":1}"[..])).unwrap();
+        let c = IdStrategy::ContentHash.derive(&json_event(r#"{"a":2}"#)).unwrap();
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert!(a.as_str().starts_with("sha256:"));
-        assert_eq!(
-            IdStrategy::ContentHash.derive(&Event::new("t", 0, 0)),
-            Err(IdError::MissingPayload)
-        );
+        assert_eq!(IdStrategy::ContentHash.derive(&Event::new("t", 0, 0)), Err(IdError::MissingPayload));
     }
 
     #[test]
     fn default_chain_prefers_header_then_field_then_composite_then_offset() {
         let chain = IdStrategy::default_chain(Some("/id"), Some(&["/a", "/b"]));
-        let both = json_event(r#"{"id":"from-field","a":1,"b":2}"#)
-            .with_header("idempotency_key", "from-header");
+        let both = json_event(r#"{"id":"from-field","a":1,"b":2}"#).with_header("idempotency_key", "from-header");
         assert_eq!(chain.derive(&both).unwrap().as_str(), "from-header");
-        assert_eq!(
-            chain
-                .derive(&json_event(r#"{"id":"from-field"}"#))
-                .unwrap()
-                .as_str(),
-            "from-field"
-        );
-        assert_eq!(
-            chain
-                .derive(&json_event(r#"{"a":1,"b":2}"#))
-                .unwrap()
-                .as_str(),
-            "1:2"
-        );
-        assert_eq!(
-            chain.derive(&json_event(r#"{"a":1}"#)).unwrap().as_str(),
-            "t-1-42"
-        );
+        assert_eq!(chain.derive(&json_event(r#"{"id":"from-field"}"#)).unwrap().as_str(), "from-field");
+        assert_eq!(chain.derive(&json_event(r#"{"a":1,"b":2}"#)).unwrap().as_str(), "1:2");
+        assert_eq!(chain.derive(&json_event(r#"{"a":1}"#)).unwrap().as_str(), "t-1-42");
     }
 
     #[test]
@@ -404,10 +310,7 @@ mod tests {
         let err = chain.derive(&json_event("{}")).unwrap_err();
         assert_eq!(err.reason(), "id_missing");
         let text = err.to_string();
-        assert!(
-            text.contains("idempotency_key") && text.contains("/id"),
-            "{text}"
-        );
+        assert!(text.contains("idempotency_key") && text.contains("/id"), "{text}");
     }
 
     #[test]
@@ -419,17 +322,8 @@ mod tests {
         let b = EventId::new(long_b).unwrap();
         assert!(a.as_str().starts_with("sha256:"));
         assert_ne!(a, b, "ids sharing a long prefix must not collide");
-        assert!(EventId::new("x\0y")
-            .unwrap()
-            .as_str()
-            .starts_with("sha256:"));
-        assert_eq!(
-            EventId::new("a".repeat(EventId::MAX_LEN))
-                .unwrap()
-                .as_str()
-                .len(),
-            EventId::MAX_LEN
-        );
+        assert!(EventId::new("x\0y").unwrap().as_str().starts_with("sha256:"));
+        assert_eq!(EventId::new("a".repeat(EventId::MAX_LEN)).unwrap().as_str().len(), EventId::MAX_LEN);
         assert_eq!(EventId::new(""), Err(IdError::Empty));
     }
 

@@ -27,8 +27,13 @@ pub struct FunctionSpec {
 pub trait Handler: Send + Sync + 'static {
     fn spec(&self) -> FunctionSpec;
 
-    async fn handle(&self, event: &Event, ctx: &mut HandlerContext<'_>)
-        -> Result<(), HandlerError>;
+    async fn handle(&self, event: &Event, ctx: &mut HandlerContext<'_>) -> Result<(), HandlerError>;
+
+    /// A valid sample payload (the `n`-th), for the producer command and tests.
+    fn sample(&self, n: u64) -> Option<Vec<u8>> {
+        let _ = n;
+        None
+    }
 }
 
 /// A handler's failure, classified.
@@ -39,10 +44,7 @@ pub enum HandlerError {
     Retryable(String),
     /// The event can never succeed (invalid payload). Dead-lettered at once with `reason`.
     #[error("{reason}: {message}")]
-    Permanent {
-        reason: &'static str,
-        message: String,
-    },
+    Permanent { reason: &'static str, message: String },
     /// A dependency is unavailable; retried later and not counted against the event.
     #[error("{0}")]
     Unavailable(String),
@@ -54,10 +56,7 @@ impl HandlerError {
     }
 
     pub fn permanent(reason: &'static str, e: impl std::fmt::Display) -> Self {
-        HandlerError::Permanent {
-            reason,
-            message: e.to_string(),
-        }
+        HandlerError::Permanent { reason, message: e.to_string() }
     }
 
     pub fn kind(&self) -> FailureKind {
@@ -72,10 +71,7 @@ impl HandlerError {
 impl From<SinkError> for HandlerError {
     fn from(e: SinkError) -> Self {
         match e {
-            SinkError::RowType(_) => HandlerError::Permanent {
-                reason: "row_type",
-                message: e.to_string(),
-            },
+            SinkError::RowType(_) => HandlerError::Permanent { reason: "row_type", message: e.to_string() },
             other => HandlerError::Unavailable(other.to_string()),
         }
     }
@@ -84,10 +80,9 @@ impl From<SinkError> for HandlerError {
 impl From<sqlx::Error> for HandlerError {
     fn from(e: sqlx::Error) -> Self {
         match &e {
-            sqlx::Error::Io(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::Tls(_) => HandlerError::Unavailable(format!("Postgres: {e}")),
+            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => {
+                HandlerError::Unavailable(format!("Postgres: {e}"))
+            }
             _ => HandlerError::Retryable(format!("Postgres: {e}")),
         }
     }
@@ -118,14 +113,7 @@ impl<'a> HandlerContext<'a> {
         conn: &'a mut PgConnection,
         sink: &'a ClickHouseSink,
     ) -> Self {
-        Self {
-            event_id,
-            namespace,
-            conn,
-            savepoint: false,
-            rows: SinkBatch::default(),
-            sink,
-        }
+        Self { event_id, namespace, conn, savepoint: false, rows: SinkBatch::default(), sink }
     }
 
     /// The stable id of this event: use it as the idempotency key of any effect outside
@@ -151,15 +139,9 @@ impl<'a> HandlerContext<'a> {
     }
 
     /// Stages a row for `table`. Fails fast when the ClickHouse breaker is open.
-    pub fn clickhouse<T: SinkRow>(
-        &mut self,
-        table: &'static str,
-        row: T,
-    ) -> Result<(), HandlerError> {
+    pub fn clickhouse<T: SinkRow>(&mut self, table: &'static str, row: T) -> Result<(), HandlerError> {
         self.sink.check_available()?;
-        self.rows
-            .push(table, row)
-            .map_err(|e| HandlerError::from(SinkError::from(e)))
+        self.rows.push(table, row).map_err(|e| HandlerError::from(SinkError::from(e)))
     }
 
     /// Ends the event's part of the transaction: keeps its statements when it succeeded,
@@ -168,19 +150,11 @@ impl<'a> HandlerContext<'a> {
     pub(crate) async fn finish(self, succeeded: bool) -> Result<(SinkBatch, bool), sqlx::Error> {
         if self.savepoint {
             if !succeeded {
-                sqlx::query("ROLLBACK TO SAVEPOINT eo_handler")
-                    .execute(&mut *self.conn)
-                    .await?;
+                sqlx::query("ROLLBACK TO SAVEPOINT eo_handler").execute(&mut *self.conn).await?;
             }
-            sqlx::query("RELEASE SAVEPOINT eo_handler")
-                .execute(&mut *self.conn)
-                .await?;
+            sqlx::query("RELEASE SAVEPOINT eo_handler").execute(&mut *self.conn).await?;
         }
-        let rows = if succeeded {
-            self.rows
-        } else {
-            SinkBatch::default()
-        };
+        let rows = if succeeded { self.rows } else { SinkBatch::default() };
         Ok((rows, self.savepoint))
     }
 }

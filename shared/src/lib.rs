@@ -19,12 +19,14 @@ pub mod handler;
 pub mod metrics;
 pub mod outcome;
 pub mod postgres;
+pub mod producer;
+pub mod runtime;
 pub mod sink;
 
 pub use breaker::{BreakerState, CircuitBreaker};
 pub use clients::{Clients, InitError};
 pub use config::Config;
-pub use event::{Event, Header, PayloadHash};
+pub use event::{Event, Header, PayloadHash, Record};
 pub use event_id::{EventId, IdError, IdStrategy, Namespace};
 pub use guard::Guard;
 pub use handler::{FunctionSpec, Handler, HandlerContext, HandlerError};

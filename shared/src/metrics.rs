@@ -6,7 +6,7 @@
 
 use std::sync::LazyLock;
 
-use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
 pub const EVENTS_PROCESSED: &str = "kafka_events_processed_total";
 pub const EVENTS_DUPLICATES: &str = "kafka_events_duplicates_total";
@@ -18,6 +18,7 @@ pub const PAYLOAD_MISMATCH: &str = "kafka_events_payload_mismatch_total";
 pub const BREAKER_STATE: &str = "circuit_breaker_state";
 pub const BREAKER_TRANSITIONS: &str = "circuit_breaker_transitions_total";
 pub const GUARD_ROUND_TRIPS: &str = "guard_round_trips_total";
+pub const WORKER_IN_FLIGHT: &str = "kafka_events_in_flight";
 
 pub struct Metrics {
     pub registry: Registry,
@@ -42,13 +43,13 @@ pub struct Metrics {
     pub breaker_transitions: IntCounterVec,
     /// `{function, store}`: round trips the guard made to Redis and Postgres.
     pub round_trips: IntCounterVec,
+    /// Records the worker has received and not yet finished.
+    pub worker_in_flight: IntGauge,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
-    registry
-        .register(Box::new(c.clone()))
-        .expect("metric registered once");
+    registry.register(Box::new(c.clone())).expect("metric registered once");
     c
 }
 
@@ -56,47 +57,31 @@ impl Metrics {
     fn new() -> Self {
         let registry = Registry::new();
         let breaker_state = IntGaugeVec::new(
-            Opts::new(
-                BREAKER_STATE,
-                "Circuit breaker state: 0 closed, 1 half-open, 2 open",
-            ),
+            Opts::new(BREAKER_STATE, "Circuit breaker state: 0 closed, 1 half-open, 2 open"),
             &["dependency"],
         )
         .expect("valid metric definition");
-        registry
-            .register(Box::new(breaker_state.clone()))
-            .expect("metric registered once");
+        registry.register(Box::new(breaker_state.clone())).expect("metric registered once");
+        let worker_in_flight = IntGauge::new(WORKER_IN_FLIGHT, "Records received by the worker and not yet finished")
+            .expect("valid metric");
+        registry.register(Box::new(worker_in_flight.clone())).expect("metric registered once");
         Self {
-            processed: counter(
-                &registry,
-                EVENTS_PROCESSED,
-                "Events handled and confirmed",
-                &["function"],
-            ),
+            worker_in_flight,
+            processed: counter(&registry, EVENTS_PROCESSED, "Events handled and confirmed", &["function"]),
             duplicates: counter(
                 &registry,
                 EVENTS_DUPLICATES,
                 "Duplicate events skipped, by the tier that caught them",
                 &["function", "tier"],
             ),
-            deduplicated: counter(
-                &registry,
-                EVENT_DEDUPLICATED,
-                "Duplicate events skipped",
-                &["function"],
-            ),
+            deduplicated: counter(&registry, EVENT_DEDUPLICATED, "Duplicate events skipped", &["function"]),
             lease_contention: counter(
                 &registry,
                 EVENTS_IN_FLIGHT_SKIPPED,
                 "Events leased by another consumer, left for a retry",
                 &["function"],
             ),
-            failed: counter(
-                &registry,
-                EVENTS_FAILED,
-                "Failed attempts, by kind",
-                &["function", "kind"],
-            ),
+            failed: counter(&registry, EVENTS_FAILED, "Failed attempts, by kind", &["function", "kind"]),
             dead_lettered: counter(
                 &registry,
                 EVENTS_DEAD_LETTERED,
@@ -115,12 +100,7 @@ impl Metrics {
                 "Circuit breaker state changes",
                 &["dependency", "to"],
             ),
-            round_trips: counter(
-                &registry,
-                GUARD_ROUND_TRIPS,
-                "Round trips made by the guard",
-                &["function", "store"],
-            ),
+            round_trips: counter(&registry, GUARD_ROUND_TRIPS, "Round trips made by the guard", &["function", "store"]),
             breaker_state,
             registry,
         }
@@ -129,9 +109,7 @@ impl Metrics {
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
-            .expect("text encoding of gathered metrics");
+        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding of gathered metrics");
         String::from_utf8(out).expect("prometheus text is UTF-8")
     }
 }

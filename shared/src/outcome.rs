@@ -60,18 +60,11 @@ pub enum Outcome {
     Processed,
     /// Confirmed before; skipped. `payload_mismatch`: the confirmed event's payload
     /// differs from this one's (flagged, not silently skipped).
-    Duplicate {
-        tier: DuplicateTier,
-        payload_mismatch: bool,
-    },
+    Duplicate { tier: DuplicateTier, payload_mismatch: bool },
     /// Someone else holds the lease; retry later, do not commit past it.
     InFlight,
     /// Not confirmed; retry later, do not commit past it.
-    Failed {
-        kind: FailureKind,
-        error: String,
-        attempts: Option<u32>,
-    },
+    Failed { kind: FailureKind, error: String, attempts: Option<u32> },
     /// Stored in the dead-letter table and confirmed as such.
     DeadLettered { reason: String },
 }
@@ -79,10 +72,7 @@ pub enum Outcome {
 impl Outcome {
     /// Processed, duplicate or dead-lettered: the offset may move past this event.
     pub fn is_finished(&self) -> bool {
-        matches!(
-            self,
-            Outcome::Processed | Outcome::Duplicate { .. } | Outcome::DeadLettered { .. }
-        )
+        matches!(self, Outcome::Processed | Outcome::Duplicate { .. } | Outcome::DeadLettered { .. })
     }
 
     pub fn label(&self) -> &'static str {
@@ -120,13 +110,7 @@ pub struct EventOutcome {
 
 impl EventOutcome {
     pub fn new(event: &Event, event_id: Option<EventId>, outcome: Outcome) -> Self {
-        Self {
-            topic: event.topic.clone(),
-            partition: event.partition,
-            offset: event.offset,
-            event_id,
-            outcome,
-        }
+        Self { topic: event.topic.clone(), partition: event.partition, offset: event.offset, event_id, outcome }
     }
 }
 
@@ -143,10 +127,7 @@ impl BatchReport {
     }
 
     pub fn count(&self, label: &str) -> usize {
-        self.outcomes
-            .iter()
-            .filter(|o| o.outcome.label() == label)
-            .count()
+        self.outcomes.iter().filter(|o| o.outcome.label() == label).count()
     }
 
     /// Records that must be retried.

@@ -25,10 +25,7 @@ pub enum PostgresError {
 fn options(config: &PostgresConfig) -> Result<PgConnectOptions, PostgresError> {
     let url = redact_url(config.url.expose());
     let opts = PgConnectOptions::from_str(config.url.expose())
-        .map_err(|e| PostgresError::BadUrl {
-            url,
-            message: e.to_string(),
-        })?
+        .map_err(|e| PostgresError::BadUrl { url, message: e.to_string() })?
         // Statement logging would print parameters (payloads) at info level.
         .disable_statement_logging();
     Ok(match &config.schema {
@@ -41,19 +38,13 @@ fn options(config: &PostgresConfig) -> Result<PgConnectOptions, PostgresError> {
 /// that says which database and how to fix it.
 pub async fn connect(config: &PostgresConfig) -> Result<PgPool, PostgresError> {
     let url = redact_url(config.url.expose());
-    let unreachable = |e: sqlx::Error| PostgresError::Unreachable {
-        url: url.clone(),
-        message: e.to_string(),
-    };
+    let unreachable = |e: sqlx::Error| PostgresError::Unreachable { url: url.clone(), message: e.to_string() };
     let opts = options(config)?;
     if let Some(schema) = &config.schema {
         // The schema name was validated as a plain identifier by the config loader.
         let mut conn = tokio::time::timeout(config.connect_timeout, opts.connect())
             .await
-            .map_err(|_| PostgresError::Unreachable {
-                url: url.clone(),
-                message: "connect timed out".into(),
-            })?
+            .map_err(|_| PostgresError::Unreachable { url: url.clone(), message: "connect timed out".into() })?
             .map_err(unreachable)?;
         sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
             .execute(&mut conn)
@@ -75,8 +66,5 @@ pub async fn migrate(pool: &PgPool, config: &PostgresConfig) -> Result<(), Postg
     MIGRATOR
         .run(pool)
         .await
-        .map_err(|e| PostgresError::Migrate {
-            url: redact_url(config.url.expose()),
-            message: e.to_string(),
-        })
+        .map_err(|e| PostgresError::Migrate { url: redact_url(config.url.expose()), message: e.to_string() })
 }

@@ -10,10 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// A unique, identifier-safe suffix.
 pub fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}_{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    )
+    format!("{prefix}_{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
 }
 
 /// One test's isolated slice of the real services.
@@ -43,9 +40,9 @@ impl TestEnv {
         // elsewhere (a proxy that dies with the test's runtime).
         let cleanup = config.clone();
         tweak(&mut config);
-        let clients = Clients::connect(config.clone()).await.unwrap_or_else(|e| {
-            panic!("test services unreachable ({e}); run scripts/services.sh first")
-        });
+        let clients = Clients::connect(config.clone())
+            .await
+            .unwrap_or_else(|e| panic!("test services unreachable ({e}); run scripts/services.sh first"));
         Self {
             clients,
             config: cleanup,
@@ -60,21 +57,12 @@ impl TestEnv {
     }
 
     pub async fn redis(&self) -> deadpool_redis::Connection {
-        self.clients
-            .leases
-            .pool()
-            .get()
-            .await
-            .expect("redis connection")
+        self.clients.leases.pool().get().await.expect("redis connection")
     }
 
     pub async fn redis_exists(&self, key: &str) -> bool {
         let mut c = self.redis().await;
-        let n: i64 = redis::cmd("EXISTS")
-            .arg(key)
-            .query_async(&mut c)
-            .await
-            .expect("EXISTS");
+        let n: i64 = redis::cmd("EXISTS").arg(key).query_async(&mut c).await.expect("EXISTS");
         n == 1
     }
 
@@ -84,35 +72,18 @@ impl TestEnv {
     }
 
     pub async fn count(&self, sql: &str) -> i64 {
-        sqlx::query_scalar(sql)
-            .fetch_one(self.pg())
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        sqlx::query_scalar(sql).fetch_one(self.pg()).await.unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
     pub async fn clickhouse_count(&self, sql: &str) -> u64 {
-        self.clients
-            .sink
-            .client()
-            .query(sql)
-            .fetch_one::<u64>()
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        self.clients.sink.client().query(sql).fetch_one::<u64>().await.unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 }
 
 async fn flush_prefix(conn: &mut impl redis::aio::ConnectionLike, prefix: &str) {
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:*"))
-        .query_async(conn)
-        .await
-        .expect("KEYS");
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(conn).await.expect("KEYS");
     if !keys.is_empty() {
-        let _: i64 = redis::cmd("DEL")
-            .arg(&keys)
-            .query_async(conn)
-            .await
-            .expect("DEL");
+        let _: i64 = redis::cmd("DEL").arg(&keys).query_async(conn).await.expect("DEL");
     }
 }
 
@@ -121,23 +92,13 @@ impl Drop for TestEnv {
         // Async cleanup from a sync Drop, so it also runs when the test panicked: fresh
         // connections on a fresh runtime (the test's pools are bound to its runtime).
         let config = self.config.clone();
-        let (schema, db, prefix) = (
-            self.schema.clone(),
-            self.clickhouse_db.clone(),
-            self.key_prefix.clone(),
-        );
+        let (schema, db, prefix) = (self.schema.clone(), self.clickhouse_db.clone(), self.key_prefix.clone());
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
             let work = async move {
                 use sqlx::Connection;
-                if let Ok(mut pg) = sqlx::PgConnection::connect(config.postgres.url.expose()).await
-                {
-                    let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-                        .execute(&mut pg)
-                        .await;
+                if let Ok(mut pg) = sqlx::PgConnection::connect(config.postgres.url.expose()).await {
+                    let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE")).execute(&mut pg).await;
                 }
                 let ch = exactly_once::clickhouse::Client::default()
                     .with_url(&config.clickhouse.url)
@@ -145,19 +106,14 @@ impl Drop for TestEnv {
                     .with_password(config.clickhouse.password.expose())
                     .with_validation(false)
                     .with_compression(exactly_once::clickhouse::Compression::None);
-                let _ = ch
-                    .query(&format!("DROP DATABASE IF EXISTS {db}"))
-                    .execute()
-                    .await;
+                let _ = ch.query(&format!("DROP DATABASE IF EXISTS {db}")).execute().await;
                 if let Ok(client) = redis::Client::open(config.redis.url.expose()) {
                     if let Ok(mut c) = client.get_multiplexed_async_connection().await {
                         flush_prefix(&mut c, &prefix).await;
                     }
                 }
             };
-            let _ = rt.block_on(async {
-                tokio::time::timeout(std::time::Duration::from_secs(10), work).await
-            });
+            let _ = rt.block_on(async { tokio::time::timeout(std::time::Duration::from_secs(10), work).await });
         })
         .join();
     }
@@ -167,7 +123,9 @@ impl Drop for TestEnv {
 pub fn user_event(topic: &str, partition: i32, offset: i64, id: &str, user: &str) -> Event {
     Event::new(topic, partition, offset)
         .with_header("idempotency_key", id.to_owned())
-        .with_value(serde_json::json!({"user_id": user, "type": "created", "email": format!("{user}@example.com")}).to_string())
+        .with_value(
+            serde_json::json!({"user_id": user, "type": "created", "email": format!("{user}@example.com")}).to_string(),
+        )
         .with_timestamp_ms(1_700_000_000_000)
 }
 
@@ -191,8 +149,7 @@ impl ToggleProxy {
         let active = Arc::new(AtomicU64::new(0));
         let connections = Arc::new(AtomicU64::new(0));
         let target = target.to_owned();
-        let (up2, cut2, active2, conns2) =
-            (up.clone(), cut.clone(), active.clone(), connections.clone());
+        let (up2, cut2, active2, conns2) = (up.clone(), cut.clone(), active.clone(), connections.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((mut inbound, _)) = listener.accept().await else {
@@ -219,13 +176,7 @@ impl ToggleProxy {
                 });
             }
         });
-        Self {
-            addr,
-            up,
-            cut,
-            active,
-            connections,
-        }
+        Self { addr, up, cut, active, connections }
     }
 
     pub fn url(&self) -> String {

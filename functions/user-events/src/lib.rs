@@ -6,9 +6,7 @@
 //! `idempotency_key` header, else the payload's `event_id`, else the record position.
 
 use exactly_once::clickhouse::Row;
-use exactly_once::{
-    async_trait, Event, FunctionSpec, Handler, HandlerContext, HandlerError, IdStrategy,
-};
+use exactly_once::{async_trait, Event, FunctionSpec, Handler, HandlerContext, HandlerError, IdStrategy};
 use serde::{Deserialize, Serialize};
 use serde_repr::Serialize_repr;
 
@@ -71,26 +69,13 @@ impl Handler for UserEvents {
         }
     }
 
-    async fn handle(
-        &self,
-        event: &Event,
-        ctx: &mut HandlerContext<'_>,
-    ) -> Result<(), HandlerError> {
+    async fn handle(&self, event: &Event, ctx: &mut HandlerContext<'_>) -> Result<(), HandlerError> {
         let e: UserEvent = serde_json::from_slice(event.value_bytes())?;
         if e.user_id.trim().is_empty() {
-            return Err(HandlerError::permanent(
-                "payload_invalid",
-                "user_id is empty",
-            ));
+            return Err(HandlerError::permanent("payload_invalid", "user_id is empty"));
         }
-        let occurred_at = e
-            .occurred_at
-            .or_else(|| {
-                event
-                    .timestamp_ms
-                    .and_then(|ms| u32::try_from(ms / 1000).ok())
-            })
-            .unwrap_or(0);
+        let occurred_at =
+            e.occurred_at.or_else(|| event.timestamp_ms.and_then(|ms| u32::try_from(ms / 1000).ok())).unwrap_or(0);
         let row = UserEventRow {
             event_id: ctx.event_id().to_string(),
             user_id: e.user_id,
@@ -104,5 +89,17 @@ impl Handler for UserEvents {
             version: event.offset.max(0) as u64,
         };
         ctx.clickhouse(TABLE, row)
+    }
+
+    fn sample(&self, n: u64) -> Option<Vec<u8>> {
+        let kind = ["created", "updated", "deleted"][(n % 3) as usize];
+        let payload = serde_json::json!({
+            "user_id": format!("user-{}", n / 3),
+            "type": kind,
+            "email": format!("user-{}@example.com", n / 3),
+            "name": format!("User {}", n / 3),
+            "occurred_at": 1_700_000_000u64 + n,
+        });
+        Some(payload.to_string().into_bytes())
     }
 }

@@ -104,15 +104,9 @@ pub struct Leases {
 
 impl Leases {
     /// Builds the pool and checks that Redis answers (fail fast at start-up).
-    pub async fn connect(
-        config: &RedisConfig,
-        breaker: Arc<CircuitBreaker>,
-    ) -> Result<Self, RedisConnectError> {
+    pub async fn connect(config: &RedisConfig, breaker: Arc<CircuitBreaker>) -> Result<Self, RedisConnectError> {
         let url = redact_url(config.url.expose());
-        let err = |message: String| RedisConnectError {
-            url: url.clone(),
-            message,
-        };
+        let err = |message: String| RedisConnectError { url: url.clone(), message };
         let pool = deadpool_redis::Config::from_url(config.url.expose())
             .builder()
             .map_err(|e| err(e.to_string()))?
@@ -136,18 +130,10 @@ impl Leases {
         // round trip.
         let mut conn = tokio::time::timeout(config.timeout, leases.pool.get())
             .await
-            .map_err(|_| {
-                err(format!(
-                    "no connection within {} ms",
-                    config.timeout.as_millis()
-                ))
-            })?
+            .map_err(|_| err(format!("no connection within {} ms", config.timeout.as_millis())))?
             .map_err(|e| err(e.to_string()))?;
         for script in [&leases.acquire, &leases.release] {
-            script
-                .load_async(&mut conn)
-                .await
-                .map_err(|e| err(e.to_string()))?;
+            script.load_async(&mut conn).await.map_err(|e| err(e.to_string()))?;
         }
         Ok(leases)
     }
@@ -174,21 +160,14 @@ impl Leases {
     ) -> Result<Vec<LeaseReply>, LeaseError> {
         let mut inv = self.acquire.prepare_invoke();
         for id in ids {
-            inv.key(self.key(ns, "done", id))
-                .key(self.key(ns, "lease", id));
+            inv.key(self.key(ns, "done", id)).key(self.key(ns, "lease", id));
         }
         inv.arg(token).arg(ttl.as_millis().max(1) as u64);
-        let replies: Vec<String> = self
-            .call(|mut conn| async move { inv.invoke_async(&mut conn).await })
-            .await?;
+        let replies: Vec<String> = self.call(|mut conn| async move { inv.invoke_async(&mut conn).await }).await?;
         if replies.len() != ids.len() {
             return Err(LeaseError::Redis {
                 url: self.url.clone(),
-                message: format!(
-                    "acquire script answered {} replies for {} ids",
-                    replies.len(),
-                    ids.len()
-                ),
+                message: format!("acquire script answered {} replies for {} ids", replies.len(), ids.len()),
             });
         }
         Ok(replies
@@ -215,15 +194,13 @@ impl Leases {
         let mut inv = self.release.prepare_invoke();
         inv.arg(token).arg(done_ttl.as_millis().max(1) as u64);
         for item in items {
-            inv.key(self.key(ns, "lease", item.id))
-                .key(self.key(ns, "done", item.id));
+            inv.key(self.key(ns, "lease", item.id)).key(self.key(ns, "done", item.id));
             match item.done {
                 Some(hash) => inv.arg("D").arg(hash.to_hex()),
                 None => inv.arg("R").arg(""),
             };
         }
-        self.call(|mut conn| async move { inv.invoke_async(&mut conn).await })
-            .await
+        self.call(|mut conn| async move { inv.invoke_async(&mut conn).await }).await
     }
 
     /// Runs one Redis call under the breaker and the timeout.
@@ -244,17 +221,11 @@ impl Leases {
             }
             Ok(Err(message)) => {
                 permit.failure();
-                Err(LeaseError::Redis {
-                    url: self.url.clone(),
-                    message,
-                })
+                Err(LeaseError::Redis { url: self.url.clone(), message })
             }
             Err(_) => {
                 permit.failure();
-                Err(LeaseError::Timeout {
-                    url: self.url.clone(),
-                    timeout: self.timeout,
-                })
+                Err(LeaseError::Timeout { url: self.url.clone(), timeout: self.timeout })
             }
         }
     }

@@ -104,11 +104,7 @@ pub async fn confirm(
 }
 
 /// Forgets the failure history of events that have now been confirmed.
-pub async fn clear_attempts(
-    conn: &mut PgConnection,
-    ns: &Namespace,
-    ids: &[&str],
-) -> Result<(), sqlx::Error> {
+pub async fn clear_attempts(conn: &mut PgConnection, ns: &Namespace, ids: &[&str]) -> Result<(), sqlx::Error> {
     sqlx::query("DELETE FROM event_attempts WHERE namespace = $1 AND event_id = ANY($2::text[])")
         .bind(ns.as_str())
         .bind(ids)
@@ -140,10 +136,7 @@ pub async fn record_failures(
     .bind(&errors)
     .fetch_all(pool)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(id, n)| (id, n.max(0) as u32))
-        .collect())
+    Ok(rows.into_iter().map(|(id, n)| (id, n.max(0) as u32)).collect())
 }
 
 /// One event to dead-letter.

@@ -72,16 +72,9 @@ mod tests {
     fn stays_within_its_byte_bound() {
         let cache = LocalCache::new(Duration::from_secs(60), 64 * 1024);
         for i in 0..10_000 {
-            cache.insert(
-                EventId::new(format!("event-{i:08}")).unwrap(),
-                PayloadHash([0; 32]),
-            );
+            cache.insert(EventId::new(format!("event-{i:08}")).unwrap(), PayloadHash([0; 32]));
         }
-        assert!(
-            cache.weighted_size() <= 64 * 1024,
-            "weighted size {}",
-            cache.weighted_size()
-        );
+        assert!(cache.weighted_size() <= 64 * 1024, "weighted size {}", cache.weighted_size());
         assert!(cache.entry_count() > 0);
     }
 

@@ -43,7 +43,7 @@ use tracing::Instrument;
 
 use crate::clients::Clients;
 use crate::config::GuardConfig;
-use crate::event::{Event, PayloadHash};
+use crate::event::{Event, PayloadHash, Record};
 use crate::event_id::{EventId, IdError, IdStrategy, Namespace};
 use crate::handler::{Handler, HandlerContext, HandlerError};
 use crate::metrics::metrics;
@@ -82,12 +82,19 @@ pub struct Guard {
     round_trips: RoundTrips,
 }
 
+/// A record rejected before any handler saw it.
+struct Rejection {
+    reason: String,
+    error: String,
+}
+
 /// One record's progress through the batch.
 struct Slot<'e> {
     event: &'e Event,
     id: EventId,
-    /// Why no id could be derived (the id above is then a stand-in for the dead letter).
-    invalid: Option<IdError>,
+    /// Why the record cannot be handled at all: undecodable, or no usable id (the id
+    /// above is then a stand-in the dead letter is filed under).
+    invalid: Option<Rejection>,
     hash: PayloadHash,
     /// Index of an earlier record with the same id.
     leader: Option<usize>,
@@ -103,36 +110,21 @@ struct Slot<'e> {
 
 impl Slot<'_> {
     fn is_open(&self) -> bool {
-        self.outcome.is_none()
-            && self.leader.is_none()
-            && self.invalid.is_none()
-            && self.failure.is_none()
+        self.outcome.is_none() && self.leader.is_none() && self.invalid.is_none() && self.failure.is_none()
     }
 
     fn duplicate(&mut self, tier: DuplicateTier, confirmed: Option<PayloadHash>) {
         self.confirmed_hash = confirmed;
-        self.outcome = Some(Outcome::Duplicate {
-            tier,
-            payload_mismatch: confirmed.is_some_and(|h| h != self.hash),
-        });
+        self.outcome = Some(Outcome::Duplicate { tier, payload_mismatch: confirmed.is_some_and(|h| h != self.hash) });
     }
 
     fn fail(&mut self, kind: FailureKind, error: impl Into<String>, attempts: Option<u32>) {
-        self.outcome = Some(Outcome::Failed {
-            kind,
-            error: error.into(),
-            attempts,
-        });
+        self.outcome = Some(Outcome::Failed { kind, error: error.into(), attempts });
     }
 }
 
 impl Guard {
-    pub fn new(
-        clients: &Clients,
-        namespace: &str,
-        ids: IdStrategy,
-        config: GuardConfig,
-    ) -> Result<Self, IdError> {
+    pub fn new(clients: &Clients, namespace: &str, ids: IdStrategy, config: GuardConfig) -> Result<Self, IdError> {
         Ok(Self {
             ns: Namespace::new(namespace)?,
             ids,
@@ -159,31 +151,49 @@ impl Guard {
 
     fn count_redis(&self) {
         self.round_trips.redis.fetch_add(1, Ordering::Relaxed);
-        metrics()
-            .round_trips
-            .with_label_values(&[self.ns.as_str(), "redis"])
-            .inc();
+        metrics().round_trips.with_label_values(&[self.ns.as_str(), "redis"]).inc();
     }
 
     fn count_postgres(&self, n: u64) {
         self.round_trips.postgres.fetch_add(n, Ordering::Relaxed);
-        metrics()
-            .round_trips
-            .with_label_values(&[self.ns.as_str(), "postgres"])
-            .inc_by(n);
+        metrics().round_trips.with_label_values(&[self.ns.as_str(), "postgres"]).inc_by(n);
     }
 
     /// Runs the protocol over `events`. `deadline` caps the lease TTL (on Lambda, the
     /// invocation's deadline). Returns one outcome per record, in order.
-    pub async fn run_batch(
+    pub async fn run_batch(&self, handler: &dyn Handler, events: &[Event], deadline: Option<Instant>) -> BatchReport {
+        self.run(handler, events.iter().map(|e| (e, None)).collect(), deadline).await
+    }
+
+    /// Like [`Guard::run_batch`], for records as a runtime decoded them: undecodable
+    /// ones go to the dead letters with their reason.
+    pub async fn run_records(
         &self,
         handler: &dyn Handler,
-        events: &[Event],
+        records: &[Record],
         deadline: Option<Instant>,
     ) -> BatchReport {
-        let span = tracing::info_span!("guard.batch", function = %self.ns, size = events.len());
+        let items = records
+            .iter()
+            .map(|r| match r {
+                Record::Ok(e) => (e, None),
+                Record::Invalid { event, reason, error } => {
+                    (event, Some(Rejection { reason: (*reason).to_owned(), error: error.clone() }))
+                }
+            })
+            .collect();
+        self.run(handler, items, deadline).await
+    }
+
+    async fn run(
+        &self,
+        handler: &dyn Handler,
+        items: Vec<(&Event, Option<Rejection>)>,
+        deadline: Option<Instant>,
+    ) -> BatchReport {
+        let span = tracing::info_span!("guard.batch", function = %self.ns, size = items.len());
         async move {
-            let mut slots = self.derive_ids(events);
+            let mut slots = self.derive_ids(items);
             self.check_local_cache(&mut slots);
             let token = uuid::Uuid::new_v4().to_string();
             self.check_redis(&mut slots, &token, deadline).await;
@@ -199,17 +209,18 @@ impl Guard {
     }
 
     /// Step 0: ids, and which records repeat an earlier record's id.
-    fn derive_ids<'e>(&self, events: &'e [Event]) -> Vec<Slot<'e>> {
-        let mut first_seen: HashMap<EventId, usize> = HashMap::with_capacity(events.len());
-        let mut slots = Vec::with_capacity(events.len());
-        for (i, event) in events.iter().enumerate() {
-            let (id, invalid) = match self.ids.derive(event) {
-                Ok(id) => (id, None),
-                // The record's position stands in as the id its dead letter is filed under.
-                Err(e) => (
-                    EventId::new(format!("invalid:{}", event.position())).expect("non-empty"),
-                    Some(e),
-                ),
+    fn derive_ids<'e>(&self, items: Vec<(&'e Event, Option<Rejection>)>) -> Vec<Slot<'e>> {
+        let mut first_seen: HashMap<EventId, usize> = HashMap::with_capacity(items.len());
+        let mut slots = Vec::with_capacity(items.len());
+        for (i, (event, rejected)) in items.into_iter().enumerate() {
+            // A rejected record, or one without a usable id, is filed under its position.
+            let stand_in = || EventId::new(format!("invalid:{}", event.position())).expect("non-empty");
+            let (id, invalid) = match rejected {
+                Some(r) => (stand_in(), Some(r)),
+                None => match self.ids.derive(event) {
+                    Ok(id) => (id, None),
+                    Err(e) => (stand_in(), Some(Rejection { reason: e.reason().to_owned(), error: e.to_string() })),
+                },
             };
             let leader = if invalid.is_none() {
                 match first_seen.get(&id) {
@@ -258,11 +269,7 @@ impl Guard {
             let left = deadline.saturating_duration_since(Instant::now());
             if left < Duration::from_millis(1) {
                 for &i in &open {
-                    slots[i].fail(
-                        FailureKind::Unavailable,
-                        "deadline passed before the event could be leased",
-                        None,
-                    );
+                    slots[i].fail(FailureKind::Unavailable, "deadline passed before the event could be leased", None);
                 }
                 return;
             }
@@ -327,12 +334,7 @@ impl Guard {
             let mut tx = match self.pg.begin().await {
                 Ok(tx) => tx,
                 Err(e) => {
-                    return fail_all(
-                        slots,
-                        &work,
-                        FailureKind::Unavailable,
-                        &format!("Postgres: begin failed: {e}"),
-                    )
+                    return fail_all(slots, &work, FailureKind::Unavailable, &format!("Postgres: begin failed: {e}"))
                 }
             };
             self.count_postgres(1);
@@ -350,9 +352,7 @@ impl Guard {
                         if used_savepoint {
                             self.count_postgres(if result.is_ok() { 2 } else { 3 });
                         }
-                        match result.and_then(|()| {
-                            staged.extend(rows).map_err(|e| SinkError::from(e).into())
-                        }) {
+                        match result.and_then(|()| staged.extend(rows).map_err(|e| SinkError::from(e).into())) {
                             Ok(()) => succeeded.push(i),
                             Err(e) => failed.push((i, e)),
                         }
@@ -391,20 +391,12 @@ impl Guard {
             let inserted: HashSet<String> = match ledger::confirm(&mut tx, &self.ns, &rows).await {
                 Ok(ids) => ids.into_iter().collect(),
                 Err(e) => {
-                    return fail_all(
-                        slots,
-                        &work,
-                        FailureKind::Unavailable,
-                        &format!("Postgres: confirm failed: {e}"),
-                    )
+                    return fail_all(slots, &work, FailureKind::Unavailable, &format!("Postgres: confirm failed: {e}"))
                 }
             };
             drop(rows);
-            let conflicts: Vec<usize> = succeeded
-                .iter()
-                .copied()
-                .filter(|&i| !inserted.contains(slots[i].id.as_str()))
-                .collect();
+            let conflicts: Vec<usize> =
+                succeeded.iter().copied().filter(|&i| !inserted.contains(slots[i].id.as_str())).collect();
             if !conflicts.is_empty() {
                 // Someone confirmed these first. Roll back everything (their effects with
                 // it) and run the batch again without them.
@@ -433,20 +425,12 @@ impl Guard {
                 return;
             }
 
-            let retried: Vec<&str> = succeeded
-                .iter()
-                .filter(|&&i| slots[i].prior_failures > 0)
-                .map(|&i| slots[i].id.as_str())
-                .collect();
+            let retried: Vec<&str> =
+                succeeded.iter().filter(|&&i| slots[i].prior_failures > 0).map(|&i| slots[i].id.as_str()).collect();
             if !retried.is_empty() {
                 self.count_postgres(1);
                 if let Err(e) = ledger::clear_attempts(&mut tx, &self.ns, &retried).await {
-                    return fail_all(
-                        slots,
-                        &work,
-                        FailureKind::Unavailable,
-                        &format!("Postgres: {e}"),
-                    );
+                    return fail_all(slots, &work, FailureKind::Unavailable, &format!("Postgres: {e}"));
                 }
             }
 
@@ -480,15 +464,13 @@ impl Guard {
             if slot.outcome.is_some() {
                 continue;
             }
-            if let Some(e) = &slot.invalid {
-                to_dead_letter.push((i, e.reason().to_owned(), e.to_string(), 1));
+            if let Some(r) = &slot.invalid {
+                to_dead_letter.push((i, r.reason.clone(), r.error.clone(), 1));
                 continue;
             }
             match slot.failure.take() {
                 None => {}
-                Some(HandlerError::Unavailable(msg)) => {
-                    slot.fail(FailureKind::Unavailable, msg, None)
-                }
+                Some(HandlerError::Unavailable(msg)) => slot.fail(FailureKind::Unavailable, msg, None),
                 Some(HandlerError::Permanent { reason, message }) => {
                     to_dead_letter.push((i, reason.to_owned(), message, slot.prior_failures + 1))
                 }
@@ -502,43 +484,23 @@ impl Guard {
         if !to_count.is_empty() {
             let failures: Vec<(&EventId, String)> = to_count
                 .iter()
-                .map(|&i| {
-                    (
-                        &slots[i].id,
-                        slots[i]
-                            .failure
-                            .as_ref()
-                            .map(|e| e.to_string())
-                            .unwrap_or_default(),
-                    )
-                })
+                .map(|&i| (&slots[i].id, slots[i].failure.as_ref().map(|e| e.to_string()).unwrap_or_default()))
                 .collect();
             self.count_postgres(1);
             let counted = ledger::record_failures(&self.pg, &self.ns, &failures).await;
             drop(failures);
             for &i in &to_count {
-                let msg = slots[i]
-                    .failure
-                    .take()
-                    .map(|e| e.to_string())
-                    .unwrap_or_default();
+                let msg = slots[i].failure.take().map(|e| e.to_string()).unwrap_or_default();
                 match &counted {
                     Ok(map) => {
-                        let attempts = map
-                            .get(slots[i].id.as_str())
-                            .copied()
-                            .unwrap_or(slots[i].prior_failures + 1);
+                        let attempts = map.get(slots[i].id.as_str()).copied().unwrap_or(slots[i].prior_failures + 1);
                         if attempts >= self.config.max_attempts {
                             to_dead_letter.push((i, "max_attempts".to_owned(), msg, attempts));
                         } else {
                             slots[i].fail(FailureKind::Retryable, msg, Some(attempts));
                         }
                     }
-                    Err(e) => slots[i].fail(
-                        FailureKind::Retryable,
-                        format!("{msg} (attempt not counted: {e})"),
-                        None,
-                    ),
+                    Err(e) => slots[i].fail(FailureKind::Retryable, format!("{msg} (attempt not counted: {e})"), None),
                 }
             }
         }
@@ -574,11 +536,7 @@ impl Guard {
             }
             Err(e) => {
                 for (i, _, error, _) in to_dead_letter {
-                    slots[i].fail(
-                        FailureKind::Unavailable,
-                        format!("{error} (dead-letter store failed: {e})"),
-                        None,
-                    );
+                    slots[i].fail(FailureKind::Unavailable, format!("{error} (dead-letter store failed: {e})"), None);
                 }
             }
         }
@@ -600,10 +558,7 @@ impl Guard {
         if items.is_empty() {
             return;
         }
-        let result = self
-            .leases
-            .release(&self.ns, &items, token, self.config.done_ttl)
-            .await;
+        let result = self.leases.release(&self.ns, &items, token, self.config.done_ttl).await;
         if !matches!(result, Err(LeaseError::BreakerOpen(_))) {
             self.count_redis();
         }
@@ -615,13 +570,9 @@ impl Guard {
 
     /// Confirmed ids go into the local cache.
     fn remember(&self, slots: &[Slot<'_>]) {
-        for s in slots
-            .iter()
-            .filter(|s| s.leader.is_none() && s.invalid.is_none())
-        {
+        for s in slots.iter().filter(|s| s.leader.is_none() && s.invalid.is_none()) {
             if matches!(&s.outcome, Some(o) if o.is_finished()) {
-                self.cache
-                    .insert(s.id.clone(), s.confirmed_hash.unwrap_or(s.hash));
+                self.cache.insert(s.id.clone(), s.confirmed_hash.unwrap_or(s.hash));
             }
         }
     }
@@ -638,11 +589,9 @@ impl Guard {
                         payload_mismatch: leader_hash != slots[i].hash,
                     },
                     Some(o) => o,
-                    None => Outcome::Failed {
-                        kind: FailureKind::Unavailable,
-                        error: "not handled".into(),
-                        attempts: None,
-                    },
+                    None => {
+                        Outcome::Failed { kind: FailureKind::Unavailable, error: "not handled".into(), attempts: None }
+                    }
                 });
             }
         }

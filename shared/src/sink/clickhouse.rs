@@ -27,19 +27,12 @@ pub struct ServerVersion {
 impl ServerVersion {
     pub fn parse(s: &str) -> Option<Self> {
         let mut parts = s.trim().split('.');
-        Some(Self {
-            major: parts.next()?.parse().ok()?,
-            minor: parts.next()?.parse().ok()?,
-        })
+        Some(Self { major: parts.next()?.parse().ok()?, minor: parts.next()?.parse().ok()? })
     }
 
     /// `insert_deduplication_token` exists since 22.2.
     pub fn supports_dedup_token(&self) -> bool {
-        *self
-            >= Self {
-                major: 22,
-                minor: 2,
-            }
+        *self >= Self { major: 22, minor: 2 }
     }
 
     /// The crate's validation needs `RowBinaryWithNamesAndTypes` and today's type names;
@@ -66,21 +59,10 @@ pub enum SinkError {
     #[error("ClickHouse unavailable: {0}")]
     BreakerOpen(#[from] BreakerOpen),
     #[error("ClickHouse at {url}: insert into `{table}` failed: {message} (breaker {breaker})")]
-    Write {
-        url: String,
-        table: String,
-        message: String,
-        breaker: BreakerState,
-    },
+    Write { url: String, table: String, message: String, breaker: BreakerState },
     #[error("ClickHouse at {url}: no answer within {} ms (breaker {breaker})", timeout.as_millis())]
-    Timeout {
-        url: String,
-        timeout: Duration,
-        breaker: BreakerState,
-    },
-    #[error(
-        "ClickHouse at {url}: {message}; start it with scripts/services.sh or set CLICKHOUSE_URL"
-    )]
+    Timeout { url: String, timeout: Duration, breaker: BreakerState },
+    #[error("ClickHouse at {url}: {message}; start it with scripts/services.sh or set CLICKHOUSE_URL")]
     Unreachable { url: String, message: String },
     #[error("ClickHouse at {url}: DDL failed: {message}")]
     Ddl { url: String, message: String },
@@ -98,34 +80,20 @@ pub struct ClickHouseSink {
 impl ClickHouseSink {
     /// Connects, detects the server version and creates the configured database if
     /// missing. Fails fast with a message naming the URL when the server is unreachable.
-    pub async fn connect(
-        config: &ClickHouseConfig,
-        breaker: Arc<CircuitBreaker>,
-    ) -> Result<Self, SinkError> {
+    pub async fn connect(config: &ClickHouseConfig, breaker: Arc<CircuitBreaker>) -> Result<Self, SinkError> {
         let base = Client::default()
             .with_url(&config.url)
             .with_user(&config.user)
             .with_password(config.password.expose())
             .with_validation(false)
             .with_compression(Compression::None);
-        let unreachable = |message: String| SinkError::Unreachable {
-            url: config.url.clone(),
-            message,
-        };
-        let raw: String = tokio::time::timeout(
-            config.timeout,
-            base.query("SELECT version()").fetch_one::<String>(),
-        )
-        .await
-        .map_err(|_| {
-            unreachable(format!(
-                "no answer within {} ms",
-                config.timeout.as_millis()
-            ))
-        })?
-        .map_err(|e| unreachable(e.to_string()))?;
-        let version = ServerVersion::parse(&raw)
-            .ok_or_else(|| unreachable(format!("unexpected version string {raw:?}")))?;
+        let unreachable = |message: String| SinkError::Unreachable { url: config.url.clone(), message };
+        let raw: String = tokio::time::timeout(config.timeout, base.query("SELECT version()").fetch_one::<String>())
+            .await
+            .map_err(|_| unreachable(format!("no answer within {} ms", config.timeout.as_millis())))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        let version =
+            ServerVersion::parse(&raw).ok_or_else(|| unreachable(format!("unexpected version string {raw:?}")))?;
 
         if !is_identifier(&config.database) {
             return Err(SinkError::Ddl {
@@ -133,30 +101,17 @@ impl ClickHouseSink {
                 message: format!("invalid database name {:?}", config.database),
             });
         }
-        base.query(&format!(
-            "CREATE DATABASE IF NOT EXISTS {}",
-            config.database
-        ))
-        .execute()
-        .await
-        .map_err(|e| SinkError::Ddl {
-            url: config.url.clone(),
-            message: e.to_string(),
-        })?;
+        base.query(&format!("CREATE DATABASE IF NOT EXISTS {}", config.database))
+            .execute()
+            .await
+            .map_err(|e| SinkError::Ddl { url: config.url.clone(), message: e.to_string() })?;
 
-        let mut client = base
-            .with_database(&config.database)
-            .with_validation(version.supports_validation());
+        let mut client = base.with_database(&config.database).with_validation(version.supports_validation());
         if version.supports_compression() {
             client = client.with_compression(Compression::Lz4);
         }
         tracing::info!(url = %config.url, %version, dedup_token = version.supports_dedup_token(), "connected to ClickHouse");
-        Ok(Self {
-            client,
-            breaker,
-            version,
-            config: config.clone(),
-        })
+        Ok(Self { client, breaker, version, config: config.clone() })
     }
 
     pub fn version(&self) -> ServerVersion {
@@ -179,10 +134,9 @@ impl ClickHouseSink {
     /// this before staging a row, so an outage stops the batch before any work.
     pub fn check_available(&self) -> Result<(), SinkError> {
         match self.breaker.retry_in() {
-            Some(retry_in) if !retry_in.is_zero() => Err(SinkError::BreakerOpen(BreakerOpen {
-                dependency: self.breaker.dependency(),
-                retry_in,
-            })),
+            Some(retry_in) if !retry_in.is_zero() => {
+                Err(SinkError::BreakerOpen(BreakerOpen { dependency: self.breaker.dependency(), retry_in }))
+            }
             _ => Ok(()),
         }
     }
@@ -191,21 +145,14 @@ impl ClickHouseSink {
     /// `--` comment lines are dropped first: older servers reject a statement that
     /// starts with one as empty.
     pub async fn apply_ddl(&self, ddl: &str) -> Result<(), SinkError> {
-        let ddl: String = ddl
-            .lines()
-            .filter(|l| !l.trim_start().starts_with("--"))
-            .collect::<Vec<_>>()
-            .join("\n");
+        let ddl: String = ddl.lines().filter(|l| !l.trim_start().starts_with("--")).collect::<Vec<_>>().join("\n");
         for statement in ddl.split(';').map(str::trim).filter(|s| !s.is_empty()) {
             // `query_raw`: DDL is sent verbatim, `?` is not a bind placeholder here.
             self.client
                 .query_raw(statement)
                 .execute()
                 .await
-                .map_err(|e| SinkError::Ddl {
-                    url: self.config.url.clone(),
-                    message: e.to_string(),
-                })?;
+                .map_err(|e| SinkError::Ddl { url: self.config.url.clone(), message: e.to_string() })?;
         }
         Ok(())
     }
@@ -222,13 +169,8 @@ impl ClickHouseSink {
                 if rows.len() == 0 {
                     continue;
                 }
-                let token = self
-                    .version
-                    .supports_dedup_token()
-                    .then(|| format!("{dedup_token}:{table}"));
-                rows.write(&self.client, table, token)
-                    .await
-                    .map_err(|e| (table.to_string(), e.to_string()))?;
+                let token = self.version.supports_dedup_token().then(|| format!("{dedup_token}:{table}"));
+                rows.write(&self.client, table, token).await.map_err(|e| (table.to_string(), e.to_string()))?;
             }
             Ok::<(), (String, String)>(())
         };
@@ -239,12 +181,7 @@ impl ClickHouseSink {
             }
             Ok(Err((table, message))) => {
                 permit.failure();
-                Err(SinkError::Write {
-                    url: self.config.url.clone(),
-                    table,
-                    message,
-                    breaker: self.breaker.state(),
-                })
+                Err(SinkError::Write { url: self.config.url.clone(), table, message, breaker: self.breaker.state() })
             }
             Err(_) => {
                 permit.failure();
@@ -265,17 +202,11 @@ mod tests {
     #[test]
     fn version_gates() {
         let old = ServerVersion::parse("18.16.1").unwrap();
-        assert!(
-            !old.supports_dedup_token()
-                && !old.supports_validation()
-                && !old.supports_compression()
-        );
+        assert!(!old.supports_dedup_token() && !old.supports_validation() && !old.supports_compression());
         let mid = ServerVersion::parse("22.2.3.5").unwrap();
         assert!(mid.supports_dedup_token() && !mid.supports_validation());
         let new = ServerVersion::parse("25.3.1").unwrap();
-        assert!(
-            new.supports_dedup_token() && new.supports_validation() && new.supports_compression()
-        );
+        assert!(new.supports_dedup_token() && new.supports_validation() && new.supports_compression());
         assert_eq!(ServerVersion::parse("x"), None);
     }
 }

@@ -47,10 +47,7 @@ impl<T: SinkRow> TableRows for Rows<T> {
     }
 
     fn append(&mut self, other: Box<dyn TableRows>) -> Result<(), &'static str> {
-        let other = other
-            .into_any()
-            .downcast::<Rows<T>>()
-            .map_err(|_| std::any::type_name::<T>())?;
+        let other = other.into_any().downcast::<Rows<T>>().map_err(|_| std::any::type_name::<T>())?;
         self.0.extend(other.0);
         Ok(())
     }
@@ -93,12 +90,7 @@ impl SinkBatch {
         match self.tables.iter_mut().find(|(t, _)| *t == table) {
             Some((_, rows)) => match rows.as_any_mut().downcast_mut::<Rows<T>>() {
                 Some(rows) => rows.0.push(row),
-                None => {
-                    return Err(RowTypeMismatch {
-                        table,
-                        row_type: std::any::type_name::<T>(),
-                    })
-                }
+                None => return Err(RowTypeMismatch { table, row_type: std::any::type_name::<T>() }),
             },
             None => self.tables.push((table, Box::new(Rows(vec![row])))),
         }
@@ -109,9 +101,7 @@ impl SinkBatch {
     pub fn extend(&mut self, other: SinkBatch) -> Result<(), RowTypeMismatch> {
         for (table, rows) in other.tables {
             match self.tables.iter_mut().find(|(t, _)| *t == table) {
-                Some((_, mine)) => mine
-                    .append(rows)
-                    .map_err(|row_type| RowTypeMismatch { table, row_type })?,
+                Some((_, mine)) => mine.append(rows).map_err(|row_type| RowTypeMismatch { table, row_type })?,
                 None => self.tables.push((table, rows)),
             }
         }

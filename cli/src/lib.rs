@@ -1,0 +1,11 @@
+//! The functions this repository ships, in one list: the local worker runs them all, and
+//! the deployment templates are checked against it.
+
+use std::sync::Arc;
+
+use exactly_once::Handler;
+
+/// Every function crate under `functions/`.
+pub fn all_functions() -> Vec<Arc<dyn Handler>> {
+    vec![Arc::new(user_events::UserEvents)]
+}

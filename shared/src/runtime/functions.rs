@@ -1,0 +1,139 @@
+//! The functions one process runs: each handler with its guard, found by name (for
+//! `POST /invoke/{function}`) or by topic (for records from Kafka or MSK).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use crate::clients::Clients;
+use crate::config::KafkaConfig;
+use crate::event::Record;
+use crate::guard::Guard;
+use crate::handler::{FunctionSpec, Handler};
+use crate::outcome::{EventOutcome, FailureKind, Outcome};
+use crate::sink::SinkError;
+
+pub struct Function {
+    pub spec: FunctionSpec,
+    pub handler: Arc<dyn Handler>,
+    pub guard: Arc<Guard>,
+    /// The topics it reads, with the configured prefix.
+    pub topics: Vec<String>,
+}
+
+pub struct Functions {
+    list: Vec<Arc<Function>>,
+    by_topic: HashMap<String, usize>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FunctionsError {
+    #[error("function `{0}`: {1}")]
+    Invalid(String, String),
+    #[error("topic `{topic}` is claimed by both `{first}` and `{second}`")]
+    TopicClash { topic: String, first: String, second: String },
+    #[error("function `{0}`: {1}")]
+    Ddl(String, SinkError),
+}
+
+impl Functions {
+    /// Builds a guard per function and applies each function's ClickHouse DDL.
+    pub async fn new(
+        clients: &Clients,
+        handlers: Vec<Arc<dyn Handler>>,
+        kafka: &KafkaConfig,
+    ) -> Result<Self, FunctionsError> {
+        let mut list = Vec::new();
+        let mut by_topic: HashMap<String, usize> = HashMap::new();
+        for handler in handlers {
+            let spec = handler.spec();
+            let guard = Guard::new(clients, spec.name, spec.id_strategy.clone(), clients.config.guard.clone())
+                .map_err(|e| FunctionsError::Invalid(spec.name.to_owned(), e.to_string()))?;
+            if !spec.clickhouse_ddl.trim().is_empty() {
+                clients
+                    .sink
+                    .apply_ddl(spec.clickhouse_ddl)
+                    .await
+                    .map_err(|e| FunctionsError::Ddl(spec.name.to_owned(), e))?;
+            }
+            let topics: Vec<String> = spec.topics.iter().map(|t| kafka.topic(t)).collect();
+            for t in &topics {
+                if let Some(&other) = by_topic.get(t) {
+                    let first: &Arc<Function> = &list[other];
+                    return Err(FunctionsError::TopicClash {
+                        topic: t.clone(),
+                        first: first.spec.name.to_owned(),
+                        second: spec.name.to_owned(),
+                    });
+                }
+                by_topic.insert(t.clone(), list.len());
+            }
+            list.push(Arc::new(Function { spec, handler, guard: Arc::new(guard), topics }));
+        }
+        Ok(Self { list, by_topic })
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Function>> {
+        self.list.iter()
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<&Arc<Function>> {
+        self.list.iter().find(|f| f.spec.name == name)
+    }
+
+    /// The function reading `topic`; a process with a single function takes every topic
+    /// (an MSK trigger only delivers the topics it was configured with).
+    pub fn by_topic(&self, topic: &str) -> Option<&Arc<Function>> {
+        match self.by_topic.get(topic) {
+            Some(&i) => Some(&self.list[i]),
+            None if self.list.len() == 1 => self.list.first(),
+            None => None,
+        }
+    }
+
+    pub fn topics(&self) -> Vec<String> {
+        self.list.iter().flat_map(|f| f.topics.iter().cloned()).collect()
+    }
+
+    /// Runs records through the function owning each one's topic, one guarded batch per
+    /// function. Outcomes come back in the order of `records`.
+    pub async fn run(&self, records: &[Record], deadline: Option<Instant>) -> Vec<EventOutcome> {
+        let mut groups: Vec<(Option<Arc<Function>>, Vec<usize>)> = Vec::new();
+        for (i, r) in records.iter().enumerate() {
+            let f = self.by_topic(&r.event().topic).cloned();
+            let name = f.as_ref().map(|f| f.spec.name);
+            match groups.iter_mut().find(|(g, _)| g.as_ref().map(|g| g.spec.name) == name) {
+                Some((_, idx)) => idx.push(i),
+                None => groups.push((f, vec![i])),
+            }
+        }
+        let mut out: Vec<Option<EventOutcome>> = vec![None; records.len()];
+        for (function, idx) in groups {
+            match function {
+                Some(f) => {
+                    let batch: Vec<Record> = idx.iter().map(|&i| records[i].clone()).collect();
+                    let report = f.guard.run_records(f.handler.as_ref(), &batch, deadline).await;
+                    for (i, o) in idx.into_iter().zip(report.outcomes) {
+                        out[i] = Some(o);
+                    }
+                }
+                None => {
+                    for i in idx {
+                        let event = records[i].event();
+                        out[i] = Some(EventOutcome::new(
+                            event,
+                            None,
+                            Outcome::Failed {
+                                kind: FailureKind::Permanent,
+                                error: format!("no function in this process consumes topic `{}`", event.topic),
+                                attempts: None,
+                            },
+                        ));
+                    }
+                }
+            }
+        }
+        out.into_iter().map(|o| o.expect("every record has an outcome")).collect()
+    }
+}

@@ -1,0 +1,121 @@
+//! The Lambda runtime: one invocation is one MSK batch, run as one guarded batch.
+//!
+//! Invariants:
+//! - clients are built once at init (by the caller) and shared by every invocation;
+//! - the lease TTL never exceeds the invocation's remaining time;
+//! - success only when every record is processed, duplicate or dead-lettered; otherwise
+//!   an error naming the unfinished records, so the event source mapping retries the
+//!   batch (confirmed records then pass as duplicates). With
+//!   `LAMBDA_REPORT_BATCH_ITEM_FAILURES=true` the function instead answers
+//!   `{"batchItemFailures": [...]}` naming the unfinished records (opt-in: the Kafka
+//!   shape of that answer is not settled in AWS's public docs; see the README).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use aws_lambda_events::event::kafka::KafkaEvent;
+use lambda_runtime::{service_fn, LambdaEvent};
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+use super::functions::Functions;
+use super::msk;
+use crate::outcome::EventOutcome;
+
+/// Time kept back from the invocation's deadline for releasing leases and answering.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+#[error("{unfinished} of {total} records not finished, the batch will be retried: {detail}")]
+pub struct UnfinishedBatch {
+    pub unfinished: usize,
+    pub total: usize,
+    pub detail: String,
+}
+
+/// Serves invocations until the runtime stops.
+pub async fn serve(functions: Arc<Functions>, report_batch_item_failures: bool) -> Result<(), lambda_runtime::Error> {
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<KafkaEvent>| {
+        let functions = functions.clone();
+        async move {
+            let remaining = event.context.deadline().duration_since(SystemTime::now()).unwrap_or_default();
+            let deadline = Instant::now() + remaining.saturating_sub(DEADLINE_MARGIN);
+            invoke(&functions, &event.payload, Some(deadline), report_batch_item_failures).await
+        }
+    }))
+    .await
+}
+
+/// Handles one MSK event: the same path `POST /invoke` takes.
+pub async fn invoke(
+    functions: &Functions,
+    event: &KafkaEvent,
+    deadline: Option<Instant>,
+    report_batch_item_failures: bool,
+) -> Result<Value, UnfinishedBatch> {
+    let records = msk::decode(event);
+    let outcomes = functions.run(&records, deadline).await;
+    let unfinished: Vec<&EventOutcome> = outcomes.iter().filter(|o| !o.outcome.is_finished()).collect();
+    if unfinished.is_empty() {
+        return Ok(summary(&outcomes));
+    }
+    if report_batch_item_failures {
+        let failures: Vec<Value> = unfinished
+            .iter()
+            .map(|o| json!({"itemIdentifier": {"topic-partition": format!("{}-{}", o.topic, o.partition), "offset": o.offset}}))
+            .collect();
+        tracing::warn!(unfinished = unfinished.len(), total = outcomes.len(), "reporting batch item failures");
+        return Ok(json!({ "batchItemFailures": failures }));
+    }
+    let detail = unfinished
+        .iter()
+        .take(20)
+        .map(|o| format!("{}-{}@{} ({})", o.topic, o.partition, o.offset, o.outcome))
+        .collect::<Vec<_>>()
+        .join("; ");
+    Err(UnfinishedBatch { unfinished: unfinished.len(), total: outcomes.len(), detail })
+}
+
+/// Counts per outcome, and each record's outcome.
+pub fn summary(outcomes: &[EventOutcome]) -> Value {
+    let count = |label: &str| outcomes.iter().filter(|o| o.outcome.label() == label).count();
+    json!({
+        "records": outcomes.len(),
+        "processed": count("processed"),
+        "duplicates": count("duplicate"),
+        "deadLettered": count("dead_lettered"),
+        "inFlight": count("in_flight"),
+        "failed": count("failed"),
+        "outcomes": outcomes.iter().map(outcome_json).collect::<Vec<_>>(),
+    })
+}
+
+pub fn outcome_json(o: &EventOutcome) -> Value {
+    let mut v = json!({
+        "topic": o.topic,
+        "partition": o.partition,
+        "offset": o.offset,
+        "eventId": o.event_id.as_ref().map(|i| i.as_str()),
+        "outcome": o.outcome.label(),
+    });
+    match &o.outcome {
+        crate::Outcome::Failed { kind, error, attempts } => {
+            v["kind"] = kind.as_str().into();
+            v["error"] = error.clone().into();
+            v["attempts"] = (*attempts).into();
+        }
+        crate::Outcome::DeadLettered { reason } => v["reason"] = reason.clone().into(),
+        crate::Outcome::Duplicate { tier, payload_mismatch } => {
+            v["tier"] = tier.as_str().into();
+            v["payloadMismatch"] = (*payload_mismatch).into();
+        }
+        _ => {}
+    }
+    v
+}
+
+impl From<UnfinishedBatch> for lambda_runtime::Diagnostic {
+    fn from(e: UnfinishedBatch) -> Self {
+        lambda_runtime::Diagnostic { error_type: "UnfinishedBatch".into(), error_message: e.to_string() }
+    }
+}
