@@ -5,7 +5,14 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use std::collections::HashMap;
+use std::time::Duration;
+
+use exactly_once::config::{KafkaConfig, ProcessEnv};
+use exactly_once::producer::Producer;
 use exactly_once::{Clients, Config, Event};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::TopicPartitionList;
 use tokio::net::{TcpListener, TcpStream};
 
 /// A unique, identifier-safe suffix.
@@ -16,6 +23,8 @@ pub fn unique(prefix: &str) -> String {
 /// One test's isolated slice of the real services.
 pub struct TestEnv {
     pub clients: Clients,
+    /// Kafka settings with this test's own topic prefix and consumer group.
+    pub kafka: KafkaConfig,
     /// The configuration before the test's tweaks (used for cleanup).
     config: Config,
     pub schema: String,
@@ -43,8 +52,13 @@ impl TestEnv {
         let clients = Clients::connect(config.clone())
             .await
             .unwrap_or_else(|e| panic!("test services unreachable ({e}); run scripts/services.sh first"));
+        let mut kafka = KafkaConfig::from_env(&ProcessEnv).expect("Kafka configuration");
+        kafka.topic_prefix = format!("{name}.");
+        kafka.group_id = name.clone();
+        kafka.session_timeout = Duration::from_secs(10);
         Self {
             clients,
+            kafka,
             config: cleanup,
             schema: name.clone(),
             clickhouse_db: config.clickhouse.database.clone(),
@@ -194,5 +208,131 @@ impl ToggleProxy {
 
     pub fn bring_up(&self) {
         self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Polls `check` every 200 ms until it returns true or `timeout` passes.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// What a test published: the unique ids, and the end offset of every partition.
+#[derive(Debug, Default)]
+pub struct Published {
+    pub unique: usize,
+    pub messages: usize,
+    pub end_offsets: HashMap<i32, i64>,
+}
+
+/// Publishes `unique` user events plus `duplicates` repeats: half re-sent at once with
+/// the same Kafka key (a producer retry), half re-sent at the end with another key
+/// (a replay that may land on another partition).
+pub async fn publish_user_events(kafka: &KafkaConfig, topic: &str, unique: usize, duplicates: usize) -> Published {
+    let producer = Producer::new(kafka).expect("producer");
+    let mut plan: Vec<(String, String, Vec<u8>)> = Vec::new(); // (id, kafka key, payload)
+    let payload = |i: usize| {
+        serde_json::json!({"user_id": format!("user-{i}"), "type": "created", "occurred_at": 1_700_000_000 + i})
+            .to_string()
+            .into_bytes()
+    };
+    let immediate = duplicates / 2;
+    for i in 0..unique {
+        let id = format!("evt-{i}");
+        plan.push((id.clone(), id.clone(), payload(i)));
+        if i < immediate {
+            plan.push((id.clone(), id.clone(), payload(i)));
+        }
+    }
+    for k in 0..(duplicates - immediate) {
+        let i = (k * 7) % unique;
+        plan.push((format!("evt-{i}"), format!("replay-{k}"), payload(i)));
+    }
+    let mut published = Published { unique, messages: plan.len(), ..Default::default() };
+    for chunk in plan.chunks(200) {
+        let sends = chunk.iter().map(|(id, key, value)| producer.send(topic, Some(key.as_bytes()), value, Some(id)));
+        for result in futures::future::join_all(sends).await {
+            let (partition, offset) = result.expect("publish");
+            let end = published.end_offsets.entry(partition).or_insert(0);
+            *end = (*end).max(offset + 1);
+        }
+    }
+    published
+}
+
+/// The group's committed offset of each partition of `topic` (absent: none committed).
+pub async fn committed_offsets(kafka: &KafkaConfig, topic: &str, partitions: i32) -> HashMap<i32, i64> {
+    let mut config = exactly_once::runtime::worker::client_config(kafka);
+    config.set("group.id", &kafka.group_id);
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = config.create().expect("consumer");
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition(&topic, p);
+        }
+        let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).expect("committed offsets");
+        committed
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                rdkafka::Offset::Offset(o) => Some((e.partition(), o)),
+                _ => None,
+            })
+            .collect()
+    })
+    .await
+    .expect("committed offsets task")
+}
+
+/// A minimal HTTP/1.1 client: one request per connection, whole response read.
+pub async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    // The server may answer (413) before reading a large body; a failed write is fine.
+    let _ = stream.write_all(body).await;
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response).await;
+    let text = String::from_utf8_lossy(&response).to_string();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, dechunk(&body))
+}
+
+/// Undoes `Transfer-Encoding: chunked` when present (good enough for JSON bodies).
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    loop {
+        let Some((size, after)) = rest.split_once("\r\n") else { return body.to_owned() };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { return body.to_owned() };
+        if n == 0 {
+            return out;
+        }
+        if after.len() < n {
+            return body.to_owned();
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
     }
 }

@@ -247,6 +247,13 @@ impl Worker {
         Ok(Self { stop, main, shared })
     }
 
+    /// The partitions this member owns now, sorted.
+    pub fn assigned(&self) -> Vec<(String, i32)> {
+        let mut v: Vec<(String, i32)> = lock(&self.shared.assigned).iter().cloned().collect();
+        v.sort();
+        v
+    }
+
     /// Records received and not yet finished.
     pub fn in_flight(&self) -> usize {
         self.shared.in_flight()

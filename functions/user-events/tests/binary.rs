@@ -1,0 +1,311 @@
+//! The real `user-events` binary in both modes: as a Lambda function driven through a
+//! local Lambda Runtime API (served by this test), and as a worker answering
+//! `POST /invoke`. Both must give the same outcomes and the same rows.
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue};
+use axum::routing::{get, post};
+use axum::Router;
+use exactly_once::runtime::msk;
+use exactly_once::{Event, EventId, Namespace};
+use integration_tests::{user_event, TestEnv};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, Notify};
+
+/// Queued invocations: request id and payload.
+type Invocations = Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<(String, Vec<u8>)>>>;
+
+/// The few routes of the Lambda Runtime API a function uses.
+#[derive(Clone)]
+struct FakeRuntime {
+    queue: Invocations,
+    results: Arc<Mutex<HashMap<String, Result<Value, Value>>>>,
+    done: Arc<Notify>,
+}
+
+struct RuntimeApi {
+    addr: std::net::SocketAddr,
+    submit: mpsc::UnboundedSender<(String, Vec<u8>)>,
+    state: FakeRuntime,
+}
+
+impl RuntimeApi {
+    async fn start() -> Self {
+        let (submit, rx) = mpsc::unbounded_channel();
+        let state = FakeRuntime {
+            queue: Arc::new(tokio::sync::Mutex::new(rx)),
+            results: Default::default(),
+            done: Arc::new(Notify::new()),
+        };
+        let app = Router::new()
+            .route("/2018-06-01/runtime/invocation/next", get(next))
+            .route("/2018-06-01/runtime/invocation/{id}/response", post(response))
+            .route("/2018-06-01/runtime/invocation/{id}/error", post(error))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self { addr, submit, state }
+    }
+
+    /// Queues one invocation and waits for the function's answer.
+    async fn invoke(&self, event: &Value) -> Result<Value, Value> {
+        let id = uuid::Uuid::new_v4().to_string();
+        self.submit.send((id.clone(), event.to_string().into_bytes())).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let notified = self.state.done.notified();
+            if let Some(r) = self.state.results.lock().unwrap().remove(&id) {
+                return r;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the function did not answer invocation {id}");
+            let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
+        }
+    }
+}
+
+async fn next(State(s): State<FakeRuntime>) -> (HeaderMap, Vec<u8>) {
+    let (id, body) = s.queue.lock().await.recv().await.expect("test still running");
+    let deadline_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() + 30_000;
+    let mut headers = HeaderMap::new();
+    headers.insert("lambda-runtime-aws-request-id", HeaderValue::from_str(&id).unwrap());
+    headers.insert("lambda-runtime-deadline-ms", HeaderValue::from_str(&deadline_ms.to_string()).unwrap());
+    headers.insert(
+        "lambda-runtime-invoked-function-arn",
+        HeaderValue::from_static("arn:aws:lambda:us-east-1:000000000000:function:user-events"),
+    );
+    (headers, body)
+}
+
+async fn response(State(s): State<FakeRuntime>, Path(id): Path<String>, body: Bytes) -> &'static str {
+    let v = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    s.results.lock().unwrap().insert(id, Ok(v));
+    s.done.notify_waiters();
+    "{}"
+}
+
+async fn error(State(s): State<FakeRuntime>, Path(id): Path<String>, body: Bytes) -> &'static str {
+    let v = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    s.results.lock().unwrap().insert(id, Err(v));
+    s.done.notify_waiters();
+    "{}"
+}
+
+/// The binary, configured for this test's isolated schema, database and key prefix.
+fn binary(env: &TestEnv) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_user-events"));
+    cmd.env("DATABASE_SCHEMA", &env.schema)
+        .env("CLICKHOUSE_DATABASE", &env.clickhouse_db)
+        .env("REDIS_KEY_PREFIX", &env.key_prefix)
+        .env("KAFKA_TOPIC_PREFIX", &env.kafka.topic_prefix)
+        .env("KAFKA_GROUP_ID", &env.kafka.group_id)
+        .env("RUST_LOG", "warn")
+        .env_remove("AWS_LAMBDA_RUNTIME_API")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+fn lambda(env: &TestEnv, api: &RuntimeApi) -> Command {
+    let mut cmd = binary(env);
+    cmd.env("AWS_LAMBDA_RUNTIME_API", format!("http://{}", api.addr))
+        .env("AWS_LAMBDA_FUNCTION_NAME", "user-events")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "1")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
+}
+
+/// Starts the binary as a worker and returns it with its HTTP address.
+async fn worker(env: &TestEnv) -> (Child, std::net::SocketAddr) {
+    let mut child = binary(env)
+        .env("HTTP_BIND", "127.0.0.1:0")
+        .env("KAFKA_CREATE_TOPICS", "true")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn worker");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(rest) = line.strip_prefix("HTTP on http://") {
+                return rest.split_whitespace().next().unwrap().parse().unwrap();
+            }
+        }
+        panic!("the worker exited before printing its address");
+    })
+    .await
+    .expect("worker prints its HTTP address");
+    (child, addr)
+}
+
+fn poison(offset: i64) -> Event {
+    Event::new("user-events", 0, offset).with_header("idempotency_key", "poison-1").with_value("{this is not json")
+}
+
+fn mixed_batch() -> Value {
+    let mut event = msk::encode(&[
+        user_event("user-events", 0, 0, "b-1", "ann"),
+        user_event("user-events", 0, 1, "b-2", "ben"),
+        user_event("user-events", 1, 0, "b-1", "ann"),
+        poison(2),
+    ]);
+    // One record whose value is not base64: dead-lettered with its raw text.
+    event["records"]["user-events-1"].as_array_mut().unwrap().push(serde_json::json!({
+        "topic": "user-events", "partition": 1, "offset": 1, "timestamp": 0,
+        "value": "%%%", "headers": []
+    }));
+    event
+}
+
+fn labels(v: &Value) -> Vec<(String, String)> {
+    v["outcomes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| (o["eventId"].as_str().unwrap_or("-").to_owned(), o["outcome"].as_str().unwrap().to_owned()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lambda_processes_a_batch_skips_its_repeat_and_dead_letters_poison() {
+    let env = TestEnv::new().await;
+    let api = RuntimeApi::start().await;
+    let _function = lambda(&env, &api).spawn().expect("spawn lambda");
+
+    let fresh = msk::encode(&[
+        user_event("user-events", 0, 10, "l-1", "ann"),
+        user_event("user-events", 0, 11, "l-2", "ben"),
+        user_event("user-events", 2, 12, "l-1", "ann"),
+    ]);
+    let first = api.invoke(&fresh).await.expect("a new batch succeeds");
+    assert_eq!((first["processed"].as_u64(), first["duplicates"].as_u64()), (Some(2), Some(1)), "{first}");
+
+    let again = api.invoke(&fresh).await.expect("the same batch again succeeds");
+    assert_eq!(again["duplicates"], 3, "{again}");
+
+    let poisoned = msk::encode(&[user_event("user-events", 0, 13, "l-3", "cy"), poison(14)]);
+    let r = api.invoke(&poisoned).await.expect("a batch with a poison record succeeds");
+    assert_eq!((r["processed"].as_u64(), r["deadLettered"].as_u64()), (Some(1), Some(1)), "{r}");
+    assert_eq!(
+        env.count("SELECT count(*) FROM dead_letters WHERE event_id = 'poison-1' AND reason = 'payload_invalid'").await,
+        1
+    );
+    assert_eq!(env.clickhouse_count("SELECT count() FROM user_events FINAL").await, 3);
+
+    // A record leased by another consumer is unfinished: the invocation fails and names it.
+    let ns = Namespace::new("user-events").unwrap();
+    let busy = EventId::new("l-busy").unwrap();
+    env.clients.leases.acquire(&ns, &[&busy], "another-consumer", Duration::from_secs(60)).await.unwrap();
+    let blocked = msk::encode(&[
+        user_event("user-events", 0, 15, "l-4", "dee"),
+        user_event("user-events", 0, 16, "l-busy", "eve"),
+    ]);
+    let err = api.invoke(&blocked).await.expect_err("an unfinished batch is an error, so the trigger retries it");
+    let message = err["errorMessage"].as_str().unwrap();
+    assert!(message.contains("1 of 2 records") && message.contains("user-events-0@16 (in_flight)"), "{message}");
+    assert_eq!(err["errorType"], "UnfinishedBatch");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lambda_reports_batch_item_failures_when_configured() {
+    let env = TestEnv::new().await;
+    let api = RuntimeApi::start().await;
+    let _function = lambda(&env, &api).env("LAMBDA_REPORT_BATCH_ITEM_FAILURES", "true").spawn().expect("spawn lambda");
+    let ns = Namespace::new("user-events").unwrap();
+    let busy = EventId::new("p-busy").unwrap();
+    env.clients.leases.acquire(&ns, &[&busy], "another-consumer", Duration::from_secs(60)).await.unwrap();
+    let batch =
+        msk::encode(&[user_event("user-events", 0, 1, "p-1", "ann"), user_event("user-events", 0, 2, "p-busy", "ben")]);
+    let r = api.invoke(&batch).await.expect("a partial failure is reported, not raised");
+    assert_eq!(
+        r,
+        serde_json::json!({"batchItemFailures": [{"itemIdentifier": {"topic-partition": "user-events-0", "offset": 2}}]})
+    );
+    assert_eq!(env.count("SELECT count(*) FROM processed_events WHERE event_id = 'p-1'").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invoke_endpoint_and_lambda_give_the_same_outcomes_and_rows() {
+    let (a, b) = (TestEnv::new().await, TestEnv::new().await);
+    let api = RuntimeApi::start().await;
+    let _function = lambda(&a, &api).spawn().expect("spawn lambda");
+    let (_worker, addr) = worker(&b).await;
+
+    let event = mixed_batch();
+    let via_lambda = api.invoke(&event).await.expect("lambda succeeds");
+    let (status, body) =
+        integration_tests::http(addr, "POST", "/invoke/user-events", &[], event.to_string().as_bytes()).await;
+    assert_eq!(status, 200, "{body}");
+    let via_invoke: Value = serde_json::from_str(&body).unwrap();
+
+    assert_eq!(labels(&via_lambda), labels(&via_invoke));
+    assert_eq!(
+        labels(&via_lambda),
+        [
+            ("b-1", "processed"),
+            ("b-2", "processed"),
+            ("poison-1", "dead_lettered"),
+            ("b-1", "duplicate"),
+            ("-", "dead_lettered"),
+        ]
+        .map(|(a, b)| (a.to_owned(), b.to_owned()))
+    );
+
+    let rows = |env: &TestEnv| {
+        let client = env.clients.sink.client().clone();
+        async move {
+            client
+                .query("SELECT concat(event_id, '|', user_id, '|', toString(kind)) FROM user_events FINAL ORDER BY event_id")
+                .fetch_all::<String>()
+                .await
+                .unwrap()
+        }
+    };
+    let (rows_a, rows_b) = (rows(&a).await, rows(&b).await);
+    assert_eq!(rows_a, ["b-1|ann|created", "b-2|ben|created"]);
+    assert_eq!(rows_a, rows_b);
+    let ledger = "SELECT string_agg(event_id || ':' || status, ',' ORDER BY event_id) FROM processed_events";
+    let ledger_a: String = sqlx::query_scalar(ledger).fetch_one(a.pg()).await.unwrap();
+    let ledger_b: String = sqlx::query_scalar(ledger).fetch_one(b.pg()).await.unwrap();
+    assert_eq!(ledger_a, ledger_b);
+    assert_eq!(ledger_a, "b-1:processed,b-2:processed,invalid:user-events-1-1:dead_lettered,poison-1:dead_lettered");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn init_fails_fast_naming_the_unreachable_dependency() {
+    let env = TestEnv::new().await;
+    let api = RuntimeApi::start().await;
+    let output = lambda(&env, &api)
+        .env("REDIS_URL", "redis://:hunter2@127.0.0.1:1")
+        .env("STARTUP_TIMEOUT_SECS", "1")
+        .stderr(Stdio::piped())
+        .output()
+        .await
+        .expect("run lambda");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("Redis at redis://:***@127.0.0.1:1") && stderr.contains("REDIS_URL"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "the password never reaches the logs");
+
+    let output = binary(&env)
+        .env("CLICKHOUSE_URL", "http://127.0.0.1:1")
+        .env("STARTUP_TIMEOUT_SECS", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .await
+        .expect("run worker");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("ClickHouse at http://127.0.0.1:1") && stderr.contains("CLICKHOUSE_URL"), "{stderr}");
+}

@@ -1,0 +1,111 @@
+//! The worker runtime against the real broker (Tansu), Postgres, Redis and ClickHouse:
+//! a 3-partition topic, 2,000 messages with a quarter duplicated, and exact counts at the
+//! end in every store and in the committed offsets.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use exactly_once::config::WorkerConfig;
+use exactly_once::runtime::worker::create_topics;
+use exactly_once::runtime::{Functions, Worker};
+use exactly_once::Handler;
+use integration_tests::{committed_offsets, publish_user_events, wait_until, Published, TestEnv};
+use user_events::UserEvents;
+
+const PARTITIONS: i32 = 3;
+
+fn worker_config() -> WorkerConfig {
+    let mut c = WorkerConfig::from_env(&exactly_once::config::ProcessEnv).expect("worker configuration");
+    c.batch_size = 100;
+    c.retry_backoff = Duration::from_millis(50);
+    c
+}
+
+async fn setup() -> (TestEnv, Arc<Functions>, String) {
+    let mut env = TestEnv::new().await;
+    env.kafka.topic_partitions = PARTITIONS;
+    let functions = Arc::new(
+        Functions::new(&env.clients, vec![Arc::new(UserEvents) as Arc<dyn Handler>], &env.kafka)
+            .await
+            .expect("functions"),
+    );
+    let topic = env.kafka.topic(user_events::TOPICS[0]);
+    create_topics(&env.kafka, std::slice::from_ref(&topic)).await.expect("topic");
+    (env, functions, topic)
+}
+
+async fn start(env: &TestEnv, functions: &Arc<Functions>) -> Worker {
+    Worker::start(&env.clients, functions.clone(), &env.kafka, &worker_config()).await.expect("worker starts")
+}
+
+/// Waits until every store holds exactly the unique events and every partition's
+/// committed offset reached its end.
+async fn assert_exactly_once(env: &TestEnv, topic: &str, published: &Published) {
+    let unique = published.unique as u64;
+    wait_until(Duration::from_secs(120), "all events in ClickHouse and all offsets committed", || async {
+        let rows = env.clickhouse_count("SELECT count() FROM user_events FINAL").await;
+        assert!(rows <= unique, "ClickHouse holds {rows} rows for {unique} unique events");
+        if rows < unique {
+            return false;
+        }
+        let committed = committed_offsets(&env.kafka, topic, PARTITIONS).await;
+        published.end_offsets.iter().all(|(p, end)| committed.get(p) == Some(end))
+    })
+    .await;
+    assert_eq!(env.clickhouse_count("SELECT count() FROM user_events FINAL").await, unique);
+    assert_eq!(env.clickhouse_count("SELECT uniqExact(event_id) FROM user_events").await, unique);
+    assert_eq!(env.count("SELECT count(*) FROM processed_events WHERE namespace = 'user-events'").await, unique as i64);
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn worker_applies_each_unique_event_once_and_commits_every_partition() {
+    let (env, functions, topic) = setup().await;
+    let published = publish_user_events(&env.kafka, &topic, 1500, 500).await;
+    assert_eq!(published.messages, 2000);
+    assert_eq!(published.end_offsets.len(), PARTITIONS as usize, "all partitions used");
+
+    let worker = start(&env, &functions).await;
+    assert_exactly_once(&env, &topic, &published).await;
+    assert_eq!(worker.in_flight(), 0);
+    worker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn worker_killed_mid_stream_is_resumed_by_a_new_one_from_committed_offsets() {
+    let (env, functions, topic) = setup().await;
+    let first = start(&env, &functions).await;
+    let published = publish_user_events(&env.kafka, &topic, 1500, 500).await;
+    wait_until(Duration::from_secs(60), "the first worker to make progress", || async {
+        env.count("SELECT count(*) FROM processed_events").await >= 200
+    })
+    .await;
+    // No graceful shutdown: nothing more is committed, in-flight work is abandoned.
+    first.abort();
+    let confirmed_at_crash = env.count("SELECT count(*) FROM processed_events").await;
+
+    let second = start(&env, &functions).await;
+    assert_exactly_once(&env, &topic, &published).await;
+    assert!(confirmed_at_crash < 1500, "the crash happened mid-stream ({confirmed_at_crash} confirmed)");
+    second.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_workers_in_one_group_split_the_partitions() {
+    let (env, functions, topic) = setup().await;
+    let a = start(&env, &functions).await;
+    let b = start(&env, &functions).await;
+    wait_until(Duration::from_secs(60), "both workers to own partitions", || async {
+        !a.assigned().is_empty()
+            && !b.assigned().is_empty()
+            && a.assigned().len() + b.assigned().len() == PARTITIONS as usize
+    })
+    .await;
+    let (owned_a, owned_b) = (a.assigned(), b.assigned());
+    assert!(owned_a.iter().all(|p| !owned_b.contains(p)), "no partition owned twice: {owned_a:?} / {owned_b:?}");
+
+    let published = publish_user_events(&env.kafka, &topic, 1500, 500).await;
+    assert_exactly_once(&env, &topic, &published).await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
