@@ -109,3 +109,54 @@ async fn two_workers_in_one_group_split_the_partitions() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clickhouse_outage_pauses_partitions_without_spinning_or_moving_offsets() {
+    use exactly_once::BreakerState;
+    use integration_tests::ToggleProxy;
+    use std::sync::atomic::Ordering;
+
+    let proxy = ToggleProxy::start("127.0.0.1:8123").await;
+    let url = proxy.url();
+    let mut env = TestEnv::with(|c| {
+        c.clickhouse.url = url;
+        c.breakers.clickhouse.open_for = Duration::from_secs(2);
+    })
+    .await;
+    env.kafka.topic_partitions = PARTITIONS;
+    let functions = Arc::new(
+        Functions::new(&env.clients, vec![Arc::new(UserEvents) as Arc<dyn Handler>], &env.kafka).await.unwrap(),
+    );
+    let topic = env.kafka.topic(user_events::TOPICS[0]);
+    create_topics(&env.kafka, std::slice::from_ref(&topic)).await.unwrap();
+
+    proxy.take_down().await;
+    let pauses_before = exactly_once::metrics::metrics().partition_pauses.with_label_values(&["user-events"]).get();
+    let worker = start(&env, &functions).await;
+    let published = publish_user_events(&env.kafka, &topic, 300, 0).await;
+    let breaker = env.clients.sink.breaker().clone();
+    wait_until(Duration::from_secs(60), "the ClickHouse breaker to open", || async {
+        breaker.state() == BreakerState::Open
+    })
+    .await;
+
+    // Four seconds of outage (two open periods): a handful of probes, not a busy loop.
+    let attempts_before = proxy.connections.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let attempts = proxy.connections.load(Ordering::SeqCst) - attempts_before;
+    assert!(attempts <= 12, "{attempts} connection attempts in 4 s of outage: the worker is spinning");
+    assert!(
+        exactly_once::metrics::metrics().partition_pauses.with_label_values(&["user-events"]).get() > pauses_before
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM processed_events").await,
+        0,
+        "nothing confirmed while ClickHouse is down"
+    );
+    assert!(committed_offsets(&env.kafka, &topic, PARTITIONS).await.is_empty(), "no offset moves during the outage");
+    assert_eq!(env.count("SELECT count(*) FROM event_attempts").await, 0, "an outage does not count against events");
+
+    proxy.bring_up();
+    assert_exactly_once(&env, &topic, &published).await;
+    worker.shutdown().await;
+}

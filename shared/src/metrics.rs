@@ -19,6 +19,7 @@ pub const BREAKER_STATE: &str = "circuit_breaker_state";
 pub const BREAKER_TRANSITIONS: &str = "circuit_breaker_transitions_total";
 pub const GUARD_ROUND_TRIPS: &str = "guard_round_trips_total";
 pub const WORKER_IN_FLIGHT: &str = "kafka_events_in_flight";
+pub const PARTITION_PAUSES: &str = "kafka_partition_pauses_total";
 
 pub struct Metrics {
     pub registry: Registry,
@@ -45,6 +46,8 @@ pub struct Metrics {
     pub round_trips: IntCounterVec,
     /// Records the worker has received and not yet finished.
     pub worker_in_flight: IntGauge,
+    /// `{function}`: partitions paused because the ClickHouse breaker was open.
+    pub partition_pauses: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -99,6 +102,12 @@ impl Metrics {
                 BREAKER_TRANSITIONS,
                 "Circuit breaker state changes",
                 &["dependency", "to"],
+            ),
+            partition_pauses: counter(
+                &registry,
+                PARTITION_PAUSES,
+                "Partitions paused while the ClickHouse breaker was open",
+                &["function"],
             ),
             round_trips: counter(&registry, GUARD_ROUND_TRIPS, "Round trips made by the guard", &["function", "store"]),
             breaker_state,

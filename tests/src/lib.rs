@@ -230,6 +230,8 @@ pub struct Published {
     pub unique: usize,
     pub messages: usize,
     pub end_offsets: HashMap<i32, i64>,
+    /// (partition, offset, event id) of every message.
+    pub records: Vec<(i32, i64, String)>,
 }
 
 /// Publishes `unique` user events plus `duplicates` repeats: half re-sent at once with
@@ -258,8 +260,9 @@ pub async fn publish_user_events(kafka: &KafkaConfig, topic: &str, unique: usize
     let mut published = Published { unique, messages: plan.len(), ..Default::default() };
     for chunk in plan.chunks(200) {
         let sends = chunk.iter().map(|(id, key, value)| producer.send(topic, Some(key.as_bytes()), value, Some(id)));
-        for result in futures::future::join_all(sends).await {
+        for ((id, _, _), result) in chunk.iter().zip(futures::future::join_all(sends).await) {
             let (partition, offset) = result.expect("publish");
+            published.records.push((partition, offset, id.clone()));
             let end = published.end_offsets.entry(partition).or_insert(0);
             *end = (*end).max(offset + 1);
         }

@@ -107,7 +107,7 @@ fn binary(env: &TestEnv) -> Command {
         .env("REDIS_KEY_PREFIX", &env.key_prefix)
         .env("KAFKA_TOPIC_PREFIX", &env.kafka.topic_prefix)
         .env("KAFKA_GROUP_ID", &env.kafka.group_id)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", std::env::var("TEST_WORKER_LOG").unwrap_or("warn".into()))
         .env_remove("AWS_LAMBDA_RUNTIME_API")
         .stdin(Stdio::null())
         .kill_on_drop(true);
@@ -131,7 +131,7 @@ async fn worker(env: &TestEnv) -> (Child, std::net::SocketAddr) {
         .env("HTTP_BIND", "127.0.0.1:0")
         .env("KAFKA_CREATE_TOPICS", "true")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(if std::env::var_os("TEST_WORKER_LOG").is_some() { Stdio::inherit() } else { Stdio::null() })
         .spawn()
         .expect("spawn worker");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
@@ -308,4 +308,65 @@ async fn init_fails_fast_naming_the_unreachable_dependency() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("ClickHouse at http://127.0.0.1:1") && stderr.contains("CLICKHOUSE_URL"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_mid_stream_exits_zero_without_committing_past_unfinished_records() {
+    let mut env = TestEnv::new().await;
+    env.kafka.topic_partitions = 3;
+    let topic = env.kafka.topic(user_events::TOPICS[0]);
+    exactly_once::runtime::worker::create_topics(&env.kafka, std::slice::from_ref(&topic)).await.unwrap();
+    let published = integration_tests::publish_user_events(&env.kafka, &topic, 1500, 500).await;
+
+    let (mut child, _addr) = worker(&env).await;
+    integration_tests::wait_until(Duration::from_secs(60), "the worker to be mid-stream", || async {
+        env.count("SELECT count(*) FROM processed_events").await >= 200
+    })
+    .await;
+    let pid = child.id().expect("running").to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().await.unwrap().success());
+    let status =
+        tokio::time::timeout(Duration::from_secs(30), child.wait()).await.expect("exits after SIGTERM").unwrap();
+    assert_eq!(status.code(), Some(0), "graceful shutdown exits 0");
+
+    // Every record below each committed offset is confirmed: nothing was skipped.
+    let committed = integration_tests::committed_offsets(&env.kafka, &topic, 3).await;
+    let confirmed: Vec<String> =
+        sqlx::query_scalar("SELECT event_id FROM processed_events").fetch_all(env.pg()).await.unwrap();
+    let confirmed: std::collections::HashSet<String> = confirmed.into_iter().collect();
+    let mut covered = 0;
+    for (partition, offset, id) in &published.records {
+        if committed.get(partition).is_some_and(|c| offset < c) {
+            covered += 1;
+            assert!(confirmed.contains(id), "committed past {id} at {partition}@{offset}, which is not confirmed");
+        }
+    }
+    assert!(covered > 0, "the shutdown committed what it finished");
+
+    // A new worker in the same group finishes the stream, exactly once.
+    let (_second, _) = worker(&env).await;
+    integration_tests::wait_until(Duration::from_secs(90), "the second worker to finish the stream", || async {
+        let committed = integration_tests::committed_offsets(&env.kafka, &topic, 3).await;
+        published.end_offsets.iter().all(|(p, end)| committed.get(p) == Some(end))
+    })
+    .await;
+    assert_eq!(env.count("SELECT count(*) FROM processed_events").await, 1500);
+    assert_eq!(env.clickhouse_count("SELECT count() FROM user_events FINAL").await, 1500);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn worker_start_fails_fast_when_kafka_is_unreachable() {
+    let env = TestEnv::new().await;
+    let output = binary(&env)
+        .env("KAFKA_BROKERS", "127.0.0.1:1")
+        .env("STARTUP_TIMEOUT_SECS", "2")
+        .env("HTTP_BIND", "127.0.0.1:0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .await
+        .expect("run worker");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("Kafka at 127.0.0.1:1") && stderr.contains("KAFKA_BROKERS"), "{stderr}");
 }

@@ -20,8 +20,9 @@
 //! - when the ClickHouse breaker is open, a partition whose batch failed for it is
 //!   paused in the consumer and resumed only when the breaker lets a probe through: no
 //!   busy loop, no offset movement;
-//! - graceful stop: stop receiving, let running batches finish, commit, leave the
-//!   group. [`Worker::abort`] stops without committing anything (a crash, for tests).
+//! - graceful stop: stop receiving, handle every record already received (retrying
+//!   nothing), commit, leave the group. [`Worker::abort`] stops without committing
+//!   anything (a crash, for tests).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -351,7 +352,8 @@ async fn consume(
         let _ = handle.tx.send(Item { event, _slot: slot });
     }
 
-    // Graceful stop: let running batches finish, then commit and leave.
+    // Graceful stop: closing the channels lets every partition task handle what it has
+    // received and end; then commit and leave.
     let tasks: Vec<JoinHandle<()>> = lock(&shared.partitions).drain().map(|(_, h)| h.task).collect();
     if tokio::time::timeout(config.shutdown_timeout, futures::future::join_all(tasks)).await.is_err() {
         tracing::warn!(
@@ -402,15 +404,13 @@ async fn run_partition(
         tpl
     };
     loop {
-        if *stop.borrow() || fenced.load(Ordering::SeqCst) {
+        if fenced.load(Ordering::SeqCst) {
             return;
         }
         if events.is_empty() {
-            let next = tokio::select! {
-                item = rx.recv() => item,
-                _ = stop.changed() => return,
-            };
-            let Some(item) = next else { return };
+            // On shutdown the consumer loop closes the channel: what was received is
+            // still handled, then `recv` ends the task.
+            let Some(item) = rx.recv().await else { return };
             events.push_back(item.event);
             slots.push_back(item._slot);
         }
@@ -444,6 +444,10 @@ async fn run_partition(
             backoff = config.retry_backoff;
             continue;
         }
+        if *stop.borrow() {
+            // Shutting down: no more retries; the next owner picks these up.
+            return;
+        }
         let first = &report.outcomes[done].outcome;
         let clickhouse_down = matches!(first, Outcome::Failed { kind: FailureKind::Unavailable, .. })
             && clients.sink.breaker().state() == BreakerState::Open;
@@ -451,6 +455,7 @@ async fn run_partition(
             let breaker = clients.sink.breaker().clone();
             tracing::warn!(topic = %key.0, partition = key.1, "ClickHouse breaker open: pausing partition until a probe is allowed");
             let _ = consumer.pause(&tpl_of(None));
+            metrics().partition_pauses.with_label_values(&[function.spec.name]).inc();
             tokio::select! {
                 _ = breaker.wait_for_probe() => {}
                 _ = stop.changed() => return,
