@@ -35,12 +35,11 @@ struct Probe {
 #[async_trait]
 impl Handler for Probe {
     fn spec(&self) -> FunctionSpec {
-        FunctionSpec {
-            name: NS,
-            topics: &["probe"],
-            id_strategy: self.ids.clone().unwrap_or_else(|| IdStrategy::Header("idempotency_key".into())),
-            clickhouse_ddl: "",
-        }
+        FunctionSpec::new(
+            NS,
+            &["probe"],
+            self.ids.clone().unwrap_or_else(|| IdStrategy::Header("idempotency_key".into())),
+        )
     }
 
     async fn handle(&self, event: &Event, ctx: &mut HandlerContext<'_>) -> Result<(), HandlerError> {
@@ -282,12 +281,7 @@ async fn handler_effects_and_confirm_commit_together_per_event() {
     #[async_trait]
     impl Handler for Picky {
         fn spec(&self) -> FunctionSpec {
-            FunctionSpec {
-                name: NS,
-                topics: &["probe"],
-                id_strategy: IdStrategy::Header("idempotency_key".into()),
-                clickhouse_ddl: "",
-            }
+            FunctionSpec::new(NS, &["probe"], IdStrategy::Header("idempotency_key".into()))
         }
         async fn handle(&self, _event: &Event, ctx: &mut HandlerContext<'_>) -> Result<(), HandlerError> {
             let id = ctx.event_id().to_string();
@@ -392,12 +386,7 @@ struct TtlSpy {
 #[async_trait]
 impl Handler for TtlSpy {
     fn spec(&self) -> FunctionSpec {
-        FunctionSpec {
-            name: NS,
-            topics: &["probe"],
-            id_strategy: IdStrategy::Header("idempotency_key".into()),
-            clickhouse_ddl: "",
-        }
+        FunctionSpec::new(NS, &["probe"], IdStrategy::Header("idempotency_key".into()))
     }
     async fn handle(&self, _event: &Event, _ctx: &mut HandlerContext<'_>) -> Result<(), HandlerError> {
         let mut conn = self.pool.get().await.map_err(HandlerError::retryable)?;
@@ -443,7 +432,7 @@ async fn clickhouse_breaker_fails_fast_confirms_nothing_and_recovers_through_hal
     let proxy = ToggleProxy::start("127.0.0.1:8123").await;
     let url = proxy.url();
     let env = TestEnv::with(|c| {
-        c.clickhouse.url = url;
+        c.clickhouse.urls = vec![url];
         c.breakers.clickhouse.open_for = Duration::from_secs(1);
     })
     .await;

@@ -119,7 +119,7 @@ async fn clickhouse_outage_pauses_partitions_without_spinning_or_moving_offsets(
     let proxy = ToggleProxy::start("127.0.0.1:8123").await;
     let url = proxy.url();
     let mut env = TestEnv::with(|c| {
-        c.clickhouse.url = url;
+        c.clickhouse.urls = vec![url];
         c.breakers.clickhouse.open_for = Duration::from_secs(2);
     })
     .await;

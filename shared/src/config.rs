@@ -46,11 +46,13 @@ pub const VARIABLES: &[Var] = &[
     var("REDIS_POOL_SIZE", "16", "Redis connection pool size."),
     var("REDIS_KEY_PREFIX", "eo", "Prefix of every Redis key (`<prefix>:{<function>}:lease:<id>`)."),
     var("REDIS_TIMEOUT_MS", "1000", "Per-call Redis timeout; a slow Redis counts as a failure for its breaker."),
-    var("CLICKHOUSE_URL", "http://127.0.0.1:8123", "ClickHouse HTTP endpoint."),
+    var("CLICKHOUSE_URL", "http://127.0.0.1:8123", "ClickHouse HTTP endpoint; several, comma-separated, are used round-robin and a failed write moves to the next."),
     var("CLICKHOUSE_DATABASE", "default", "ClickHouse database holding the function tables."),
     var("CLICKHOUSE_USER", "default", "ClickHouse user."),
     secret("CLICKHOUSE_PASSWORD", "", "ClickHouse password."),
-    var("CLICKHOUSE_TIMEOUT_MS", "10000", "Timeout of one ClickHouse insert."),
+    var("CLICKHOUSE_TIMEOUT_MS", "10000", "Timeout of one ClickHouse write (all its attempts)."),
+    var("CLICKHOUSE_WRITE_ATTEMPTS", "3", "Attempts of one ClickHouse write, each on the next endpoint (seed 000)."),
+    var("CLICKHOUSE_RETRY_BACKOFF_MS", "10", "Wait before the second attempt; doubles for each further one (10, 20, 40 ms)."),
     var(
         "GUARD_LEASE_TTL_MS",
         "30000",
@@ -63,7 +65,12 @@ pub const VARIABLES: &[Var] = &[
         "How long the in-process cache remembers a confirmed id; 0 disables the cache.",
     ),
     var("GUARD_LOCAL_CACHE_MAX_BYTES", "67108864", "Memory bound of the in-process cache of confirmed ids (64 MiB)."),
-    var("GUARD_MAX_ATTEMPTS", "5", "Failed attempts before an event is dead-lettered."),
+    var("GUARD_MAX_ATTEMPTS", "5", "Failed attempts before an event is dead-lettered (a function may set its own)."),
+    var("GUARD_MAX_VALUE_BYTES", "1048576", "Largest record value handled; larger ones are dead-lettered as `value_too_large`."),
+    var("GUARD_DEAD_LETTER_PAYLOAD_MISMATCH", "false", "Also store a copy of a duplicate whose payload differs from the confirmed one in the dead letters (it is always counted and logged)."),
+    var("RETENTION_DAYS", "7", "Confirmed ids older than this are deleted by the cleanup (Redis markers expire on their own)."),
+    var("CLEANUP_BATCH_SIZE", "5000", "Rows deleted per cleanup statement, so it never holds long locks."),
+    var("CLEANUP_INTERVAL_SECS", "3600", "How often the worker runs the cleanup; 0 disables it (run `eo cleanup` instead)."),
     var("CLICKHOUSE_BREAKER_FAILURES", "3", "Consecutive ClickHouse failures that open its breaker."),
     var("CLICKHOUSE_BREAKER_OPEN_SECS", "30", "How long the ClickHouse breaker stays open before a probe."),
     var("CLICKHOUSE_BREAKER_SUCCESSES", "3", "Successful probes that close the ClickHouse breaker."),
@@ -332,11 +339,14 @@ impl RedisConfig {
 
 #[derive(Debug, Clone)]
 pub struct ClickHouseConfig {
-    pub url: String,
+    /// One or more endpoints; the first is used for DDL and reads.
+    pub urls: Vec<String>,
     pub database: String,
     pub user: String,
     pub password: Secret,
     pub timeout: Duration,
+    pub write_attempts: u32,
+    pub retry_backoff: Duration,
 }
 
 impl ClickHouseConfig {
@@ -349,13 +359,29 @@ impl ClickHouseConfig {
                 reason: "use lowercase letters, digits and `_`, starting with a letter".into(),
             });
         }
+        let urls: String = read(env, "CLICKHOUSE_URL")?;
+        let urls: Vec<String> = urls.split(',').map(|u| u.trim().to_owned()).filter(|u| !u.is_empty()).collect();
+        if urls.is_empty() || urls.iter().any(|u| !u.starts_with("http://") && !u.starts_with("https://")) {
+            return Err(ConfigError::Invalid {
+                var: "CLICKHOUSE_URL",
+                shown: format!("{urls:?}"),
+                reason: "give one or more http(s):// URLs, comma-separated".into(),
+            });
+        }
         Ok(Self {
-            url: read(env, "CLICKHOUSE_URL")?,
+            urls,
             database,
             user: read(env, "CLICKHOUSE_USER")?,
             password: Secret::new(read::<String>(env, "CLICKHOUSE_PASSWORD")?),
             timeout: millis(env, "CLICKHOUSE_TIMEOUT_MS")?,
+            write_attempts: positive(env, "CLICKHOUSE_WRITE_ATTEMPTS")?,
+            retry_backoff: millis(env, "CLICKHOUSE_RETRY_BACKOFF_MS")?,
         })
+    }
+
+    /// The first endpoint (DDL, reads, error messages).
+    pub fn url(&self) -> &str {
+        &self.urls[0]
     }
 }
 
@@ -367,6 +393,8 @@ pub struct GuardConfig {
     pub local_cache_ttl: Duration,
     pub local_cache_max_bytes: u64,
     pub max_attempts: u32,
+    pub max_value_bytes: usize,
+    pub dead_letter_payload_mismatch: bool,
 }
 
 impl GuardConfig {
@@ -377,6 +405,8 @@ impl GuardConfig {
             local_cache_ttl: Duration::from_secs(read(env, "KAFKA_DEDUP_TTL_SECONDS")?),
             local_cache_max_bytes: read(env, "GUARD_LOCAL_CACHE_MAX_BYTES")?,
             max_attempts: positive(env, "GUARD_MAX_ATTEMPTS")?,
+            max_value_bytes: positive(env, "GUARD_MAX_VALUE_BYTES")?,
+            dead_letter_payload_mismatch: read(env, "GUARD_DEAD_LETTER_PAYLOAD_MISMATCH")?,
         })
     }
 }
@@ -432,6 +462,25 @@ impl BreakersConfig {
 impl Default for BreakersConfig {
     fn default() -> Self {
         Self::from_env(&HashMap::<&str, &str>::new()).expect("documented defaults are valid")
+    }
+}
+
+/// Retention of the ledger.
+#[derive(Debug, Clone)]
+pub struct RetentionConfig {
+    pub retention: Duration,
+    pub batch_size: i64,
+    /// Zero: the worker does not run the cleanup itself.
+    pub interval: Duration,
+}
+
+impl RetentionConfig {
+    pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
+        Ok(Self {
+            retention: Duration::from_secs(positive::<u64>(env, "RETENTION_DAYS")? * 86_400),
+            batch_size: positive(env, "CLEANUP_BATCH_SIZE")?,
+            interval: Duration::from_secs(read(env, "CLEANUP_INTERVAL_SECS")?),
+        })
     }
 }
 
@@ -548,6 +597,7 @@ pub struct Config {
     pub clickhouse: ClickHouseConfig,
     pub guard: GuardConfig,
     pub breakers: BreakersConfig,
+    pub retention: RetentionConfig,
 }
 
 impl Config {
@@ -558,6 +608,7 @@ impl Config {
             clickhouse: ClickHouseConfig::from_env(env)?,
             guard: GuardConfig::from_env(env)?,
             breakers: BreakersConfig::from_env(env)?,
+            retention: RetentionConfig::from_env(env)?,
         })
     }
 

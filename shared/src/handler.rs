@@ -17,6 +17,24 @@ pub struct FunctionSpec {
     pub id_strategy: IdStrategy,
     /// `CREATE TABLE IF NOT EXISTS ...` statements, separated by `;`.
     pub clickhouse_ddl: &'static str,
+    /// Failed attempts before dead-lettering; `None`: `GUARD_MAX_ATTEMPTS`.
+    pub max_attempts: Option<u32>,
+}
+
+impl FunctionSpec {
+    pub fn new(name: &'static str, topics: &'static [&'static str], id_strategy: IdStrategy) -> Self {
+        Self { name, topics, id_strategy, clickhouse_ddl: "", max_attempts: None }
+    }
+
+    pub fn clickhouse_ddl(mut self, ddl: &'static str) -> Self {
+        self.clickhouse_ddl = ddl;
+        self
+    }
+
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = Some(n);
+        self
+    }
 }
 
 /// A per-topic handler. `handle` runs once per event that the guard has not seen

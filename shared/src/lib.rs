@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod outcome;
 pub mod postgres;
 pub mod producer;
+pub mod retention;
 pub mod runtime;
 pub mod sink;
 

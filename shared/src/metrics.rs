@@ -20,6 +20,8 @@ pub const BREAKER_TRANSITIONS: &str = "circuit_breaker_transitions_total";
 pub const GUARD_ROUND_TRIPS: &str = "guard_round_trips_total";
 pub const WORKER_IN_FLIGHT: &str = "kafka_events_in_flight";
 pub const PARTITION_PAUSES: &str = "kafka_partition_pauses_total";
+pub const TABLE_SIZE: &str = "processed_events_table_size";
+pub const CLEANUP_DELETED: &str = "processed_events_cleanup_deleted_total";
 
 pub struct Metrics {
     pub registry: Registry,
@@ -48,6 +50,10 @@ pub struct Metrics {
     pub worker_in_flight: IntGauge,
     /// `{function}`: partitions paused because the ClickHouse breaker was open.
     pub partition_pauses: IntCounterVec,
+    /// Rows in `processed_events` (seed 001's gauge).
+    pub table_size: IntGauge,
+    /// Rows the retention cleanup deleted.
+    pub cleanup_deleted: prometheus::IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -68,7 +74,14 @@ impl Metrics {
         let worker_in_flight = IntGauge::new(WORKER_IN_FLIGHT, "Records received by the worker and not yet finished")
             .expect("valid metric");
         registry.register(Box::new(worker_in_flight.clone())).expect("metric registered once");
+        let table_size = IntGauge::new(TABLE_SIZE, "Current number of rows in processed_events").expect("valid metric");
+        registry.register(Box::new(table_size.clone())).expect("metric registered once");
+        let cleanup_deleted = prometheus::IntCounter::new(CLEANUP_DELETED, "Rows deleted by the retention cleanup")
+            .expect("valid metric");
+        registry.register(Box::new(cleanup_deleted.clone())).expect("metric registered once");
         Self {
+            table_size,
+            cleanup_deleted,
             worker_in_flight,
             processed: counter(&registry, EVENTS_PROCESSED, "Events handled and confirmed", &["function"]),
             duplicates: counter(

@@ -115,7 +115,7 @@ impl Drop for TestEnv {
                     let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE")).execute(&mut pg).await;
                 }
                 let ch = exactly_once::clickhouse::Client::default()
-                    .with_url(&config.clickhouse.url)
+                    .with_url(config.clickhouse.url())
                     .with_user(&config.clickhouse.user)
                     .with_password(config.clickhouse.password.expose())
                     .with_validation(false)

@@ -61,12 +61,8 @@ pub struct UserEvents;
 #[async_trait]
 impl Handler for UserEvents {
     fn spec(&self) -> FunctionSpec {
-        FunctionSpec {
-            name: NAME,
-            topics: TOPICS,
-            id_strategy: IdStrategy::default_chain(Some("/event_id"), None),
-            clickhouse_ddl: CLICKHOUSE_DDL,
-        }
+        FunctionSpec::new(NAME, TOPICS, IdStrategy::default_chain(Some("/event_id"), None))
+            .clickhouse_ddl(CLICKHOUSE_DDL)
     }
 
     async fn handle(&self, event: &Event, ctx: &mut HandlerContext<'_>) -> Result<(), HandlerError> {

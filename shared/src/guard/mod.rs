@@ -202,6 +202,8 @@ impl Guard {
             self.settle_failures(&mut slots).await;
             self.release(&slots, &token).await;
             self.remember(&slots);
+            self.resolve_followers(&mut slots);
+            self.dead_letter_mismatches(&slots).await;
             self.report(slots)
         }
         .instrument(span)
@@ -215,6 +217,17 @@ impl Guard {
         for (i, (event, rejected)) in items.into_iter().enumerate() {
             // A rejected record, or one without a usable id, is filed under its position.
             let stand_in = || EventId::new(format!("invalid:{}", event.position())).expect("non-empty");
+            let too_large = event.value_bytes().len() > self.config.max_value_bytes;
+            let rejected = rejected.or_else(|| {
+                too_large.then(|| Rejection {
+                    reason: "value_too_large".into(),
+                    error: format!(
+                        "value is {} bytes, over GUARD_MAX_VALUE_BYTES={}",
+                        event.value_bytes().len(),
+                        self.config.max_value_bytes
+                    ),
+                })
+            });
             let (id, invalid) = match rejected {
                 Some(r) => (stand_in(), Some(r)),
                 None => match self.ids.derive(event) {
@@ -577,8 +590,8 @@ impl Guard {
         }
     }
 
-    /// Followers take their leader's fate; metrics; the report.
-    fn report(&self, mut slots: Vec<Slot<'_>>) -> BatchReport {
+    /// Records repeating an earlier record's id take its fate.
+    fn resolve_followers(&self, slots: &mut [Slot<'_>]) {
         for i in 0..slots.len() {
             if let Some(l) = slots[i].leader {
                 let leader_outcome = slots[l].outcome.clone();
@@ -595,6 +608,42 @@ impl Guard {
                 });
             }
         }
+    }
+
+    /// With `GUARD_DEAD_LETTER_PAYLOAD_MISMATCH`, a duplicate carrying another payload
+    /// than the confirmed event is also kept in the dead letters for inspection, filed
+    /// under `mismatch:<topic>-<partition>-<offset>`. The duplicate itself is skipped as
+    /// any duplicate is; the copy never blocks the partition.
+    async fn dead_letter_mismatches(&self, slots: &[Slot<'_>]) {
+        if !self.config.dead_letter_payload_mismatch {
+            return;
+        }
+        let mismatched: Vec<(&Slot<'_>, EventId)> = slots
+            .iter()
+            .filter(|s| matches!(s.outcome, Some(Outcome::Duplicate { payload_mismatch: true, .. })))
+            .map(|s| (s, EventId::new(format!("mismatch:{}", s.event.position())).expect("non-empty")))
+            .collect();
+        if mismatched.is_empty() {
+            return;
+        }
+        let rows: Vec<DeadLetterRow<'_>> = mismatched
+            .iter()
+            .map(|(s, id)| DeadLetterRow {
+                id,
+                event: s.event,
+                reason: "payload_mismatch".into(),
+                error: format!("event {} was confirmed with another payload", s.id),
+                attempts: 1,
+            })
+            .collect();
+        self.count_postgres(1);
+        if let Err(e) = ledger::dead_letter(&self.pg, &self.ns, &rows).await {
+            tracing::warn!(function = %self.ns, error = %e, "could not store payload mismatches in the dead letters");
+        }
+    }
+
+    /// Metrics and the report.
+    fn report(&self, slots: Vec<Slot<'_>>) -> BatchReport {
         let m = metrics();
         let ns = self.ns.as_str();
         let outcomes = slots

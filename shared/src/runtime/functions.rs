@@ -48,7 +48,11 @@ impl Functions {
         let mut by_topic: HashMap<String, usize> = HashMap::new();
         for handler in handlers {
             let spec = handler.spec();
-            let guard = Guard::new(clients, spec.name, spec.id_strategy.clone(), clients.config.guard.clone())
+            let mut guard_config = clients.config.guard.clone();
+            if let Some(n) = spec.max_attempts {
+                guard_config.max_attempts = n;
+            }
+            let guard = Guard::new(clients, spec.name, spec.id_strategy.clone(), guard_config)
                 .map_err(|e| FunctionsError::Invalid(spec.name.to_owned(), e.to_string()))?;
             if !spec.clickhouse_ddl.trim().is_empty() {
                 clients

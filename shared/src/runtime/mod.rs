@@ -133,6 +133,7 @@ pub async fn run_worker(handlers: Vec<Arc<dyn Handler>>, options: WorkerOptions)
     .await
     .map_err(|e| RunError::Http { bind: http.bind.to_string(), message: e.to_string() })?;
     let worker = Worker::start(&clients, functions.clone(), &kafka, &worker_config).await?;
+    let retention = crate::retention::spawn(clients.pg.clone(), config.retention.clone());
 
     let names: Vec<&str> = functions.iter().map(|f| f.spec.name).collect();
     tracing::info!(http = %addr, functions = ?names, topics = ?functions.topics(), "worker running");
@@ -142,6 +143,7 @@ pub async fn run_worker(handlers: Vec<Arc<dyn Handler>>, options: WorkerOptions)
     shutdown_signal().await;
     tracing::info!("shutdown requested: finishing in-flight batches");
     worker.shutdown().await;
+    retention.abort();
     let _ = stop_http.send(());
     let _ = http_task.await;
     Ok(())

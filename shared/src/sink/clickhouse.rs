@@ -6,8 +6,13 @@
 //!   and `insert_deduplication_token` are used only where the server supports them
 //!   (the local Debian server is 18.16 and has none of them);
 //! - exactly-once never depends on the dedup token: tables are ReplacingMergeTree keyed
-//!   by the event id, so a repeated insert collapses on every server version.
+//!   by the event id, so a repeated insert collapses on every server version;
+//! - with several endpoints (`CLICKHOUSE_URL=a,b,c`), writes go round-robin and a failed
+//!   attempt is retried on the next endpoint after 10, 20, 40 ms (seed 000's rotation),
+//!   `CLICKHOUSE_WRITE_ATTEMPTS` attempts in all, under one breaker permit: the breaker
+//!   sees one failure only when every attempt failed.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,7 +76,11 @@ pub enum SinkError {
 }
 
 pub struct ClickHouseSink {
-    client: Client,
+    /// One client per endpoint, in configuration order.
+    clients: Vec<Client>,
+    /// The endpoint that answered at connect: DDL and reads go there.
+    primary: usize,
+    next: AtomicUsize,
     breaker: Arc<CircuitBreaker>,
     version: ServerVersion,
     config: ClickHouseConfig,
@@ -81,37 +90,66 @@ impl ClickHouseSink {
     /// Connects, detects the server version and creates the configured database if
     /// missing. Fails fast with a message naming the URL when the server is unreachable.
     pub async fn connect(config: &ClickHouseConfig, breaker: Arc<CircuitBreaker>) -> Result<Self, SinkError> {
-        let base = Client::default()
-            .with_url(&config.url)
-            .with_user(&config.user)
-            .with_password(config.password.expose())
-            .with_validation(false)
-            .with_compression(Compression::None);
-        let unreachable = |message: String| SinkError::Unreachable { url: config.url.clone(), message };
-        let raw: String = tokio::time::timeout(config.timeout, base.query("SELECT version()").fetch_one::<String>())
-            .await
-            .map_err(|_| unreachable(format!("no answer within {} ms", config.timeout.as_millis())))?
-            .map_err(|e| unreachable(e.to_string()))?;
-        let version =
-            ServerVersion::parse(&raw).ok_or_else(|| unreachable(format!("unexpected version string {raw:?}")))?;
+        let base_for = |url: &str| {
+            Client::default()
+                .with_url(url)
+                .with_user(&config.user)
+                .with_password(config.password.expose())
+                .with_validation(false)
+                .with_compression(Compression::None)
+        };
+        // The first endpoint that answers detects the version and runs DDL.
+        let mut answered = None;
+        let mut failures = Vec::new();
+        for (i, url) in config.urls.iter().enumerate() {
+            let probe = base_for(url).query("SELECT version()").fetch_one::<String>();
+            match tokio::time::timeout(config.timeout, probe).await {
+                Ok(Ok(raw)) => {
+                    answered = Some((i, raw));
+                    break;
+                }
+                Ok(Err(e)) => failures.push(format!("{url}: {e}")),
+                Err(_) => failures.push(format!("{url}: no answer within {} ms", config.timeout.as_millis())),
+            }
+        }
+        let Some((primary, raw)) = answered else {
+            return Err(SinkError::Unreachable { url: config.urls.join(","), message: failures.join("; ") });
+        };
+        if !failures.is_empty() {
+            tracing::warn!(failed = ?failures, "some ClickHouse endpoints did not answer at start-up");
+        }
+        let base = base_for(&config.urls[primary]);
+        let version = ServerVersion::parse(&raw).ok_or_else(|| SinkError::Unreachable {
+            url: config.urls[primary].clone(),
+            message: format!("unexpected version string {raw:?}"),
+        })?;
 
         if !is_identifier(&config.database) {
             return Err(SinkError::Ddl {
-                url: config.url.clone(),
+                url: config.urls[primary].clone(),
                 message: format!("invalid database name {:?}", config.database),
             });
         }
         base.query(&format!("CREATE DATABASE IF NOT EXISTS {}", config.database))
             .execute()
             .await
-            .map_err(|e| SinkError::Ddl { url: config.url.clone(), message: e.to_string() })?;
+            .map_err(|e| SinkError::Ddl { url: config.urls[primary].clone(), message: e.to_string() })?;
 
-        let mut client = base.with_database(&config.database).with_validation(version.supports_validation());
-        if version.supports_compression() {
-            client = client.with_compression(Compression::Lz4);
-        }
-        tracing::info!(url = %config.url, %version, dedup_token = version.supports_dedup_token(), "connected to ClickHouse");
-        Ok(Self { client, breaker, version, config: config.clone() })
+        // Every endpoint is expected to be a replica of the same server version.
+        let clients = config
+            .urls
+            .iter()
+            .map(|url| {
+                let c = base_for(url).with_database(&config.database).with_validation(version.supports_validation());
+                if version.supports_compression() {
+                    c.with_compression(Compression::Lz4)
+                } else {
+                    c
+                }
+            })
+            .collect();
+        tracing::info!(urls = ?config.urls, %version, dedup_token = version.supports_dedup_token(), "connected to ClickHouse");
+        Ok(Self { clients, primary, next: AtomicUsize::new(0), breaker, version, config: config.clone() })
     }
 
     pub fn version(&self) -> ServerVersion {
@@ -122,8 +160,13 @@ impl ClickHouseSink {
         &self.breaker
     }
 
+    /// The client of the endpoint that answered at connect (DDL, reads).
     pub fn client(&self) -> &Client {
-        &self.client
+        &self.clients[self.primary]
+    }
+
+    pub fn endpoints(&self) -> &[String] {
+        &self.config.urls
     }
 
     pub fn database(&self) -> &str {
@@ -148,50 +191,71 @@ impl ClickHouseSink {
         let ddl: String = ddl.lines().filter(|l| !l.trim_start().starts_with("--")).collect::<Vec<_>>().join("\n");
         for statement in ddl.split(';').map(str::trim).filter(|s| !s.is_empty()) {
             // `query_raw`: DDL is sent verbatim, `?` is not a bind placeholder here.
-            self.client
+            self.client()
                 .query_raw(statement)
                 .execute()
                 .await
-                .map_err(|e| SinkError::Ddl { url: self.config.url.clone(), message: e.to_string() })?;
+                .map_err(|e| SinkError::Ddl { url: self.config.urls[self.primary].clone(), message: e.to_string() })?;
         }
         Ok(())
     }
 
     /// Writes every staged row, one insert per table, under the breaker. `dedup_token`
-    /// identifies the batch; it is sent where the server supports it.
+    /// identifies the batch; it is sent where the server supports it. A failed attempt
+    /// is retried on the next endpoint (see the module docs).
     pub async fn write(&self, batch: &SinkBatch, dedup_token: &str) -> Result<(), SinkError> {
         if batch.is_empty() {
             return Ok(());
         }
         let permit = self.breaker.try_acquire()?;
-        let work = async {
-            for (table, rows) in &batch.tables {
-                if rows.len() == 0 {
-                    continue;
+        let attempts = async {
+            let mut backoff = self.config.retry_backoff;
+            let mut last = None;
+            for attempt in 0..self.config.write_attempts {
+                if attempt > 0 {
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
                 }
-                let token = self.version.supports_dedup_token().then(|| format!("{dedup_token}:{table}"));
-                rows.write(&self.client, table, token).await.map_err(|e| (table.to_string(), e.to_string()))?;
+                let i = self.next.fetch_add(1, Ordering::Relaxed) % self.clients.len();
+                match self.write_once(&self.clients[i], batch, dedup_token).await {
+                    Ok(()) => return Ok(()),
+                    Err((table, message)) => {
+                        tracing::debug!(url = %self.config.urls[i], attempt, %table, %message, "ClickHouse write attempt failed");
+                        last = Some((self.config.urls[i].clone(), table, message));
+                    }
+                }
             }
-            Ok::<(), (String, String)>(())
+            Err(last.expect("at least one attempt"))
         };
-        match tokio::time::timeout(self.config.timeout, work).await {
+        match tokio::time::timeout(self.config.timeout, attempts).await {
             Ok(Ok(())) => {
                 permit.success();
                 Ok(())
             }
-            Ok(Err((table, message))) => {
+            Ok(Err((url, table, message))) => {
                 permit.failure();
-                Err(SinkError::Write { url: self.config.url.clone(), table, message, breaker: self.breaker.state() })
+                Err(SinkError::Write { url, table, message, breaker: self.breaker.state() })
             }
             Err(_) => {
                 permit.failure();
                 Err(SinkError::Timeout {
-                    url: self.config.url.clone(),
+                    url: self.config.urls.join(","),
                     timeout: self.config.timeout,
                     breaker: self.breaker.state(),
                 })
             }
         }
+    }
+
+    async fn write_once(&self, client: &Client, batch: &SinkBatch, dedup_token: &str) -> Result<(), (String, String)> {
+        for (table, rows) in &batch.tables {
+            if rows.len() == 0 {
+                continue;
+            }
+            let token = self.version.supports_dedup_token().then(|| format!("{dedup_token}:{table}"));
+            rows.write(client, table, token).await.map_err(|e| (table.to_string(), e.to_string()))?;
+        }
+        Ok(())
     }
 }
 
