@@ -7,5 +7,5 @@ use exactly_once::Handler;
 
 /// Every function crate under `functions/`.
 pub fn all_functions() -> Vec<Arc<dyn Handler>> {
-    vec![Arc::new(user_events::UserEvents)]
+    vec![Arc::new(user_events::UserEvents), Arc::new(notifications::Notifications), Arc::new(cdc::Cdc)]
 }

@@ -97,6 +97,8 @@ pub const VARIABLES: &[Var] = &[
         "Worker: create missing topics at start (local use; `scripts/run.sh` turns it on).",
     ),
     var("KAFKA_TOPIC_PARTITIONS", "3", "Worker: partitions of topics it creates."),
+    var("KAFKA_PRODUCE_TIMEOUT_MS", "30000", "How long a publish (outbox relay, `eo produce`) may take before it counts as failed."),
+    var("OUTBOX_RELAY_INTERVAL_MS", "500", "Worker: how often the outbox relay looks for messages to publish."),
     var("WORKER_BATCH_SIZE", "500", "Worker: most records of one partition guarded as one batch."),
     var(
         "MAX_IN_FLIGHT_MESSAGES",
@@ -493,6 +495,8 @@ pub struct KafkaConfig {
     pub session_timeout: Duration,
     pub create_topics: bool,
     pub topic_partitions: i32,
+    pub produce_timeout: Duration,
+    pub relay_interval: Duration,
 }
 
 impl KafkaConfig {
@@ -504,6 +508,8 @@ impl KafkaConfig {
             session_timeout: millis(env, "KAFKA_SESSION_TIMEOUT_MS")?,
             create_topics: read(env, "KAFKA_CREATE_TOPICS")?,
             topic_partitions: positive(env, "KAFKA_TOPIC_PARTITIONS")?,
+            produce_timeout: millis(env, "KAFKA_PRODUCE_TIMEOUT_MS")?,
+            relay_interval: millis(env, "OUTBOX_RELAY_INTERVAL_MS")?,
         })
     }
 

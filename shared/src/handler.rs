@@ -114,6 +114,7 @@ impl From<serde_json::Error> for HandlerError {
 
 /// What a handler works with for one event.
 pub struct HandlerContext<'a> {
+    published: u32,
     event_id: &'a EventId,
     namespace: &'a Namespace,
     conn: &'a mut PgConnection,
@@ -131,7 +132,7 @@ impl<'a> HandlerContext<'a> {
         conn: &'a mut PgConnection,
         sink: &'a ClickHouseSink,
     ) -> Self {
-        Self { event_id, namespace, conn, savepoint: false, rows: SinkBatch::default(), sink }
+        Self { published: 0, event_id, namespace, conn, savepoint: false, rows: SinkBatch::default(), sink }
     }
 
     /// The stable id of this event: use it as the idempotency key of any effect outside
@@ -154,6 +155,18 @@ impl<'a> HandlerContext<'a> {
             self.savepoint = true;
         }
         Ok(&mut *self.conn)
+    }
+
+    /// Publishes a message to `topic` (the function's logical topic name; the worker's
+    /// `KAFKA_TOPIC_PREFIX` applies) through the outbox: it is written in the batch
+    /// transaction, so it exists exactly when the event is confirmed, and the relay
+    /// sends it with the header `idempotency_key: <event id>:<n>`.
+    pub async fn publish(&mut self, topic: &str, key: Option<&[u8]>, payload: &[u8]) -> Result<(), HandlerError> {
+        let n = self.published;
+        let (event_id, namespace) = (self.event_id, self.namespace);
+        crate::outbox::enqueue(self.postgres().await?, namespace, event_id, n, topic, key, payload).await?;
+        self.published += 1;
+        Ok(())
     }
 
     /// Stages a row for `table`. Fails fast when the ClickHouse breaker is open.

@@ -17,6 +17,7 @@ pub mod event_id;
 pub mod guard;
 pub mod handler;
 pub mod metrics;
+pub mod outbox;
 pub mod outcome;
 pub mod postgres;
 pub mod producer;

@@ -34,6 +34,7 @@ impl Producer {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
+            .set("message.timeout.ms", kafka.produce_timeout.as_millis().to_string())
             .create()
             .map_err(|e| ProduceError::Create { brokers: kafka.brokers.clone(), message: e.to_string() })?;
         Ok(Self { inner })
@@ -62,7 +63,7 @@ impl Producer {
         if let Some(k) = key {
             record = record.key(k);
         }
-        let delivery = self.inner.send(record, Duration::from_secs(30)).await;
+        let delivery = self.inner.send(record, Duration::from_secs(5)).await;
         delivery
             .map(|d| (d.partition, d.offset))
             .map_err(|(e, _)| ProduceError::Send { topic: topic.to_owned(), message: e.to_string() })

@@ -213,7 +213,7 @@ pub async fn dead_letter(
          SELECT $1, i.event_id, i.topic, i.kafka_partition, i.kafka_offset, i.record_key, i.record_value,
                 i.headers::jsonb, i.reason, i.error, i.attempts
          FROM input i JOIN confirmed c USING (event_id)
-         ON CONFLICT (namespace, event_id) DO NOTHING
+         ON CONFLICT (namespace, event_id) WHERE replayed_at IS NULL DO NOTHING
          RETURNING event_id",
     )
     .bind(ns.as_str())

@@ -20,6 +20,7 @@ use tokio::time::Instant;
 
 use super::functions::Functions;
 use super::msk;
+use crate::outbox::Relay;
 use crate::outcome::EventOutcome;
 
 /// Time kept back from the invocation's deadline for releasing leases and answering.
@@ -33,14 +34,30 @@ pub struct UnfinishedBatch {
     pub detail: String,
 }
 
-/// Serves invocations until the runtime stops.
-pub async fn serve(functions: Arc<Functions>, report_batch_item_failures: bool) -> Result<(), lambda_runtime::Error> {
+/// Serves invocations until the runtime stops. After an invocation that processed
+/// events, the outbox is drained once (a Lambda has no background time), within what
+/// is left of the invocation; what does not fit waits for the next one.
+pub async fn serve(
+    functions: Arc<Functions>,
+    relay: Arc<Relay>,
+    report_batch_item_failures: bool,
+) -> Result<(), lambda_runtime::Error> {
     lambda_runtime::run(service_fn(move |event: LambdaEvent<KafkaEvent>| {
-        let functions = functions.clone();
+        let (functions, relay) = (functions.clone(), relay.clone());
         async move {
             let remaining = event.context.deadline().duration_since(SystemTime::now()).unwrap_or_default();
             let deadline = Instant::now() + remaining.saturating_sub(DEADLINE_MARGIN);
-            invoke(&functions, &event.payload, Some(deadline), report_batch_item_failures).await
+            let result = invoke(&functions, &event.payload, Some(deadline), report_batch_item_failures).await;
+            let processed = result.as_ref().map_or(true, |v| v["processed"].as_u64() != Some(0));
+            if processed {
+                match tokio::time::timeout_at(deadline, relay.drain_once()).await {
+                    Ok(Ok(r)) if r.published > 0 => tracing::info!(published = r.published, "outbox drained"),
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "outbox relay failed; messages stay queued"),
+                    Err(_) => tracing::warn!("no time left to drain the outbox; messages stay queued"),
+                }
+            }
+            result
         }
     }))
     .await

@@ -67,6 +67,8 @@ pub enum RunError {
     Http { bind: String, message: String },
     #[error("Lambda runtime: {0}")]
     Lambda(String),
+    #[error("start-up: {0}")]
+    Outbox(#[from] crate::outbox::RelayError),
 }
 
 /// Sets up logging once: JSON in Lambda or with `LOG_FORMAT=json`, `RUST_LOG` filters.
@@ -101,7 +103,10 @@ async fn run_lambda(handlers: Vec<Arc<dyn Handler>>) -> Result<(), RunError> {
     // Init: clients built once, reused by every invocation.
     let clients = connect(&config, process.startup_timeout).await?;
     let functions = Arc::new(Functions::new(&clients, handlers, &kafka).await?);
-    lambda::serve(functions, process.report_batch_item_failures).await.map_err(|e| RunError::Lambda(e.to_string()))
+    let relay = crate::outbox::Relay::new(clients.pg.clone(), &kafka, clients.kafka_breaker.clone())?;
+    lambda::serve(functions, Arc::new(relay), process.report_batch_item_failures)
+        .await
+        .map_err(|e| RunError::Lambda(e.to_string()))
 }
 
 /// Knobs of [`run_worker`] that are not environment configuration.
@@ -134,6 +139,8 @@ pub async fn run_worker(handlers: Vec<Arc<dyn Handler>>, options: WorkerOptions)
     .map_err(|e| RunError::Http { bind: http.bind.to_string(), message: e.to_string() })?;
     let worker = Worker::start(&clients, functions.clone(), &kafka, &worker_config).await?;
     let retention = crate::retention::spawn(clients.pg.clone(), config.retention.clone());
+    let relay = crate::outbox::Relay::new(clients.pg.clone(), &kafka, clients.kafka_breaker.clone())?
+        .spawn(kafka.relay_interval);
 
     let names: Vec<&str> = functions.iter().map(|f| f.spec.name).collect();
     tracing::info!(http = %addr, functions = ?names, topics = ?functions.topics(), "worker running");
@@ -144,6 +151,7 @@ pub async fn run_worker(handlers: Vec<Arc<dyn Handler>>, options: WorkerOptions)
     tracing::info!("shutdown requested: finishing in-flight batches");
     worker.shutdown().await;
     retention.abort();
+    relay.abort();
     let _ = stop_http.send(());
     let _ = http_task.await;
     Ok(())

@@ -1,0 +1,138 @@
+//! `cdc` (seeds 000 and 002): row-change events, as a Postgres-to-Kafka CDC tool emits
+//! them (Debezium's envelope: `op`, `before`, `after`, `source`), synced into the
+//! ClickHouse table `cdc_rows`. Always on: it is part of every deployment, not a flag
+//! (seed 002 P0-1).
+//!
+//! Payload: `{"op": "c"|"u"|"d"|"r", "before": {...}|null, "after": {...}|null,
+//! "source": {"table": "users", "lsn": 123, "ts_ms": 1700000000000}}`. The row's primary
+//! key is its `id` field. The event id is the change's source position
+//! (`<table>:<lsn>`, unique per change), so a change re-sent by the connector after a
+//! restart is the same event; the `idempotency_key` header wins when present.
+
+use exactly_once::clickhouse::Row;
+use exactly_once::{async_trait, Event, FunctionSpec, Handler, HandlerContext, HandlerError, IdStrategy};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use serde_repr::Serialize_repr;
+
+pub const NAME: &str = "cdc";
+pub const TOPICS: &[&str] = &["cdc-changes"];
+pub const TABLE: &str = "cdc_rows";
+pub const CLICKHOUSE_DDL: &str = include_str!("../../../migrations/clickhouse/cdc_rows.sql");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize_repr)]
+#[repr(i8)]
+pub enum Op {
+    #[serde(rename = "c")]
+    Create = 1,
+    #[serde(rename = "u")]
+    Update = 2,
+    #[serde(rename = "d")]
+    Delete = 3,
+    /// A snapshot read.
+    #[serde(rename = "r")]
+    Read = 4,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Change {
+    pub op: Op,
+    #[serde(default)]
+    pub before: Option<Value>,
+    #[serde(default)]
+    pub after: Option<Value>,
+    pub source: Source,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Source {
+    pub table: String,
+    pub lsn: u64,
+    #[serde(default)]
+    pub ts_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Row, Serialize)]
+#[clickhouse(crate = "exactly_once::clickhouse")]
+pub struct CdcRow {
+    pub source_table: String,
+    pub pk: String,
+    pub op: Op,
+    pub data: String,
+    pub is_deleted: u8,
+    pub lsn: u64,
+    pub changed_at: u32,
+    pub event_id: String,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Cdc;
+
+fn pk_of(image: &Value) -> Option<String> {
+    match image.get("id")? {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+#[async_trait]
+impl Handler for Cdc {
+    fn spec(&self) -> FunctionSpec {
+        FunctionSpec::new(
+            NAME,
+            TOPICS,
+            IdStrategy::FirstOf(vec![
+                IdStrategy::Header(exactly_once::event_id::IDEMPOTENCY_KEY_HEADER.into()),
+                IdStrategy::Composite(vec!["/source/table".into(), "/source/lsn".into()]),
+            ]),
+        )
+        .clickhouse_ddl(CLICKHOUSE_DDL)
+    }
+
+    async fn handle(&self, event: &Event, ctx: &mut HandlerContext<'_>) -> Result<(), HandlerError> {
+        let change: Change = serde_json::from_slice(event.value_bytes())?;
+        // Deletes carry the old image; everything else the new one.
+        let image = match change.op {
+            Op::Delete => change.before.as_ref(),
+            _ => change.after.as_ref(),
+        }
+        .ok_or_else(|| {
+            HandlerError::permanent("payload_invalid", format!("{:?} change without its row image", change.op))
+        })?;
+        let pk =
+            pk_of(image).ok_or_else(|| HandlerError::permanent("payload_invalid", "row image has no scalar `id`"))?;
+        let changed_at = change.source.ts_ms.or(event.timestamp_ms.map(|t| t.max(0) as u64)).unwrap_or(0) / 1000;
+        let row = CdcRow {
+            source_table: change.source.table,
+            pk,
+            op: change.op,
+            data: image.to_string(),
+            is_deleted: u8::from(change.op == Op::Delete),
+            lsn: change.source.lsn,
+            changed_at: u32::try_from(changed_at).unwrap_or(u32::MAX),
+            event_id: ctx.event_id().to_string(),
+        };
+        ctx.clickhouse(TABLE, row)
+    }
+
+    fn sample(&self, n: u64) -> Option<Vec<u8>> {
+        // Rows 0..50 of `users`: created, then updated, now and then deleted.
+        let id = n % 50;
+        let op = match n / 50 {
+            0 => "c",
+            k if k % 5 == 4 => "d",
+            _ => "u",
+        };
+        let image = serde_json::json!({"id": id, "email": format!("user{id}@example.com"), "version": n});
+        let (before, after) = if op == "d" { (image, Value::Null) } else { (Value::Null, image) };
+        Some(
+            serde_json::json!({
+                "op": op, "before": before, "after": after,
+                "source": {"table": "users", "lsn": 1_000 + n, "ts_ms": 1_700_000_000_000u64 + n * 1000},
+            })
+            .to_string()
+            .into_bytes(),
+        )
+    }
+}

@@ -1,0 +1,224 @@
+//! The CDC and notifications functions and the outbox relay, against the real services.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use exactly_once::breaker::CircuitBreaker;
+use exactly_once::config::{BreakerConfig, GuardConfig};
+use exactly_once::outbox::{pending, Relay};
+use exactly_once::{
+    async_trait, DuplicateTier, Event, FunctionSpec, Guard, Handler, HandlerContext, HandlerError, Outcome,
+};
+use integration_tests::TestEnv;
+use serde_json::json;
+use tokio::sync::{Notify, Semaphore};
+
+fn change(offset: i64, op: &str, id: u64, lsn: u64, email: &str) -> Event {
+    let image = json!({"id": id, "email": email});
+    let (before, after) = if op == "d" { (image, json!(null)) } else { (json!(null), image) };
+    let value = json!({"op": op, "before": before, "after": after, "source": {"table": "users", "lsn": lsn, "ts_ms": 1_700_000_000_000u64}});
+    Event::new("cdc-changes", 0, offset).with_value(value.to_string())
+}
+
+#[tokio::test]
+async fn cdc_replays_duplicates_and_late_changes_never_double_or_regress_a_row() {
+    let env = TestEnv::new().await;
+    env.clients.sink.apply_ddl(cdc::CLICKHOUSE_DDL).await.unwrap();
+    let g = Guard::new(&env.clients, cdc::NAME, cdc::Cdc.spec().id_strategy, GuardConfig::default()).unwrap();
+    let stream = vec![
+        change(0, "c", 1, 100, "a@old"),
+        change(1, "c", 2, 101, "b@old"),
+        change(2, "u", 1, 102, "a@new"),
+        change(3, "c", 1, 100, "a@old"), // the connector re-sends a change after a restart
+        change(4, "d", 2, 103, "b@old"),
+        change(5, "c", 3, 104, "c@x"),
+    ];
+    let r = g.run_batch(&cdc::Cdc, &stream, None).await;
+    assert_eq!(r.count("processed"), 5);
+    assert_eq!(r.count("duplicate"), 1);
+    assert_eq!(r.outcomes[0].event_id.as_ref().unwrap().as_str(), "users:100", "id = source table and LSN");
+
+    // The whole stream again (a replay from an earlier offset), plus a late copy of an
+    // old change under a fresh position: nothing doubles, nothing regresses.
+    let again = Guard::new(&env.clients, cdc::NAME, cdc::Cdc.spec().id_strategy, GuardConfig::default()).unwrap();
+    let mut replay = stream.clone();
+    replay.push(change(6, "u", 1, 99, "a@ancient").with_header("idempotency_key", "late-copy"));
+    let r = again.run_batch(&cdc::Cdc, &replay, None).await;
+    assert_eq!(r.count("duplicate"), stream.len());
+
+    let rows: Vec<String> = env
+        .clients
+        .sink
+        .client()
+        .query("SELECT concat(pk, ':', toString(op), ':', toString(is_deleted), ':', data) FROM cdc_rows FINAL ORDER BY pk")
+        .fetch_all::<String>()
+        .await
+        .unwrap();
+    assert_eq!(
+        rows,
+        [r#"1:u:0:{"email":"a@new","id":1}"#, r#"2:d:1:{"email":"b@old","id":2}"#, r#"3:c:0:{"email":"c@x","id":3}"#,]
+    );
+    assert_eq!(env.count("SELECT count(*) FROM processed_events WHERE namespace = 'cdc'").await, 6);
+}
+
+#[tokio::test]
+async fn cdc_change_without_its_row_image_is_dead_lettered() {
+    let env = TestEnv::new().await;
+    env.clients.sink.apply_ddl(cdc::CLICKHOUSE_DDL).await.unwrap();
+    let g = Guard::new(&env.clients, cdc::NAME, cdc::Cdc.spec().id_strategy, GuardConfig::default()).unwrap();
+    let broken = Event::new("cdc-changes", 0, 0).with_value(
+        json!({"op": "u", "before": null, "after": null, "source": {"table": "users", "lsn": 7}}).to_string(),
+    );
+    let r = g.run_batch(&cdc::Cdc, &[broken], None).await;
+    assert_eq!(r.outcomes[0].outcome, Outcome::DeadLettered { reason: "payload_invalid".into() });
+}
+
+#[test]
+fn cdc_is_always_on() {
+    let names: Vec<&str> = exactly_once_cli::all_functions().iter().map(|f| f.spec().name).collect();
+    assert!(names.contains(&"cdc"), "{names:?}");
+}
+
+fn request(offset: i64, id: &str, user: &str) -> Event {
+    Event::new("notification-requests", 0, offset)
+        .with_header("idempotency_key", id.to_owned())
+        .with_value(json!({"user_id": user, "channel": "email", "title": "Welcome", "body": "Hello"}).to_string())
+}
+
+#[tokio::test]
+async fn a_notification_request_creates_one_row_and_one_outbox_message() {
+    let env = TestEnv::new().await;
+    let h = notifications::Notifications;
+    let g = Guard::new(&env.clients, notifications::NAME, h.spec().id_strategy, GuardConfig::default()).unwrap();
+    let r =
+        g.run_batch(&h, &[request(0, "n-1", "ann"), request(1, "n-2", "ben"), request(2, "n-1", "ann")], None).await;
+    assert_eq!(r.count("processed"), 2);
+    let again = Guard::new(&env.clients, notifications::NAME, h.spec().id_strategy, GuardConfig::default()).unwrap();
+    assert_eq!(again.run_batch(&h, &[request(0, "n-1", "ann")], None).await.count("duplicate"), 1);
+    assert_eq!(env.count("SELECT count(*) FROM notifications").await, 2);
+    assert_eq!(env.count("SELECT count(*) FROM outbox WHERE topic = 'notifications-outbound'").await, 2);
+    assert_eq!(env.count("SELECT count(*) FROM outbox WHERE idempotency_key = 'n-1:0'").await, 1);
+}
+
+/// The real notifications handler, stalled after its insert the first time it runs.
+struct Stalled {
+    inner: notifications::Notifications,
+    entered: Arc<Notify>,
+    gate: Arc<Semaphore>,
+    first: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl Handler for Stalled {
+    fn spec(&self) -> FunctionSpec {
+        self.inner.spec()
+    }
+    async fn handle(&self, event: &Event, ctx: &mut HandlerContext<'_>) -> Result<(), HandlerError> {
+        self.inner.handle(event, ctx).await?;
+        if self.first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.entered.notify_one();
+            let _permit = self.gate.acquire().await.unwrap();
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_notification_is_never_created_twice_even_when_a_lease_expires_mid_handler() {
+    let env = TestEnv::new().await;
+    let config = GuardConfig { lease_ttl: Duration::from_millis(300), ..GuardConfig::default() };
+    let stalled = Arc::new(Stalled {
+        inner: notifications::Notifications,
+        entered: Arc::new(Notify::new()),
+        gate: Arc::new(Semaphore::new(0)),
+        first: true.into(),
+    });
+    let spec = stalled.spec();
+    let a = Arc::new(Guard::new(&env.clients, spec.name, spec.id_strategy.clone(), config.clone()).unwrap());
+    let b = Arc::new(Guard::new(&env.clients, spec.name, spec.id_strategy.clone(), config).unwrap());
+
+    let a_run = {
+        let (a, h) = (a.clone(), stalled.clone());
+        tokio::spawn(async move { a.run_batch(&*h, &[request(0, "once", "ann")], None).await })
+    };
+    stalled.entered.notified().await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // A's lease has expired
+
+    // B takes the lease; its insert waits on A's uncommitted row.
+    let b_run = {
+        let (b, h) = (b.clone(), stalled.clone());
+        tokio::spawn(async move { b.run_batch(&*h, &[request(0, "once", "ann")], None).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!b_run.is_finished(), "B is blocked behind A's uncommitted notification");
+    stalled.gate.add_permits(1);
+
+    let (ra, rb) = (a_run.await.unwrap(), b_run.await.unwrap());
+    assert_eq!(ra.outcomes[0].outcome, Outcome::Processed);
+    assert!(matches!(rb.outcomes[0].outcome, Outcome::Duplicate { tier: DuplicateTier::Confirm, .. }), "{rb:?}");
+    assert_eq!(env.count("SELECT count(*) FROM notifications").await, 1);
+    assert_eq!(env.count("SELECT count(*) FROM outbox").await, 1);
+    assert_eq!(env.count("SELECT count(*) FROM processed_events").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_outbox_waits_out_a_kafka_outage_and_publishes_when_the_breaker_closes() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+
+    let env = TestEnv::new().await;
+    let h = notifications::Notifications;
+    let g = Guard::new(&env.clients, notifications::NAME, h.spec().id_strategy, GuardConfig::default()).unwrap();
+    let r = g.run_batch(&h, &[request(0, "o-1", "ann"), request(1, "o-2", "ben"), request(2, "o-3", "cy")], None).await;
+    assert_eq!(r.count("processed"), 3);
+
+    let breaker = Arc::new(CircuitBreaker::new(
+        "kafka-test",
+        BreakerConfig {
+            failure_threshold: 2,
+            open_for: Duration::from_secs(2),
+            success_threshold: 1,
+            half_open_max_calls: 1,
+        },
+    ));
+    let mut down = env.kafka.clone();
+    down.brokers = "127.0.0.1:1".into();
+    down.produce_timeout = Duration::from_millis(500);
+    let relay_down = Relay::new(env.pg().clone(), &down, breaker.clone()).unwrap();
+    for _ in 0..2 {
+        let report = relay_down.drain_once().await.unwrap();
+        assert_eq!((report.published, report.failed), (0, 3));
+    }
+    assert!(relay_down.drain_once().await.unwrap().skipped, "the open breaker stops further attempts");
+    assert_eq!(pending(env.pg()).await.unwrap(), 3, "messages wait durably in Postgres");
+
+    // Kafka is back: nothing is sent until the breaker lets a probe through.
+    let topic = env.kafka.topic(notifications::OUTBOUND_TOPIC);
+    exactly_once::runtime::worker::create_topics(&env.kafka, std::slice::from_ref(&topic)).await.unwrap();
+    let relay = Relay::new(env.pg().clone(), &env.kafka, breaker.clone()).unwrap();
+    assert!(relay.drain_once().await.unwrap().skipped);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(relay.drain_once().await.unwrap().published, 3);
+    assert_eq!(pending(env.pg()).await.unwrap(), 0);
+    assert_eq!(breaker.state(), exactly_once::BreakerState::Closed);
+
+    let mut config = exactly_once::runtime::worker::client_config(&env.kafka);
+    config.set("group.id", &env.kafka.group_id).set("auto.offset.reset", "earliest");
+    let keys = tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = config.create().unwrap();
+        consumer.subscribe(&[&topic]).unwrap();
+        let mut keys = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while keys.len() < 3 && std::time::Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(500)) {
+                let key = m.headers().and_then(|h| h.iter().find(|h| h.key == "idempotency_key").and_then(|h| h.value));
+                keys.push(String::from_utf8(key.unwrap().to_vec()).unwrap());
+            }
+        }
+        keys.sort();
+        keys
+    })
+    .await
+    .unwrap();
+    assert_eq!(keys, ["o-1:0", "o-2:0", "o-3:0"]);
+}
