@@ -1,6 +1,8 @@
 //! The functions this repository ships, in one list: the local worker runs them all, and
 //! the deployment templates are checked against it.
 
+pub mod ops;
+
 use std::sync::Arc;
 
 use exactly_once::Handler;

@@ -1,9 +1,11 @@
 //! `eo`: the operator's command line.
 //!
-//! Exit codes: 0 success, 1 a runtime failure (a dependency down, Kafka refused a
-//! message), 2 bad usage or configuration.
+//! Exit codes: 0 success; 1 a runtime failure (a dependency down, Kafka refused a
+//! message); 2 bad usage or configuration; 3 `inspect`: the event is not confirmed;
+//! 4 `dead-letters replay`: some replayed events did not succeed.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +28,18 @@ enum Command {
     /// Run every function as one local worker (creates missing topics; configuration
     /// from the environment, see the README).
     Run,
+    /// Show what Redis and Postgres know about one event id (exit 3: not confirmed).
+    Inspect {
+        /// The function (its namespace), e.g. `user-events`.
+        function: String,
+        /// The event id, as derived by the function's id strategy.
+        event_id: String,
+    },
+    /// List or replay dead letters.
+    #[command(subcommand)]
+    DeadLetters(DeadLetters),
+    /// Delete confirmed ids older than RETENTION_DAYS now, in bounded batches.
+    Cleanup,
     /// Publish sample events with `idempotency_key` headers, some of them duplicates.
     Produce {
         /// The function whose topic and sample payloads to use.
@@ -38,6 +52,90 @@ enum Command {
         #[arg(long, default_value_t = 0.25)]
         duplicate_rate: f64,
     },
+}
+
+#[derive(Subcommand)]
+enum DeadLetters {
+    /// Open dead letters, oldest first.
+    List {
+        #[arg(long)]
+        function: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Run dead letters through their function again (after fixing the cause).
+    Replay {
+        /// Dead-letter numbers from `eo dead-letters list`.
+        #[arg(required = true)]
+        ids: Vec<i64>,
+    },
+}
+
+type Failure = (u8, String);
+
+/// Builds the clients from the environment (fail fast, as every runtime does).
+async fn clients() -> Result<exactly_once::Clients, Failure> {
+    let process = exactly_once::config::ProcessConfig::from_env(&ProcessEnv).map_err(|e| (2, e.to_string()))?;
+    let config = exactly_once::Config::load().map_err(|e| (2, e.to_string()))?;
+    exactly_once::runtime::connect(&config, process.startup_timeout).await.map_err(|e| (1, e.to_string()))
+}
+
+async fn operate(command: Command) -> Result<u8, Failure> {
+    match command {
+        Command::Inspect { function, event_id } => {
+            let clients = clients().await?;
+            let found = exactly_once_cli::ops::inspect(&clients, &function, &event_id).await.map_err(|e| (1, e))?;
+            print!("{}", found.render(&function, &event_id));
+            Ok(if found.is_confirmed() { 0 } else { 3 })
+        }
+        Command::DeadLetters(DeadLetters::List { function, limit }) => {
+            let clients = clients().await?;
+            let rows = exactly_once_cli::ops::list_dead_letters(&clients, function.as_deref(), limit)
+                .await
+                .map_err(|e| (1, e))?;
+            if rows.is_empty() {
+                println!("no open dead letters");
+            }
+            for d in rows {
+                println!(
+                    "#{:<6} {:<14} {:<40} {:<28} {:<20} attempts {:<3} {}\n        {}",
+                    d.id, d.function, d.event_id, d.position, d.reason, d.attempts, d.created_at, d.error
+                );
+            }
+            Ok(0)
+        }
+        Command::DeadLetters(DeadLetters::Replay { ids }) => {
+            let clients = clients().await?;
+            let kafka = KafkaConfig::from_env(&ProcessEnv).map_err(|e| (2, e.to_string()))?;
+            let functions = Arc::new(
+                exactly_once::runtime::Functions::new(&clients, all_functions(), &kafka)
+                    .await
+                    .map_err(|e| (1, e.to_string()))?,
+            );
+            let results = exactly_once_cli::ops::replay(&clients, &functions, &ids).await.map_err(|e| (1, e))?;
+            let mut all_ok = true;
+            for (id, outcome) in results {
+                all_ok &= matches!(outcome, exactly_once::Outcome::Processed | exactly_once::Outcome::Duplicate { .. });
+                println!("#{id}: {outcome}");
+            }
+            Ok(if all_ok { 0 } else { 4 })
+        }
+        Command::Cleanup => {
+            let clients = clients().await?;
+            let report = exactly_once::retention::cleanup(&clients.pg, &clients.config.retention)
+                .await
+                .map_err(|e| (1, format!("Postgres: {e}")))?;
+            println!(
+                "deleted {} confirmed ids and {} stale failure counters older than {} days, in {} statements",
+                report.processed_events_deleted,
+                report.attempts_deleted,
+                clients.config.retention.retention.as_secs() / 86_400,
+                report.batches
+            );
+            Ok(0)
+        }
+        Command::Run | Command::Produce { .. } => unreachable!("handled in main"),
+    }
 }
 
 fn main() -> ExitCode {
@@ -54,6 +152,16 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("error: {e}");
                     ExitCode::FAILURE
+                }
+            }
+        }
+        command @ (Command::Inspect { .. } | Command::DeadLetters(_) | Command::Cleanup) => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+            match rt.block_on(operate(command)) {
+                Ok(code) => ExitCode::from(code),
+                Err((code, message)) => {
+                    eprintln!("error: {message}");
+                    ExitCode::from(code)
                 }
             }
         }

@@ -23,6 +23,24 @@ pub const PARTITION_PAUSES: &str = "kafka_partition_pauses_total";
 pub const TABLE_SIZE: &str = "processed_events_table_size";
 pub const CLEANUP_DELETED: &str = "processed_events_cleanup_deleted_total";
 
+/// Every metric this library exports (alert rules and dashboards are checked against it).
+pub const ALL: &[&str] = &[
+    EVENTS_PROCESSED,
+    EVENTS_DUPLICATES,
+    EVENT_DEDUPLICATED,
+    EVENTS_IN_FLIGHT_SKIPPED,
+    EVENTS_FAILED,
+    EVENTS_DEAD_LETTERED,
+    PAYLOAD_MISMATCH,
+    BREAKER_STATE,
+    BREAKER_TRANSITIONS,
+    GUARD_ROUND_TRIPS,
+    WORKER_IN_FLIGHT,
+    PARTITION_PAUSES,
+    TABLE_SIZE,
+    CLEANUP_DELETED,
+];
+
 pub struct Metrics {
     pub registry: Registry,
     /// `{function}`: handled and confirmed.

@@ -83,30 +83,45 @@ impl Relay {
             return Ok(RelayReport { skipped: true, ..Default::default() });
         }
         let mut tx = self.pg.begin().await?;
+        // Every early exit rolls back explicitly: a dropped transaction would keep its
+        // row locks until the pooled connection happens to be reused.
         let rows = sqlx::query(
             "SELECT id, topic, message_key, payload, idempotency_key FROM outbox
              WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
         .bind(self.batch_size)
         .fetch_all(&mut *tx)
-        .await?;
-        if rows.is_empty() {
-            return Ok(RelayReport::default());
-        }
+        .await;
+        let rows = match rows {
+            Ok(rows) if !rows.is_empty() => rows,
+            other => {
+                let _ = tx.rollback().await;
+                return other.map(|_| RelayReport::default()).map_err(Into::into);
+            }
+        };
         let Ok(permit) = self.breaker.try_acquire() else {
+            let _ = tx.rollback().await;
             return Ok(RelayReport { skipped: true, ..Default::default() });
         };
-        let mut messages = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let topic: String = row.try_get("topic")?;
-            messages.push((
-                row.try_get::<i64, _>("id")?,
-                self.kafka.topic(&topic),
-                row.try_get::<Option<Vec<u8>>, _>("message_key")?,
-                row.try_get::<Vec<u8>, _>("payload")?,
-                row.try_get::<String, _>("idempotency_key")?,
-            ));
-        }
+        let messages: Result<Vec<_>, sqlx::Error> = rows
+            .iter()
+            .map(|row| {
+                Ok((
+                    row.try_get::<i64, _>("id")?,
+                    self.kafka.topic(&row.try_get::<String, _>("topic")?),
+                    row.try_get::<Option<Vec<u8>>, _>("message_key")?,
+                    row.try_get::<Vec<u8>, _>("payload")?,
+                    row.try_get::<String, _>("idempotency_key")?,
+                ))
+            })
+            .collect();
+        let messages = match messages {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = tx.rollback().await;
+                return Err(e.into());
+            }
+        };
         let sends = messages
             .iter()
             .map(|(_, topic, key, payload, idem)| self.producer.send(topic, key.as_deref(), payload, Some(idem)));
@@ -121,16 +136,25 @@ impl Relay {
                 }
             }
         }
-        sqlx::query("UPDATE outbox SET published_at = now(), attempts = attempts + 1 WHERE id = ANY($1)")
-            .bind(&sent)
-            .execute(&mut *tx)
-            .await?;
-        if !failed.is_empty() {
-            sqlx::query("UPDATE outbox SET attempts = attempts + 1, last_error = $2 WHERE id = ANY($1)")
-                .bind(&failed)
-                .bind(errors.first().cloned().unwrap_or_default())
+        let marked = async {
+            sqlx::query("UPDATE outbox SET published_at = now(), attempts = attempts + 1 WHERE id = ANY($1)")
+                .bind(&sent)
                 .execute(&mut *tx)
                 .await?;
+            if !failed.is_empty() {
+                sqlx::query("UPDATE outbox SET attempts = attempts + 1, last_error = $2 WHERE id = ANY($1)")
+                    .bind(&failed)
+                    .bind(errors.first().cloned().unwrap_or_default())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            Ok::<(), sqlx::Error>(())
+        }
+        .await;
+        if let Err(e) = marked {
+            // Sent but not marked: they go out again later, with the same idempotency keys.
+            let _ = tx.rollback().await;
+            return Err(e.into());
         }
         tx.commit().await?;
         if failed.is_empty() {

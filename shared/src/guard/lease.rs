@@ -203,6 +203,28 @@ impl Leases {
         self.call(|mut conn| async move { inv.invoke_async(&mut conn).await }).await
     }
 
+    /// What Redis holds for one id: the lease (token, ms left) and the done marker.
+    pub async fn inspect(
+        &self,
+        ns: &Namespace,
+        id: &EventId,
+    ) -> Result<(Option<(String, i64)>, Option<String>), LeaseError> {
+        let (lease, done) = (self.key(ns, "lease", id), self.key(ns, "done", id));
+        let (token, pttl, marker): (Option<String>, i64, Option<String>) = self
+            .call(|mut conn| async move {
+                redis::pipe().get(&lease).cmd("PTTL").arg(&lease).get(&done).query_async(&mut conn).await
+            })
+            .await?;
+        Ok((token.map(|t| (t, pttl)), marker))
+    }
+
+    /// Deletes the done marker of `id` (a dead letter being replayed).
+    pub async fn forget(&self, ns: &Namespace, id: &EventId) -> Result<(), LeaseError> {
+        let done = self.key(ns, "done", id);
+        self.call(|mut conn| async move { redis::cmd("DEL").arg(&done).query_async::<i64>(&mut conn).await }).await?;
+        Ok(())
+    }
+
     /// Runs one Redis call under the breaker and the timeout.
     async fn call<T, F, Fut>(&self, f: F) -> Result<T, LeaseError>
     where

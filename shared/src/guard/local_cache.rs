@@ -44,6 +44,12 @@ impl LocalCache {
         }
     }
 
+    pub fn remove(&self, id: &EventId) {
+        if let Some(c) = &self.0 {
+            c.invalidate(id);
+        }
+    }
+
     pub fn is_enabled(&self) -> bool {
         self.0.is_some()
     }

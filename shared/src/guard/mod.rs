@@ -149,6 +149,12 @@ impl Guard {
         &self.cache
     }
 
+    /// Forgets `id` in this process's cache (a dead letter about to be replayed; the
+    /// caller removes the Postgres confirmation and the Redis marker).
+    pub fn forget(&self, id: &EventId) {
+        self.cache.remove(id);
+    }
+
     fn count_redis(&self) {
         self.round_trips.redis.fetch_add(1, Ordering::Relaxed);
         metrics().round_trips.with_label_values(&[self.ns.as_str(), "redis"]).inc();
@@ -359,7 +365,8 @@ impl Guard {
             for &i in &work {
                 let slot = &slots[i];
                 let mut ctx = HandlerContext::new(&slot.id, &self.ns, &mut tx, &self.sink);
-                let result = handler.handle(slot.event, &mut ctx).await;
+                let span = tracing::debug_span!("handler", function = %self.ns, event_id = %slot.id);
+                let result = handler.handle(slot.event, &mut ctx).instrument(span).await;
                 match ctx.finish(result.is_ok()).await {
                     Ok((rows, used_savepoint)) => {
                         if used_savepoint {
@@ -371,12 +378,11 @@ impl Guard {
                         }
                     }
                     Err(e) => {
-                        return fail_all(
-                            slots,
-                            &work,
-                            FailureKind::Unavailable,
-                            &format!("Postgres: savepoint failed: {e}"),
-                        );
+                        // Roll back now: a dropped transaction is only rolled back when its
+                        // pooled connection is next used, and holds its locks until then.
+                        let _ = tx.rollback().await;
+                        let msg = format!("Postgres: savepoint failed: {e}");
+                        return fail_all(slots, &work, FailureKind::Unavailable, &msg);
                     }
                 }
             }
@@ -404,7 +410,8 @@ impl Guard {
             let inserted: HashSet<String> = match ledger::confirm(&mut tx, &self.ns, &rows).await {
                 Ok(ids) => ids.into_iter().collect(),
                 Err(e) => {
-                    return fail_all(slots, &work, FailureKind::Unavailable, &format!("Postgres: confirm failed: {e}"))
+                    let _ = tx.rollback().await;
+                    return fail_all(slots, &work, FailureKind::Unavailable, &format!("Postgres: confirm failed: {e}"));
                 }
             };
             drop(rows);
@@ -443,6 +450,7 @@ impl Guard {
             if !retried.is_empty() {
                 self.count_postgres(1);
                 if let Err(e) = ledger::clear_attempts(&mut tx, &self.ns, &retried).await {
+                    let _ = tx.rollback().await;
                     return fail_all(slots, &work, FailureKind::Unavailable, &format!("Postgres: {e}"));
                 }
             }
@@ -669,6 +677,17 @@ impl Guard {
                     }
                     Outcome::DeadLettered { reason } => m.dead_lettered.with_label_values(&[ns, reason]).inc(),
                 }
+                // One span per event: its id, function, position and outcome.
+                let span = tracing::info_span!(
+                    "event",
+                    function = ns,
+                    event_id = %s.id,
+                    topic = %s.event.topic,
+                    partition = s.event.partition,
+                    offset = s.event.offset,
+                    outcome = outcome.label(),
+                );
+                span.in_scope(|| tracing::debug!(detail = %outcome, "event finished"));
                 EventOutcome::new(s.event, s.invalid.is_none().then_some(s.id), outcome)
             })
             .collect();

@@ -1,0 +1,216 @@
+//! What `eo` does for operators, as functions the tests call directly: inspect one
+//! event, list and replay dead letters, run the retention cleanup.
+//!
+//! Replaying is an admin action: it is only reachable from this command line (with
+//! database credentials), never over HTTP.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use exactly_once::event::Header;
+use exactly_once::runtime::Functions;
+use exactly_once::{Clients, Event, EventId, Namespace, Outcome};
+use sqlx::Row;
+
+/// Everything the stores know about one event id.
+#[derive(Debug, Default)]
+pub struct Inspection {
+    /// (token, ms left) of a live lease.
+    pub lease: Option<(String, i64)>,
+    pub done_marker: Option<String>,
+    /// (status, attempts, processed_at, position) from `processed_events`.
+    pub ledger: Option<(String, i32, String, String)>,
+    /// (attempts, last error) of failures not yet confirmed.
+    pub failures: Option<(i32, String)>,
+    /// (id, reason, error, replayed) of dead-letter entries.
+    pub dead_letters: Vec<(i64, String, String, bool)>,
+    pub redis_error: Option<String>,
+}
+
+impl Inspection {
+    pub fn is_confirmed(&self) -> bool {
+        self.ledger.is_some()
+    }
+
+    pub fn render(&self, function: &str, id: &str) -> String {
+        let mut out = format!("event {id} of {function}\n");
+        match &self.ledger {
+            Some((status, attempts, at, position)) => {
+                out += &format!("  postgres:  {status} at {at} after {attempts} attempt(s), from {position}\n")
+            }
+            None => out += "  postgres:  not confirmed\n",
+        }
+        if let Some((attempts, error)) = &self.failures {
+            out += &format!("  failures:  {attempts} attempt(s), last error: {error}\n");
+        }
+        match (&self.redis_error, &self.lease) {
+            (Some(e), _) => out += &format!("  redis:     unavailable ({e})\n"),
+            (None, Some((token, ms))) => out += &format!("  redis:     leased by {token} for {ms} ms more\n"),
+            (None, None) => out += "  redis:     no lease\n",
+        }
+        if self.redis_error.is_none() {
+            match &self.done_marker {
+                Some(h) => out += &format!("             done marker (payload sha256 {})\n", &h[..h.len().min(16)]),
+                None => out += "             no done marker\n",
+            }
+        }
+        for (dl, reason, error, replayed) in &self.dead_letters {
+            let state = if *replayed { "replayed" } else { "open" };
+            out += &format!("  dead letter #{dl} ({state}): {reason}: {error}\n");
+        }
+        out
+    }
+}
+
+pub async fn inspect(clients: &Clients, function: &str, id: &str) -> Result<Inspection, String> {
+    let ns = Namespace::new(function).map_err(|e| e.to_string())?;
+    let event_id = EventId::new(id).map_err(|e| e.to_string())?;
+    let mut out = Inspection::default();
+    match clients.leases.inspect(&ns, &event_id).await {
+        Ok((lease, marker)) => {
+            out.lease = lease;
+            out.done_marker = marker;
+        }
+        Err(e) => out.redis_error = Some(e.to_string()),
+    }
+    let pg = &clients.pg;
+    let db = |e: sqlx::Error| format!("Postgres: {e}");
+    out.ledger = sqlx::query(
+        "SELECT status, attempts, processed_at::text AS at,
+                coalesce(topic || '-' || kafka_partition || '@' || kafka_offset, '?') AS position
+         FROM processed_events WHERE namespace = $1 AND event_id = $2",
+    )
+    .bind(ns.as_str())
+    .bind(event_id.as_str())
+    .fetch_optional(pg)
+    .await
+    .map_err(db)?
+    .map(|r| (r.get("status"), r.get("attempts"), r.get("at"), r.get("position")));
+    out.failures =
+        sqlx::query("SELECT attempts, last_error FROM event_attempts WHERE namespace = $1 AND event_id = $2")
+            .bind(ns.as_str())
+            .bind(event_id.as_str())
+            .fetch_optional(pg)
+            .await
+            .map_err(db)?
+            .map(|r| (r.get("attempts"), r.get("last_error")));
+    out.dead_letters = sqlx::query(
+        "SELECT id, reason, error, replayed_at IS NOT NULL AS replayed FROM dead_letters
+         WHERE namespace = $1 AND event_id = $2 ORDER BY id",
+    )
+    .bind(ns.as_str())
+    .bind(event_id.as_str())
+    .fetch_all(pg)
+    .await
+    .map_err(db)?
+    .into_iter()
+    .map(|r| (r.get("id"), r.get("reason"), r.get("error"), r.get("replayed")))
+    .collect();
+    Ok(out)
+}
+
+/// One row of `eo dead-letters list`.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub function: String,
+    pub event_id: String,
+    pub position: String,
+    pub reason: String,
+    pub error: String,
+    pub attempts: i32,
+    pub created_at: String,
+}
+
+pub async fn list_dead_letters(
+    clients: &Clients,
+    function: Option<&str>,
+    limit: i64,
+) -> Result<Vec<DeadLetter>, String> {
+    let rows = sqlx::query(
+        "SELECT id, namespace, event_id, topic || '-' || kafka_partition || '@' || kafka_offset AS position,
+                reason, error, attempts, created_at::text AS created_at
+         FROM dead_letters WHERE replayed_at IS NULL AND ($1::text IS NULL OR namespace = $1)
+         ORDER BY id LIMIT $2",
+    )
+    .bind(function)
+    .bind(limit)
+    .fetch_all(&clients.pg)
+    .await
+    .map_err(|e| format!("Postgres: {e}"))?;
+    Ok(rows
+        .into_iter()
+        .map(|r| DeadLetter {
+            id: r.get("id"),
+            function: r.get("namespace"),
+            event_id: r.get("event_id"),
+            position: r.get("position"),
+            reason: r.get("reason"),
+            error: r.get("error"),
+            attempts: r.get("attempts"),
+            created_at: r.get("created_at"),
+        })
+        .collect())
+}
+
+/// Replays open dead letters through their function's guard: the entry is marked
+/// replayed and the event's `dead_lettered` confirmation removed (one transaction), its
+/// Redis marker forgotten, then the stored record is handled again. It may succeed, or
+/// be dead-lettered again (a new entry) if the cause is still there.
+pub async fn replay(clients: &Clients, functions: &Arc<Functions>, ids: &[i64]) -> Result<Vec<(i64, Outcome)>, String> {
+    let db = |e: sqlx::Error| format!("Postgres: {e}");
+    let mut results = Vec::new();
+    for &dl in ids {
+        let mut tx = clients.pg.begin().await.map_err(db)?;
+        let Some(row) = sqlx::query(
+            "UPDATE dead_letters SET replayed_at = now() WHERE id = $1 AND replayed_at IS NULL
+             RETURNING namespace, event_id, topic, kafka_partition, kafka_offset, record_key, record_value, headers, reason",
+        )
+        .bind(dl)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?
+        else {
+            // Explicitly: a dropped transaction keeps its locks until the connection is reused.
+            let _ = tx.rollback().await;
+            return Err(format!("no open dead letter #{dl} (see `eo dead-letters list`)"));
+        };
+        let function: String = row.get("namespace");
+        let reason: String = row.get("reason");
+        if reason == "payload_mismatch" {
+            let _ = tx.rollback().await;
+            return Err(format!(
+                "dead letter #{dl} is a copy of a mismatching duplicate, kept for inspection; nothing to replay"
+            ));
+        }
+        let Some(f) = functions.by_name(&function) else {
+            let _ = tx.rollback().await;
+            return Err(format!("dead letter #{dl} belongs to `{function}`, which this build does not have"));
+        };
+        let event_id: String = row.get("event_id");
+        sqlx::query("DELETE FROM processed_events WHERE namespace = $1 AND event_id = $2 AND status = 'dead_lettered'")
+            .bind(&function)
+            .bind(&event_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        let mut event = Event::new(row.get::<String, _>("topic"), row.get("kafka_partition"), row.get("kafka_offset"));
+        event.key = row.get::<Option<Vec<u8>>, _>("record_key").map(Into::into);
+        event.value = row.get::<Option<Vec<u8>>, _>("record_value").map(Into::into);
+        let headers: serde_json::Value = row.get("headers");
+        let b64 = base64::engine::general_purpose::STANDARD;
+        for h in headers.as_array().into_iter().flatten() {
+            let name = h["name"].as_str().unwrap_or_default().to_owned();
+            let value = h["value_b64"].as_str().and_then(|v| b64.decode(v).ok()).map(Into::into);
+            event.headers.push(Header { name, value });
+        }
+        tx.commit().await.map_err(db)?;
+        if let (Ok(ns), Ok(id)) = (Namespace::new(&function), EventId::new(&event_id)) {
+            let _ = clients.leases.forget(&ns, &id).await;
+            f.guard.forget(&id);
+        }
+        let report = f.guard.run_batch(f.handler.as_ref(), &[event], None).await;
+        results.push((dl, report.outcomes.into_iter().next().expect("one outcome").outcome));
+    }
+    Ok(results)
+}

@@ -1,0 +1,154 @@
+//! Operations: alert rules and dashboard are valid and name real metrics; the operator
+//! functions behind `eo` (inspect, dead letters, replay).
+
+use std::sync::Arc;
+
+use exactly_once::runtime::Functions;
+use exactly_once::Outcome;
+use integration_tests::{user_event, TestEnv};
+
+fn infra(path: &str) -> String {
+    std::fs::read_to_string(format!("{}/../infra/monitoring/{path}", env!("CARGO_MANIFEST_DIR"))).expect(path)
+}
+
+/// Metric names used in a PromQL expression: identifiers followed by `{`, `[`, `)` or
+/// an operator that are not functions or keywords.
+fn metrics_in(expr: &str) -> Vec<String> {
+    let known_words = [
+        "sum",
+        "by",
+        "rate",
+        "increase",
+        "deriv",
+        "max",
+        "min",
+        "clamp_min",
+        "and",
+        "or",
+        "unless",
+        "without",
+        "avg",
+        "count",
+        "function",
+        "dependency",
+        "tier",
+        "kind",
+        "reason",
+        "store",
+    ];
+    regex::Regex::new(r"[a-z_][a-z0-9_]*")
+        .unwrap()
+        .find_iter(expr)
+        .map(|m| m.as_str().to_owned())
+        .filter(|w| w.contains('_') && !known_words.contains(&w.as_str()))
+        .collect()
+}
+
+#[test]
+fn alert_rules_parse_and_use_only_exported_metrics() {
+    let rules: serde_norway::Value = serde_norway::from_str(&infra("alerts.yml")).expect("valid YAML");
+    let rules = rules["groups"][0]["rules"].as_sequence().expect("a rule group");
+    let names: Vec<&str> = rules.iter().map(|r| r["alert"].as_str().unwrap()).collect();
+    for required in ["HighDuplicateRate", "ProcessedEventsTableGrowing"] {
+        assert!(names.contains(&required), "seed 001's {required} alert is missing");
+    }
+    for rule in rules {
+        let expr = rule["expr"].as_str().expect("every rule has an expr");
+        assert!(rule["annotations"]["summary"].as_str().is_some(), "{names:?}: every rule explains itself");
+        for metric in metrics_in(expr) {
+            assert!(exactly_once::metrics::ALL.contains(&metric.as_str()), "alert uses unknown metric `{metric}`");
+        }
+    }
+}
+
+#[test]
+fn dashboard_parses_and_uses_only_exported_metrics() {
+    let dashboard: serde_json::Value = serde_json::from_str(&infra("dashboard.json")).expect("valid JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 8);
+    let mut seen = std::collections::HashSet::new();
+    for panel in panels {
+        for target in panel["targets"].as_array().expect("targets") {
+            for metric in metrics_in(target["expr"].as_str().unwrap()) {
+                assert!(
+                    exactly_once::metrics::ALL.contains(&metric.as_str()),
+                    "dashboard uses unknown metric `{metric}`"
+                );
+                seen.insert(metric);
+            }
+        }
+    }
+    for shown in [
+        "kafka_events_processed_total",
+        "kafka_events_duplicates_total",
+        "circuit_breaker_state",
+        "processed_events_table_size",
+    ] {
+        assert!(seen.contains(shown), "the dashboard should show {shown}");
+    }
+}
+
+async fn functions(env: &TestEnv) -> Arc<Functions> {
+    Arc::new(Functions::new(&env.clients, exactly_once_cli::all_functions(), &env.kafka).await.unwrap())
+}
+
+#[tokio::test]
+async fn inspect_reports_lease_marker_ledger_and_dead_letters() {
+    let env = TestEnv::new().await;
+    let fns = functions(&env).await;
+    let f = fns.by_name("user-events").unwrap();
+    f.guard.run_batch(f.handler.as_ref(), &[user_event("user-events", 0, 5, "seen", "ann")], None).await;
+
+    let found = exactly_once_cli::ops::inspect(&env.clients, "user-events", "seen").await.unwrap();
+    assert!(found.is_confirmed());
+    assert!(found.done_marker.is_some() && found.lease.is_none());
+    let text = found.render("user-events", "seen");
+    assert!(text.contains("processed") && text.contains("user-events-0@5") && text.contains("done marker"), "{text}");
+
+    let unknown = exactly_once_cli::ops::inspect(&env.clients, "user-events", "never").await.unwrap();
+    assert!(!unknown.is_confirmed());
+    assert!(unknown.render("user-events", "never").contains("not confirmed"));
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_and_replayed_once_the_cause_is_fixed() {
+    let env = TestEnv::new().await;
+    let fns = functions(&env).await;
+    let f = fns.by_name("user-events").unwrap();
+    // A record the function rejects today (an unknown event type)...
+    let rejected = exactly_once::Event::new("user-events", 0, 9)
+        .with_header("idempotency_key", "fixable")
+        .with_value(r#"{"user_id":"zoe","type":"suspended"}"#);
+    let r = f.guard.run_batch(f.handler.as_ref(), &[rejected], None).await;
+    assert_eq!(r.outcomes[0].outcome, Outcome::DeadLettered { reason: "payload_invalid".into() });
+    let listed = exactly_once_cli::ops::list_dead_letters(&env.clients, Some("user-events"), 10).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!((listed[0].event_id.as_str(), listed[0].reason.as_str()), ("fixable", "payload_invalid"));
+
+    // ...replayed as is, it is dead-lettered again (a new entry; the old one is closed).
+    let again = exactly_once_cli::ops::replay(&env.clients, &fns, &[listed[0].id]).await.unwrap();
+    assert_eq!(again[0].1, Outcome::DeadLettered { reason: "payload_invalid".into() });
+    let listed2 = exactly_once_cli::ops::list_dead_letters(&env.clients, None, 10).await.unwrap();
+    assert_eq!(listed2.len(), 1);
+    assert_ne!(listed2[0].id, listed[0].id);
+
+    // The cause is fixed (here: the stored payload is corrected); the replay processes it.
+    sqlx::query("UPDATE dead_letters SET record_value = convert_to($1, 'UTF8') WHERE id = $2")
+        .bind(r#"{"user_id":"zoe","type":"updated"}"#)
+        .bind(listed2[0].id)
+        .execute(env.pg())
+        .await
+        .unwrap();
+    let fixed = exactly_once_cli::ops::replay(&env.clients, &fns, &[listed2[0].id]).await.unwrap();
+    assert_eq!(fixed[0].1, Outcome::Processed);
+    assert!(exactly_once_cli::ops::list_dead_letters(&env.clients, None, 10).await.unwrap().is_empty());
+    assert_eq!(
+        env.count("SELECT count(*) FROM processed_events WHERE event_id = 'fixable' AND status = 'processed'").await,
+        1
+    );
+    assert_eq!(env.clickhouse_count("SELECT count() FROM user_events FINAL WHERE event_id = 'fixable'").await, 1);
+    assert!(
+        exactly_once_cli::ops::replay(&env.clients, &fns, &[listed2[0].id]).await.is_err(),
+        "a closed entry is not replayed"
+    );
+}
