@@ -65,7 +65,8 @@ pub struct Metrics {
     /// `{function, store}`: round trips the guard made to Redis and Postgres.
     pub round_trips: IntCounterVec,
     /// Records the worker has received and not yet finished.
-    pub worker_in_flight: IntGauge,
+    /// `{function}`: records the worker has received and not yet finished.
+    pub worker_in_flight: IntGaugeVec,
     /// `{function}`: partitions paused because the ClickHouse breaker was open.
     pub partition_pauses: IntCounterVec,
     /// Rows in `processed_events` (seed 001's gauge).
@@ -89,8 +90,11 @@ impl Metrics {
         )
         .expect("valid metric definition");
         registry.register(Box::new(breaker_state.clone())).expect("metric registered once");
-        let worker_in_flight = IntGauge::new(WORKER_IN_FLIGHT, "Records received by the worker and not yet finished")
-            .expect("valid metric");
+        let worker_in_flight = IntGaugeVec::new(
+            Opts::new(WORKER_IN_FLIGHT, "Records received by the worker and not yet finished"),
+            &["function"],
+        )
+        .expect("valid metric");
         registry.register(Box::new(worker_in_flight.clone())).expect("metric registered once");
         let table_size = IntGauge::new(TABLE_SIZE, "Current number of rows in processed_events").expect("valid metric");
         registry.register(Box::new(table_size.clone())).expect("metric registered once");

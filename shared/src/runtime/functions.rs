@@ -61,6 +61,10 @@ impl Functions {
                     .await
                     .map_err(|e| FunctionsError::Ddl(spec.name.to_owned(), e))?;
             }
+            // Export this function's series from the start (0, not absent).
+            let m = crate::metrics::metrics();
+            m.worker_in_flight.with_label_values(&[spec.name]).add(0);
+            m.processed.with_label_values(&[spec.name]).inc_by(0);
             let topics: Vec<String> = spec.topics.iter().map(|t| kafka.topic(t)).collect();
             for t in &topics {
                 if let Some(&other) = by_topic.get(t) {

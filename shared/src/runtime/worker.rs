@@ -60,10 +60,32 @@ pub enum WorkerError {
     CreateTopic { topic: String, message: String },
 }
 
+/// One in-flight slot: a permit of the `MAX_IN_FLIGHT_MESSAGES` bound and one unit of
+/// the function's in-flight gauge, both given back when the slot is dropped (finished,
+/// abandoned on revoke, or dropped at shutdown), so neither can drift.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    gauge: prometheus::IntGauge,
+}
+
+impl Slot {
+    fn new(permit: OwnedSemaphorePermit, function: &str) -> Self {
+        let gauge = metrics().worker_in_flight.with_label_values(&[function]);
+        gauge.inc();
+        Self { _permit: permit, gauge }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
 /// A record waiting in its partition's queue, holding one in-flight slot.
 struct Item {
     event: Event,
-    _slot: OwnedSemaphorePermit,
+    slot: Slot,
 }
 
 struct PartitionHandle {
@@ -104,10 +126,6 @@ impl Shared {
 
     fn in_flight(&self) -> usize {
         self.max_in_flight - self.in_flight.available_permits()
-    }
-
-    fn report_in_flight(&self) {
-        metrics().worker_in_flight.set(self.in_flight() as i64);
     }
 
     /// The commit list for `keys` (all when `None`) from what is finished.
@@ -322,7 +340,6 @@ async fn consume(
             _ = stop.changed() => break,
             s = shared.in_flight.clone().acquire_owned() => s.expect("semaphore never closed"),
         };
-        shared.report_in_flight();
         let key: Key = (event.topic.clone(), event.partition);
         if !lock(&shared.assigned).contains(&key) {
             // Delivered after its partition was revoked: its new owner reads it again.
@@ -332,6 +349,7 @@ async fn consume(
             tracing::error!(topic = %event.topic, "record from a topic no function consumes; not committing past it");
             continue;
         };
+        let slot = Slot::new(slot, function.spec.name);
         let mut partitions = lock(&shared.partitions);
         let handle = partitions.entry(key.clone()).or_insert_with(|| {
             let (tx, rx) = mpsc::unbounded_channel();
@@ -349,7 +367,7 @@ async fn consume(
             ));
             PartitionHandle { tx, fenced, task }
         });
-        let _ = handle.tx.send(Item { event, _slot: slot });
+        let _ = handle.tx.send(Item { event, slot });
     }
 
     // Graceful stop: closing the channels lets every partition task handle what it has
@@ -389,7 +407,7 @@ async fn run_partition(
     clients: Clients,
 ) {
     let mut events: VecDeque<Event> = VecDeque::new();
-    let mut slots: VecDeque<OwnedSemaphorePermit> = VecDeque::new();
+    let mut slots: VecDeque<Slot> = VecDeque::new();
     let mut backoff = config.retry_backoff;
     let tpl_of = |offset: Option<i64>| {
         let mut tpl = TopicPartitionList::new();
@@ -412,13 +430,13 @@ async fn run_partition(
             // still handled, then `recv` ends the task.
             let Some(item) = rx.recv().await else { return };
             events.push_back(item.event);
-            slots.push_back(item._slot);
+            slots.push_back(item.slot);
         }
         while events.len() < config.batch_size {
             match rx.try_recv() {
                 Ok(item) => {
                     events.push_back(item.event);
-                    slots.push_back(item._slot);
+                    slots.push_back(item.slot);
                 }
                 Err(_) => break,
             }
@@ -438,7 +456,6 @@ async fn run_partition(
         }
         events.drain(..done);
         slots.drain(..done);
-        shared.report_in_flight();
 
         if done == n {
             backoff = config.retry_backoff;
