@@ -7,6 +7,24 @@ use std::sync::Arc;
 
 use exactly_once::Handler;
 
+/// The deployable description of every function, as JSON: what `infra/functions.json`
+/// holds for the CDK app (tests/deploy.rs keeps the two equal).
+pub fn functions_json() -> serde_json::Value {
+    let list: Vec<serde_json::Value> = all_functions()
+        .iter()
+        .map(|f| {
+            let spec = f.spec();
+            serde_json::json!({
+                "name": spec.name,
+                "binary": spec.name,
+                "topics": spec.topics,
+                "outputTopics": spec.output_topics,
+            })
+        })
+        .collect();
+    serde_json::Value::Array(list)
+}
+
 /// Every function crate under `functions/`.
 pub fn all_functions() -> Vec<Arc<dyn Handler>> {
     vec![Arc::new(user_events::UserEvents), Arc::new(notifications::Notifications), Arc::new(cdc::Cdc)]

@@ -40,6 +40,11 @@ enum Command {
     DeadLetters(DeadLetters),
     /// Delete confirmed ids older than RETENTION_DAYS now, in bounded batches.
     Cleanup,
+    /// Print the functions this build contains (name, topics), as JSON with `--json`.
+    Functions {
+        #[arg(long)]
+        json: bool,
+    },
     /// Publish sample events with `idempotency_key` headers, some of them duplicates.
     Produce {
         /// The function whose topic and sample payloads to use.
@@ -134,13 +139,24 @@ async fn operate(command: Command) -> Result<u8, Failure> {
             );
             Ok(0)
         }
-        Command::Run | Command::Produce { .. } => unreachable!("handled in main"),
+        Command::Run | Command::Produce { .. } | Command::Functions { .. } => unreachable!("handled in main"),
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Functions { json } => {
+            let list = exactly_once_cli::functions_json();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list).expect("JSON"));
+            } else {
+                for f in list.as_array().expect("array") {
+                    println!("{:<16} reads {}  publishes {}", f["name"].as_str().unwrap_or(""), f["topics"], f["outputTopics"]);
+                }
+            }
+            ExitCode::SUCCESS
+        }
         Command::Run => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
             match rt.block_on(run_worker(all_functions(), WorkerOptions { create_topics: true })) {

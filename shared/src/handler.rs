@@ -19,15 +19,22 @@ pub struct FunctionSpec {
     pub clickhouse_ddl: &'static str,
     /// Failed attempts before dead-lettering; `None`: `GUARD_MAX_ATTEMPTS`.
     pub max_attempts: Option<u32>,
+    /// Topics it publishes to through the outbox (deployments grant write access).
+    pub output_topics: &'static [&'static str],
 }
 
 impl FunctionSpec {
     pub fn new(name: &'static str, topics: &'static [&'static str], id_strategy: IdStrategy) -> Self {
-        Self { name, topics, id_strategy, clickhouse_ddl: "", max_attempts: None }
+        Self { name, topics, id_strategy, clickhouse_ddl: "", max_attempts: None, output_topics: &[] }
     }
 
     pub fn clickhouse_ddl(mut self, ddl: &'static str) -> Self {
         self.clickhouse_ddl = ddl;
+        self
+    }
+
+    pub fn publishes(mut self, topics: &'static [&'static str]) -> Self {
+        self.output_topics = topics;
         self
     }
 

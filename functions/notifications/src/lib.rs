@@ -59,6 +59,7 @@ impl Handler for Notifications {
                 IdStrategy::PayloadField("/request_id".into()),
             ]),
         )
+        .publishes(&[OUTBOUND_TOPIC])
     }
 
     async fn handle(&self, event: &Event, ctx: &mut HandlerContext<'_>) -> Result<(), HandlerError> {

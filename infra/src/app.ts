@@ -1,0 +1,189 @@
+// The exactly-once functions on Lambda behind MSK triggers: the same system as
+// ../template.yaml, as a CDK app. Which functions exist and what they read comes from
+// ../functions.json, generated from the Rust crates (`eo functions --json`) and checked
+// against them by tests/deploy.rs; nothing here repeats that list.
+//
+// Settings come from CDK context (cdk.json, or `-c key=value`); nothing is looked up
+// in an AWS account, so `cdk synth` runs offline. Code comes from `artifactsDir`
+// (default ../target/lambda): build it first with `cargo lambda build --release --arm64`.
+
+import * as fs from "fs";
+import * as path from "path";
+import { App, CfnOutput, Duration, Stack, StackProps } from "aws-cdk-lib";
+import * as ec2 from "aws-cdk-lib/aws-ec2";
+import * as iam from "aws-cdk-lib/aws-iam";
+import * as lambda from "aws-cdk-lib/aws-lambda";
+import * as logs from "aws-cdk-lib/aws-logs";
+import * as sqs from "aws-cdk-lib/aws-sqs";
+import { Construct } from "constructs";
+
+/** One entry of ../functions.json. */
+interface FunctionDef {
+  name: string;
+  binary: string;
+  topics: string[];
+  outputTopics: string[];
+}
+
+interface Settings {
+  mskClusterArn: string;
+  vpcId: string;
+  availabilityZones: string[];
+  subnetIds: string[];
+  securityGroupIds: string[];
+  databaseSecretArn: string;
+  clickhouseSecretArn: string;
+  redisUrl: string;
+  clickhouseUrl: string;
+  clickhouseUser: string;
+  consumerGroupPrefix: string;
+  startingPosition: "TRIM_HORIZON" | "LATEST";
+  batchSize: number;
+  maxBatchingWindowSeconds: number;
+  maxRetryAttempts: number;
+  maxRecordAgeSeconds: number;
+  bisectOnError: boolean;
+  architecture: "arm64" | "x86_64";
+  memorySize: number;
+  timeoutSeconds: number;
+  logRetentionDays: number;
+  artifactsDir: string;
+}
+
+function settings(app: App): Settings {
+  const get = (key: string) => {
+    const v = app.node.tryGetContext(key);
+    if (v === undefined) throw new Error(`missing CDK context value \`${key}\` (see infra/cdk.json)`);
+    return v;
+  };
+  const keys: (keyof Settings)[] = [
+    "mskClusterArn", "vpcId", "availabilityZones", "subnetIds", "securityGroupIds", "databaseSecretArn",
+    "clickhouseSecretArn", "redisUrl", "clickhouseUrl", "clickhouseUser", "consumerGroupPrefix", "startingPosition",
+    "batchSize", "maxBatchingWindowSeconds", "maxRetryAttempts", "maxRecordAgeSeconds", "bisectOnError",
+    "architecture", "memorySize", "timeoutSeconds", "logRetentionDays", "artifactsDir",
+  ];
+  const s = Object.fromEntries(keys.map((k) => [k, get(k)])) as unknown as Settings;
+  // Values from `-c` arrive as strings.
+  for (const k of ["batchSize", "maxBatchingWindowSeconds", "maxRetryAttempts", "maxRecordAgeSeconds", "memorySize", "timeoutSeconds", "logRetentionDays"] as const) {
+    s[k] = Number(s[k]);
+  }
+  s.bisectOnError = String(s.bisectOnError) === "true";
+  if (!/^arn:aws[a-z-]*:kafka:[a-z0-9-]+:\d{12}:cluster\/[^/]+\/[^/]+$/.test(s.mskClusterArn)) {
+    throw new Error(`mskClusterArn is not an MSK cluster ARN: ${s.mskClusterArn}`);
+  }
+  return s;
+}
+
+/** arn:...:cluster/<name>/<uuid> -> arn:...:<kind>/<name>/<uuid>/<resource> */
+function clusterResourceArn(clusterArn: string, kind: "topic" | "group", resource: string): string {
+  const [prefix, cluster] = clusterArn.split(":cluster/");
+  return `${prefix}:${kind}/${cluster}/${resource}`;
+}
+
+export class ExactlyOnceStack extends Stack {
+  constructor(scope: Construct, id: string, functions: FunctionDef[], s: Settings, props?: StackProps) {
+    super(scope, id, props);
+
+    const vpc = ec2.Vpc.fromVpcAttributes(this, "Vpc", {
+      vpcId: s.vpcId,
+      availabilityZones: s.availabilityZones,
+      privateSubnetIds: s.subnetIds,
+    });
+    const securityGroups = s.securityGroupIds.map((sg, i) => ec2.SecurityGroup.fromSecurityGroupId(this, `Sg${i}`, sg));
+
+    // Batches that exhausted their retries; poison records are already in the guard's
+    // dead letters, so only batches that never finished land here.
+    const failed = new sqs.Queue(this, "FailedBatchesQueue", {
+      retentionPeriod: Duration.days(14),
+      encryption: sqs.QueueEncryption.SQS_MANAGED,
+    });
+
+    for (const f of functions) {
+      const logGroup = new logs.LogGroup(this, `${f.name}-logs`, {
+        logGroupName: `/aws/lambda/${this.stackName}-${f.name}`,
+        retention: s.logRetentionDays as logs.RetentionDays,
+      });
+      const group = `${s.consumerGroupPrefix}-${f.name}`;
+
+      // Least privilege: this cluster, this function's topics and group, nothing else.
+      const role = new iam.Role(this, `${f.name}-role`, {
+        assumedBy: new iam.ServicePrincipal("lambda.amazonaws.com"),
+        managedPolicies: [iam.ManagedPolicy.fromAwsManagedPolicyName("service-role/AWSLambdaVPCAccessExecutionRole")],
+      });
+      role.addToPolicy(new iam.PolicyStatement({ actions: ["kafka:DescribeClusterV2", "kafka:GetBootstrapBrokers"], resources: [s.mskClusterArn] }));
+      role.addToPolicy(new iam.PolicyStatement({
+        actions: ["kafka-cluster:Connect", "kafka-cluster:DescribeClusterDynamicConfiguration",
+          ...(f.outputTopics.length ? ["kafka-cluster:WriteDataIdempotently"] : [])],
+        resources: [s.mskClusterArn],
+      }));
+      role.addToPolicy(new iam.PolicyStatement({
+        actions: ["kafka-cluster:DescribeTopic", "kafka-cluster:ReadData"],
+        resources: f.topics.map((t) => clusterResourceArn(s.mskClusterArn, "topic", t)),
+      }));
+      if (f.outputTopics.length) {
+        role.addToPolicy(new iam.PolicyStatement({
+          actions: ["kafka-cluster:DescribeTopic", "kafka-cluster:WriteData"],
+          resources: f.outputTopics.map((t) => clusterResourceArn(s.mskClusterArn, "topic", t)),
+        }));
+      }
+      role.addToPolicy(new iam.PolicyStatement({
+        actions: ["kafka-cluster:DescribeGroup", "kafka-cluster:AlterGroup"],
+        resources: [clusterResourceArn(s.mskClusterArn, "group", group)],
+      }));
+      role.addToPolicy(new iam.PolicyStatement({ actions: ["sqs:SendMessage"], resources: [failed.queueArn] }));
+      role.addToPolicy(new iam.PolicyStatement({ actions: ["logs:CreateLogStream", "logs:PutLogEvents"], resources: [logGroup.logGroupArn] }));
+
+      const fn = new lambda.Function(this, f.name, {
+        functionName: `${this.stackName}-${f.name}`,
+        runtime: lambda.Runtime.PROVIDED_AL2023,
+        handler: "bootstrap",
+        architecture: s.architecture === "arm64" ? lambda.Architecture.ARM_64 : lambda.Architecture.X86_64,
+        code: lambda.Code.fromAsset(path.resolve(s.artifactsDir, f.binary)),
+        memorySize: s.memorySize,
+        timeout: Duration.seconds(s.timeoutSeconds),
+        role,
+        vpc,
+        vpcSubnets: { subnets: vpc.privateSubnets },
+        securityGroups,
+        logGroup,
+        loggingFormat: lambda.LoggingFormat.JSON,
+        environment: {
+          // Resolved by CloudFormation at deploy time: the template never holds a secret.
+          DATABASE_URL: `{{resolve:secretsmanager:${s.databaseSecretArn}:SecretString:url}}`,
+          REDIS_URL: s.redisUrl,
+          CLICKHOUSE_URL: s.clickhouseUrl,
+          CLICKHOUSE_USER: s.clickhouseUser,
+          CLICKHOUSE_PASSWORD: `{{resolve:secretsmanager:${s.clickhouseSecretArn}:SecretString:password}}`,
+          MSK_CLUSTER_ARN: s.mskClusterArn,
+          KAFKA_AUTH: "iam",
+          LOG_FORMAT: "json",
+          RUST_LOG: "info",
+        },
+      });
+
+      // The MSK trigger, with the same error handling as template.yaml.
+      const mapping = new lambda.CfnEventSourceMapping(this, `${f.name}-msk`, {
+        functionName: fn.functionName,
+        eventSourceArn: s.mskClusterArn,
+        topics: f.topics,
+        amazonManagedKafkaEventSourceConfig: { consumerGroupId: group },
+        startingPosition: s.startingPosition,
+        batchSize: s.batchSize,
+        maximumBatchingWindowInSeconds: s.maxBatchingWindowSeconds,
+        maximumRetryAttempts: s.maxRetryAttempts,
+        maximumRecordAgeInSeconds: s.maxRecordAgeSeconds,
+        bisectBatchOnFunctionError: s.bisectOnError,
+        destinationConfig: { onFailure: { destination: failed.queueArn } },
+      });
+      mapping.node.addDependency(role);
+
+      new CfnOutput(this, `${f.name}-arn`, { value: fn.functionArn });
+    }
+    new CfnOutput(this, "FailedBatchesQueueUrl", { value: failed.queueUrl });
+  }
+}
+
+const app = new App();
+const functions: FunctionDef[] = JSON.parse(fs.readFileSync(path.join(__dirname, "..", "functions.json"), "utf8"));
+new ExactlyOnceStack(app, app.node.tryGetContext("stackName") ?? "ExactlyOnce", functions, settings(app));
+app.synth();

@@ -1,0 +1,12 @@
+// CI cannot cross-build the functions in its time budget, so synthesis runs against
+// placeholder artifacts: one `bootstrap` per function, where cargo-lambda would put it.
+import fs from "node:fs";
+import path from "node:path";
+
+const functions = JSON.parse(fs.readFileSync(new URL("../functions.json", import.meta.url), "utf8"));
+const dir = new URL("./.artifacts/", import.meta.url).pathname;
+for (const f of functions) {
+  fs.mkdirSync(path.join(dir, f.binary), { recursive: true });
+  fs.writeFileSync(path.join(dir, f.binary, "bootstrap"), "#!/bin/sh\necho placeholder\n", { mode: 0o755 });
+}
+console.log(`placeholder artifacts for ${functions.length} functions in ${dir}`);

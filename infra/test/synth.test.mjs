@@ -1,0 +1,73 @@
+// Checks the synthesized CloudFormation (cdk.out) against ../functions.json: one
+// function per crate, an MSK trigger per function with its topics and group, error
+// handling, and no wildcard IAM on kafka-cluster actions.
+import assert from "node:assert/strict";
+import fs from "node:fs";
+import test from "node:test";
+
+const functions = JSON.parse(fs.readFileSync(new URL("../functions.json", import.meta.url), "utf8"));
+const template = JSON.parse(fs.readFileSync(new URL("../cdk.out/ExactlyOnce.template.json", import.meta.url), "utf8"));
+const context = JSON.parse(fs.readFileSync(new URL("../cdk.json", import.meta.url), "utf8")).context;
+const resources = Object.entries(template.Resources);
+const ofType = (type) => resources.filter(([, r]) => r.Type === type);
+const json = (v) => JSON.stringify(v);
+
+test("one Lambda function per function crate", () => {
+  const lambdas = ofType("AWS::Lambda::Function");
+  assert.equal(lambdas.length, functions.length);
+  for (const f of functions) {
+    const found = lambdas.find(([, r]) => json(r.Properties.FunctionName).includes(`-${f.name}`));
+    assert.ok(found, `no Lambda function for ${f.name}`);
+    const [, fn] = found;
+    assert.equal(fn.Properties.Runtime, "provided.al2023");
+    assert.equal(fn.Properties.Handler, "bootstrap");
+    assert.deepEqual(fn.Properties.Architectures, ["arm64"]);
+    assert.ok(fn.Properties.VpcConfig.SubnetIds.length > 0, `${f.name} runs in the VPC`);
+  }
+});
+
+test("an MSK event source mapping per function, with its topics, group and error handling", () => {
+  const mappings = ofType("AWS::Lambda::EventSourceMapping").map(([, r]) => r.Properties);
+  assert.equal(mappings.length, functions.length);
+  for (const f of functions) {
+    const m = mappings.find((m) => m.AmazonManagedKafkaEventSourceConfig.ConsumerGroupId === `${context.consumerGroupPrefix}-${f.name}`);
+    assert.ok(m, `no MSK trigger for ${f.name}`);
+    assert.deepEqual(m.Topics, f.topics);
+    assert.equal(m.EventSourceArn, context.mskClusterArn);
+    assert.equal(m.StartingPosition, context.startingPosition);
+    assert.equal(m.BatchSize, context.batchSize);
+    assert.equal(m.MaximumRetryAttempts, context.maxRetryAttempts);
+    assert.equal(m.BisectBatchOnFunctionError, true);
+    assert.ok(m.DestinationConfig.OnFailure.Destination, `${f.name} has an on-failure destination`);
+  }
+});
+
+test("no wildcard IAM on kafka-cluster actions; each role reaches only its topics and group", () => {
+  const policies = ofType("AWS::IAM::Policy").map(([, r]) => r.Properties.PolicyDocument.Statement).flat();
+  const kafka = policies.filter((s) => [s.Action].flat().some((a) => a.startsWith("kafka-cluster:") || a.startsWith("kafka:")));
+  assert.ok(kafka.length > 0);
+  for (const s of kafka) {
+    for (const r of [s.Resource].flat()) {
+      assert.ok(!json(r).includes("*"), `wildcard resource on ${json(s.Action)}: ${json(r)}`);
+    }
+    assert.ok(![s.Action].flat().some((a) => a.endsWith(":*")), `wildcard action ${json(s.Action)}`);
+  }
+  for (const f of functions) {
+    for (const t of f.topics) {
+      assert.ok(kafka.some((s) => [s.Action].flat().includes("kafka-cluster:ReadData") && json(s.Resource).endsWith(`/${t}"`)), `read ${t}`);
+    }
+    for (const t of f.outputTopics) {
+      assert.ok(kafka.some((s) => [s.Action].flat().includes("kafka-cluster:WriteData") && json(s.Resource).endsWith(`/${t}"`)), `write ${t}`);
+    }
+  }
+  const writers = kafka.filter((s) => [s.Action].flat().includes("kafka-cluster:WriteData"));
+  assert.equal(writers.length, functions.filter((f) => f.outputTopics.length).length, "only publishing functions may write");
+});
+
+test("secrets are references, never literals", () => {
+  for (const [, fn] of ofType("AWS::Lambda::Function")) {
+    const env = fn.Properties.Environment.Variables;
+    assert.match(json(env.DATABASE_URL), /resolve:secretsmanager/);
+    assert.match(json(env.CLICKHOUSE_PASSWORD), /resolve:secretsmanager/);
+  }
+});

@@ -1,0 +1,153 @@
+//! One source of truth for which functions exist and what they read: the crates under
+//! `functions/`. The local worker (`eo`), `template.yaml` and the CDK app's
+//! `infra/functions.json` must all agree with them, and the template's IAM must stay
+//! least-privilege.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_norway::Value;
+
+fn root(path: &str) -> String {
+    format!("{}/../{path}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Package names of the crates under functions/.
+fn crates() -> BTreeSet<String> {
+    std::fs::read_dir(root("functions"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("Cargo.toml")).ok())
+        .map(|toml| {
+            let line = toml.lines().find(|l| l.starts_with("name = ")).expect("package name").to_owned();
+            line.trim_start_matches("name = ").trim_matches('"').to_owned()
+        })
+        .collect()
+}
+
+/// name -> (topics, output topics), from the functions the `eo` binary runs.
+fn functions() -> BTreeMap<String, (Vec<String>, Vec<String>)> {
+    exactly_once_cli::all_functions()
+        .iter()
+        .map(|f| {
+            let s = f.spec();
+            let owned = |t: &[&str]| t.iter().map(|t| (*t).to_owned()).collect::<Vec<_>>();
+            (s.name.to_owned(), (owned(s.topics), owned(s.output_topics)))
+        })
+        .collect()
+}
+
+fn untag(v: &Value) -> &Value {
+    match v {
+        Value::Tagged(t) => &t.value,
+        other => other,
+    }
+}
+
+fn text(v: &Value) -> String {
+    serde_norway::to_string(v).unwrap()
+}
+
+#[test]
+fn the_local_worker_runs_every_function_crate() {
+    let names: BTreeSet<String> = functions().into_keys().collect();
+    assert_eq!(names, crates(), "cli/src/lib.rs all_functions() must list every crate under functions/ (and nothing else)");
+}
+
+#[test]
+fn infra_functions_json_is_up_to_date() {
+    let committed: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root("infra/functions.json")).unwrap()).expect("valid JSON");
+    assert_eq!(
+        committed,
+        exactly_once_cli::functions_json(),
+        "infra/functions.json is stale: run `cargo run -q -p exactly-once-cli --bin eo -- functions --json > infra/functions.json`"
+    );
+}
+
+#[test]
+fn template_declares_each_function_with_its_msk_trigger_and_least_privilege() {
+    let t: Value = serde_norway::from_str(&std::fs::read_to_string(root("template.yaml")).unwrap()).expect("valid YAML");
+    let params = t["Parameters"].as_mapping().unwrap();
+    let resources = t["Resources"].as_mapping().unwrap();
+    let default_of = |param: &str| params.get(param).and_then(|p| p["Default"].as_str()).map(str::to_owned);
+    assert_eq!(t["Globals"]["Function"]["Runtime"].as_str(), Some("provided.al2023"));
+    assert_eq!(default_of("Architecture").as_deref(), Some("arm64"));
+
+    let mut declared = BTreeSet::new();
+    for (name, (topics, outputs)) in functions() {
+        let (_, function) = resources
+            .iter()
+            .find(|(_, r)| r["Type"] == "AWS::Serverless::Function" && r["Metadata"]["BuildProperties"]["Binary"] == name.as_str())
+            .unwrap_or_else(|| panic!("template.yaml has no function building the `{name}` binary"));
+        declared.insert(name.clone());
+        assert_eq!(function["Metadata"]["BuildMethod"].as_str(), Some("rust-cargolambda"), "{name}");
+
+        let events = function["Properties"]["Events"].as_mapping().expect("events");
+        assert_eq!(events.len(), 1, "{name}: one MSK trigger");
+        let msk = &events.values().next().unwrap();
+        assert_eq!(msk["Type"].as_str(), Some("MSK"), "{name}");
+        let p = &msk["Properties"];
+        let trigger_topics: Vec<String> = p["Topics"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|t| default_of(untag(t).as_str().expect("!Ref <Parameter>")).expect("topic parameter with a default"))
+            .collect();
+        assert_eq!(trigger_topics, topics, "{name}: the MSK trigger reads the function's topics");
+        assert!(text(&p["ConsumerGroupId"]).contains(&format!("-{name}")), "{name}: own consumer group");
+        for key in ["StartingPosition", "BatchSize", "MaximumBatchingWindowInSeconds", "MaximumRetryAttempts", "MaximumRecordAgeInSeconds", "BisectBatchOnFunctionError"] {
+            assert!(!p[key].is_null(), "{name}: MSK trigger sets {key}");
+        }
+        let destination = text(&p["DestinationConfig"]["OnFailure"]["Destination"]);
+
+        // The function's own role.
+        let role_ref = untag(&function["Properties"]["Role"]).as_str().expect("!GetAtt Role.Arn").split('.').next().unwrap().to_owned();
+        let role = &resources[role_ref.as_str()];
+        let statements: Vec<&Value> = role["Properties"]["Policies"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .flat_map(|p| p["PolicyDocument"]["Statement"].as_sequence().unwrap().iter())
+            .collect();
+        let actions = |s: &Value| -> Vec<String> {
+            match &s["Action"] {
+                Value::String(a) => vec![a.clone()],
+                Value::Sequence(v) => v.iter().map(|a| a.as_str().unwrap().to_owned()).collect(),
+                _ => vec![],
+            }
+        };
+        for s in &statements {
+            let acts = actions(s);
+            if acts.iter().any(|a| a.starts_with("kafka-cluster:") || a.starts_with("kafka:")) {
+                let resource = text(&s["Resource"]);
+                assert!(!resource.contains('*'), "{name}: kafka actions {acts:?} on a wildcard resource: {resource}");
+                assert!(!acts.iter().any(|a| a.ends_with(":*")), "{name}: wildcard kafka action {acts:?}");
+            }
+        }
+        let grants = |action: &str, needle: &str| {
+            statements.iter().any(|s| actions(s).iter().any(|a| a == action) && text(&s["Resource"]).contains(needle))
+        };
+        let param_for = |topic: &str| {
+            params.iter().find(|(_, v)| v["Default"].as_str() == Some(topic)).map(|(k, _)| k.as_str().unwrap().to_owned())
+        };
+        for topic in &topics {
+            let param = param_for(topic).unwrap();
+            assert!(grants("kafka-cluster:ReadData", &format!("${{{param}}}")), "{name}: may read {topic}");
+        }
+        for topic in &outputs {
+            let param = param_for(topic).unwrap_or_else(|| panic!("{name}: no parameter for output topic {topic}"));
+            assert!(grants("kafka-cluster:WriteData", &format!("${{{param}}}")), "{name}: may write {topic}");
+        }
+        if outputs.is_empty() {
+            assert!(!statements.iter().any(|s| actions(s).iter().any(|a| a.contains("WriteData"))), "{name}: no write access it does not need");
+        }
+        assert!(grants("kafka-cluster:AlterGroup", &format!("-{name}")), "{name}: may use its own group only");
+        let queue = destination.trim().trim_start_matches("!GetAtt ").split('.').next().unwrap().to_owned();
+        assert!(grants("sqs:SendMessage", &queue), "{name}: the role may send to its on-failure destination ({queue})");
+    }
+    let all: BTreeSet<String> = resources
+        .values()
+        .filter(|r| r["Type"] == "AWS::Serverless::Function")
+        .map(|r| r["Metadata"]["BuildProperties"]["Binary"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(all, declared, "template.yaml declares functions that no crate provides");
+}
