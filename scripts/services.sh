@@ -55,6 +55,11 @@ wait_for() {
 # Tools this script itself uses.
 command -v curl >/dev/null || apt_install curl ca-certificates
 python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip
+# Build tools: librdkafka, OpenSSL and curl are compiled from source by the Rust build
+# (so the arm64 Lambda cross-build needs no system libraries).
+for tool in cmake make perl gcc g++; do
+  command -v "$tool" >/dev/null || { apt_install cmake make perl gcc g++; break; }
+done
 
 # ---------------------------------------------------------------- PostgreSQL
 postgres_up() { pg_isready -q -h 127.0.0.1 -p 5432; }

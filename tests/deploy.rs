@@ -49,7 +49,11 @@ fn text(v: &Value) -> String {
 #[test]
 fn the_local_worker_runs_every_function_crate() {
     let names: BTreeSet<String> = functions().into_keys().collect();
-    assert_eq!(names, crates(), "cli/src/lib.rs all_functions() must list every crate under functions/ (and nothing else)");
+    assert_eq!(
+        names,
+        crates(),
+        "cli/src/lib.rs all_functions() must list every crate under functions/ (and nothing else)"
+    );
 }
 
 #[test]
@@ -65,7 +69,8 @@ fn infra_functions_json_is_up_to_date() {
 
 #[test]
 fn template_declares_each_function_with_its_msk_trigger_and_least_privilege() {
-    let t: Value = serde_norway::from_str(&std::fs::read_to_string(root("template.yaml")).unwrap()).expect("valid YAML");
+    let t: Value =
+        serde_norway::from_str(&std::fs::read_to_string(root("template.yaml")).unwrap()).expect("valid YAML");
     let params = t["Parameters"].as_mapping().unwrap();
     let resources = t["Resources"].as_mapping().unwrap();
     let default_of = |param: &str| params.get(param).and_then(|p| p["Default"].as_str()).map(str::to_owned);
@@ -76,7 +81,9 @@ fn template_declares_each_function_with_its_msk_trigger_and_least_privilege() {
     for (name, (topics, outputs)) in functions() {
         let (_, function) = resources
             .iter()
-            .find(|(_, r)| r["Type"] == "AWS::Serverless::Function" && r["Metadata"]["BuildProperties"]["Binary"] == name.as_str())
+            .find(|(_, r)| {
+                r["Type"] == "AWS::Serverless::Function" && r["Metadata"]["BuildProperties"]["Binary"] == name.as_str()
+            })
             .unwrap_or_else(|| panic!("template.yaml has no function building the `{name}` binary"));
         declared.insert(name.clone());
         assert_eq!(function["Metadata"]["BuildMethod"].as_str(), Some("rust-cargolambda"), "{name}");
@@ -94,13 +101,26 @@ fn template_declares_each_function_with_its_msk_trigger_and_least_privilege() {
             .collect();
         assert_eq!(trigger_topics, topics, "{name}: the MSK trigger reads the function's topics");
         assert!(text(&p["ConsumerGroupId"]).contains(&format!("-{name}")), "{name}: own consumer group");
-        for key in ["StartingPosition", "BatchSize", "MaximumBatchingWindowInSeconds", "MaximumRetryAttempts", "MaximumRecordAgeInSeconds", "BisectBatchOnFunctionError"] {
+        for key in [
+            "StartingPosition",
+            "BatchSize",
+            "MaximumBatchingWindowInSeconds",
+            "MaximumRetryAttempts",
+            "MaximumRecordAgeInSeconds",
+            "BisectBatchOnFunctionError",
+        ] {
             assert!(!p[key].is_null(), "{name}: MSK trigger sets {key}");
         }
         let destination = text(&p["DestinationConfig"]["OnFailure"]["Destination"]);
 
         // The function's own role.
-        let role_ref = untag(&function["Properties"]["Role"]).as_str().expect("!GetAtt Role.Arn").split('.').next().unwrap().to_owned();
+        let role_ref = untag(&function["Properties"]["Role"])
+            .as_str()
+            .expect("!GetAtt Role.Arn")
+            .split('.')
+            .next()
+            .unwrap()
+            .to_owned();
         let role = &resources[role_ref.as_str()];
         let statements: Vec<&Value> = role["Properties"]["Policies"]
             .as_sequence()
@@ -127,7 +147,10 @@ fn template_declares_each_function_with_its_msk_trigger_and_least_privilege() {
             statements.iter().any(|s| actions(s).iter().any(|a| a == action) && text(&s["Resource"]).contains(needle))
         };
         let param_for = |topic: &str| {
-            params.iter().find(|(_, v)| v["Default"].as_str() == Some(topic)).map(|(k, _)| k.as_str().unwrap().to_owned())
+            params
+                .iter()
+                .find(|(_, v)| v["Default"].as_str() == Some(topic))
+                .map(|(k, _)| k.as_str().unwrap().to_owned())
         };
         for topic in &topics {
             let param = param_for(topic).unwrap();
@@ -138,7 +161,10 @@ fn template_declares_each_function_with_its_msk_trigger_and_least_privilege() {
             assert!(grants("kafka-cluster:WriteData", &format!("${{{param}}}")), "{name}: may write {topic}");
         }
         if outputs.is_empty() {
-            assert!(!statements.iter().any(|s| actions(s).iter().any(|a| a.contains("WriteData"))), "{name}: no write access it does not need");
+            assert!(
+                !statements.iter().any(|s| actions(s).iter().any(|a| a.contains("WriteData"))),
+                "{name}: no write access it does not need"
+            );
         }
         assert!(grants("kafka-cluster:AlterGroup", &format!("-{name}")), "{name}: may use its own group only");
         let queue = destination.trim().trim_start_matches("!GetAtt ").split('.').next().unwrap().to_owned();

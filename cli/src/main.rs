@@ -152,7 +152,12 @@ fn main() -> ExitCode {
                 println!("{}", serde_json::to_string_pretty(&list).expect("JSON"));
             } else {
                 for f in list.as_array().expect("array") {
-                    println!("{:<16} reads {}  publishes {}", f["name"].as_str().unwrap_or(""), f["topics"], f["outputTopics"]);
+                    println!(
+                        "{:<16} reads {}  publishes {}",
+                        f["name"].as_str().unwrap_or(""),
+                        f["topics"],
+                        f["outputTopics"]
+                    );
                 }
             }
             ExitCode::SUCCESS

@@ -83,7 +83,11 @@ pub const VARIABLES: &[Var] = &[
     var("REDIS_BREAKER_OPEN_SECS", "15", "How long the Redis breaker stays open before a probe."),
     var("REDIS_BREAKER_SUCCESSES", "2", "Successful probes that close the Redis breaker."),
     var("REDIS_BREAKER_PROBES", "1", "Concurrent probe calls allowed while the Redis breaker is half-open."),
-    var("KAFKA_BROKERS", "127.0.0.1:9092", "Worker: Kafka bootstrap servers."),
+    var("KAFKA_BROKERS", "127.0.0.1:9092", "Kafka bootstrap servers (ignored when `MSK_CLUSTER_ARN` is set)."),
+    var("MSK_CLUSTER_ARN", "", "Resolve the brokers of this MSK cluster with `GetBootstrapBrokers` (listener chosen by `KAFKA_AUTH`; region from `AWS_REGION`)."),
+    var("KAFKA_AUTH", "plaintext", "`plaintext`, `tls`, `scram` (SASL/SCRAM-SHA-512) or `iam` (SASL/OAUTHBEARER with MSK IAM tokens)."),
+    var("KAFKA_SASL_USERNAME", "", "SCRAM user name (`KAFKA_AUTH=scram`)."),
+    secret("KAFKA_SASL_PASSWORD", "", "SCRAM password (`KAFKA_AUTH=scram`)."),
     var("KAFKA_GROUP_ID", "exactly-once", "Worker: consumer group id."),
     var(
         "KAFKA_TOPIC_PREFIX",
@@ -486,10 +490,34 @@ impl RetentionConfig {
     }
 }
 
-/// The worker's Kafka consumer.
+/// How clients authenticate to Kafka.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KafkaAuth {
+    Plaintext,
+    Tls,
+    Scram { username: String, password: Secret },
+    Iam,
+}
+
+impl KafkaAuth {
+    pub fn name(&self) -> &'static str {
+        match self {
+            KafkaAuth::Plaintext => "plaintext",
+            KafkaAuth::Tls => "tls",
+            KafkaAuth::Scram { .. } => "scram",
+            KafkaAuth::Iam => "iam",
+        }
+    }
+}
+
+/// Kafka: where the brokers are, how to authenticate, and the worker's consumer.
 #[derive(Debug, Clone)]
 pub struct KafkaConfig {
     pub brokers: String,
+    pub cluster_arn: Option<String>,
+    pub auth: KafkaAuth,
+    /// IAM tokens, once `kafka_client::prepare` has started the refresher.
+    pub oauth: Option<std::sync::Arc<crate::kafka_client::TokenCache>>,
     pub group_id: String,
     pub topic_prefix: String,
     pub session_timeout: Duration,
@@ -501,7 +529,36 @@ pub struct KafkaConfig {
 
 impl KafkaConfig {
     pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
+        let auth: String = read(env, "KAFKA_AUTH")?;
+        let auth = match auth.as_str() {
+            "plaintext" => KafkaAuth::Plaintext,
+            "tls" => KafkaAuth::Tls,
+            "iam" => KafkaAuth::Iam,
+            "scram" => {
+                let username: String = read(env, "KAFKA_SASL_USERNAME")?;
+                let password: String = read(env, "KAFKA_SASL_PASSWORD")?;
+                if username.is_empty() || password.is_empty() {
+                    return Err(ConfigError::Invalid {
+                        var: "KAFKA_AUTH",
+                        shown: "\"scram\"".into(),
+                        reason: "needs KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD".into(),
+                    });
+                }
+                KafkaAuth::Scram { username, password: Secret::new(password) }
+            }
+            other => {
+                return Err(ConfigError::Invalid {
+                    var: "KAFKA_AUTH",
+                    shown: format!("{other:?}"),
+                    reason: "use plaintext, tls, scram or iam".into(),
+                })
+            }
+        };
+        let arn: String = read(env, "MSK_CLUSTER_ARN")?;
         Ok(Self {
+            cluster_arn: (!arn.is_empty()).then_some(arn),
+            auth,
+            oauth: None,
             brokers: read(env, "KAFKA_BROKERS")?,
             group_id: read(env, "KAFKA_GROUP_ID")?,
             topic_prefix: read(env, "KAFKA_TOPIC_PREFIX")?,

@@ -16,6 +16,7 @@ pub mod event;
 pub mod event_id;
 pub mod guard;
 pub mod handler;
+pub mod kafka_client;
 pub mod metrics;
 pub mod outbox;
 pub mod outcome;

@@ -9,6 +9,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::config::KafkaConfig;
 use crate::event_id::IDEMPOTENCY_KEY_HEADER;
+use crate::kafka_client::KafkaContext;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProduceError {
@@ -24,18 +25,18 @@ pub fn idempotency_key() -> String {
 }
 
 pub struct Producer {
-    inner: FutureProducer,
+    inner: FutureProducer<KafkaContext>,
 }
 
 impl Producer {
     /// An idempotent producer (`acks=all`): the broker drops its own retries.
     pub fn new(kafka: &KafkaConfig) -> Result<Self, ProduceError> {
-        let inner = super::runtime::worker::client_config(kafka)
+        let inner = crate::kafka_client::client_config(kafka)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
             .set("message.timeout.ms", kafka.produce_timeout.as_millis().to_string())
-            .create()
+            .create_with_context(KafkaContext::new(kafka))
             .map_err(|e| ProduceError::Create { brokers: kafka.brokers.clone(), message: e.to_string() })?;
         Ok(Self { inner })
     }

@@ -69,6 +69,8 @@ pub enum RunError {
     Lambda(String),
     #[error("start-up: {0}")]
     Outbox(#[from] crate::outbox::RelayError),
+    #[error("start-up: {0}")]
+    Kafka(#[from] crate::kafka_client::KafkaClientError),
 }
 
 /// Sets up logging once: JSON in Lambda or with `LOG_FORMAT=json`, `RUST_LOG` filters.
@@ -99,7 +101,8 @@ async fn run_lambda(handlers: Vec<Arc<dyn Handler>>) -> Result<(), RunError> {
     init_tracing(true);
     let process = ProcessConfig::from_env(&ProcessEnv)?;
     let config = Config::load()?;
-    let kafka = KafkaConfig::from_env(&ProcessEnv)?;
+    let mut kafka = KafkaConfig::from_env(&ProcessEnv)?;
+    crate::kafka_client::prepare(&mut kafka).await?;
     // Init: clients built once, reused by every invocation.
     let clients = connect(&config, process.startup_timeout).await?;
     let functions = Arc::new(Functions::new(&clients, handlers, &kafka).await?);
@@ -123,6 +126,7 @@ pub async fn run_worker(handlers: Vec<Arc<dyn Handler>>, options: WorkerOptions)
     let config = Config::load()?;
     let mut kafka = KafkaConfig::from_env(&ProcessEnv)?;
     kafka.create_topics |= options.create_topics;
+    crate::kafka_client::prepare(&mut kafka).await?;
     let worker_config = WorkerConfig::from_env(&ProcessEnv)?;
     let http = HttpConfig::from_env(&ProcessEnv)?;
 

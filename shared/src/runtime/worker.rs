@@ -31,8 +31,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
@@ -45,6 +43,7 @@ use crate::breaker::BreakerState;
 use crate::clients::Clients;
 use crate::config::{KafkaConfig, WorkerConfig};
 use crate::event::{Event, Header};
+use crate::kafka_client::KafkaContext;
 use crate::metrics::metrics;
 use crate::outcome::{FailureKind, Outcome};
 
@@ -143,9 +142,19 @@ impl Shared {
 
 pub struct RebalanceContext {
     shared: Arc<Shared>,
+    kafka: KafkaContext,
 }
 
-impl ClientContext for RebalanceContext {}
+impl ClientContext for RebalanceContext {
+    const ENABLE_REFRESH_OAUTH_TOKEN: bool = true;
+
+    fn generate_oauth_token(
+        &self,
+        config: Option<&str>,
+    ) -> Result<rdkafka::client::OAuthToken, Box<dyn std::error::Error>> {
+        self.kafka.generate_oauth_token(config)
+    }
+}
 
 impl ConsumerContext for RebalanceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -199,16 +208,11 @@ pub struct Worker {
     shared: Arc<Shared>,
 }
 
-/// Builds the rdkafka client configuration the worker and its helpers share.
-pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &kafka.brokers);
-    c
-}
+pub use crate::kafka_client::client_config;
 
 /// Creates the topics that do not exist yet.
 pub async fn create_topics(kafka: &KafkaConfig, topics: &[String]) -> Result<(), WorkerError> {
-    let admin: AdminClient<DefaultClientContext> = client_config(kafka).create()?;
+    let admin: AdminClient<KafkaContext> = client_config(kafka).create_with_context(KafkaContext::new(kafka))?;
     let new: Vec<NewTopic<'_>> =
         topics.iter().map(|t| NewTopic::new(t, kafka.topic_partitions, TopicReplication::Fixed(1))).collect();
     for result in
@@ -226,7 +230,8 @@ pub async fn create_topics(kafka: &KafkaConfig, topics: &[String]) -> Result<(),
 /// Fails fast when no broker answers within `timeout`.
 pub async fn check_reachable(kafka: &KafkaConfig, timeout: Duration) -> Result<(), WorkerError> {
     let unreachable = |message: String| WorkerError::Unreachable { brokers: kafka.brokers.clone(), message };
-    let probe: BaseConsumer = client_config(kafka).create().map_err(|e| unreachable(e.to_string()))?;
+    let probe: BaseConsumer<KafkaContext> =
+        client_config(kafka).create_with_context(KafkaContext::new(kafka)).map_err(|e| unreachable(e.to_string()))?;
     tokio::task::spawn_blocking(move || probe.fetch_metadata(None, timeout).map(|_| ()))
         .await
         .map_err(|e| unreachable(e.to_string()))?
@@ -255,7 +260,7 @@ impl Worker {
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", kafka.session_timeout.as_millis().to_string())
             .set("heartbeat.interval.ms", heartbeat.as_millis().to_string())
-            .create_with_context(RebalanceContext { shared: shared.clone() })?;
+            .create_with_context(RebalanceContext { shared: shared.clone(), kafka: KafkaContext::new(kafka) })?;
         let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topic_refs)?;
         tracing::info!(brokers = %kafka.brokers, group = %kafka.group_id, ?topics, "worker subscribed");
