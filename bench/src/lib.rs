@@ -1,0 +1,542 @@
+//! The benchmark: our guard against the seed library's design (baseline) and against the
+//! least work the guarantee needs (floor), on one event stream with 25% duplicate ids,
+//! in one run, against the same local services as the tests. Targets are checked as
+//! ratios between variants of the same run, so they hold across machines.
+//!
+//! Variants:
+//! - `baseline`: per event, `SELECT` from `processed_events`, a no-op handler, `INSERT ...
+//!   ON CONFLICT DO NOTHING`, each statement its own transaction (seed 003's
+//!   `process_if_new`);
+//! - `guard`: `Guard::run_batch` with a no-op handler, at several batch sizes;
+//! - `floor`: per batch, one Redis pipeline of `SET NX PX` and one Postgres `INSERT ...
+//!   UNNEST ... ON CONFLICT DO NOTHING`, nothing around them;
+//! - `e2e`: the worker consuming from the broker into ClickHouse with the guard, against
+//!   the same pipeline without it.
+
+pub mod chart;
+pub mod stats;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use exactly_once::config::GuardConfig;
+use exactly_once::guard::local_cache::LocalCache;
+use exactly_once::{
+    async_trait, Clients, Config, Event, EventId, FunctionSpec, Guard, Handler, HandlerContext, HandlerError,
+    IdStrategy,
+};
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use stats::Samples;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Events in the stream for the guard and floor variants.
+    pub events: usize,
+    pub batch_sizes: Vec<usize>,
+    /// Events for the (slow) baseline.
+    pub baseline_events: usize,
+    /// Rows to put into `processed_events` before re-measuring the guard (0: skip).
+    pub fill_rows: u64,
+    /// Messages for the end-to-end comparison (0: skip).
+    pub e2e_events: usize,
+    /// Distinct ids pushed through the local cache for the memory figure.
+    pub cache_ids: usize,
+    pub out_dir: PathBuf,
+    pub seed: u64,
+}
+
+impl Options {
+    /// Tiny sizes: checks that every part still works (CI), says nothing about speed.
+    pub fn smoke(out_dir: PathBuf) -> Self {
+        Self {
+            events: 400,
+            batch_sizes: vec![1, 10, 100],
+            baseline_events: 100,
+            fill_rows: 2_000,
+            e2e_events: 300,
+            cache_ids: 20_000,
+            out_dir,
+            seed: 7,
+        }
+    }
+}
+
+/// One measured row of the table.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub variant: String,
+    pub batch: usize,
+    pub events: usize,
+    pub seconds: f64,
+    pub events_per_sec: f64,
+    pub batch_p50_ms: f64,
+    pub batch_p99_ms: f64,
+    pub event_p50_us: f64,
+    pub event_p99_us: f64,
+    pub redis_round_trips_per_batch: f64,
+    pub postgres_round_trips_per_batch: f64,
+}
+
+/// A target of the issue and whether this run meets it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    pub name: String,
+    pub measured: String,
+    pub required: String,
+    pub met: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub machine: String,
+    pub options: String,
+    pub rows: Vec<Row>,
+    pub targets: Vec<Target>,
+    pub cache_entries: u64,
+    pub cache_weighted_bytes: u64,
+    pub cache_rss_bytes_per_entry: f64,
+    pub peak_rss_bytes: u64,
+}
+
+/// A handler that does nothing: the benchmark measures the guard, not a handler.
+struct Noop;
+
+#[async_trait]
+impl Handler for Noop {
+    fn spec(&self) -> FunctionSpec {
+        FunctionSpec::new("bench", &["bench"], IdStrategy::Header("idempotency_key".into()))
+    }
+    async fn handle(&self, _event: &Event, _ctx: &mut HandlerContext<'_>) -> Result<(), HandlerError> {
+        Ok(())
+    }
+}
+
+/// `n` events whose ids repeat with probability `dup_rate` (an earlier id, at random).
+pub fn stream(n: usize, dup_rate: f64, seed: u64) -> Vec<Event> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut ids: Vec<String> = Vec::with_capacity(n);
+    let mut events = Vec::with_capacity(n);
+    for i in 0..n {
+        let id = if !ids.is_empty() && rng.random_bool(dup_rate) {
+            ids[rng.random_range(0..ids.len())].clone()
+        } else {
+            let id = uuid::Uuid::from_u128(rng.random()).to_string();
+            ids.push(id.clone());
+            id
+        };
+        let value = format!(r#"{{"user_id":"u{}","type":"created","occurred_at":1700000000}}"#, i % 1000);
+        events.push(Event::new("bench", (i % 3) as i32, i as i64).with_header("idempotency_key", id).with_value(value));
+    }
+    events
+}
+
+fn rss_bytes(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with(field)).map(|l| l.to_owned()))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()))
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// The isolated environment of one run: its own schema, database and key prefix.
+struct Env {
+    clients: Clients,
+    name: String,
+}
+
+impl Env {
+    async fn new() -> anyhow::Result<Self> {
+        let name = format!("bench_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let mut config = Config::load()?;
+        config.postgres.schema = Some(name.clone());
+        config.clickhouse.database = name.clone();
+        config.redis.key_prefix = name.clone();
+        config.postgres.max_connections = 8;
+        let clients = Clients::connect(config).await.context("services unreachable: run scripts/services.sh")?;
+        Ok(Self { clients, name })
+    }
+
+    async fn cleanup(&self) {
+        let _ =
+            sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.name)).execute(&self.clients.pg).await;
+        let _ = self.clients.sink.client().query(&format!("DROP DATABASE IF EXISTS {}", self.name)).execute().await;
+        if let Ok(mut c) = self.clients.leases.pool().get().await {
+            let keys: Vec<String> =
+                redis::cmd("KEYS").arg(format!("{}:*", self.name)).query_async(&mut c).await.unwrap_or_default();
+            for chunk in keys.chunks(1000) {
+                let _: Result<i64, _> = redis::cmd("DEL").arg(chunk).query_async(&mut c).await;
+            }
+        }
+    }
+}
+
+fn row(variant: &str, batch: usize, events: usize, total: Duration, batches: &Samples, redis: f64, pg: f64) -> Row {
+    let secs = total.as_secs_f64();
+    Row {
+        variant: variant.into(),
+        batch,
+        events,
+        seconds: secs,
+        events_per_sec: events as f64 / secs,
+        batch_p50_ms: batches.percentile(50.0) * 1e3,
+        batch_p99_ms: batches.percentile(99.0) * 1e3,
+        event_p50_us: batches.percentile(50.0) * 1e6 / batch as f64,
+        event_p99_us: batches.percentile(99.0) * 1e6 / batch as f64,
+        redis_round_trips_per_batch: redis,
+        postgres_round_trips_per_batch: pg,
+    }
+}
+
+/// Seed 003's design, done faithfully: two autocommitted statements per new event.
+async fn baseline(env: &Env, events: &[Event]) -> anyhow::Result<Row> {
+    let pg = &env.clients.pg;
+    let mut samples = Samples::default();
+    let mut statements = 0u64;
+    let started = Instant::now();
+    for e in events {
+        let t = Instant::now();
+        let id = e
+            .header("idempotency_key")
+            .and_then(|h| h.value.as_deref())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default();
+        let seen: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM processed_events WHERE namespace = $1 AND event_id = $2)")
+                .bind("baseline")
+                .bind(&id)
+                .fetch_one(pg)
+                .await?;
+        statements += 1;
+        if !seen {
+            // The no-op handler would run here.
+            sqlx::query("INSERT INTO processed_events (namespace, event_id, status) VALUES ($1, $2, 'processed') ON CONFLICT DO NOTHING")
+                .bind("baseline")
+                .bind(&id)
+                .execute(pg)
+                .await?;
+            statements += 1;
+        }
+        samples.push(t.elapsed());
+    }
+    Ok(row("baseline", 1, events.len(), started.elapsed(), &samples, 0.0, statements as f64 / events.len() as f64))
+}
+
+/// Our guard with a no-op handler, batch by batch; a fresh guard (cold local cache).
+async fn guard(env: &Env, namespace: &str, events: &[Event], batch: usize) -> anyhow::Result<Row> {
+    let g = Guard::new(&env.clients, namespace, IdStrategy::Header("idempotency_key".into()), GuardConfig::default())?;
+    let mut samples = Samples::default();
+    let started = Instant::now();
+    for chunk in events.chunks(batch) {
+        let t = Instant::now();
+        let report = g.run_batch(&Noop, chunk, None).await;
+        samples.push(t.elapsed());
+        anyhow::ensure!(report.all_finished(), "guard left events unfinished: {:?}", report.unfinished().next());
+    }
+    let total = started.elapsed();
+    let batches = events.len().div_ceil(batch) as f64;
+    let rt = g.round_trips();
+    Ok(row("guard", batch, events.len(), total, &samples, rt.redis() as f64 / batches, rt.postgres() as f64 / batches))
+}
+
+/// The bare round trips: one Redis pipeline and one Postgres statement per batch.
+async fn floor(env: &Env, namespace: &str, events: &[Event], batch: usize) -> anyhow::Result<Row> {
+    let pg = &env.clients.pg;
+    let mut samples = Samples::default();
+    let started = Instant::now();
+    for chunk in events.chunks(batch) {
+        let t = Instant::now();
+        let ids: Vec<String> = chunk
+            .iter()
+            .map(|e| {
+                String::from_utf8_lossy(
+                    e.header("idempotency_key").and_then(|h| h.value.as_deref()).unwrap_or_default(),
+                )
+                .into_owned()
+            })
+            .collect();
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.cmd("SET")
+                .arg(format!("{}:{{{namespace}}}:lease:{id}", env.name))
+                .arg("t")
+                .arg("NX")
+                .arg("PX")
+                .arg(30_000);
+        }
+        let mut conn = env.clients.leases.pool().get().await?;
+        let _: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
+        drop(conn);
+        sqlx::query(
+            "INSERT INTO processed_events (namespace, event_id, status)
+             SELECT $1, id, 'processed' FROM UNNEST($2::text[]) AS t(id) ON CONFLICT DO NOTHING",
+        )
+        .bind(namespace)
+        .bind(&ids)
+        .execute(pg)
+        .await?;
+        samples.push(t.elapsed());
+    }
+    Ok(row("floor", batch, events.len(), started.elapsed(), &samples, 1.0, 1.0))
+}
+
+/// Runs every variant and evaluates the targets.
+pub async fn run(opts: &Options) -> anyhow::Result<Report> {
+    let env = Env::new().await?;
+    let result = run_in(&env, opts).await;
+    env.cleanup().await;
+    result
+}
+
+async fn run_in(env: &Env, opts: &Options) -> anyhow::Result<Report> {
+    let events = stream(opts.events, 0.25, opts.seed);
+    let mut rows = Vec::new();
+    let mut targets = Vec::new();
+    eprintln!("[bench] {} events, 25% duplicate ids, batch sizes {:?}", events.len(), opts.batch_sizes);
+
+    eprintln!("[bench] baseline ({} events)", opts.baseline_events);
+    let base = baseline(env, &events[..opts.baseline_events.min(events.len())]).await?;
+    rows.push(base.clone());
+
+    for &b in &opts.batch_sizes {
+        eprintln!("[bench] guard and floor at batch {b}");
+        rows.push(guard(env, &format!("guard-{b}"), &events, b).await?);
+        rows.push(floor(env, &format!("floor-{b}"), &events, b).await?);
+    }
+
+    let largest = *opts.batch_sizes.iter().max().unwrap_or(&1);
+    let g = rows.iter().find(|r| r.variant == "guard" && r.batch == largest).cloned().unwrap();
+    let f = rows.iter().find(|r| r.variant == "floor" && r.batch == largest).cloned().unwrap();
+    let vs_base = g.events_per_sec / base.events_per_sec;
+    targets.push(Target {
+        name: format!("guard at batch {largest} vs baseline"),
+        measured: format!("{vs_base:.1}x"),
+        required: ">= 30x".into(),
+        met: Some(vs_base >= 30.0),
+    });
+    let vs_floor = g.events_per_sec / f.events_per_sec;
+    targets.push(Target {
+        name: format!("guard at batch {largest} vs floor"),
+        measured: format!("{vs_floor:.2}x"),
+        required: ">= 0.5x".into(),
+        met: Some(vs_floor >= 0.5),
+    });
+    if let Some(one) = rows.iter().find(|r| r.variant == "guard" && r.batch == 1) {
+        targets.push(Target {
+            name: "batch of 1: guard overhead p50 / p99".into(),
+            measured: format!("{:.2} ms / {:.2} ms", one.batch_p50_ms, one.batch_p99_ms),
+            required: "< 1 ms / < 3 ms".into(),
+            met: Some(one.batch_p50_ms < 1.0 && one.batch_p99_ms < 3.0),
+        });
+    }
+
+    // Round trips of duplicates: all in the local cache, then with the cache cold.
+    let confirmed: Vec<Event> = events.iter().take(largest).cloned().collect();
+    let warm = Guard::new(
+        &env.clients,
+        &format!("guard-{largest}"),
+        IdStrategy::Header("idempotency_key".into()),
+        GuardConfig::default(),
+    )?;
+    warm.run_batch(&Noop, &confirmed, None).await;
+    let (r0, p0) = (warm.round_trips().redis(), warm.round_trips().postgres());
+    warm.run_batch(&Noop, &confirmed, None).await;
+    let local = (warm.round_trips().redis() - r0, warm.round_trips().postgres() - p0);
+    let cold = Guard::new(
+        &env.clients,
+        &format!("guard-{largest}"),
+        IdStrategy::Header("idempotency_key".into()),
+        GuardConfig::default(),
+    )?;
+    let report = cold.run_batch(&Noop, &confirmed, None).await;
+    anyhow::ensure!(report.count("duplicate") == confirmed.len());
+    let cold_rt = (cold.round_trips().redis(), cold.round_trips().postgres());
+    targets.push(Target {
+        name: format!("{largest} duplicates in the local cache: round trips (redis, postgres)"),
+        measured: format!("{local:?}"),
+        required: "(0, 0)".into(),
+        met: Some(local == (0, 0)),
+    });
+    targets.push(Target {
+        name: format!("{largest} duplicates, cache cold: round trips (redis, postgres)"),
+        measured: format!("{cold_rt:?}"),
+        required: "redis <= 1".into(),
+        met: Some(cold_rt.0 <= 1),
+    });
+
+    // A big ledger: the same guard run with `fill_rows` rows already in the table.
+    if opts.fill_rows > 0 {
+        fill(env, opts.fill_rows).await?;
+        let mut full = guard(env, &format!("guard-full-{largest}"), &events, largest).await?;
+        full.variant = format!("guard, {} rows in table", opts.fill_rows);
+        let ratio = full.events_per_sec / g.events_per_sec;
+        targets.push(Target {
+            name: format!("guard at batch {largest} with {} rows vs empty table", opts.fill_rows),
+            measured: format!("{:.0}%", ratio * 100.0),
+            required: if opts.fill_rows >= 10_000_000 {
+                ">= 80%".into()
+            } else {
+                ">= 80% (at 10M rows; this run is smaller)".into()
+            },
+            met: (opts.fill_rows >= 10_000_000).then_some(ratio >= 0.8),
+        });
+        rows.push(full);
+    }
+
+    // The local cache's memory at `cache_ids` distinct ids under the default bound.
+    let bound = GuardConfig::default().local_cache_max_bytes;
+    let before = rss_bytes("VmRSS:");
+    let cache = LocalCache::new(Duration::from_secs(3600), bound);
+    for i in 0..opts.cache_ids {
+        cache.insert(
+            EventId::new(uuid::Uuid::from_u128(i as u128).to_string()).unwrap(),
+            exactly_once::PayloadHash([i as u8; 32]),
+        );
+    }
+    let (entries, weighted) = (cache.entry_count(), cache.weighted_size());
+    let grown = rss_bytes("VmRSS:").saturating_sub(before);
+    let per_entry = grown as f64 / entries.max(1) as f64;
+    targets.push(Target {
+        name: format!("local cache at {} distinct ids, bound {} MiB", opts.cache_ids, bound >> 20),
+        measured: format!(
+            "{entries} kept, {:.1} MiB weighed, {:.1} MiB RSS growth, {per_entry:.0} B/entry",
+            weighted as f64 / 1048576.0,
+            grown as f64 / 1048576.0
+        ),
+        required: "weighed size <= bound".into(),
+        met: Some(weighted <= bound),
+    });
+    drop(cache);
+
+    if opts.e2e_events > 0 {
+        let (with, without) = e2e::compare(&env.clients, &env.name, opts.e2e_events, opts.seed).await?;
+        let cost = without.events_per_sec / with.events_per_sec;
+        targets.push(Target {
+            name: "end to end: cost per event with the guard vs without".into(),
+            measured: format!("{cost:.2}x ({:.0} vs {:.0} events/s)", with.events_per_sec, without.events_per_sec),
+            required: "<= 1.30x".into(),
+            met: Some(cost <= 1.30),
+        });
+        rows.push(with);
+        rows.push(without);
+    }
+
+    let machine = format!(
+        "{} cores, {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l
+                .split(':')
+                .nth(1)
+                .unwrap_or("")
+                .trim()
+                .to_owned()))
+            .unwrap_or_else(|| "unknown CPU".into())
+    );
+    Ok(Report {
+        machine,
+        options: format!("{opts:?}"),
+        rows,
+        targets,
+        cache_entries: entries,
+        cache_weighted_bytes: weighted,
+        cache_rss_bytes_per_entry: per_entry,
+        peak_rss_bytes: rss_bytes("VmHWM:"),
+    })
+}
+
+/// Puts `rows` confirmed ids of another namespace into `processed_events`, in chunks.
+async fn fill(env: &Env, rows: u64) -> anyhow::Result<()> {
+    let chunk = 1_000_000u64;
+    let started = Instant::now();
+    let mut done = 0;
+    while done < rows {
+        let n = chunk.min(rows - done);
+        sqlx::query(
+            "INSERT INTO processed_events (namespace, event_id, status, payload_hash, topic, kafka_partition, kafka_offset)
+             SELECT 'filler', md5(g::text), 'processed', decode(md5(g::text), 'hex'), 'filler', g % 12, g
+             FROM generate_series($1::bigint, $2::bigint) g",
+        )
+        .bind(done as i64)
+        .bind((done + n - 1) as i64)
+        .execute(&env.clients.pg)
+        .await?;
+        done += n;
+        eprintln!("[bench] filled {done}/{rows} rows ({:.0} s)", started.elapsed().as_secs_f64());
+    }
+    sqlx::query("ANALYZE processed_events").execute(&env.clients.pg).await?;
+    Ok(())
+}
+
+pub mod e2e;
+
+/// The table and the targets, as printed.
+pub fn render(report: &Report) -> String {
+    let mut out = format!("machine: {}\n\n", report.machine);
+    out += &format!(
+        "{:<34} {:>6} {:>9} {:>12} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8}\n",
+        "variant", "batch", "events", "events/s", "batch p50", "batch p99", "event p50", "event p99", "redis/b", "pg/b"
+    );
+    for r in &report.rows {
+        out += &format!(
+            "{:<34} {:>6} {:>9} {:>12.0} {:>8.3}ms {:>8.3}ms {:>8.1}us {:>8.1}us {:>8.2} {:>8.2}\n",
+            r.variant,
+            r.batch,
+            r.events,
+            r.events_per_sec,
+            r.batch_p50_ms,
+            r.batch_p99_ms,
+            r.event_p50_us,
+            r.event_p99_us,
+            r.redis_round_trips_per_batch,
+            r.postgres_round_trips_per_batch
+        );
+    }
+    out += "\ntargets:\n";
+    for t in &report.targets {
+        let mark = match t.met {
+            Some(true) => "met   ",
+            Some(false) => "MISSED",
+            None => "n/a   ",
+        };
+        out += &format!("  [{mark}] {}: {} (required {})\n", t.name, t.measured, t.required);
+    }
+    out += &format!("\npeak RSS {:.1} MiB\n", report.peak_rss_bytes as f64 / 1048576.0);
+    out
+}
+
+/// Runs, then writes `results.json` and `throughput.png` into `opts.out_dir`.
+pub async fn run_and_write(opts: &Options) -> anyhow::Result<Report> {
+    let report = run(opts).await?;
+    std::fs::create_dir_all(&opts.out_dir)?;
+    std::fs::write(opts.out_dir.join("results.json"), serde_json::to_string_pretty(&report)?)?;
+    chart::draw(&report, &opts.out_dir.join("throughput.png"))?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    /// The smoke run CI does: every variant works end to end at tiny sizes, and the
+    /// outputs are written. Speed is not judged here.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn smoke_run_produces_a_table_json_and_chart() {
+        let dir = std::env::temp_dir().join(format!("bench-smoke-{}", uuid::Uuid::new_v4().simple()));
+        let report = super::run_and_write(&super::Options::smoke(dir.clone())).await.expect("smoke run");
+        for variant in ["baseline", "guard", "floor", "e2e with guard", "e2e without guard"] {
+            assert!(report.rows.iter().any(|r| r.variant == variant), "{variant} missing");
+        }
+        assert!(report.rows.iter().all(|r| r.events_per_sec > 0.0));
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).unwrap()).unwrap();
+        assert!(json["targets"].as_array().unwrap().len() >= 6);
+        let png = std::fs::read(dir.join("throughput.png")).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        let text = super::render(&report);
+        assert!(text.contains("targets:") && text.contains("guard"));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -1,0 +1,68 @@
+//! `cargo run --release -p bench -- [options]`: runs the benchmark against the local
+//! services (`scripts/services.sh`), prints the table and the targets, and writes
+//! `results.json` and `throughput.png` into `--out` (default `docs/bench`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(about = "Benchmark the guard against the seed library's design and the bare round trips")]
+struct Args {
+    /// Events in the stream (25% duplicate ids).
+    #[arg(long, default_value_t = 100_000)]
+    events: usize,
+    /// Batch sizes for the guard and the floor.
+    #[arg(long, value_delimiter = ',', default_value = "1,10,100,500,1000")]
+    batch_sizes: Vec<usize>,
+    /// Events for the baseline (two statements per event: slow).
+    #[arg(long, default_value_t = 5_000)]
+    baseline_events: usize,
+    /// Rows to put into processed_events before re-measuring the guard (10000000 for the target).
+    #[arg(long, default_value_t = 0)]
+    fill: u64,
+    /// Messages for the end-to-end comparison through the broker (0 skips it).
+    #[arg(long, default_value_t = 20_000)]
+    e2e_events: usize,
+    /// Distinct ids pushed through the local cache for the memory figure.
+    #[arg(long, default_value_t = 1_000_000)]
+    cache_ids: usize,
+    /// Where results.json and throughput.png go.
+    #[arg(long, default_value = "docs/bench")]
+    out: PathBuf,
+    /// Tiny sizes: checks the benchmark still works, measures nothing meaningful.
+    #[arg(long)]
+    smoke: bool,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+fn main() -> ExitCode {
+    let a = Args::parse();
+    let opts = if a.smoke {
+        bench::Options::smoke(a.out)
+    } else {
+        bench::Options {
+            events: a.events,
+            batch_sizes: a.batch_sizes,
+            baseline_events: a.baseline_events,
+            fill_rows: a.fill,
+            e2e_events: a.e2e_events,
+            cache_ids: a.cache_ids,
+            out_dir: a.out,
+            seed: a.seed,
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match rt.block_on(bench::run_and_write(&opts)) {
+        Ok(report) => {
+            print!("{}", bench::render(&report));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
