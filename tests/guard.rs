@@ -270,6 +270,58 @@ async fn lease_expiry_does_not_double_apply_postgres_effects() {
     assert_eq!(env.count("SELECT count(*) FROM processed_events").await, 1);
 }
 
+/// The real user-events handler, stalled (after staging its row) the first time it runs.
+struct StalledUserEvents {
+    entered: Arc<Notify>,
+    gate: Arc<Semaphore>,
+    first: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl Handler for StalledUserEvents {
+    fn spec(&self) -> FunctionSpec {
+        user_events::UserEvents.spec()
+    }
+    async fn handle(&self, event: &Event, ctx: &mut HandlerContext<'_>) -> Result<(), HandlerError> {
+        user_events::UserEvents.handle(event, ctx).await?;
+        if self.first.swap(false, Ordering::SeqCst) {
+            self.entered.notify_one();
+            let _permit = self.gate.acquire().await.expect("gate open");
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn lease_expiry_with_a_clickhouse_only_handler_leaves_one_row() {
+    // No Postgres effects, so no transaction: both holders write their row to
+    // ClickHouse, the confirm lets one win, and the table collapses the repeat.
+    let env = TestEnv::new().await;
+    env.clients.sink.apply_ddl(user_events::CLICKHOUSE_DDL).await.unwrap();
+    let config = GuardConfig { lease_ttl: Duration::from_millis(300), ..GuardConfig::default() };
+    let stalled = Arc::new(StalledUserEvents {
+        entered: Arc::new(Notify::new()),
+        gate: Arc::new(Semaphore::new(0)),
+        first: true.into(),
+    });
+    let spec = stalled.spec();
+    let a = Arc::new(Guard::new(&env.clients, spec.name, spec.id_strategy.clone(), config.clone()).unwrap());
+    let e = user_event("user-events", 0, 1, "raced", "ann");
+    let a_run = {
+        let (a, h, e) = (a.clone(), stalled.clone(), e.clone());
+        tokio::spawn(async move { a.run_batch(&*h, &[e], None).await })
+    };
+    stalled.entered.notified().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let b = Guard::new(&env.clients, spec.name, spec.id_strategy, config).unwrap();
+    assert_eq!(only(&b.run_batch(&*stalled, &[e], None).await), &Outcome::Processed);
+    stalled.gate.add_permits(1);
+    let a_report = a_run.await.unwrap();
+    assert!(matches!(only(&a_report), Outcome::Duplicate { tier: DuplicateTier::Confirm, .. }), "{a_report:?}");
+    assert_eq!(env.count("SELECT count(*) FROM processed_events").await, 1);
+    assert_eq!(env.clickhouse_count("SELECT count() FROM user_events FINAL").await, 1);
+}
+
 #[tokio::test]
 async fn handler_effects_and_confirm_commit_together_per_event() {
     // Two events in one batch; one handler fails after writing its effect. The other's
@@ -341,10 +393,20 @@ async fn a_batch_costs_a_constant_number_of_round_trips() {
         costs.push((n, g.round_trips().redis(), g.round_trips().postgres()));
     }
     // Redis: one script to check markers and take leases, one to release.
-    // Postgres: durable check, begin, confirm, commit.
+    // Postgres: durable check and confirm (no handler touched Postgres, so no
+    // transaction: the confirm autocommits).
     for (n, redis, postgres) in &costs {
-        assert_eq!((*redis, *postgres), (2, 4), "batch of {n}: redis {redis}, postgres {postgres}");
+        assert_eq!((*redis, *postgres), (2, 2), "batch of {n}: redis {redis}, postgres {postgres}");
     }
+
+    // With Postgres effects the confirm shares their transaction: BEGIN and COMMIT more,
+    // plus a savepoint and its release per event.
+    create_effects_table(&env).await;
+    let writer = Probe { effect_tag: Some("w"), ..Default::default() };
+    let g = guard(&env, &writer, GuardConfig::default());
+    let events: Vec<Event> = (0..10).map(|i| event(&format!("tx-{i}"), i)).collect();
+    g.run_batch(&writer, &events, None).await;
+    assert_eq!((g.round_trips().redis(), g.round_trips().postgres()), (2, 4 + 2 * 10));
 
     // A batch that is entirely in the local cache costs nothing at all.
     let g = guard(&env, &probe, GuardConfig::default());

@@ -5,6 +5,7 @@ use sqlx::PgConnection;
 
 use crate::event::Event;
 use crate::event_id::{EventId, IdStrategy, Namespace};
+use crate::guard::transaction::LazyTx;
 use crate::outcome::FailureKind;
 use crate::sink::{ClickHouseSink, SinkBatch, SinkError, SinkRow};
 
@@ -124,7 +125,7 @@ pub struct HandlerContext<'a> {
     published: u32,
     event_id: &'a EventId,
     namespace: &'a Namespace,
-    conn: &'a mut PgConnection,
+    tx: &'a mut LazyTx,
     savepoint: bool,
     rows: SinkBatch,
     sink: &'a ClickHouseSink,
@@ -136,10 +137,10 @@ impl<'a> HandlerContext<'a> {
     pub(crate) fn new(
         event_id: &'a EventId,
         namespace: &'a Namespace,
-        conn: &'a mut PgConnection,
+        tx: &'a mut LazyTx,
         sink: &'a ClickHouseSink,
     ) -> Self {
-        Self { published: 0, event_id, namespace, conn, savepoint: false, rows: SinkBatch::default(), sink }
+        Self { published: 0, event_id, namespace, tx, savepoint: false, rows: SinkBatch::default(), sink }
     }
 
     /// The stable id of this event: use it as the idempotency key of any effect outside
@@ -153,15 +154,17 @@ impl<'a> HandlerContext<'a> {
     }
 
     /// The batch's Postgres transaction. Whatever the handler does here commits together
-    /// with the event's confirm, or not at all. A savepoint is opened on first use, so a
-    /// failing handler's statements roll back without touching the rest of the batch,
-    /// and a handler that never asks pays no round trip.
+    /// with the event's confirm, or not at all. The transaction begins at the batch's
+    /// first use, with a savepoint per event, so a failing handler's statements roll
+    /// back without touching the rest of the batch; a handler that never asks pays no
+    /// round trip.
     pub async fn postgres(&mut self) -> Result<&mut PgConnection, HandlerError> {
         if !self.savepoint {
-            sqlx::query(SAVEPOINT).execute(&mut *self.conn).await?;
+            self.tx.begin().await?;
+            sqlx::query(SAVEPOINT).execute(self.tx.conn()).await?;
             self.savepoint = true;
         }
-        Ok(&mut *self.conn)
+        Ok(self.tx.conn())
     }
 
     /// Publishes a message to `topic` (the function's logical topic name; the worker's
@@ -188,9 +191,9 @@ impl<'a> HandlerContext<'a> {
     pub(crate) async fn finish(self, succeeded: bool) -> Result<(SinkBatch, bool), sqlx::Error> {
         if self.savepoint {
             if !succeeded {
-                sqlx::query("ROLLBACK TO SAVEPOINT eo_handler").execute(&mut *self.conn).await?;
+                sqlx::query("ROLLBACK TO SAVEPOINT eo_handler").execute(self.tx.conn()).await?;
             }
-            sqlx::query("RELEASE SAVEPOINT eo_handler").execute(&mut *self.conn).await?;
+            sqlx::query("RELEASE SAVEPOINT eo_handler").execute(self.tx.conn()).await?;
         }
         let rows = if succeeded { self.rows } else { SinkBatch::default() };
         Ok((rows, self.savepoint))

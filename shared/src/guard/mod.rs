@@ -7,9 +7,11 @@
 //! 1. duplicates: the in-process cache (no round trip), then Redis done markers,
 //! 2. leases: `SET NX PX` in the same Redis script as the markers;
 //! 3. durable check: Postgres `processed_events` (Redis may have lost markers);
-//! 4. handle: handlers run inside one Postgres transaction, their ClickHouse rows staged;
+//! 4. handle: handlers run, their ClickHouse rows staged; the first handler that touches
+//!    Postgres begins the batch transaction (handlers without Postgres effects need none);
 //! 5. confirm: `INSERT ... UNNEST ... ON CONFLICT DO NOTHING` in that transaction, then
-//!    the ClickHouse write, then commit;
+//!    the ClickHouse write, then commit; without a transaction, ClickHouse first and then
+//!    the confirm on its own (autocommit);
 //! 6. release: done markers written and leases compare-and-deleted in one Redis script;
 //!    confirmed ids remembered locally.
 //!
@@ -19,9 +21,9 @@
 //!   confirm succeed. If the confirm finds a row (someone else confirmed first, e.g.
 //!   after our lease expired), the transaction rolls back and the batch is handled
 //!   again without that event, so its effects apply once.
-//! - ClickHouse is written before the commit: a crash between the two leaves rows that
-//!   the retry writes again and the ReplacingMergeTree collapses; the reverse order
-//!   could confirm an event whose rows were never written.
+//! - ClickHouse is written before the confirm commits: a crash between the two leaves
+//!   rows that the retry writes again and the ReplacingMergeTree collapses; the reverse
+//!   order could confirm an event whose rows were never written.
 //! - Redis is never needed for correctness: when it fails (or its breaker is open) the
 //!   batch goes on without leases, on Postgres alone.
 //! - An event whose lease someone else holds is `InFlight`, never skipped: the caller
@@ -30,6 +32,7 @@
 pub mod lease;
 pub mod ledger;
 pub mod local_cache;
+pub(crate) mod transaction;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -53,6 +56,7 @@ use crate::sink::{ClickHouseSink, SinkBatch, SinkError};
 use self::lease::{LeaseError, LeaseReply, Leases, Release};
 use self::ledger::{ConfirmRow, DeadLetterRow};
 use self::local_cache::LocalCache;
+use self::transaction::LazyTx;
 
 /// Round trips made by one guard, for tests and the benchmark.
 #[derive(Debug, Default)]
@@ -346,22 +350,28 @@ impl Guard {
         }
     }
 
-    /// Steps 4 and 5: handlers, confirm, ClickHouse, commit.
+    /// Steps 4 and 5: handlers, then confirm and ClickHouse.
+    ///
+    /// When a handler touched Postgres, its effects and the confirm share one
+    /// transaction: confirm, then ClickHouse, then commit; a confirm that finds rows
+    /// confirmed elsewhere rolls everything back and the batch runs again without them.
+    /// When no handler touched Postgres there is nothing to roll back: ClickHouse is
+    /// written first, then the confirm autocommits (two round trips fewer); ids it finds
+    /// confirmed elsewhere are duplicates, and their repeated rows collapse.
     async fn handle_and_confirm(&self, handler: &dyn Handler, slots: &mut [Slot<'_>]) {
         let mut work: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].is_open()).collect();
         while !work.is_empty() {
-            let mut tx = match self.pg.begin().await {
-                Ok(tx) => tx,
-                Err(e) => {
-                    return fail_all(slots, &work, FailureKind::Unavailable, &format!("Postgres: begin failed: {e}"))
-                }
+            let conn = match self.pg.acquire().await {
+                Ok(c) => c,
+                Err(e) => return fail_all(slots, &work, FailureKind::Unavailable, &format!("Postgres: {e}")),
             };
-            self.count_postgres(1);
+            let mut tx = LazyTx::new(conn);
 
-            // Step 4: every handler, in record order, in one transaction.
+            // Step 4: every handler, in record order.
             let mut staged = SinkBatch::default();
             let mut succeeded = Vec::with_capacity(work.len());
             let mut failed: Vec<(usize, HandlerError)> = Vec::new();
+            let mut broken = None;
             for &i in &work {
                 let slot = &slots[i];
                 let mut ctx = HandlerContext::new(&slot.id, &self.ns, &mut tx, &self.sink);
@@ -378,25 +388,43 @@ impl Guard {
                         }
                     }
                     Err(e) => {
-                        // Roll back now: a dropped transaction is only rolled back when its
-                        // pooled connection is next used, and holds its locks until then.
-                        let _ = tx.rollback().await;
-                        let msg = format!("Postgres: savepoint failed: {e}");
-                        return fail_all(slots, &work, FailureKind::Unavailable, &msg);
+                        broken = Some(format!("Postgres: savepoint failed: {e}"));
+                        break;
                     }
                 }
             }
+            if let Some(msg) = broken {
+                tx.rollback().await;
+                self.count_postgres(tx.round_trips);
+                return fail_all(slots, &work, FailureKind::Unavailable, &msg);
+            }
+            let transactional = tx.is_open();
 
             if succeeded.is_empty() {
-                let _ = tx.rollback().await;
-                self.count_postgres(1);
+                tx.rollback().await;
+                self.count_postgres(tx.round_trips);
                 for (i, e) in failed {
                     slots[i].failure = Some(e);
                 }
                 return;
             }
 
-            // Step 5: confirm in the same transaction.
+            let token = dedup_token(succeeded.iter().map(|&i| &slots[i].id));
+            if !transactional {
+                // No Postgres effects: ClickHouse first, then the confirm autocommits.
+                if let Err(e) = self.sink.write(&staged, &token).await {
+                    let msg = e.to_string();
+                    for &i in &succeeded {
+                        slots[i].fail(FailureKind::Unavailable, msg.clone(), None);
+                    }
+                    for (i, e) in failed {
+                        slots[i].failure = Some(e);
+                    }
+                    return;
+                }
+            }
+
+            // Step 5: the confirm (in the transaction when there is one).
             let rows: Vec<ConfirmRow<'_>> = succeeded
                 .iter()
                 .map(|&i| ConfirmRow {
@@ -407,56 +435,68 @@ impl Guard {
                 })
                 .collect();
             self.count_postgres(1);
-            let inserted: HashSet<String> = match ledger::confirm(&mut tx, &self.ns, &rows).await {
+            let confirmed = ledger::confirm(tx.conn(), &self.ns, &rows).await;
+            drop(rows);
+            let inserted: HashSet<String> = match confirmed {
                 Ok(ids) => ids.into_iter().collect(),
                 Err(e) => {
-                    let _ = tx.rollback().await;
+                    tx.rollback().await;
+                    self.count_postgres(tx.round_trips);
                     return fail_all(slots, &work, FailureKind::Unavailable, &format!("Postgres: confirm failed: {e}"));
                 }
             };
-            drop(rows);
             let conflicts: Vec<usize> =
                 succeeded.iter().copied().filter(|&i| !inserted.contains(slots[i].id.as_str())).collect();
             if !conflicts.is_empty() {
-                // Someone confirmed these first. Roll back everything (their effects with
-                // it) and run the batch again without them.
-                let _ = tx.rollback().await;
-                self.count_postgres(1);
-                tracing::info!(function = %self.ns, conflicts = conflicts.len(), "confirmed elsewhere first; re-running the batch without them");
+                tracing::info!(function = %self.ns, conflicts = conflicts.len(), transactional, "confirmed elsewhere first");
                 for &i in &conflicts {
                     slots[i].duplicate(DuplicateTier::Confirm, None);
                 }
-                work.retain(|i| !conflicts.contains(i));
-                continue;
+                if transactional {
+                    // Their effects are in our transaction: roll everything back and run
+                    // the batch again without them.
+                    tx.rollback().await;
+                    self.count_postgres(tx.round_trips);
+                    work.retain(|i| !conflicts.contains(i));
+                    continue;
+                }
+                succeeded.retain(|i| !conflicts.contains(i));
             }
 
-            // ClickHouse before the commit (see the module docs for why).
-            let token = dedup_token(succeeded.iter().map(|&i| &slots[i].id));
-            if let Err(e) = self.sink.write(&staged, &token).await {
-                let _ = tx.rollback().await;
-                self.count_postgres(1);
-                let msg = e.to_string();
-                for &i in &succeeded {
-                    slots[i].fail(FailureKind::Unavailable, msg.clone(), None);
+            if transactional {
+                // ClickHouse before the commit (see the module docs for why).
+                if let Err(e) = self.sink.write(&staged, &token).await {
+                    tx.rollback().await;
+                    self.count_postgres(tx.round_trips);
+                    let msg = e.to_string();
+                    for &i in &succeeded {
+                        slots[i].fail(FailureKind::Unavailable, msg.clone(), None);
+                    }
+                    for (i, e) in failed {
+                        slots[i].failure = Some(e);
+                    }
+                    return;
                 }
-                for (i, e) in failed {
-                    slots[i].failure = Some(e);
-                }
-                return;
             }
 
             let retried: Vec<&str> =
                 succeeded.iter().filter(|&&i| slots[i].prior_failures > 0).map(|&i| slots[i].id.as_str()).collect();
             if !retried.is_empty() {
                 self.count_postgres(1);
-                if let Err(e) = ledger::clear_attempts(&mut tx, &self.ns, &retried).await {
-                    let _ = tx.rollback().await;
-                    return fail_all(slots, &work, FailureKind::Unavailable, &format!("Postgres: {e}"));
+                if let Err(e) = ledger::clear_attempts(tx.conn(), &self.ns, &retried).await {
+                    if transactional {
+                        tx.rollback().await;
+                        self.count_postgres(tx.round_trips);
+                        return fail_all(slots, &work, FailureKind::Unavailable, &format!("Postgres: {e}"));
+                    }
+                    // Autocommit: the events are confirmed; stale counters go with retention.
+                    tracing::warn!(function = %self.ns, error = %e, "could not clear failure counters of confirmed events");
                 }
             }
 
-            self.count_postgres(1);
-            match tx.commit().await {
+            let committed = tx.commit().await;
+            self.count_postgres(tx.round_trips);
+            match committed {
                 Ok(()) => {
                     for &i in &succeeded {
                         slots[i].outcome = Some(Outcome::Processed);
