@@ -14,6 +14,7 @@ use exactly_once::runtime::worker::create_topics;
 use exactly_once::runtime::{Functions, Worker};
 use exactly_once::sink::SinkBatch;
 use exactly_once::{Clients, Event, Handler};
+use futures::StreamExt;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
@@ -90,17 +91,20 @@ pub async fn compare(clients: &Clients, name: &str, n: usize, seed: u64) -> anyh
         .set("heartbeat.interval.ms", "1000")
         .create_with_context(KafkaContext::new(&k))?;
     consumer.subscribe(&[&topic])?;
+    // Batches of what has arrived (at most 500), as the worker takes them.
+    let mut chunks = consumer.stream().ready_chunks(500);
     let mut done = 0usize;
     let mut first = None;
     let mut batch_no = 0u64;
     while done < n {
+        let chunk = tokio::time::timeout(Duration::from_secs(120), chunks.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("consumer stream ended"))?;
+        first.get_or_insert_with(Instant::now);
         let mut rows = SinkBatch::default();
         let mut offsets = TopicPartitionList::new();
-        let mut taken = 0;
-        let msg = tokio::time::timeout(Duration::from_secs(120), consumer.recv()).await??;
-        first.get_or_insert_with(Instant::now);
-        let mut next = Some(msg.detach());
-        while let Some(m) = next.take() {
+        for m in chunk {
+            let m = m?;
             let id = m
                 .headers()
                 .and_then(|h| h.iter().find(|h| h.key == "idempotency_key").and_then(|h| h.value))
@@ -122,17 +126,11 @@ pub async fn compare(clients: &Clients, name: &str, n: usize, seed: u64) -> anyh
                 },
             )?;
             offsets.add_partition_offset(m.topic(), m.partition(), Offset::Offset(m.offset() + 1))?;
-            taken += 1;
-            if taken < 500 {
-                if let Ok(Ok(more)) = tokio::time::timeout(Duration::from_millis(2), consumer.recv()).await {
-                    next = Some(more.detach());
-                }
-            }
+            done += 1;
         }
         batch_no += 1;
         clients.sink.write(&rows, &format!("unguarded-{batch_no}")).await?;
         consumer.commit(&offsets, CommitMode::Async)?;
-        done += taken;
     }
     let without_took = first.map_or(Duration::ZERO, |f| f.elapsed());
     let without = row("e2e without guard", 500, n, without_took, &Samples::default(), 0.0, 0.0);

@@ -42,6 +42,7 @@ pub const VARIABLES: &[Var] = &[
     ),
     var("DATABASE_MAX_CONNECTIONS", "10", "Postgres pool size."),
     var("DATABASE_CONNECT_TIMEOUT_MS", "5000", "How long to wait for a Postgres connection before failing."),
+    var("DATABASE_GENERIC_PLANS", "true", "Sessions use `plan_cache_mode=force_generic_plan`: the guard's array statements are planned once per connection instead of on every execution (about 0.3 ms saved per statement)."),
     secret("REDIS_URL", "redis://127.0.0.1:6379", "Redis URL for leases and done markers."),
     var("REDIS_POOL_SIZE", "16", "Redis connection pool size."),
     var("REDIS_KEY_PREFIX", "eo", "Prefix of every Redis key (`<prefix>:{<function>}:lease:<id>`)."),
@@ -283,6 +284,7 @@ pub struct PostgresConfig {
     pub schema: Option<String>,
     pub max_connections: u32,
     pub connect_timeout: Duration,
+    pub generic_plans: bool,
 }
 
 impl PostgresConfig {
@@ -304,6 +306,7 @@ impl PostgresConfig {
             schema,
             max_connections: positive(env, "DATABASE_MAX_CONNECTIONS")?,
             connect_timeout: millis(env, "DATABASE_CONNECT_TIMEOUT_MS")?,
+            generic_plans: read(env, "DATABASE_GENERIC_PLANS")?,
         })
     }
 }

@@ -28,10 +28,13 @@ fn options(config: &PostgresConfig) -> Result<PgConnectOptions, PostgresError> {
         .map_err(|e| PostgresError::BadUrl { url, message: e.to_string() })?
         // Statement logging would print parameters (payloads) at info level.
         .disable_statement_logging();
-    Ok(match &config.schema {
+    let opts = match &config.schema {
         Some(schema) => opts.options([("search_path", schema.as_str())]),
         None => opts,
-    })
+    };
+    // The guard's statements take arrays; a custom plan per execution costs more than
+    // running them (see docs/BENCHMARKS.md).
+    Ok(if config.generic_plans { opts.options([("plan_cache_mode", "force_generic_plan")]) } else { opts })
 }
 
 /// Connects (creating the configured schema if missing), and fails fast with a message
@@ -55,6 +58,10 @@ pub async fn connect(config: &PostgresConfig) -> Result<PgPool, PostgresError> {
     let pool = PgPoolOptions::new()
         .max_connections(config.max_connections)
         .acquire_timeout(config.connect_timeout)
+        // No ping before every acquire: it is a round trip per batch. A broken
+        // connection fails its first statement instead, which the guard reports as
+        // unavailable and the batch is retried.
+        .test_before_acquire(false)
         .connect_with(opts)
         .await
         .map_err(unreachable)?;

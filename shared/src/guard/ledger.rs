@@ -23,7 +23,7 @@ pub struct LedgerEntry {
 
 /// Step 3: which of `ids` are confirmed already, and how often each has failed.
 pub async fn lookup(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     ns: &Namespace,
     ids: &[&EventId],
 ) -> Result<HashMap<String, LedgerEntry>, sqlx::Error> {
@@ -36,7 +36,7 @@ pub async fn lookup(
     )
     .bind(ns.as_str())
     .bind(&ids)
-    .fetch_all(pool)
+    .fetch_all(conn)
     .await?;
     let mut out = HashMap::with_capacity(rows.len());
     for row in rows {

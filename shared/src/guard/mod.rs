@@ -6,7 +6,8 @@
 //!    records repeating an id earlier in the batch follow that record's fate;
 //! 1. duplicates: the in-process cache (no round trip), then Redis done markers,
 //! 2. leases: `SET NX PX` in the same Redis script as the markers;
-//! 3. durable check: Postgres `processed_events` (Redis may have lost markers);
+//! 3. durable check: Postgres `processed_events` (Redis may have lost markers), sent
+//!    concurrently with the Redis script;
 //! 4. handle: handlers run, their ClickHouse rows staged; the first handler that touches
 //!    Postgres begins the batch transaction (handlers without Postgres effects need none);
 //! 5. confirm: `INSERT ... UNNEST ... ON CONFLICT DO NOTHING` in that transaction, then
@@ -40,7 +41,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use sqlx::PgPool;
+use sqlx::pool::PoolConnection;
+use sqlx::{PgPool, Postgres};
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -206,9 +208,8 @@ impl Guard {
             let mut slots = self.derive_ids(items);
             self.check_local_cache(&mut slots);
             let token = uuid::Uuid::new_v4().to_string();
-            self.check_redis(&mut slots, &token, deadline).await;
-            self.check_postgres(&mut slots).await;
-            self.handle_and_confirm(handler, &mut slots).await;
+            let conn = self.check_stores(&mut slots, &token, deadline).await;
+            self.handle_and_confirm(handler, &mut slots, conn).await;
             self.settle_failures(&mut slots).await;
             self.release(&slots, &token).await;
             self.remember(&slots);
@@ -281,11 +282,22 @@ impl Guard {
         }
     }
 
-    /// Steps 1b and 2: done markers and leases, one script for the batch.
-    async fn check_redis(&self, slots: &mut [Slot<'_>], token: &str, deadline: Option<Instant>) {
+    /// Steps 1b to 3: Redis (done markers, leases; one script) and the Postgres durable
+    /// check (one statement), sent concurrently so a batch waits for one round trip
+    /// instead of two. Postgres is asked about every open id before the leases are known;
+    /// its answer counts only for the ids we lease (or, Redis down, all of them). A
+    /// confirm landing between that answer and our lease can only make us handle an
+    /// event the confirm then finds taken: the fence, not the order, keeps it once.
+    /// Returns the pooled connection the batch goes on with.
+    async fn check_stores(
+        &self,
+        slots: &mut [Slot<'_>],
+        token: &str,
+        deadline: Option<Instant>,
+    ) -> Option<PoolConnection<Postgres>> {
         let open: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].is_open()).collect();
         if open.is_empty() {
-            return;
+            return None;
         }
         let mut ttl = self.config.lease_ttl;
         if let Some(deadline) = deadline {
@@ -294,12 +306,22 @@ impl Guard {
                 for &i in &open {
                     slots[i].fail(FailureKind::Unavailable, "deadline passed before the event could be leased", None);
                 }
-                return;
+                return None;
             }
             ttl = ttl.min(left);
         }
         let ids: Vec<&EventId> = open.iter().map(|&i| &slots[i].id).collect();
-        let replies = self.leases.acquire(&self.ns, &ids, token, ttl).await;
+        let redis = self.leases.acquire(&self.ns, &ids, token, ttl);
+        let postgres = async {
+            let mut conn = self.pg.acquire().await?;
+            let entries = ledger::lookup(&mut conn, &self.ns, &ids).await?;
+            Ok::<_, sqlx::Error>((conn, entries))
+        };
+        let (replies, looked) = tokio::join!(redis, postgres);
+        drop(ids);
+        self.count_postgres(1);
+
+        // Redis first: a done marker or someone else's lease settles the record.
         if !matches!(replies, Err(LeaseError::BreakerOpen(_))) {
             self.count_redis();
         }
@@ -319,33 +341,30 @@ impl Guard {
                 tracing::warn!(function = %self.ns, error = %e, "Redis unavailable; continuing on Postgres alone")
             }
         }
-    }
 
-    /// Step 3: the durable check, for every record still open.
-    async fn check_postgres(&self, slots: &mut [Slot<'_>]) {
-        let open: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].is_open()).collect();
-        if open.is_empty() {
-            return;
-        }
-        let ids: Vec<&EventId> = open.iter().map(|&i| &slots[i].id).collect();
-        self.count_postgres(1);
-        match ledger::lookup(&self.pg, &self.ns, &ids).await {
-            Ok(entries) => {
+        // Then the durable check, for what is still open.
+        match looked {
+            Ok((conn, entries)) => {
                 for &i in &open {
-                    let Some(entry) = entries.get(slots[i].id.as_str()) else {
+                    if !slots[i].is_open() {
                         continue;
-                    };
+                    }
+                    let Some(entry) = entries.get(slots[i].id.as_str()) else { continue };
                     slots[i].prior_failures = entry.failed_attempts;
                     if let Some(hash) = entry.confirmed {
                         slots[i].duplicate(DuplicateTier::Postgres, hash);
                     }
                 }
+                Some(conn)
             }
             Err(e) => {
                 let msg = format!("Postgres: durable check failed: {e}");
                 for &i in &open {
-                    slots[i].fail(FailureKind::Unavailable, msg.clone(), None);
+                    if slots[i].is_open() {
+                        slots[i].fail(FailureKind::Unavailable, msg.clone(), None);
+                    }
                 }
+                None
             }
         }
     }
@@ -358,14 +377,26 @@ impl Guard {
     /// When no handler touched Postgres there is nothing to roll back: ClickHouse is
     /// written first, then the confirm autocommits (two round trips fewer); ids it finds
     /// confirmed elsewhere are duplicates, and their repeated rows collapse.
-    async fn handle_and_confirm(&self, handler: &dyn Handler, slots: &mut [Slot<'_>]) {
+    async fn handle_and_confirm(
+        &self,
+        handler: &dyn Handler,
+        slots: &mut [Slot<'_>],
+        conn: Option<PoolConnection<Postgres>>,
+    ) {
         let mut work: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].is_open()).collect();
-        while !work.is_empty() {
-            let conn = match self.pg.acquire().await {
+        if work.is_empty() {
+            return;
+        }
+        let conn = match conn {
+            Some(c) => c,
+            None => match self.pg.acquire().await {
                 Ok(c) => c,
                 Err(e) => return fail_all(slots, &work, FailureKind::Unavailable, &format!("Postgres: {e}")),
-            };
-            let mut tx = LazyTx::new(conn);
+            },
+        };
+        let mut tx = LazyTx::new(conn);
+        while !work.is_empty() {
+            tx.round_trips = 0;
 
             // Step 4: every handler, in record order.
             let mut staged = SinkBatch::default();
