@@ -539,3 +539,44 @@ async fn clickhouse_breaker_fails_fast_confirms_nothing_and_recovers_through_hal
     }
     assert_eq!(env.clickhouse_count("SELECT count() FROM user_events FINAL").await, 3);
 }
+
+/// The duplicate check's plan is made once per connection (generic plans). Made while the
+/// table was empty, a join plan scans every row of the namespace on each lookup once the
+/// table has grown. The lookup must stay a primary-key lookup per id: the heap rows it
+/// reads are the ids it was asked about, however many rows the table holds.
+#[tokio::test]
+async fn ledger_lookup_stays_a_key_lookup_after_the_table_grows_under_a_cached_plan() {
+    use exactly_once::guard::ledger;
+    use exactly_once::{EventId, Namespace};
+
+    let env = TestEnv::new().await;
+    let ns = Namespace::new(NS).unwrap();
+    let ids: Vec<EventId> = ["grow-1", "grow-19999", "absent"].iter().map(|s| EventId::new(*s).unwrap()).collect();
+    let refs: Vec<&EventId> = ids.iter().collect();
+    let mut conn = env.pg().acquire().await.unwrap();
+    // Planned and cached on this connection while the table is empty.
+    assert!(ledger::lookup(&mut conn, &ns, &refs).await.unwrap().is_empty());
+    sqlx::query(
+        "INSERT INTO processed_events (namespace, event_id, status, payload_hash)
+         SELECT $1, 'grow-' || g, 'processed', '\\x00' FROM generate_series(1, 20000) g",
+    )
+    .bind(NS)
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::query("BEGIN").execute(&mut *conn).await.unwrap();
+    let found = ledger::lookup(&mut conn, &ns, &refs).await.unwrap();
+    let (seq_read, idx_fetched): (i64, i64) = sqlx::query_as(
+        "SELECT pg_stat_get_xact_tuples_returned('processed_events'::regclass)
+                - pg_stat_get_xact_tuples_fetched('processed_events'::regclass),
+                pg_stat_get_xact_tuples_fetched('processed_events'::regclass)",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::query("ROLLBACK").execute(&mut *conn).await.unwrap();
+    assert_eq!(found.len(), 2, "both stored ids found: {found:?}");
+    assert!(found.contains_key("grow-1") && found.contains_key("grow-19999"));
+    assert_eq!(seq_read, 0, "no sequential scan");
+    assert!(idx_fetched <= 3, "read {idx_fetched} rows through the index for 3 ids: the plan scans the namespace");
+}

@@ -22,38 +22,51 @@ use crate::config::{redact_url, RedisConfig};
 use crate::event::PayloadHash;
 use crate::event_id::{EventId, Namespace};
 
-/// For each (done, lease) key pair: a done marker wins; otherwise try `SET NX PX`.
+/// KEYS: n done keys, then the n matching lease keys; ARGV: token, ttl (ms).
+/// One MGET reads every done marker; ids without one try `SET NX PX` for the lease.
 /// Replies `D<marker>` (done), `L` (lease taken) or `B` (busy: someone else holds it).
 const ACQUIRE: &str = r#"
+local n = #KEYS / 2
+local done = {}
+for from = 1, n, 4000 do
+  local part = redis.call('MGET', unpack(KEYS, from, math.min(from + 3999, n)))
+  for j = 1, #part do done[from + j - 1] = part[j] end
+end
 local out = {}
-for i = 1, #KEYS, 2 do
-  local done = redis.call('GET', KEYS[i])
-  if done then
-    out[#out + 1] = 'D' .. done
-  elseif redis.call('SET', KEYS[i + 1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-    out[#out + 1] = 'L'
+for i = 1, n do
+  if done[i] then
+    out[i] = 'D' .. done[i]
+  elseif redis.call('SET', KEYS[n + i], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    out[i] = 'L'
   else
-    out[#out + 1] = 'B'
+    out[i] = 'B'
   end
 end
 return out
 "#;
 
-/// For each (lease, done) key pair with ARGV mode/marker: mode `D` sets the done marker
-/// (with TTL ARGV[2]); every lease still holding our token (ARGV[1]) is deleted.
-/// Returns how many leases were ours.
+/// KEYS: n lease keys, then the n matching done keys; ARGV: token, done ttl (ms), then
+/// one marker per id (empty: no marker). Writes the markers, then deletes, in one DEL,
+/// the leases that still hold our token (compare-and-delete). Returns how many were ours.
 const RELEASE: &str = r#"
-local released = 0
-for i = 1, #KEYS, 2 do
-  if ARGV[i + 2] == 'D' then
-    redis.call('SET', KEYS[i + 1], ARGV[i + 3], 'PX', ARGV[2])
-  end
-  if redis.call('GET', KEYS[i]) == ARGV[1] then
-    redis.call('DEL', KEYS[i])
-    released = released + 1
+local n = #KEYS / 2
+local mine = {}
+for from = 1, n, 4000 do
+  local to = math.min(from + 3999, n)
+  local leases = redis.call('MGET', unpack(KEYS, from, to))
+  for j = 1, #leases do
+    if leases[j] == ARGV[1] then mine[#mine + 1] = KEYS[from + j - 1] end
   end
 end
-return released
+for i = 1, n do
+  if ARGV[2 + i] ~= '' then
+    redis.call('SET', KEYS[n + i], ARGV[2 + i], 'PX', ARGV[2])
+  end
+end
+for from = 1, #mine, 4000 do
+  redis.call('DEL', unpack(mine, from, math.min(from + 3999, #mine)))
+end
+return #mine
 "#;
 
 /// What Redis said about one id.
@@ -160,7 +173,10 @@ impl Leases {
     ) -> Result<Vec<LeaseReply>, LeaseError> {
         let mut inv = self.acquire.prepare_invoke();
         for id in ids {
-            inv.key(self.key(ns, "done", id)).key(self.key(ns, "lease", id));
+            inv.key(self.key(ns, "done", id));
+        }
+        for id in ids {
+            inv.key(self.key(ns, "lease", id));
         }
         inv.arg(token).arg(ttl.as_millis().max(1) as u64);
         let replies: Vec<String> = self.call(|mut conn| async move { inv.invoke_async(&mut conn).await }).await?;
@@ -194,11 +210,11 @@ impl Leases {
         let mut inv = self.release.prepare_invoke();
         inv.arg(token).arg(done_ttl.as_millis().max(1) as u64);
         for item in items {
-            inv.key(self.key(ns, "lease", item.id)).key(self.key(ns, "done", item.id));
-            match item.done {
-                Some(hash) => inv.arg("D").arg(hash.to_hex()),
-                None => inv.arg("R").arg(""),
-            };
+            inv.key(self.key(ns, "lease", item.id));
+            inv.arg(item.done.map(|h| h.to_hex()).unwrap_or_default());
+        }
+        for item in items {
+            inv.key(self.key(ns, "done", item.id));
         }
         self.call(|mut conn| async move { inv.invoke_async(&mut conn).await }).await
     }

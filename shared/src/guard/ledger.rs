@@ -7,50 +7,29 @@
 use std::collections::HashMap;
 
 use base64::Engine;
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{PgConnection, PgPool};
 
 use crate::event::{Event, PayloadHash};
 use crate::event_id::{EventId, Namespace};
 
-/// What Postgres knows about one id before we handle it.
-#[derive(Debug, Clone, Default)]
-pub struct LedgerEntry {
-    /// `Some` when already confirmed (processed or dead-lettered), with its payload hash.
-    pub confirmed: Option<Option<PayloadHash>>,
-    /// Failed attempts recorded so far.
-    pub failed_attempts: u32,
-}
-
-/// Step 3: which of `ids` are confirmed already, and how often each has failed.
+/// Step 3: which of `ids` are confirmed already, with the payload hash each was
+/// confirmed with. One index scan; failure counts are not needed here (the confirm and
+/// the attempt counter read them themselves).
 pub async fn lookup(
     conn: &mut PgConnection,
     ns: &Namespace,
     ids: &[&EventId],
-) -> Result<HashMap<String, LedgerEntry>, sqlx::Error> {
+) -> Result<HashMap<String, Option<PayloadHash>>, sqlx::Error> {
     let ids: Vec<&str> = ids.iter().map(|i| i.as_str()).collect();
-    let rows = sqlx::query(
-        "SELECT i.event_id, p.status, p.payload_hash, COALESCE(a.attempts, 0) AS failed_attempts
-         FROM UNNEST($2::text[]) AS i(event_id)
-         LEFT JOIN processed_events p ON p.namespace = $1 AND p.event_id = i.event_id
-         LEFT JOIN event_attempts a ON a.namespace = $1 AND a.event_id = i.event_id",
-    )
-    .bind(ns.as_str())
-    .bind(&ids)
-    .fetch_all(conn)
-    .await?;
-    let mut out = HashMap::with_capacity(rows.len());
-    for row in rows {
-        let status: Option<String> = row.try_get("status")?;
-        let hash: Option<Vec<u8>> = row.try_get("payload_hash")?;
-        out.insert(
-            row.try_get("event_id")?,
-            LedgerEntry {
-                confirmed: status.map(|_| hash.as_deref().and_then(PayloadHash::from_slice)),
-                failed_attempts: row.try_get::<i32, _>("failed_attempts")?.max(0) as u32,
-            },
-        );
-    }
-    Ok(out)
+    // A function rather than the join itself: it pins the plan to primary-key lookups
+    // whatever the table's statistics say (see migrations/*_ledger_lookup.sql).
+    let rows: Vec<(String, Option<Vec<u8>>)> =
+        sqlx::query_as("SELECT confirmed_id, confirmed_hash FROM eo_confirmed($1, $2)")
+            .bind(ns.as_str())
+            .bind(&ids)
+            .fetch_all(conn)
+            .await?;
+    Ok(rows.into_iter().map(|(id, hash)| (id, hash.as_deref().and_then(PayloadHash::from_slice))).collect())
 }
 
 /// One event to confirm.
@@ -58,11 +37,12 @@ pub struct ConfirmRow<'a> {
     pub id: &'a EventId,
     pub event: &'a Event,
     pub hash: PayloadHash,
-    pub attempts: u32,
 }
 
-/// Step 5: `INSERT ... ON CONFLICT DO NOTHING` in the handler's transaction. Returns the
-/// ids this call inserted; an id missing from the answer was confirmed by someone else.
+/// Step 5: `INSERT ... ON CONFLICT DO NOTHING` (in the handlers' transaction when there
+/// is one). The same statement forgets the events' failure counters and records how many
+/// attempts each took. Returns the ids this call inserted; an id missing from the answer
+/// was confirmed by someone else.
 pub async fn confirm(
     conn: &mut PgConnection,
     ns: &Namespace,
@@ -73,21 +53,26 @@ pub async fn confirm(
     let mut topics = Vec::with_capacity(rows.len());
     let mut partitions = Vec::with_capacity(rows.len());
     let mut offsets = Vec::with_capacity(rows.len());
-    let mut attempts = Vec::with_capacity(rows.len());
     for r in rows {
         ids.push(r.id.as_str());
         hashes.push(r.hash.0.to_vec());
         topics.push(r.event.topic.as_str());
         partitions.push(r.event.partition);
         offsets.push(r.event.offset);
-        attempts.push(r.attempts as i32);
     }
     sqlx::query_scalar(
-        "INSERT INTO processed_events
+        "WITH failures AS (
+             DELETE FROM event_attempts a USING UNNEST($2::text[]) AS d(event_id)
+             WHERE a.namespace = $1 AND a.event_id = d.event_id
+             RETURNING a.event_id, a.attempts
+         )
+         INSERT INTO processed_events
              (namespace, event_id, status, payload_hash, topic, kafka_partition, kafka_offset, attempts)
-         SELECT $1, t.event_id, 'processed', t.payload_hash, t.topic, t.kafka_partition, t.kafka_offset, t.attempts
-         FROM UNNEST($2::text[], $3::bytea[], $4::text[], $5::int4[], $6::int8[], $7::int4[])
-              AS t(event_id, payload_hash, topic, kafka_partition, kafka_offset, attempts)
+         SELECT $1, t.event_id, 'processed', t.payload_hash, t.topic, t.kafka_partition, t.kafka_offset,
+                COALESCE(f.attempts, 0) + 1
+         FROM UNNEST($2::text[], $3::bytea[], $4::text[], $5::int4[], $6::int8[])
+              AS t(event_id, payload_hash, topic, kafka_partition, kafka_offset)
+         LEFT JOIN failures f USING (event_id)
          ORDER BY t.event_id
          ON CONFLICT (namespace, event_id) DO NOTHING
          RETURNING event_id",
@@ -98,19 +83,8 @@ pub async fn confirm(
     .bind(&topics)
     .bind(&partitions)
     .bind(&offsets)
-    .bind(&attempts)
     .fetch_all(conn)
     .await
-}
-
-/// Forgets the failure history of events that have now been confirmed.
-pub async fn clear_attempts(conn: &mut PgConnection, ns: &Namespace, ids: &[&str]) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM event_attempts WHERE namespace = $1 AND event_id = ANY($2::text[])")
-        .bind(ns.as_str())
-        .bind(ids)
-        .execute(conn)
-        .await?;
-    Ok(())
 }
 
 /// Counts one more failed attempt for each id; returns the new totals.
@@ -145,6 +119,7 @@ pub struct DeadLetterRow<'a> {
     pub event: &'a Event,
     pub reason: String,
     pub error: String,
+    /// Attempts taken; 0: this one plus those counted before.
     pub attempts: u32,
 }
 

@@ -108,7 +108,6 @@ struct Slot<'e> {
     leased: bool,
     /// The hash Postgres or Redis recorded when this id was confirmed, if known.
     confirmed_hash: Option<PayloadHash>,
-    prior_failures: u32,
     /// A handler failure waiting to be counted or dead-lettered.
     failure: Option<HandlerError>,
     outcome: Option<Outcome>,
@@ -265,7 +264,6 @@ impl Guard {
                 leader,
                 leased: false,
                 confirmed_hash: None,
-                prior_failures: 0,
                 failure: None,
                 outcome: None,
             });
@@ -344,15 +342,13 @@ impl Guard {
 
         // Then the durable check, for what is still open.
         match looked {
-            Ok((conn, entries)) => {
+            Ok((conn, confirmed)) => {
                 for &i in &open {
                     if !slots[i].is_open() {
                         continue;
                     }
-                    let Some(entry) = entries.get(slots[i].id.as_str()) else { continue };
-                    slots[i].prior_failures = entry.failed_attempts;
-                    if let Some(hash) = entry.confirmed {
-                        slots[i].duplicate(DuplicateTier::Postgres, hash);
+                    if let Some(hash) = confirmed.get(slots[i].id.as_str()) {
+                        slots[i].duplicate(DuplicateTier::Postgres, *hash);
                     }
                 }
                 Some(conn)
@@ -458,12 +454,7 @@ impl Guard {
             // Step 5: the confirm (in the transaction when there is one).
             let rows: Vec<ConfirmRow<'_>> = succeeded
                 .iter()
-                .map(|&i| ConfirmRow {
-                    id: &slots[i].id,
-                    event: slots[i].event,
-                    hash: slots[i].hash,
-                    attempts: slots[i].prior_failures + 1,
-                })
+                .map(|&i| ConfirmRow { id: &slots[i].id, event: slots[i].event, hash: slots[i].hash })
                 .collect();
             self.count_postgres(1);
             let confirmed = ledger::confirm(tx.conn(), &self.ns, &rows).await;
@@ -510,21 +501,6 @@ impl Guard {
                 }
             }
 
-            let retried: Vec<&str> =
-                succeeded.iter().filter(|&&i| slots[i].prior_failures > 0).map(|&i| slots[i].id.as_str()).collect();
-            if !retried.is_empty() {
-                self.count_postgres(1);
-                if let Err(e) = ledger::clear_attempts(tx.conn(), &self.ns, &retried).await {
-                    if transactional {
-                        tx.rollback().await;
-                        self.count_postgres(tx.round_trips);
-                        return fail_all(slots, &work, FailureKind::Unavailable, &format!("Postgres: {e}"));
-                    }
-                    // Autocommit: the events are confirmed; stale counters go with retention.
-                    tracing::warn!(function = %self.ns, error = %e, "could not clear failure counters of confirmed events");
-                }
-            }
-
             let committed = tx.commit().await;
             self.count_postgres(tx.round_trips);
             match committed {
@@ -564,7 +540,8 @@ impl Guard {
                 None => {}
                 Some(HandlerError::Unavailable(msg)) => slot.fail(FailureKind::Unavailable, msg, None),
                 Some(HandlerError::Permanent { reason, message }) => {
-                    to_dead_letter.push((i, reason.to_owned(), message, slot.prior_failures + 1))
+                    // 0: the ledger adds the failures counted before.
+                    to_dead_letter.push((i, reason.to_owned(), message, 0))
                 }
                 Some(e @ HandlerError::Retryable(_)) => {
                     slot.failure = Some(e);
@@ -585,7 +562,7 @@ impl Guard {
                 let msg = slots[i].failure.take().map(|e| e.to_string()).unwrap_or_default();
                 match &counted {
                     Ok(map) => {
-                        let attempts = map.get(slots[i].id.as_str()).copied().unwrap_or(slots[i].prior_failures + 1);
+                        let attempts = map.get(slots[i].id.as_str()).copied().unwrap_or(1);
                         if attempts >= self.config.max_attempts {
                             to_dead_letter.push((i, "max_attempts".to_owned(), msg, attempts));
                         } else {
@@ -721,10 +698,16 @@ impl Guard {
         }
     }
 
-    /// Metrics and the report.
+    /// Metrics (added up per batch: one update per label set, not per event), one
+    /// span per event, and the report.
     fn report(&self, slots: Vec<Slot<'_>>) -> BatchReport {
-        let m = metrics();
         let ns = self.ns.as_str();
+        let mut processed = 0u64;
+        let mut duplicates: HashMap<&'static str, u64> = HashMap::new();
+        let mut contention = 0u64;
+        let mut failed: HashMap<&'static str, u64> = HashMap::new();
+        let mut dead: HashMap<String, u64> = HashMap::new();
+        let mut mismatches = 0u64;
         let outcomes = slots
             .into_iter()
             .map(|s| {
@@ -732,21 +715,20 @@ impl Guard {
                     .outcome
                     .unwrap_or(Outcome::Failed { kind: FailureKind::Unavailable, error: "not handled".into(), attempts: None });
                 match &outcome {
-                    Outcome::Processed => m.processed.with_label_values(&[ns]).inc(),
+                    Outcome::Processed => processed += 1,
                     Outcome::Duplicate { tier, payload_mismatch } => {
-                        m.duplicates.with_label_values(&[ns, tier.as_str()]).inc();
-                        m.deduplicated.with_label_values(&[ns]).inc();
+                        *duplicates.entry(tier.as_str()).or_default() += 1;
                         if *payload_mismatch {
-                            m.payload_mismatch.with_label_values(&[ns]).inc();
+                            mismatches += 1;
                             tracing::warn!(function = ns, event_id = %s.id, position = %s.event.position(), "duplicate id with a different payload than the confirmed event");
                         }
                     }
-                    Outcome::InFlight => m.lease_contention.with_label_values(&[ns]).inc(),
+                    Outcome::InFlight => contention += 1,
                     Outcome::Failed { kind, error, .. } => {
-                        m.failed.with_label_values(&[ns, kind.as_str()]).inc();
+                        *failed.entry(kind.as_str()).or_default() += 1;
                         tracing::debug!(function = ns, event_id = %s.id, %error, "event failed");
                     }
-                    Outcome::DeadLettered { reason } => m.dead_lettered.with_label_values(&[ns, reason]).inc(),
+                    Outcome::DeadLettered { reason } => *dead.entry(reason.clone()).or_default() += 1,
                 }
                 // One span per event: its id, function, position and outcome.
                 let span = tracing::info_span!(
@@ -762,6 +744,29 @@ impl Guard {
                 EventOutcome::new(s.event, s.invalid.is_none().then_some(s.id), outcome)
             })
             .collect();
+        let m = metrics();
+        if processed > 0 {
+            m.processed.with_label_values(&[ns]).inc_by(processed);
+        }
+        let all_duplicates: u64 = duplicates.values().sum();
+        if all_duplicates > 0 {
+            m.deduplicated.with_label_values(&[ns]).inc_by(all_duplicates);
+        }
+        for (tier, n) in duplicates {
+            m.duplicates.with_label_values(&[ns, tier]).inc_by(n);
+        }
+        if mismatches > 0 {
+            m.payload_mismatch.with_label_values(&[ns]).inc_by(mismatches);
+        }
+        if contention > 0 {
+            m.lease_contention.with_label_values(&[ns]).inc_by(contention);
+        }
+        for (kind, n) in failed {
+            m.failed.with_label_values(&[ns, kind]).inc_by(n);
+        }
+        for (reason, n) in dead {
+            m.dead_lettered.with_label_values(&[ns, &reason]).inc_by(n);
+        }
         BatchReport { outcomes }
     }
 }
