@@ -80,11 +80,20 @@ async fn invoke_rejects_oversized_bodies_bad_json_and_unknown_functions() {
     assert_eq!(status, 413);
     let (status, body) = integration_tests::http(addr, "POST", "/invoke/user-events", &[], b"{not json").await;
     assert_eq!(status, 400);
-    assert!(body.contains("not an MSK event"), "{body}");
-    let hostile =
-        br#"{"records":{"t-0":[{"topic":"t","partition":0,"offset":0,"timestamp":1.5,"value":"e30=","headers":[]}]}}"#;
-    let (status, _) = integration_tests::http(addr, "POST", "/invoke/user-events", &[], hostile).await;
-    assert_eq!(status, 400, "a body the event crate would panic on is a 400");
+    assert!(body.contains("not an MSK event (body_not_json)"), "{body}");
+    let (status, body) = integration_tests::http(addr, "POST", "/invoke/user-events", &[], br#"{"records":[1]}"#).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("body_not_msk_event"), "{body}");
+    // A record with odd fields (a fractional timestamp, a header byte out of range, a
+    // value that is not base64) is answered per record: dead-lettered with its reason,
+    // never a failed request or a crash.
+    let hostile = br#"{"records":{"t-0":[
+        {"topic":"t","partition":0,"offset":0,"timestamp":1.5,"value":"e30=","headers":[{"h":[300]}]},
+        {"topic":"t","partition":0,"offset":1,"timestamp":"x","value":"%%%","headers":[]}]}}"#;
+    let (status, body) = integration_tests::http(addr, "POST", "/invoke/user-events", &[], hostile).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters WHERE reason = 'record_header_invalid'").await, 1, "{body}");
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters WHERE reason = 'record_value_base64'").await, 1, "{body}");
     let (status, body) = integration_tests::http(addr, "POST", "/invoke/nope", &[], &batch()).await;
     assert_eq!(status, 404);
     assert!(body.contains("user-events"), "names the functions it has: {body}");

@@ -14,6 +14,7 @@
 //!   the same pipeline without it.
 
 pub mod chart;
+pub mod delay;
 pub mod stats;
 
 use std::path::PathBuf;
@@ -45,6 +46,10 @@ pub struct Options {
     pub e2e_events: usize,
     /// Distinct ids pushed through the local cache for the memory figure.
     pub cache_ids: usize,
+    /// Network round-trip time to add (through delay proxies) for a second run of the
+    /// baseline, the guard and the floor at the target batch: the seed's setting, where
+    /// the stores are across a network rather than on loopback. 0 skips it.
+    pub added_rtt_us: u64,
     pub out_dir: PathBuf,
     pub seed: u64,
 }
@@ -59,6 +64,7 @@ impl Options {
             fill_rows: 2_000,
             e2e_events: 300,
             cache_ids: 20_000,
+            added_rtt_us: 500,
             out_dir,
             seed: 7,
         }
@@ -150,8 +156,30 @@ struct Env {
 
 impl Env {
     async fn new() -> anyhow::Result<Self> {
+        Self::with(|_| Ok(())).await
+    }
+
+    /// Postgres and Redis reached through [`delay::DelayProxy`]s adding `rtt` per round trip.
+    async fn behind_network(rtt: Duration) -> anyhow::Result<Self> {
+        Self::with(|config| {
+            let pg = config.postgres.url.expose().to_owned();
+            let probe = "127.0.0.1:1".parse().expect("addr");
+            let (_, pg_host) = delay::swap_host(&pg, probe).context("DATABASE_URL is not a URL")?;
+            let pg_proxy = delay::DelayProxy::start(&pg_host, rtt / 2)?;
+            config.postgres.url = exactly_once::config::Secret::new(delay::swap_host(&pg, pg_proxy.addr).unwrap().0);
+            let redis = config.redis.url.expose().to_owned();
+            let (_, redis_host) = delay::swap_host(&redis, probe).context("REDIS_URL is not a URL")?;
+            let redis_proxy = delay::DelayProxy::start(&redis_host, rtt / 2)?;
+            config.redis.url = exactly_once::config::Secret::new(delay::swap_host(&redis, redis_proxy.addr).unwrap().0);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn with(tweak: impl FnOnce(&mut Config) -> anyhow::Result<()>) -> anyhow::Result<Self> {
         let name = format!("bench_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
         let mut config = Config::load()?;
+        tweak(&mut config)?;
         config.postgres.schema = Some(name.clone());
         config.clickhouse.database = name.clone();
         config.redis.key_prefix = name.clone();
@@ -412,6 +440,41 @@ async fn run_in(env: &Env, opts: &Options) -> anyhow::Result<Report> {
     });
     drop(cache);
 
+    // The seed's setting: the same variants with a network between consumer and stores.
+    if opts.added_rtt_us > 0 {
+        let rtt = Duration::from_micros(opts.added_rtt_us);
+        eprintln!("[bench] baseline, guard and floor at batch {largest} with {rtt:?} added per round trip");
+        let far = Env::behind_network(rtt).await?;
+        let result = async {
+            let measured = select_one_latency(&far.clients.pg, 200).await?;
+            let direct = select_one_latency(&env.clients.pg, 200).await?;
+            let label = format!("+{:.2}ms RTT", opts.added_rtt_us as f64 / 1000.0);
+            let mut b = baseline(&far, &events[..opts.baseline_events.min(events.len())]).await?;
+            b.variant = format!("baseline {label}");
+            let mut g = guard(&far, &format!("guard-far-{largest}"), &events, largest).await?;
+            g.variant = format!("guard {label}");
+            let mut f = floor(&far, &format!("floor-far-{largest}"), &events, largest).await?;
+            f.variant = format!("floor {label}");
+            let ratio = g.events_per_sec / b.events_per_sec;
+            targets.push(Target {
+                name: format!(
+                    "guard at batch {largest} vs baseline, {label} (SELECT 1 p50 {:.2} ms vs {:.2} ms direct; baseline {:.2} ms/event)",
+                    measured * 1e3,
+                    direct * 1e3,
+                    b.event_p50_us / 1e3
+                ),
+                measured: format!("{ratio:.1}x (floor {:.1}x)", f.events_per_sec / b.events_per_sec),
+                required: ">= 30x".into(),
+                met: Some(ratio >= 30.0),
+            });
+            rows.extend([b, g, f]);
+            anyhow::Ok(())
+        }
+        .await;
+        far.cleanup().await;
+        result?;
+    }
+
     if opts.e2e_events > 0 {
         let (with, without) = e2e::compare(&env.clients, &env.name, opts.e2e_events, opts.seed).await?;
         let cost = without.events_per_sec / with.events_per_sec;
@@ -448,6 +511,17 @@ async fn run_in(env: &Env, opts: &Options) -> anyhow::Result<Report> {
         cache_rss_bytes_per_entry: per_entry,
         peak_rss_bytes: rss_bytes("VmHWM:"),
     })
+}
+
+/// Median seconds of `SELECT 1` over `n` tries: the round trip as the pool sees it.
+async fn select_one_latency(pg: &sqlx::PgPool, n: usize) -> anyhow::Result<f64> {
+    let mut s = Samples::default();
+    for _ in 0..n {
+        let t = Instant::now();
+        sqlx::query("SELECT 1").execute(pg).await?;
+        s.push(t.elapsed());
+    }
+    Ok(s.percentile(50.0))
 }
 
 /// Puts `rows` confirmed ids of another namespace into `processed_events`, in chunks.

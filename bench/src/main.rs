@@ -28,6 +28,10 @@ struct Args {
     /// Distinct ids pushed through the local cache for the memory figure.
     #[arg(long, default_value_t = 1_000_000)]
     cache_ids: usize,
+    /// Round-trip time (microseconds) to add through delay proxies for a second run of
+    /// baseline, guard and floor: the stores across a network, as in the seed (0 skips).
+    #[arg(long, default_value_t = 500)]
+    added_rtt_us: u64,
     /// Where results.json and throughput.png go.
     #[arg(long, default_value = "docs/bench")]
     out: PathBuf,
@@ -50,6 +54,7 @@ fn main() -> ExitCode {
             fill_rows: a.fill,
             e2e_events: a.e2e_events,
             cache_ids: a.cache_ids,
+            added_rtt_us: a.added_rtt_us,
             out_dir: a.out,
             seed: a.seed,
         }

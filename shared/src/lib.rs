@@ -9,11 +9,11 @@
 //! `guard` (cache, Redis lease, Postgres check, handler, confirm, release) →
 //! `outcome` (what happened, and whether the offset may move).
 
+pub use exactly_once_core::{event, event_id};
+
 pub mod breaker;
 pub mod clients;
 pub mod config;
-pub mod event;
-pub mod event_id;
 pub mod guard;
 pub mod handler;
 pub mod kafka_client;

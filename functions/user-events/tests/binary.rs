@@ -370,3 +370,88 @@ async fn worker_start_fails_fast_when_kafka_is_unreachable() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("Kafka at 127.0.0.1:1") && stderr.contains("KAFKA_BROKERS"), "{stderr}");
 }
+
+/// The real worker at debug level, with secrets configured: a database password (when
+/// the local Postgres trusts loopback, as the project's services do, a made-up password
+/// connects), the invoke token, and a Redis password on a dead fallback URL. Requests with
+/// and without the token, poison records, then SIGTERM. No secret appears in anything
+/// the process printed, nor in any HTTP answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_secret_reaches_the_logs_or_the_http_answers() {
+    let env = TestEnv::new().await;
+    let marker = uuid::Uuid::new_v4().simple().to_string();
+    let token = format!("tok{marker}");
+    let mut secrets = vec![token.clone()];
+    let config = exactly_once::Config::load().unwrap();
+    let real_url = config.postgres.url.expose().to_owned();
+    // postgres://user:password@host/db: swap in a unique password if the server lets it in.
+    let mut database_url = real_url.clone();
+    if let Some((scheme, rest)) = real_url.split_once("://") {
+        if let Some((userinfo, host)) = rest.split_once('@') {
+            let user = userinfo.split(':').next().unwrap_or(userinfo);
+            let candidate = format!("{scheme}://{user}:pw{marker}@{host}");
+            if sqlx::PgPool::connect(&candidate).await.is_ok() {
+                database_url = candidate;
+                secrets.push(format!("pw{marker}"));
+            }
+        }
+    }
+    let mut child = binary(&env)
+        .env("DATABASE_URL", &database_url)
+        .env("INVOKE_TOKEN", &token)
+        .env("HTTP_BIND", "127.0.0.1:0")
+        .env("KAFKA_CREATE_TOPICS", "true")
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn worker");
+    let out = Arc::new(Mutex::new(String::new()));
+    let (addr_tx, mut addr_rx) = mpsc::unbounded_channel::<std::net::SocketAddr>();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let (o1, o2) = (out.clone(), out.clone());
+    let readers = [
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = stdout.next_line().await {
+                if let Some(rest) = line.strip_prefix("HTTP on http://") {
+                    let _ = addr_tx.send(rest.split_whitespace().next().unwrap().parse().unwrap());
+                }
+                o1.lock().unwrap().push_str(&(line + "\n"));
+            }
+        }),
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = stderr.next_line().await {
+                o2.lock().unwrap().push_str(&(line + "\n"));
+            }
+        }),
+    ];
+    let addr = tokio::time::timeout(Duration::from_secs(60), addr_rx.recv())
+        .await
+        .expect("worker prints its address")
+        .expect("worker running");
+
+    let mut answers = String::new();
+    let body = mixed_batch().to_string();
+    let (wrong, right) = (format!("Bearer wrong{marker}"), format!("Bearer {token}"));
+    for headers in [vec![], vec![("Authorization", wrong.as_str())], vec![("Authorization", right.as_str())]] {
+        let (status, text) =
+            integration_tests::http(addr, "POST", "/invoke/user-events", &headers, body.as_bytes()).await;
+        answers.push_str(&format!("{status} {text}\n"));
+    }
+    assert!(answers.contains("401 ") && answers.contains("403 ") && answers.contains("200 "), "{answers}");
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters").await, 2, "the poison records were handled");
+
+    let pid = child.id().expect("running").to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().await.unwrap().success());
+    tokio::time::timeout(Duration::from_secs(30), child.wait()).await.expect("exits after SIGTERM").unwrap();
+    for r in readers {
+        r.await.unwrap();
+    }
+    let logs = out.lock().unwrap().clone();
+    assert!(logs.lines().count() > 20, "debug logging captured: {logs}");
+    for secret in &secrets {
+        assert!(!logs.contains(secret.as_str()), "a secret reached the logs:\n{logs}");
+        assert!(!answers.contains(secret.as_str()), "a secret reached an HTTP answer:\n{answers}");
+    }
+}

@@ -10,7 +10,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use aws_lambda_events::event::kafka::KafkaEvent;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -120,9 +119,9 @@ async fn invoke(State(s): State<AppState>, Path(function): Path<String>, headers
         let known: Vec<&str> = s.functions.iter().map(|f| f.spec.name).collect();
         return error(StatusCode::NOT_FOUND, format!("no function `{function}`; this worker runs {known:?}"));
     };
-    let event: KafkaEvent = match msk::parse(&body) {
+    let event = match msk::parse(&body) {
         Ok(e) => e,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("body is not an MSK event: {e}")),
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("body is not an MSK event ({}): {e}", e.reason)),
     };
     let records = msk::decode(&event);
     // The invoke path names its function, so every record goes to it whatever its topic.

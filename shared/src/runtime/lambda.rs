@@ -13,13 +13,12 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use aws_lambda_events::event::kafka::KafkaEvent;
 use lambda_runtime::{service_fn, LambdaEvent};
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use super::functions::Functions;
-use super::msk;
+use super::msk::{self, MskEvent};
 use crate::outbox::Relay;
 use crate::outcome::EventOutcome;
 
@@ -42,7 +41,7 @@ pub async fn serve(
     relay: Arc<Relay>,
     report_batch_item_failures: bool,
 ) -> Result<(), lambda_runtime::Error> {
-    lambda_runtime::run(service_fn(move |event: LambdaEvent<KafkaEvent>| {
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<MskEvent>| {
         let (functions, relay) = (functions.clone(), relay.clone());
         async move {
             let remaining = event.context.deadline().duration_since(SystemTime::now()).unwrap_or_default();
@@ -66,7 +65,7 @@ pub async fn serve(
 /// Handles one MSK event: the same path `POST /invoke` takes.
 pub async fn invoke(
     functions: &Functions,
-    event: &KafkaEvent,
+    event: &MskEvent,
     deadline: Option<Instant>,
     report_batch_item_failures: bool,
 ) -> Result<Value, UnfinishedBatch> {

@@ -11,8 +11,9 @@
 pub mod functions;
 pub mod http;
 pub mod lambda;
-pub mod msk;
 pub mod worker;
+
+pub use exactly_once_core::msk;
 
 use std::process::ExitCode;
 use std::sync::Arc;
