@@ -103,6 +103,17 @@ fi
 
 # ---------------------------------------------------------------- ClickHouse
 clickhouse_up() { curl -fsS "http://127.0.0.1:$CH_HTTP_PORT/ping" | grep -q Ok; }
+# A server of ours that is still starting or shutting down holds the data directory's
+# lock: wait for it rather than start a second one that would fail on that lock.
+CH_PID_FILE="$STATE_DIR/clickhouse/pid"
+if ! clickhouse_up && [ -f "$CH_PID_FILE" ] && kill -0 "$(cat "$CH_PID_FILE")" 2>/dev/null; then
+  log "ClickHouse (pid $(cat "$CH_PID_FILE")) is not answering yet; waiting for it"
+  for _ in $(seq 1 150); do
+    clickhouse_up && break
+    kill -0 "$(cat "$CH_PID_FILE")" 2>/dev/null || break
+    sleep 0.2
+  done
+fi
 if ! clickhouse_up; then
   if [ ! -x /usr/sbin/clickhouse-server ]; then
     apt_install clickhouse-server clickhouse-client

@@ -1,7 +1,9 @@
 //! The functions this repository ships, in one list: the local worker runs them all, and
 //! the deployment templates are checked against it.
 
+pub mod chaos;
 pub mod ops;
+pub mod soak;
 
 use std::sync::Arc;
 

@@ -13,6 +13,7 @@ use exactly_once::config::{KafkaConfig, ProcessEnv};
 use exactly_once::producer::{idempotency_key, Producer};
 use exactly_once::runtime::{run_worker, RunError, WorkerOptions};
 use exactly_once_cli::all_functions;
+use exactly_once_cli::chaos::ChaosOptions;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
 
@@ -56,6 +57,47 @@ enum Command {
         /// Share of messages that repeat an earlier event (same key and payload).
         #[arg(long, default_value_t = 0.25)]
         duplicate_rate: f64,
+    },
+    /// The fault-injection run: workers consume while they are killed and the services
+    /// fail under them; then every store is checked against what was produced (exit 0:
+    /// exact). Stops and starts the local services: run it alone.
+    Chaos {
+        /// Seed of the stream and of the fault schedule (printed; random when absent).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// The shortened run (what the test command makes).
+        #[arg(long)]
+        short: bool,
+        /// Messages per function (overrides the preset).
+        #[arg(long)]
+        events: Option<usize>,
+        /// Seconds the production (and the faults) are spread over (overrides the preset).
+        #[arg(long)]
+        duration_secs: Option<u64>,
+        /// Also write the summary as JSON here.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+    },
+    /// The soak run: one worker under a steady stream, its memory and connections
+    /// sampled; exit 0 when both stay flat and every event landed once.
+    Soak {
+        /// How long to produce, in seconds.
+        #[arg(long, default_value_t = 600)]
+        duration_secs: u64,
+        /// Messages per second (25% of them repeats).
+        #[arg(long, default_value_t = 200)]
+        rate: u64,
+        /// Seconds between samples.
+        #[arg(long, default_value_t = 10)]
+        every_secs: u64,
+        /// The worker's local cache bound (GUARD_LOCAL_CACHE_MAX_BYTES): small, so the
+        /// cache is full before the comparison and its designed growth is not mistaken
+        /// for a leak.
+        #[arg(long, default_value_t = 4 << 20)]
+        cache_bytes: u64,
+        /// Also write the report (with every sample) as JSON here.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
     },
 }
 
@@ -139,7 +181,13 @@ async fn operate(command: Command) -> Result<u8, Failure> {
             );
             Ok(0)
         }
-        Command::Run | Command::Produce { .. } | Command::Functions { .. } => unreachable!("handled in main"),
+        Command::Run
+        | Command::Produce { .. }
+        | Command::Functions { .. }
+        | Command::Chaos { .. }
+        | Command::Soak { .. } => {
+            unreachable!("handled in main")
+        }
     }
 }
 
@@ -183,6 +231,87 @@ fn main() -> ExitCode {
                 Err((code, message)) => {
                     eprintln!("error: {message}");
                     ExitCode::from(code)
+                }
+            }
+        }
+        Command::Chaos { seed, short, events, duration_secs, json } => {
+            let seed = seed.unwrap_or_else(|| rand::rng().random_range(0..1_000_000));
+            let mut opts = if short { ChaosOptions::short(seed) } else { ChaosOptions::full(seed) };
+            if let Some(e) = events {
+                opts.events = e;
+            }
+            if let Some(d) = duration_secs {
+                opts.duration = Duration::from_secs(d.max(10));
+            }
+            let exe = match std::env::current_exe() {
+                Ok(exe) => exe,
+                Err(e) => {
+                    eprintln!("error: cannot find the eo binary to run workers with: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+            match rt.block_on(exactly_once_cli::chaos::run(&exe, &opts)) {
+                Ok(summary) => {
+                    println!("{}", summary.line());
+                    if let Some(path) = json {
+                        if let Err(e) = std::fs::write(&path, serde_json::to_string_pretty(&summary).expect("JSON")) {
+                            eprintln!("error: cannot write {}: {e}", path.display());
+                        }
+                    }
+                    if summary.pass {
+                        ExitCode::SUCCESS
+                    } else {
+                        eprintln!(
+                            "replay this schedule with: eo chaos --seed {seed}{}",
+                            if short { " --short" } else { "" }
+                        );
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    eprintln!(
+                        "replay this schedule with: eo chaos --seed {seed}{}",
+                        if short { " --short" } else { "" }
+                    );
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Soak { duration_secs, rate, every_secs, cache_bytes, json } => {
+            let exe = match std::env::current_exe() {
+                Ok(exe) => exe,
+                Err(e) => {
+                    eprintln!("error: cannot find the eo binary to run a worker with: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+            let run = exactly_once_cli::soak::run(
+                &exe,
+                Duration::from_secs(duration_secs.max(10)),
+                rate.max(1),
+                Duration::from_secs(every_secs.max(1)),
+                cache_bytes,
+            );
+            match rt.block_on(run) {
+                Ok(report) => {
+                    println!("{}", report.line());
+                    if let Some(path) = json {
+                        if let Err(e) = std::fs::write(&path, serde_json::to_string_pretty(&report).expect("JSON")) {
+                            eprintln!("error: cannot write {}: {e}", path.display());
+                        }
+                    }
+                    if report.flat && report.exact {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
                 }
             }
         }
