@@ -92,7 +92,11 @@ async fn invoke_rejects_oversized_bodies_bad_json_and_unknown_functions() {
         {"topic":"t","partition":0,"offset":1,"timestamp":"x","value":"%%%","headers":[]}]}}"#;
     let (status, body) = integration_tests::http(addr, "POST", "/invoke/user-events", &[], hostile).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(env.count("SELECT count(*) FROM dead_letters WHERE reason = 'record_header_invalid'").await, 1, "{body}");
+    assert_eq!(
+        env.count("SELECT count(*) FROM dead_letters WHERE reason = 'record_header_invalid'").await,
+        1,
+        "{body}"
+    );
     assert_eq!(env.count("SELECT count(*) FROM dead_letters WHERE reason = 'record_value_base64'").await, 1, "{body}");
     let (status, body) = integration_tests::http(addr, "POST", "/invoke/nope", &[], &batch()).await;
     assert_eq!(status, 404);
