@@ -410,6 +410,7 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
     }
     let mut done_faults = Vec::new();
     let mut second: Option<Slot> = None;
+    let mut leaving = Vec::new();
     let t0 = Instant::now();
     for (at, fault) in plan {
         if let Some(wait) = Duration::from_secs_f64(at).checked_sub(t0.elapsed()) {
@@ -440,19 +441,32 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
             }
             Fault::RedisDown => {
                 let down = Duration::from_millis(rng.random_range(3000..6000));
+                let stopped = Instant::now();
                 if let Ok(mut c) = clients.leases.pool().get().await {
                     let _: Result<(), _> = redis::cmd("SHUTDOWN").arg("NOSAVE").query_async(&mut c).await;
                 }
                 tokio::time::sleep(down).await;
                 run_script(&opts.services_script).await?;
-                format!("Redis down {:.1} s", down.as_secs_f64())
+                format!(
+                    "Redis down {:.1} s (stopped {:.1} s, then started)",
+                    stopped.elapsed().as_secs_f64(),
+                    down.as_secs_f64()
+                )
             }
             Fault::ClickHouseDown => {
                 let down = opts.breaker_open * 2 + Duration::from_millis(rng.random_range(0..2000));
-                let _ = clients.sink.client().query("SYSTEM SHUTDOWN").execute().await;
+                let stopped = Instant::now();
+                // The server may close the connection without answering: do not wait on it.
+                let shutdown = clients.sink.client().query("SYSTEM SHUTDOWN");
+                let _ = tokio::time::timeout(Duration::from_secs(2), shutdown.execute()).await;
                 tokio::time::sleep(down).await;
                 run_script(&opts.services_script).await?;
-                format!("ClickHouse down {:.1} s (breaker open {} s)", down.as_secs_f64(), opts.breaker_open.as_secs())
+                format!(
+                    "ClickHouse down {:.1} s (stopped {:.1} s, then started; breaker open {} s)",
+                    stopped.elapsed().as_secs_f64(),
+                    down.as_secs_f64(),
+                    opts.breaker_open.as_secs()
+                )
             }
             Fault::PgTerminate => {
                 let n: i64 = sqlx::query_scalar(
@@ -473,8 +487,10 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
                 format!("second worker joins (lease TTL {} ms)", opts.short_lease.as_millis())
             }
             Fault::SecondWorkerLeaves => {
+                // Its graceful shutdown may take a while (in-flight batches, a breaker
+                // open): the schedule goes on meanwhile.
                 if let Some(s) = second.take() {
-                    s.stop().await;
+                    leaving.push(tokio::spawn(s.stop()));
                 }
                 "second worker leaves".to_string()
             }
@@ -520,6 +536,9 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
     main_worker.stop().await;
     if let Some(s) = second.take() {
         s.stop().await;
+    }
+    for l in leaving {
+        let _ = l.await;
     }
 
     // Count. A fresh connection: the controller's own may have been terminated too.
