@@ -277,57 +277,88 @@ async fn services_answer(clients: &Clients) -> (bool, bool) {
     (ch, redis)
 }
 
+/// One run's own slice of the services (a schema, a ClickHouse database, a Redis key
+/// prefix, topics and a consumer group, all named `<prefix>_<random>`), the controller's
+/// clients on it, and the environment its workers get. Every function's topics exist.
+pub(crate) struct Isolated {
+    pub name: String,
+    /// The controller's configuration (a small pool of its own).
+    pub config: Config,
+    pub clients: Clients,
+    pub kafka: KafkaConfig,
+    pub worker_env: Vec<(String, String)>,
+    /// The workers' Postgres pool size: the most connections one may hold.
+    pub worker_pool_size: u32,
+}
+
+impl Isolated {
+    pub(crate) async fn new(prefix: &str, tweak: impl FnOnce(&mut Config)) -> anyhow::Result<Self> {
+        // Random apart from any seed, so a replay never meets an earlier run's leftovers.
+        let name = format!("{prefix}_{}", uuid_like(&mut StdRng::from_os_rng()));
+        let mut config = Config::load()?;
+        let worker_pool_size = config.postgres.max_connections;
+        config.postgres.schema = Some(name.clone());
+        config.clickhouse.database = name.clone();
+        config.redis.key_prefix = name.clone();
+        config.postgres.max_connections = 2;
+        tweak(&mut config);
+        let clients =
+            Clients::connect(config.clone()).await.context("services unreachable: run scripts/services.sh")?;
+        let mut kafka = KafkaConfig::from_env(&ProcessEnv)?;
+        kafka.topic_prefix = format!("{name}.");
+        kafka.group_id = name.clone();
+        let topics: Vec<String> = crate::all_functions()
+            .iter()
+            .flat_map(|f| f.spec().topics.iter().map(|t| kafka.topic(t)).collect::<Vec<_>>())
+            .collect();
+        exactly_once::runtime::worker::create_topics(&kafka, &topics).await?;
+        // The workers connect with the run's name, so its Postgres backends can be found.
+        let url = config.postgres.url.expose();
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let worker_env = [
+            ("DATABASE_URL", format!("{url}{sep}application_name={name}")),
+            ("DATABASE_SCHEMA", name.clone()),
+            ("CLICKHOUSE_DATABASE", name.clone()),
+            ("REDIS_KEY_PREFIX", name.clone()),
+            ("KAFKA_TOPIC_PREFIX", kafka.topic_prefix.clone()),
+            ("KAFKA_GROUP_ID", name.clone()),
+            ("HTTP_BIND", "127.0.0.1:0".into()),
+        ]
+        .map(|(k, v)| (k.to_owned(), v))
+        .to_vec();
+        Ok(Self { name, config, clients, kafka, worker_env, worker_pool_size })
+    }
+}
+
 /// Runs the whole thing with `exe` (the `eo` binary) as the worker.
 pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
     let started = Instant::now();
     let mut rng = StdRng::seed_from_u64(opts.seed);
-    // The run's own names: random apart from the seed, so a replay never meets the
-    // leftovers of an earlier run.
-    let name = format!("chaos_{}", &uuid_like(&mut StdRng::from_os_rng()));
     std::fs::create_dir_all(&opts.log_dir)?;
+    let run = Isolated::new("chaos", |config| {
+        // FLUSHALL of a big Redis takes longer than a guard call may.
+        config.redis.timeout = Duration::from_secs(60);
+    })
+    .await?;
+    let (name, config, clients, kafka) = (run.name.clone(), run.config.clone(), &run.clients, run.kafka.clone());
     eprintln!("[chaos] seed {} run {name}; worker logs in {}", opts.seed, opts.log_dir.display());
-
-    // The controller's own view of the services, on the same isolated names.
-    let mut config = Config::load()?;
-    config.postgres.schema = Some(name.clone());
-    config.clickhouse.database = name.clone();
-    config.redis.key_prefix = name.clone();
-    config.postgres.max_connections = 2;
-    // FLUSHALL of a big Redis takes longer than a guard call may.
-    config.redis.timeout = Duration::from_secs(60);
-    let base_url = config.postgres.url.expose().to_owned();
-    let clients = Clients::connect(config.clone()).await.context("services unreachable: run scripts/services.sh")?;
-    let mut kafka = KafkaConfig::from_env(&ProcessEnv)?;
-    kafka.topic_prefix = format!("{name}.");
-    kafka.group_id = name.clone();
-
-    let sep = if base_url.contains('?') { '&' } else { '?' };
-    let worker_env: Vec<(String, String)> = [
-        ("DATABASE_URL", format!("{base_url}{sep}application_name={name}")),
-        ("DATABASE_SCHEMA", name.clone()),
-        ("CLICKHOUSE_DATABASE", name.clone()),
-        ("REDIS_KEY_PREFIX", name.clone()),
-        ("KAFKA_TOPIC_PREFIX", kafka.topic_prefix.clone()),
-        ("KAFKA_GROUP_ID", name.clone()),
-        ("KAFKA_SESSION_TIMEOUT_MS", "6000".into()),
-        ("HTTP_BIND", "127.0.0.1:0".into()),
-        ("CLICKHOUSE_BREAKER_OPEN_SECS", opts.breaker_open.as_secs().max(1).to_string()),
-        ("REDIS_BREAKER_OPEN_SECS", "2".into()),
-        ("CLEANUP_INTERVAL_SECS", "0".into()),
-        ("STARTUP_TIMEOUT_SECS", "5".into()),
-        ("RUST_LOG", std::env::var("CHAOS_WORKER_LOG").unwrap_or_else(|_| "warn".into())),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
+    let mut worker_env = run.worker_env.clone();
+    worker_env.extend(
+        [
+            ("KAFKA_SESSION_TIMEOUT_MS", "6000".to_owned()),
+            ("CLICKHOUSE_BREAKER_OPEN_SECS", opts.breaker_open.as_secs().max(1).to_string()),
+            ("REDIS_BREAKER_OPEN_SECS", "2".into()),
+            ("CLEANUP_INTERVAL_SECS", "0".into()),
+            ("STARTUP_TIMEOUT_SECS", "5".into()),
+            ("RUST_LOG", std::env::var("CHAOS_WORKER_LOG").unwrap_or_else(|_| "warn".into())),
+        ]
+        .map(|(k, v)| (k.to_owned(), v)),
+    );
 
     let functions = crate::all_functions();
     let producing: Vec<_> =
         functions.iter().filter(|f| ["user-events", "notifications"].contains(&f.spec().name)).cloned().collect();
     let topics: Vec<String> = producing.iter().map(|f| kafka.topic(f.spec().topics[0])).collect();
-    let all_topics: Vec<String> =
-        functions.iter().flat_map(|f| f.spec().topics.iter().map(|t| kafka.topic(t)).collect::<Vec<_>>()).collect();
-    exactly_once::runtime::worker::create_topics(&kafka, &all_topics).await?;
 
     // The stream: per function, new events and repeats (same key, same payload), and
     // poison records (not JSON) with their own ids.
@@ -498,7 +529,7 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
         eprintln!("[chaos] {t:>6.1} s  {what}");
         done_faults.push(format!("{what} @{t:.0}s"));
         if !matches!(fault, Fault::RedisDown | Fault::ClickHouseDown) {
-            let (ch, redis) = services_answer(&clients).await;
+            let (ch, redis) = services_answer(clients).await;
             if !(ch && redis) {
                 let t = t0.elapsed().as_secs_f64();
                 eprintln!("[chaos] {t:>6.1} s  found down unplanned: ClickHouse {ch}, Redis {redis}; starting them");

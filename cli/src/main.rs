@@ -29,6 +29,11 @@ enum Command {
     /// Run every function as one local worker (creates missing topics; configuration
     /// from the environment, see the README).
     Run,
+    /// A local MSK event source mapping: runs a function's binary in Lambda mode, fed
+    /// from Kafka as MSK triggers it (batching, retries, partial batch responses, the
+    /// on-failure destination; options named after template.yaml's parameters). Runs
+    /// until Ctrl-C / SIGTERM.
+    Esm(exactly_once_esm::MappingSettings),
     /// Show what Redis and Postgres know about one event id (exit 3: not confirmed).
     Inspect {
         /// The function (its namespace), e.g. `user-events`.
@@ -182,6 +187,7 @@ async fn operate(command: Command) -> Result<u8, Failure> {
             Ok(0)
         }
         Command::Run
+        | Command::Esm(_)
         | Command::Produce { .. }
         | Command::Functions { .. }
         | Command::Chaos { .. }
@@ -221,6 +227,19 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("error: {e}");
                     ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Esm(settings) => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+            match rt.block_on(esm(settings)) {
+                Ok(report) => {
+                    println!("{}", report.line());
+                    ExitCode::SUCCESS
+                }
+                Err((code, message)) => {
+                    eprintln!("error: {message}");
+                    ExitCode::from(code)
                 }
             }
         }
@@ -330,6 +349,63 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `eo esm`: the function's topics and binary, its environment as the template sets it,
+/// then the mapping until a signal.
+async fn esm(settings: exactly_once_esm::MappingSettings) -> Result<exactly_once_esm::Report, Failure> {
+    use exactly_once_esm::{EsmError, FunctionSpec, Mapping};
+    let process = exactly_once::config::ProcessConfig::from_env(&ProcessEnv).map_err(|e| (2, e.to_string()))?;
+    exactly_once::runtime::init_tracing(process.log_json);
+    let functions = all_functions();
+    let names: Vec<&'static str> = functions.iter().map(|f| f.spec().name).collect();
+    let Some(handler) = functions.iter().find(|f| f.spec().name == settings.function) else {
+        return Err((2, format!("no function `{}`; known: {names:?}", settings.function)));
+    };
+    let exe = std::env::current_exe().map_err(|e| (1, format!("cannot find the eo binary: {e}")))?;
+    let binary = exactly_once_esm::find_binary(&settings, &exe).map_err(|e| (2, e.to_string()))?;
+    let mut kafka = KafkaConfig::from_env(&ProcessEnv).map_err(|e| (2, e.to_string()))?;
+    exactly_once::kafka_client::prepare(&mut kafka).await.map_err(|e| (1, e.to_string()))?;
+    let topics: Vec<String> = if settings.topics.is_empty() {
+        handler.spec().topics.iter().map(|t| kafka.topic(t)).collect()
+    } else {
+        settings.topics.clone()
+    };
+    if kafka.create_topics {
+        exactly_once::runtime::worker::create_topics(&kafka, &topics).await.map_err(|e| (1, e.to_string()))?;
+    }
+    let spec = FunctionSpec {
+        binary,
+        name: settings.function.clone(),
+        // As the template does: the function answers partial batch responses exactly
+        // when the mapping reads them.
+        env: vec![("LAMBDA_REPORT_BATCH_ITEM_FAILURES".into(), settings.report_batch_item_failures().to_string())],
+        timeout: Duration::from_secs(settings.timeout),
+        init_timeout: Duration::from_secs(settings.init_timeout_secs),
+        memory_size: settings.memory_size,
+        log: settings.function_log.clone(),
+    };
+    let mapping = Mapping::start(settings.clone(), &kafka, &topics, spec).await.map_err(|e| match e {
+        EsmError::Usage(_) | EsmError::Destination(exactly_once_esm::destination::DestinationError::Invalid(_)) => {
+            (2, e.to_string())
+        }
+        e => (1, e.to_string()),
+    })?;
+    println!(
+        "esm: function {} from {topics:?} as group {} (batch {}, window {} s, retries {}, response types {:?}); Ctrl-C stops",
+        settings.function,
+        settings.group_id(),
+        settings.batch_size,
+        settings.maximum_batching_window_in_seconds,
+        settings.maximum_retry_attempts,
+        settings.function_response_types
+    );
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        exactly_once::runtime::shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    mapping.run(stopped).await.map_err(|e| (1, e.to_string()))
 }
 
 async fn produce(function: &str, count: u64, duplicate_rate: f64) -> Result<(), (u8, String)> {

@@ -7,13 +7,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use exactly_once::config::{KafkaConfig, ProcessEnv};
 use exactly_once::producer::Producer;
-use exactly_once::{Clients, Config};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::chaos::{cleanup, uuid_like, Slot};
+use crate::chaos::{cleanup, Isolated, Slot};
 
 /// One sample of the worker.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -101,36 +99,14 @@ pub async fn run(
     every: Duration,
     cache_bytes: u64,
 ) -> anyhow::Result<SoakReport> {
-    let name = format!("soak_{}", uuid_like(&mut StdRng::from_os_rng()));
-    let mut config = Config::load()?;
-    config.postgres.schema = Some(name.clone());
-    config.clickhouse.database = name.clone();
-    config.redis.key_prefix = name.clone();
-    config.postgres.max_connections = 2;
-    let base_url = config.postgres.url.expose().to_owned();
-    let clients = Clients::connect(config.clone()).await.context("services unreachable: run scripts/services.sh")?;
-    let mut kafka = KafkaConfig::from_env(&ProcessEnv)?;
-    kafka.topic_prefix = format!("{name}.");
-    kafka.group_id = name.clone();
+    let run = Isolated::new("soak", |_| {}).await?;
+    let (name, clients, kafka) = (&run.name, &run.clients, &run.kafka);
     let functions = crate::all_functions();
-    let all_topics: Vec<String> =
-        functions.iter().flat_map(|f| f.spec().topics.iter().map(|t| kafka.topic(t)).collect::<Vec<_>>()).collect();
-    exactly_once::runtime::worker::create_topics(&kafka, &all_topics).await?;
     let handler = functions.iter().find(|f| f.spec().name == "user-events").context("user-events")?.clone();
     let topic = kafka.topic(handler.spec().topics[0]);
-
-    let sep = if base_url.contains('?') { '&' } else { '?' };
-    let env: Vec<(String, String)> = vec![
-        ("DATABASE_URL".into(), format!("{base_url}{sep}application_name={name}")),
-        ("DATABASE_SCHEMA".into(), name.clone()),
-        ("CLICKHOUSE_DATABASE".into(), name.clone()),
-        ("REDIS_KEY_PREFIX".into(), name.clone()),
-        ("KAFKA_TOPIC_PREFIX".into(), kafka.topic_prefix.clone()),
-        ("KAFKA_GROUP_ID".into(), name.clone()),
-        ("HTTP_BIND".into(), "127.0.0.1:0".into()),
-        ("RUST_LOG".into(), "warn".into()),
-        ("GUARD_LOCAL_CACHE_MAX_BYTES".into(), cache_bytes.to_string()),
-    ];
+    let mut env = run.worker_env.clone();
+    env.push(("RUST_LOG".into(), "warn".into()));
+    env.push(("GUARD_LOCAL_CACHE_MAX_BYTES".into(), cache_bytes.to_string()));
     std::fs::create_dir_all("target/soak")?;
     let worker = Slot::start(exe.to_path_buf(), env, format!("target/soak/{name}-worker.log").into());
     eprintln!("[soak] {name}: {} s at {rate} messages/s, sampled every {} s", duration.as_secs(), every.as_secs());
@@ -184,7 +160,7 @@ pub async fn run(
         let Some(pid) = worker.pid().await else { continue };
         let (fds, sockets) = open_fds(pid);
         let pg: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1")
-            .bind(&name)
+            .bind(name)
             .fetch_one(&clients.pg)
             .await
             .unwrap_or(-1);
@@ -236,7 +212,7 @@ pub async fn run(
         (Some(a), Some(b)) => b.open_fds <= a.open_fds + 8,
         _ => false,
     };
-    let flat = rss_growth < 0.10 && max_pg <= i64::from(config_pool_size()) && fds_flat;
+    let flat = rss_growth < 0.10 && max_pg <= i64::from(run.worker_pool_size) && fds_flat;
     let exact = confirmed == unique;
     let report = SoakReport {
         duration_secs: duration.as_secs(),
@@ -253,12 +229,7 @@ pub async fn run(
         exact,
     };
     if flat && exact {
-        cleanup(&clients, &name).await;
+        cleanup(clients, name).await;
     }
     Ok(report)
-}
-
-/// The worker's Postgres pool size (DATABASE_MAX_CONNECTIONS), its connection ceiling.
-fn config_pool_size() -> u32 {
-    Config::load().map(|c| c.postgres.max_connections).unwrap_or(10)
 }

@@ -23,11 +23,21 @@ async fn help_usage_errors_and_exit_codes() {
     let env = TestEnv::new().await;
     let (code, help) = eo(&env, &["--help"]);
     assert_eq!(code, 0);
-    for command in ["run", "inspect", "dead-letters", "cleanup", "produce"] {
+    for command in ["run", "esm", "inspect", "dead-letters", "cleanup", "produce"] {
         assert!(help.contains(command), "--help lists `{command}`:\n{help}");
     }
     assert_eq!(eo(&env, &["no-such-command"]).0, 2);
     assert_eq!(eo(&env, &["produce", "--duplicate-rate", "1.5"]).0, 2);
+    let (code, text) = eo(&env, &["esm", "--function", "no-such-function"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("no function `no-such-function`"), "{text}");
+    let (code, text) = eo(&env, &["esm", "--function", "user-events", "--binary", "/no/such/bootstrap"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("/no/such/bootstrap"), "{text}");
+    assert_eq!(eo(&env, &["esm", "--function", "user-events", "--batch-size", "0"]).0, 2);
+    let (code, text) = eo(&env, &["esm", "--function", "user-events", "--on-failure-destination", "sqs://q"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("kafka://<topic> or file://<directory>"), "{text}");
     let (code, text) = eo(&env, &["inspect", "Not A Function", "x"]);
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("invalid namespace"), "{text}");

@@ -229,7 +229,7 @@ async fn lambda_reports_batch_item_failures_when_configured() {
     let r = api.invoke(&batch).await.expect("a partial failure is reported, not raised");
     assert_eq!(
         r,
-        serde_json::json!({"batchItemFailures": [{"itemIdentifier": {"topic-partition": "user-events-0", "offset": 2}}]})
+        serde_json::json!({"batchItemFailures": [{"itemIdentifier": {"partition": "user-events-0", "offset": 2}}]})
     );
     assert_eq!(env.count("SELECT count(*) FROM processed_events WHERE event_id = 'p-1'").await, 1);
 }

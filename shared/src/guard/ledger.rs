@@ -12,9 +12,9 @@ use sqlx::{PgConnection, PgPool};
 use crate::event::{Event, PayloadHash};
 use crate::event_id::{EventId, Namespace};
 
-/// Step 3: which of `ids` are confirmed already, with the payload hash each was
-/// confirmed with. One index scan; failure counts are not needed here (the confirm and
-/// the attempt counter read them themselves).
+/// Step 3: which of `ids` are confirmed already (processed or dead-lettered), with the
+/// payload hash each was confirmed with. One primary-key lookup per id; failure counts
+/// are not needed here (the confirm and the attempt counter read them themselves).
 pub async fn lookup(
     conn: &mut PgConnection,
     ns: &Namespace,

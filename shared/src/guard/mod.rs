@@ -440,14 +440,7 @@ impl Guard {
             if !transactional {
                 // No Postgres effects: ClickHouse first, then the confirm autocommits.
                 if let Err(e) = self.sink.write(&staged, &token).await {
-                    let msg = e.to_string();
-                    for &i in &succeeded {
-                        slots[i].fail(FailureKind::Unavailable, msg.clone(), None);
-                    }
-                    for (i, e) in failed {
-                        slots[i].failure = Some(e);
-                    }
-                    return;
+                    return unconfirmed(slots, &succeeded, failed, &e.to_string());
                 }
             }
 
@@ -490,14 +483,7 @@ impl Guard {
                 if let Err(e) = self.sink.write(&staged, &token).await {
                     tx.rollback().await;
                     self.count_postgres(tx.round_trips);
-                    let msg = e.to_string();
-                    for &i in &succeeded {
-                        slots[i].fail(FailureKind::Unavailable, msg.clone(), None);
-                    }
-                    for (i, e) in failed {
-                        slots[i].failure = Some(e);
-                    }
-                    return;
+                    return unconfirmed(slots, &succeeded, failed, &e.to_string());
                 }
             }
 
@@ -774,6 +760,15 @@ impl Guard {
 fn fail_all(slots: &mut [Slot<'_>], work: &[usize], kind: FailureKind, msg: &str) {
     for &i in work {
         slots[i].fail(kind, msg, None);
+    }
+}
+
+/// The handlers in `succeeded` ran but their events cannot be confirmed (`msg`); those
+/// in `failed` keep their own errors.
+fn unconfirmed(slots: &mut [Slot<'_>], succeeded: &[usize], failed: Vec<(usize, HandlerError)>, msg: &str) {
+    fail_all(slots, succeeded, FailureKind::Unavailable, msg);
+    for (i, e) in failed {
+        slots[i].failure = Some(e);
     }
 }
 

@@ -78,7 +78,7 @@ pub async fn invoke(
     if report_batch_item_failures {
         let failures: Vec<Value> = unfinished
             .iter()
-            .map(|o| json!({"itemIdentifier": {"topic-partition": format!("{}-{}", o.topic, o.partition), "offset": o.offset}}))
+            .map(|o| json!({"itemIdentifier": {"partition": format!("{}-{}", o.topic, o.partition), "offset": o.offset}}))
             .collect();
         tracing::warn!(unfinished = unfinished.len(), total = outcomes.len(), "reporting batch item failures");
         return Ok(json!({ "batchItemFailures": failures }));

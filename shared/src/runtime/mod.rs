@@ -162,7 +162,8 @@ pub async fn run_worker(handlers: Vec<Arc<dyn Handler>>, options: WorkerOptions)
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
