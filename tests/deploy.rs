@@ -73,7 +73,13 @@ fn template_declares_each_function_with_its_msk_trigger_and_least_privilege() {
         serde_norway::from_str(&std::fs::read_to_string(root("template.yaml")).unwrap()).expect("valid YAML");
     let params = t["Parameters"].as_mapping().unwrap();
     let resources = t["Resources"].as_mapping().unwrap();
-    let default_of = |param: &str| params.get(param).and_then(|p| p["Default"].as_str()).map(str::to_owned);
+    let default_of = |param: &str| {
+        params.get(param).and_then(|p| match &p["Default"] {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        })
+    };
     assert_eq!(t["Globals"]["Function"]["Runtime"].as_str(), Some("provided.al2023"));
     assert_eq!(default_of("Architecture").as_deref(), Some("arm64"));
 
@@ -108,10 +114,24 @@ fn template_declares_each_function_with_its_msk_trigger_and_least_privilege() {
             "MaximumRetryAttempts",
             "MaximumRecordAgeInSeconds",
             "BisectBatchOnFunctionError",
+            "FunctionResponseTypes",
         ] {
             assert!(!p[key].is_null(), "{name}: MSK trigger sets {key}");
         }
-        let destination = text(&p["DestinationConfig"]["OnFailure"]["Destination"]);
+        // Error-handling controls of Kafka mappings work in provisioned mode only.
+        for key in ["MinimumPollers", "MaximumPollers"] {
+            assert!(!p["ProvisionedPollerConfig"][key].is_null(), "{name}: provisioned mode sets {key}");
+        }
+        // Nothing healthy is ever discarded: no destination (with one, AWS caps even
+        // unlimited retries at 10 and moves on), and the defaults retry without limit.
+        assert!(p["DestinationConfig"].is_null(), "{name}: no on-failure destination");
+        let param = |key: &str| untag(&p[key]).as_str().map(str::to_owned).unwrap_or_default();
+        assert_eq!(default_of(&param("MaximumRetryAttempts")).as_deref(), Some("-1"), "{name}: unlimited retries");
+        assert_eq!(
+            default_of(&param("MaximumRecordAgeInSeconds")).as_deref(),
+            Some("-1"),
+            "{name}: no record ages out"
+        );
 
         // The function's own role.
         let role_ref = untag(&function["Properties"]["Role"])
@@ -167,13 +187,65 @@ fn template_declares_each_function_with_its_msk_trigger_and_least_privilege() {
             );
         }
         assert!(grants("kafka-cluster:AlterGroup", &format!("-{name}")), "{name}: may use its own group only");
-        let queue = destination.trim().trim_start_matches("!GetAtt ").split('.').next().unwrap().to_owned();
-        assert!(grants("sqs:SendMessage", &queue), "{name}: the role may send to its on-failure destination ({queue})");
     }
+    // The function answers batchItemFailures exactly when the mapping reads them.
+    let env = text(&t["Globals"]["Function"]["Environment"]["Variables"]["LAMBDA_REPORT_BATCH_ITEM_FAILURES"]);
+    assert!(
+        env.contains("ReportBatchItemFailures"),
+        "LAMBDA_REPORT_BATCH_ITEM_FAILURES follows FunctionResponseTypes: {env}"
+    );
     let all: BTreeSet<String> = resources
         .values()
         .filter(|r| r["Type"] == "AWS::Serverless::Function")
         .map(|r| r["Metadata"]["BuildProperties"]["Binary"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(all, declared, "template.yaml declares functions that no crate provides");
+}
+
+/// `eo esm` takes the template's parameters (kebab case) with the template's defaults,
+/// so a user tries the deployed settings locally by default.
+#[test]
+fn the_local_mapping_defaults_are_the_templates() {
+    let t: Value =
+        serde_norway::from_str(&std::fs::read_to_string(root("template.yaml")).unwrap()).expect("valid YAML");
+    let command = <exactly_once_esm::MappingSettings as clap::Args>::augment_args(clap::Command::new("esm"));
+    let mut checked = Vec::new();
+    for (param, spec) in t["Parameters"].as_mapping().unwrap() {
+        let param = param.as_str().unwrap();
+        let kebab: String = param
+            .chars()
+            .enumerate()
+            .flat_map(|(i, c)| {
+                let lower = c.to_ascii_lowercase();
+                if c.is_ascii_uppercase() && i > 0 {
+                    vec!['-', lower]
+                } else {
+                    vec![lower]
+                }
+            })
+            .collect();
+        let Some(arg) = command.get_arguments().find(|a| a.get_long() == Some(kebab.as_str())) else { continue };
+        let ours: Vec<String> = arg.get_default_values().iter().map(|v| v.to_string_lossy().into_owned()).collect();
+        let theirs = match &spec["Default"] {
+            Value::Number(n) => n.to_string(),
+            Value::String(s) => s.clone(),
+            other => panic!("{param}: unexpected default {other:?}"),
+        };
+        assert_eq!(ours, vec![theirs], "eo esm --{kebab} must default to template.yaml's {param}");
+        checked.push(param.to_owned());
+    }
+    for p in [
+        "ConsumerGroupPrefix",
+        "StartingPosition",
+        "BatchSize",
+        "MaximumBatchingWindowInSeconds",
+        "MaximumRetryAttempts",
+        "MaximumRecordAgeInSeconds",
+        "BisectBatchOnFunctionError",
+        "FunctionResponseTypes",
+        "Timeout",
+        "MemorySize",
+    ] {
+        assert!(checked.iter().any(|c| c == p), "eo esm has no option for template parameter {p}");
+    }
 }

@@ -257,8 +257,7 @@ impl Pending {
             if rules.bisect_batch_on_function_error && matches!(verdict, Verdict::Failed) && failed_here > 1 {
                 q.cap = Some(failed_here.div_ceil(2));
             }
-            let exhausted =
-                rules.maximum_retry_attempts >= 0 && i64::from(q.failures) > rules.maximum_retry_attempts;
+            let exhausted = rules.maximum_retry_attempts >= 0 && i64::from(q.failures) > rules.maximum_retry_attempts;
             if exhausted {
                 let mut gone = Vec::new();
                 while q.records.front().is_some_and(|e| e.offset <= part.last_offset()) {

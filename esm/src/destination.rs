@@ -26,7 +26,10 @@ pub enum DestinationError {
 pub enum Destination {
     /// Discarded records are logged, and lost.
     None,
-    Kafka { topic: String, producer: FutureProducer<KafkaContext> },
+    Kafka {
+        topic: String,
+        producer: FutureProducer<KafkaContext>,
+    },
     Directory(PathBuf),
 }
 
@@ -107,7 +110,8 @@ impl Destination {
                     "timestamp": chrono_like_now(),
                     "payload": exactly_once_core::msk::encode(records),
                 });
-                let path = dir.join(format!("{}-{}.json", first.replace(['/', '@'], "_"), uuid::Uuid::new_v4().simple()));
+                let path =
+                    dir.join(format!("{}-{}.json", first.replace(['/', '@'], "_"), uuid::Uuid::new_v4().simple()));
                 tokio::fs::write(&path, serde_json::to_vec_pretty(&record).unwrap_or_default()).await.map_err(|e| {
                     DestinationError::Write { target: format!("file://{}", dir.display()), message: e.to_string() }
                 })?;

@@ -68,7 +68,9 @@ impl Answer {
             Self::Response(_) => "response".into(),
             Self::Error { error_type, message } => format!("function error {error_type}: {message}"),
             Self::Timeout => "timed out".into(),
-            Self::Crashed { status, output } => format!("the function process exited ({status}); last output: {output}"),
+            Self::Crashed { status, output } => {
+                format!("the function process exited ({status}); last output: {output}")
+            }
             Self::InitFailed { message, output } => format!("init failed: {message}; last output: {output}"),
         }
     }
@@ -174,7 +176,8 @@ impl Function {
             message: format!("cannot open the Runtime API on loopback: {e}"),
             output: String::new(),
         })?;
-        let addr = listener.local_addr().map_err(|e| Answer::InitFailed { message: e.to_string(), output: String::new() })?;
+        let addr =
+            listener.local_addr().map_err(|e| Answer::InitFailed { message: e.to_string(), output: String::new() })?;
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });

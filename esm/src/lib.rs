@@ -221,8 +221,10 @@ fn to_event(m: &rdkafka::message::BorrowedMessage<'_>) -> Event {
     e.key = m.key().map(Bytes::copy_from_slice);
     e.value = m.payload().map(Bytes::copy_from_slice);
     if let Some(headers) = m.headers() {
-        e.headers =
-            headers.iter().map(|h| Header { name: h.key.to_owned(), value: h.value.map(Bytes::copy_from_slice) }).collect();
+        e.headers = headers
+            .iter()
+            .map(|h| Header { name: h.key.to_owned(), value: h.value.map(Bytes::copy_from_slice) })
+            .collect();
     }
     e
 }
@@ -233,7 +235,9 @@ pub fn msk_event(batch: &Batch, kafka: &KafkaConfig) -> Value {
     event["eventSourceArn"] = kafka
         .cluster_arn
         .clone()
-        .unwrap_or_else(|| "arn:aws:kafka:us-east-1:000000000000:cluster/local/00000000-0000-0000-0000-000000000000-1".into())
+        .unwrap_or_else(|| {
+            "arn:aws:kafka:us-east-1:000000000000:cluster/local/00000000-0000-0000-0000-000000000000-1".into()
+        })
         .into();
     event["bootstrapServers"] = kafka.brokers.clone().into();
     event
@@ -261,14 +265,19 @@ pub fn verdict(answer: &Answer, batch: &Batch, report_batch_item_failures: bool)
     let parsed: Value = match serde_json::from_slice(body) {
         Ok(v) => v,
         Err(e) => {
-            return (Verdict::Failed, Some(format!("the answer is not JSON ({e}): {}", short(&String::from_utf8_lossy(body)))))
+            return (
+                Verdict::Failed,
+                Some(format!("the answer is not JSON ({e}): {}", short(&String::from_utf8_lossy(body)))),
+            )
         }
     };
     let failures = match parsed.get("batchItemFailures") {
         None | Some(Value::Null) => return (Verdict::Succeeded, None),
         Some(Value::Array(a)) if a.is_empty() => return (Verdict::Succeeded, None),
         Some(Value::Array(a)) => a,
-        Some(other) => return (Verdict::Failed, Some(format!("batchItemFailures is not a list: {}", short(&other.to_string())))),
+        Some(other) => {
+            return (Verdict::Failed, Some(format!("batchItemFailures is not a list: {}", short(&other.to_string()))))
+        }
     };
     let in_batch: BTreeMap<String, &batch::BatchPart> =
         batch.parts.iter().map(|p| (format!("{}-{}", p.key.0, p.key.1), p)).collect();
@@ -285,7 +294,10 @@ pub fn verdict(answer: &Answer, batch: &Batch, report_batch_item_failures: bool)
             );
         };
         let Some(part) = in_batch.get(partition).filter(|p| p.records.iter().any(|e| e.offset == offset)) else {
-            return (Verdict::Failed, Some(format!("batchItemFailures names {partition}@{offset}, which is not in the batch")));
+            return (
+                Verdict::Failed,
+                Some(format!("batchItemFailures names {partition}@{offset}, which is not in the batch")),
+            );
         };
         let entry = lowest.entry(part.key.clone()).or_insert(offset);
         *entry = (*entry).min(offset);

@@ -14,7 +14,6 @@ import * as ec2 from "aws-cdk-lib/aws-ec2";
 import * as iam from "aws-cdk-lib/aws-iam";
 import * as lambda from "aws-cdk-lib/aws-lambda";
 import * as logs from "aws-cdk-lib/aws-logs";
-import * as sqs from "aws-cdk-lib/aws-sqs";
 import { Construct } from "constructs";
 
 /** One entry of ../functions.json. */
@@ -43,6 +42,9 @@ interface Settings {
   maxRetryAttempts: number;
   maxRecordAgeSeconds: number;
   bisectOnError: boolean;
+  reportBatchItemFailures: boolean;
+  minimumPollers: number;
+  maximumPollers: number;
   architecture: "arm64" | "x86_64";
   memorySize: number;
   timeoutSeconds: number;
@@ -60,14 +62,15 @@ function settings(app: App): Settings {
     "mskClusterArn", "vpcId", "availabilityZones", "subnetIds", "securityGroupIds", "databaseSecretArn",
     "clickhouseSecretArn", "redisUrl", "clickhouseUrl", "clickhouseUser", "consumerGroupPrefix", "startingPosition",
     "batchSize", "maxBatchingWindowSeconds", "maxRetryAttempts", "maxRecordAgeSeconds", "bisectOnError",
-    "architecture", "memorySize", "timeoutSeconds", "logRetentionDays", "artifactsDir",
+    "reportBatchItemFailures", "minimumPollers", "maximumPollers", "architecture", "memorySize", "timeoutSeconds", "logRetentionDays", "artifactsDir",
   ];
   const s = Object.fromEntries(keys.map((k) => [k, get(k)])) as unknown as Settings;
   // Values from `-c` arrive as strings.
-  for (const k of ["batchSize", "maxBatchingWindowSeconds", "maxRetryAttempts", "maxRecordAgeSeconds", "memorySize", "timeoutSeconds", "logRetentionDays"] as const) {
+  for (const k of ["batchSize", "maxBatchingWindowSeconds", "maxRetryAttempts", "maxRecordAgeSeconds", "minimumPollers", "maximumPollers", "memorySize", "timeoutSeconds", "logRetentionDays"] as const) {
     s[k] = Number(s[k]);
   }
   s.bisectOnError = String(s.bisectOnError) === "true";
+  s.reportBatchItemFailures = String(s.reportBatchItemFailures) === "true";
   if (!/^arn:aws[a-z-]*:kafka:[a-z0-9-]+:\d{12}:cluster\/[^/]+\/[^/]+$/.test(s.mskClusterArn)) {
     throw new Error(`mskClusterArn is not an MSK cluster ARN: ${s.mskClusterArn}`);
   }
@@ -90,13 +93,6 @@ export class ExactlyOnceStack extends Stack {
       privateSubnetIds: s.subnetIds,
     });
     const securityGroups = s.securityGroupIds.map((sg, i) => ec2.SecurityGroup.fromSecurityGroupId(this, `Sg${i}`, sg));
-
-    // Batches that exhausted their retries; poison records are already in the guard's
-    // dead letters, so only batches that never finished land here.
-    const failed = new sqs.Queue(this, "FailedBatchesQueue", {
-      retentionPeriod: Duration.days(14),
-      encryption: sqs.QueueEncryption.SQS_MANAGED,
-    });
 
     for (const f of functions) {
       const logGroup = new logs.LogGroup(this, `${f.name}-logs`, {
@@ -130,7 +126,6 @@ export class ExactlyOnceStack extends Stack {
         actions: ["kafka-cluster:DescribeGroup", "kafka-cluster:AlterGroup"],
         resources: [clusterResourceArn(s.mskClusterArn, "group", group)],
       }));
-      role.addToPolicy(new iam.PolicyStatement({ actions: ["sqs:SendMessage"], resources: [failed.queueArn] }));
       role.addToPolicy(new iam.PolicyStatement({ actions: ["logs:CreateLogStream", "logs:PutLogEvents"], resources: [logGroup.logGroupArn] }));
 
       const fn = new lambda.Function(this, f.name, {
@@ -156,12 +151,17 @@ export class ExactlyOnceStack extends Stack {
           CLICKHOUSE_PASSWORD: `{{resolve:secretsmanager:${s.clickhouseSecretArn}:SecretString:password}}`,
           MSK_CLUSTER_ARN: s.mskClusterArn,
           KAFKA_AUTH: "iam",
+          // The function answers partial batch responses exactly when its mapping reads them.
+          LAMBDA_REPORT_BATCH_ITEM_FAILURES: String(s.reportBatchItemFailures),
           LOG_FORMAT: "json",
           RUST_LOG: "info",
         },
       });
 
-      // The MSK trigger, with the same error handling as template.yaml.
+      // The MSK trigger, with the same error handling as template.yaml: by default it
+      // retries a failed batch until it succeeds and never discards a record (poison is
+      // dead-lettered by the guard; what is retried is blocked by an outage). The
+      // error-handling settings need provisioned mode.
       const mapping = new lambda.CfnEventSourceMapping(this, `${f.name}-msk`, {
         functionName: fn.functionName,
         eventSourceArn: s.mskClusterArn,
@@ -173,13 +173,13 @@ export class ExactlyOnceStack extends Stack {
         maximumRetryAttempts: s.maxRetryAttempts,
         maximumRecordAgeInSeconds: s.maxRecordAgeSeconds,
         bisectBatchOnFunctionError: s.bisectOnError,
-        destinationConfig: { onFailure: { destination: failed.queueArn } },
+        functionResponseTypes: s.reportBatchItemFailures ? ["ReportBatchItemFailures"] : undefined,
+        provisionedPollerConfig: { minimumPollers: s.minimumPollers, maximumPollers: s.maximumPollers },
       });
       mapping.node.addDependency(role);
 
       new CfnOutput(this, `${f.name}-arn`, { value: fn.functionArn });
     }
-    new CfnOutput(this, "FailedBatchesQueueUrl", { value: failed.queueUrl });
   }
 }
 

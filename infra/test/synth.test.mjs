@@ -36,9 +36,12 @@ test("an MSK event source mapping per function, with its topics, group and error
     assert.equal(m.EventSourceArn, context.mskClusterArn);
     assert.equal(m.StartingPosition, context.startingPosition);
     assert.equal(m.BatchSize, context.batchSize);
-    assert.equal(m.MaximumRetryAttempts, context.maxRetryAttempts);
-    assert.equal(m.BisectBatchOnFunctionError, true);
-    assert.ok(m.DestinationConfig.OnFailure.Destination, `${f.name} has an on-failure destination`);
+    assert.equal(m.MaximumRetryAttempts, -1, `${f.name}: retries until the batch succeeds`);
+    assert.equal(m.MaximumRecordAgeInSeconds, -1, `${f.name}: no record ages out`);
+    assert.equal(m.DestinationConfig, undefined, `${f.name}: nothing is discarded to a destination`);
+    assert.deepEqual(m.FunctionResponseTypes, ["ReportBatchItemFailures"]);
+    assert.ok(m.ProvisionedPollerConfig.MinimumPollers >= 1, `${f.name}: provisioned mode (error handling needs it)`);
+    assert.ok(m.ProvisionedPollerConfig.MaximumPollers >= m.ProvisionedPollerConfig.MinimumPollers);
   }
 });
 
@@ -69,5 +72,6 @@ test("secrets are references, never literals", () => {
     const env = fn.Properties.Environment.Variables;
     assert.match(json(env.DATABASE_URL), /resolve:secretsmanager/);
     assert.match(json(env.CLICKHOUSE_PASSWORD), /resolve:secretsmanager/);
+    assert.equal(env.LAMBDA_REPORT_BATCH_ITEM_FAILURES, "true", "the function answers in the shape its mapping reads");
   }
 });

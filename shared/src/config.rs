@@ -139,7 +139,7 @@ pub const VARIABLES: &[Var] = &[
     var(
         "LAMBDA_REPORT_BATCH_ITEM_FAILURES",
         "false",
-        "Lambda: answer a partly failed batch with `batchItemFailures` instead of an error (opt-in; see the README).",
+        "Lambda: answer a partly failed batch with `batchItemFailures` instead of an error. Set it only with `FunctionResponseTypes: [ReportBatchItemFailures]` on the mapping (the template and the CDK app set both by default).",
     ),
     var("LOG_FORMAT", "text", "`text` or `json`; Lambda always logs JSON."),
 ];

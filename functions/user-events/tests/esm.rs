@@ -85,7 +85,13 @@ fn group(env: &TestEnv, s: &MappingSettings) -> exactly_once::config::KafkaConfi
     k
 }
 
-async fn assert_all_landed_once(env: &TestEnv, s: &MappingSettings, topic: &str, published: &Published, partitions: i32) {
+async fn assert_all_landed_once(
+    env: &TestEnv,
+    s: &MappingSettings,
+    topic: &str,
+    published: &Published,
+    partitions: i32,
+) {
     let unique = published.unique as u64;
     let kafka = group(env, s);
     wait_until(Duration::from_secs(120), "every event in ClickHouse and every offset committed", || async {

@@ -7,8 +7,9 @@
 //!   an error naming the unfinished records, so the event source mapping retries the
 //!   batch (confirmed records then pass as duplicates). With
 //!   `LAMBDA_REPORT_BATCH_ITEM_FAILURES=true` the function instead answers
-//!   `{"batchItemFailures": [...]}` naming the unfinished records (opt-in: the Kafka
-//!   shape of that answer is not settled in AWS's public docs; see the README).
+//!   `{"batchItemFailures": [{"itemIdentifier": {"partition": "<topic>-<n>", "offset": <n>}}]}`
+//!   naming the unfinished records, AWS's documented Kafka shape (see the README); the
+//!   mapping must have `ReportBatchItemFailures` on, or it takes that answer as success.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
