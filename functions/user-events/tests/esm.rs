@@ -320,3 +320,56 @@ async fn an_unreachable_broker_is_a_clear_error() {
     };
     assert!(err.contains("127.0.0.1:1") && err.contains("did not answer"), "{err}");
 }
+
+/// During a ClickHouse outage the invocation waits for the breaker's probes (within its
+/// time) instead of failing in milliseconds: a handful of long invocations, no storm,
+/// no timeout, and every event lands once ClickHouse is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn during_a_clickhouse_outage_invocations_wait_for_the_breaker_instead_of_storming() {
+    let mut env = TestEnv::new().await;
+    let topic = topic(&mut env, 1).await;
+    let clickhouse = integration_tests::ToggleProxy::start("127.0.0.1:8123").await;
+    let mut s = settings(&env);
+    s.timeout = 4;
+    let mut spec = spec(&env, &s);
+    spec.env.extend(
+        [
+            ("CLICKHOUSE_URL", clickhouse.url()),
+            ("CLICKHOUSE_BREAKER_FAILURES", "1".into()),
+            ("CLICKHOUSE_BREAKER_OPEN_SECS", "1".into()),
+            ("CLICKHOUSE_BREAKER_SUCCESSES", "1".into()),
+            ("CLICKHOUSE_WRITE_ATTEMPTS", "1".into()),
+        ]
+        .map(|(k, v)| (k.to_owned(), v)),
+    );
+    let mut running = start_with(&env, s.clone(), &topic, spec).await;
+    let warm = publish_user_events(&env.kafka, &topic, 1, 0).await;
+    assert_eq!(running.next_invocation().await.verdict, Verdict::Succeeded, "warm-up");
+
+    clickhouse.take_down().await;
+    let mut published = publish_user_events(&env.kafka, &topic, 20, 0).await;
+    published.end_offsets = published.end_offsets.into_iter().map(|(p, e)| (p, e.max(warm.end_offsets[&p]))).collect();
+    let outage = Duration::from_secs(9);
+    let down_at = tokio::time::Instant::now();
+    let mut during = Vec::new();
+    while down_at.elapsed() < outage {
+        let left = outage.saturating_sub(down_at.elapsed());
+        match tokio::time::timeout(left, running.invoked.recv()).await {
+            Ok(Some(i)) => during.push(i),
+            _ => break,
+        }
+    }
+    clickhouse.bring_up();
+    // Each failed invocation held on to nearly all of its 4 s waiting for probes, so a
+    // 9 s outage sees a few of them, not one every few hundred milliseconds.
+    let seen: Vec<_> = during.iter().map(|i| (i.records.len(), i.error.clone())).collect();
+    assert!(!during.is_empty() && during.len() <= 3, "{} invocations during a 9 s outage: {seen:?}", during.len());
+    for i in &during {
+        assert_ne!(i.verdict, Verdict::Succeeded, "{i:?}");
+        assert_ne!(i.error.as_deref(), Some("timed out"), "answered before the timeout: {i:?}");
+    }
+    // evt-0 was the warm-up's event too: 20 unique events in all.
+    assert_all_landed_once(&env, &s, &topic, &published, 1).await;
+    let report = running.stop().await;
+    assert_eq!(report.function.timeouts, 0, "{}", report.line());
+}

@@ -9,7 +9,11 @@
 //!   `LAMBDA_REPORT_BATCH_ITEM_FAILURES=true` the function instead answers
 //!   `{"batchItemFailures": [{"itemIdentifier": {"partition": "<topic>-<n>", "offset": <n>}}]}`
 //!   naming the unfinished records, AWS's documented Kafka shape (see the README); the
-//!   mapping must have `ReportBatchItemFailures` on, or it takes that answer as success.
+//!   mapping must have `ReportBatchItemFailures` on, or it takes that answer as success;
+//! - no retry storm: while records are unfinished because the ClickHouse breaker is open,
+//!   the invocation waits for the breaker's probe and runs them again, for as long as
+//!   its remaining time allows, instead of failing in milliseconds and being retried at
+//!   once by the mapping (the worker pauses its partitions for the same reason).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -20,8 +24,10 @@ use tokio::time::Instant;
 
 use super::functions::Functions;
 use super::msk::{self, MskEvent};
+use crate::breaker::CircuitBreaker;
 use crate::outbox::Relay;
-use crate::outcome::EventOutcome;
+use crate::outcome::{EventOutcome, FailureKind};
+use crate::Outcome;
 
 /// Time kept back from the invocation's deadline for releasing leases and answering.
 const DEADLINE_MARGIN: Duration = Duration::from_millis(500);
@@ -40,14 +46,16 @@ pub struct UnfinishedBatch {
 pub async fn serve(
     functions: Arc<Functions>,
     relay: Arc<Relay>,
+    clickhouse: Arc<CircuitBreaker>,
     report_batch_item_failures: bool,
 ) -> Result<(), lambda_runtime::Error> {
     lambda_runtime::run(service_fn(move |event: LambdaEvent<MskEvent>| {
-        let (functions, relay) = (functions.clone(), relay.clone());
+        let (functions, relay, clickhouse) = (functions.clone(), relay.clone(), clickhouse.clone());
         async move {
             let remaining = event.context.deadline().duration_since(SystemTime::now()).unwrap_or_default();
             let deadline = Instant::now() + remaining.saturating_sub(DEADLINE_MARGIN);
-            let result = invoke(&functions, &event.payload, Some(deadline), report_batch_item_failures).await;
+            let outcomes = run_until_done_or_deadline(&functions, &event.payload, deadline, &clickhouse).await;
+            let result = answer(outcomes, report_batch_item_failures);
             let processed = result.as_ref().map_or(true, |v| v["processed"].as_u64() != Some(0));
             if processed {
                 match tokio::time::timeout_at(deadline, relay.drain_once()).await {
@@ -63,7 +71,7 @@ pub async fn serve(
     .await
 }
 
-/// Handles one MSK event: the same path `POST /invoke` takes.
+/// Handles one MSK event once: the path `POST /invoke` takes.
 pub async fn invoke(
     functions: &Functions,
     event: &MskEvent,
@@ -71,7 +79,51 @@ pub async fn invoke(
     report_batch_item_failures: bool,
 ) -> Result<Value, UnfinishedBatch> {
     let records = msk::decode(event);
-    let outcomes = functions.run(&records, deadline).await;
+    answer(functions.run(&records, deadline).await, report_batch_item_failures)
+}
+
+/// Runs the batch; while records are unfinished for the open ClickHouse breaker and the
+/// breaker's next probe comes before `deadline`, waits for it and runs them again.
+/// Records that finished are not run again.
+async fn run_until_done_or_deadline(
+    functions: &Functions,
+    event: &MskEvent,
+    deadline: Instant,
+    clickhouse: &CircuitBreaker,
+) -> Vec<EventOutcome> {
+    let records = msk::decode(event);
+    let mut outcomes = functions.run(&records, Some(deadline)).await;
+    loop {
+        let waiting: Vec<usize> = (0..outcomes.len()).filter(|&i| !outcomes[i].outcome.is_finished()).collect();
+        let blocked = waiting
+            .iter()
+            .any(|&i| matches!(outcomes[i].outcome, Outcome::Failed { kind: FailureKind::Unavailable, .. }));
+        let Some(retry_in) = clickhouse.retry_in().filter(|_| blocked) else { return outcomes };
+        // A probe needs time to run too: only wait when one fits before the deadline.
+        if Instant::now() + retry_in + DEADLINE_MARGIN >= deadline {
+            tracing::warn!(
+                unfinished = waiting.len(),
+                "ClickHouse breaker open past this invocation's time; answering unfinished"
+            );
+            tokio::time::sleep_until(deadline).await;
+            return outcomes;
+        }
+        tracing::warn!(
+            unfinished = waiting.len(),
+            retry_in_ms = retry_in.as_millis() as u64,
+            "ClickHouse breaker open: waiting for its probe"
+        );
+        tokio::time::sleep(retry_in).await;
+        let again: Vec<_> = waiting.iter().map(|&i| records[i].clone()).collect();
+        for (i, o) in waiting.into_iter().zip(functions.run(&again, Some(deadline)).await) {
+            outcomes[i] = o;
+        }
+    }
+}
+
+/// The invocation's answer: success, `batchItemFailures`, or an error naming the
+/// unfinished records.
+fn answer(outcomes: Vec<EventOutcome>, report_batch_item_failures: bool) -> Result<Value, UnfinishedBatch> {
     let unfinished: Vec<&EventOutcome> = outcomes.iter().filter(|o| !o.outcome.is_finished()).collect();
     if unfinished.is_empty() {
         return Ok(summary(&outcomes));

@@ -108,7 +108,7 @@ async fn run_lambda(handlers: Vec<Arc<dyn Handler>>) -> Result<(), RunError> {
     let clients = connect(&config, process.startup_timeout).await?;
     let functions = Arc::new(Functions::new(&clients, handlers, &kafka).await?);
     let relay = crate::outbox::Relay::new(clients.pg.clone(), &kafka, clients.kafka_breaker.clone())?;
-    lambda::serve(functions, Arc::new(relay), process.report_batch_item_failures)
+    lambda::serve(functions, Arc::new(relay), clients.sink.breaker().clone(), process.report_batch_item_failures)
         .await
         .map_err(|e| RunError::Lambda(e.to_string()))
 }
