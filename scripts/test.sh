@@ -15,11 +15,17 @@ fi
 ./scripts/infra-check.sh
 echo "[test] cargo test --workspace"
 cargo test --workspace "$@"
-# The shortened fault-injection run: real workers under kill -9, Redis FLUSHALL and
+# The shortened fault-injection runs: real consumers under kill -9, Redis FLUSHALL and
 # outages, a ClickHouse outage, terminated Postgres backends and a rebalance; exact
-# counts at the end. It stops and starts services, so it runs after the tests, alone.
-echo "[test] eo chaos --short"
+# counts at the end. They stop and start services, so they run after the tests, alone.
+echo "[test] eo chaos --short (worker)"
 cargo run --quiet -p exactly-once-cli -- chaos --short --seed 7
+# The same schedule against the Lambda path: each function's binary in Lambda mode
+# behind the local MSK event source mapping (eo esm), plus a stalled invocation past
+# its timeout and a poller restart.
+echo "[test] eo chaos --short --runtime lambda"
+cargo build --quiet -p user-events -p notifications
+cargo run --quiet -p exactly-once-cli -- chaos --short --seed 7 --runtime lambda
 # The fuzz targets must keep building (running them is scripts/fuzz.sh run). They need
 # a nightly toolchain; without one this step says so and is skipped.
 if rustup run nightly rustc --version >/dev/null 2>&1; then

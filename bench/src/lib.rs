@@ -14,6 +14,7 @@
 //!   the same pipeline without it.
 
 pub mod chart;
+pub mod cold_start;
 pub mod delay;
 pub mod stats;
 

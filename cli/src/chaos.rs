@@ -1,9 +1,17 @@
-//! `eo chaos`: the fault-injection run. Real workers (`eo run`, every function) consume a
-//! stream with 25% duplicate ids and a few poison records while faults hit at seeded
-//! random moments: kill -9 of a worker, Redis FLUSHALL, Redis and ClickHouse stopped and
-//! started again, Postgres backends terminated, a second worker joining and leaving the
-//! group. At the end every store is counted against what was produced; the pass
-//! condition is exact.
+//! `eo chaos`: the fault-injection run. Real consumers read a stream with 25% duplicate
+//! ids and a few poison records while faults hit at seeded random moments: kill -9 of a
+//! consumer, Redis FLUSHALL, Redis and ClickHouse stopped and started again, Postgres
+//! backends terminated, a second consumer joining and leaving the group. At the end every
+//! store is counted against what was produced; the pass condition is exact.
+//!
+//! Two runtimes, one schedule: `--runtime worker` runs `eo run` (every function in one
+//! worker); `--runtime lambda` runs each function's real binary in Lambda mode behind
+//! the local MSK event source mapping (`eo esm`, one per function, with the template's
+//! error-handling defaults). There, kill -9 hits the function process mid-invocation,
+//! and two faults are added: an invocation stalled past the function's timeout (the
+//! process is stopped; the mapping must time it out, kill it and retry), and a poller
+//! restart (kill -9 of `eo esm`). Each mapping has a directory as on-failure destination:
+//! it must stay empty, since nothing healthy may be discarded.
 //!
 //! It stops and starts the local services (through `scripts/services.sh`) and flushes
 //! Redis, so it must run alone, not beside the tests. Everything else it touches is its
@@ -25,10 +33,24 @@ use rand::{Rng, SeedableRng};
 use tokio::process::{Child, Command};
 use tokio::sync::Mutex;
 
+/// Which runtime consumes the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
+    /// `eo run`: the long-running worker.
+    Worker,
+    /// Each function's binary in Lambda mode behind `eo esm`.
+    Lambda,
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct ChaosOptions {
     pub seed: u64,
+    pub runtime: Runtime,
+    /// Lambda: the functions' timeout (the template's is 60 s; shorter here so a stalled
+    /// invocation fits in the run).
+    pub lambda_timeout: Duration,
     /// Messages per function (user-events, notifications), duplicates included.
     pub events: usize,
     /// Poison records per function (not JSON: dead-lettered).
@@ -54,6 +76,8 @@ impl ChaosOptions {
     pub fn full(seed: u64) -> Self {
         Self {
             seed,
+            runtime: Runtime::Worker,
+            lambda_timeout: Duration::from_secs(10),
             events: 20_000,
             poison: 10,
             duration: Duration::from_secs(240),
@@ -89,6 +113,10 @@ enum Fault {
     PgTerminate,
     SecondWorkerJoins,
     SecondWorkerLeaves,
+    /// Lambda: a function process stopped mid-invocation, past its timeout.
+    StallPastTimeout,
+    /// Lambda: kill -9 of a mapping (`eo esm`), restarted by the supervisor.
+    PollerRestart,
 }
 
 /// The seeded schedule: (seconds after the start, fault).
@@ -105,6 +133,10 @@ fn schedule(opts: &ChaosOptions, rng: &mut StdRng) -> Vec<(f64, Fault)> {
     s.push((at(0.1, 0.6), Fault::FlushAll));
     s.push((at(0.1, 0.6), Fault::RedisDown));
     s.push((at(0.2, 0.7), Fault::ClickHouseDown));
+    if opts.runtime == Runtime::Lambda {
+        s.push((at(0.1, 0.7), Fault::StallPastTimeout));
+        s.push((at(0.1, 0.8), Fault::PollerRestart));
+    }
     let join = at(0.1, 0.5);
     s.push((join, Fault::SecondWorkerJoins));
     let leave = join + at(0.15, 0.35);
@@ -117,6 +149,9 @@ fn schedule(opts: &ChaosOptions, rng: &mut StdRng) -> Vec<(f64, Fault)> {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Summary {
     pub seed: u64,
+    pub runtime: Runtime,
+    /// Lambda: records the mappings discarded to their on-failure destination.
+    pub discarded: usize,
     pub produced: usize,
     pub unique: BTreeMap<String, usize>,
     pub poison: usize,
@@ -142,10 +177,11 @@ impl Summary {
         let ue = self.unique.get("user-events").copied().unwrap_or(0);
         let no = self.unique.get("notifications").copied().unwrap_or(0);
         format!(
-            "chaos seed={} {}: {} produced ({} unique user-events, {} unique notifications, {} poison); \
+            "chaos seed={} runtime={:?} {}: {} produced ({} unique user-events, {} unique notifications, {} poison); \
              ClickHouse FINAL {}/{ue} ({} raw rows); processed_events {}/{ue} + {}/{no}; notifications {}/{no}; \
-             dead letters {}/{} ({} unexpected, {} missing); offsets committed {}/{} partitions; faults: {}; {} worker restarts; {:.0} s",
+             dead letters {}/{} ({} unexpected, {} missing); offsets committed {}/{} partitions; {} discarded; faults: {}; {} consumer restarts; {:.0} s",
             self.seed,
+            self.runtime,
             if self.pass { "PASS" } else { "FAIL" },
             self.produced,
             ue,
@@ -162,6 +198,7 @@ impl Summary {
             self.missing_dead_letters.len(),
             self.partitions_committed,
             self.partitions,
+            self.discarded,
             self.faults.join(", "),
             self.worker_restarts,
             self.seconds,
@@ -184,7 +221,8 @@ impl Slot {
         self.child.lock().await.as_ref().and_then(|c| c.id())
     }
 
-    pub(crate) fn start(exe: PathBuf, env: Vec<(String, String)>, log: PathBuf) -> Self {
+    /// Runs `exe args...` with `env`, output appended to `log`.
+    pub(crate) fn start(exe: PathBuf, args: Vec<String>, env: Vec<(String, String)>, log: PathBuf) -> Self {
         let child: Arc<Mutex<Option<Child>>> = Arc::default();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let restarts = Arc::new(std::sync::atomic::AtomicU32::new(0));
@@ -194,7 +232,7 @@ impl Slot {
             while !s.load(Ordering::SeqCst) {
                 let file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("worker log file");
                 let spawned = Command::new(&exe)
-                    .arg("run")
+                    .args(&args)
                     .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
                     .stdin(Stdio::null())
                     .stdout(file.try_clone().expect("log file"))
@@ -247,6 +285,165 @@ impl Slot {
         self.signal("-TERM").await;
         let _ = tokio::time::timeout(Duration::from_secs(40), self.task).await;
     }
+}
+
+/// The consumers of one run: one worker, or one mapping per function (each with its
+/// function process as a child), every process restarted by its [`Slot`] when it ends.
+struct Fleet {
+    /// (function, slot); the function is `None` for the worker.
+    slots: Vec<(Option<&'static str>, Slot)>,
+}
+
+impl Fleet {
+    fn start(
+        runtime: Runtime,
+        exe: &Path,
+        env: &[(String, String)],
+        run: &str,
+        label: &str,
+        opts: &ChaosOptions,
+        functions: &[&'static str],
+    ) -> Self {
+        let log = |what: &str| opts.log_dir.join(format!("{run}-{label}-{what}.log"));
+        let slots = match runtime {
+            Runtime::Worker => {
+                vec![(None, Slot::start(exe.to_path_buf(), vec!["run".into()], env.to_vec(), log("worker")))]
+            }
+            Runtime::Lambda => functions
+                .iter()
+                .map(|&f| {
+                    // The template's defaults, but for the timeout; a directory as the
+                    // on-failure destination so anything discarded is seen.
+                    let args = [
+                        "esm",
+                        "--function",
+                        f,
+                        "--consumer-group-prefix",
+                        run,
+                        "--timeout",
+                        &opts.lambda_timeout.as_secs().to_string(),
+                        "--on-failure-destination",
+                        &format!("file://{}", discarded_dir(opts, run).display()),
+                        "--max-init-failures",
+                        "1000",
+                    ]
+                    .map(str::to_owned)
+                    .to_vec();
+                    (Some(f), Slot::start(exe.to_path_buf(), args, env.to_vec(), log(f)))
+                })
+                .collect(),
+        };
+        Self { slots }
+    }
+
+    fn restarts(&self) -> u32 {
+        self.slots.iter().map(|(_, s)| s.restarts.load(std::sync::atomic::Ordering::SeqCst)).sum()
+    }
+
+    /// A seeded choice of slot.
+    fn pick(&self, rng: &mut StdRng) -> &(Option<&'static str>, Slot) {
+        &self.slots[rng.random_range(0..self.slots.len())]
+    }
+
+    /// kill -9 of the consumer doing the work: the worker, or a function process
+    /// mid-invocation (its mapping starts it again, cold).
+    async fn kill(&self, rng: &mut StdRng) -> String {
+        let (function, slot) = self.pick(rng);
+        match function {
+            None => {
+                let before = slot.restarts.load(std::sync::atomic::Ordering::SeqCst);
+                if !slot.signal("-KILL").await {
+                    return "kill -9 worker (no process to kill)".into();
+                }
+                // Let the supervisor see it die and start the next one before the
+                // schedule goes on (another kill at once would hit the same process).
+                for _ in 0..100 {
+                    if slot.restarts.load(std::sync::atomic::Ordering::SeqCst) > before {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                "kill -9 worker".into()
+            }
+            Some(f) => match function_pid(slot).await {
+                Some(pid) if signal(pid, "-KILL").await => format!("kill -9 {f} function process"),
+                _ => format!("kill -9 {f} function process (none running)"),
+            },
+        }
+    }
+
+    /// Lambda: stops a function process; its mapping times the invocation out and kills it.
+    async fn stall(&self, rng: &mut StdRng, timeout: Duration) -> String {
+        let (function, slot) = self.pick(rng);
+        let f = function.unwrap_or("worker");
+        let Some(pid) = function_pid(slot).await else { return format!("{f} function stall (none running)") };
+        if !signal(pid, "-STOP").await {
+            return format!("{f} function stall (the process was gone)");
+        }
+        // Wait for the mapping to time the invocation out and replace the process, so
+        // no other fault (a kill -9) hits the stopped one first.
+        let started = Instant::now();
+        while started.elapsed() < timeout + Duration::from_secs(20) {
+            if std::fs::metadata(format!("/proc/{pid}")).is_err() {
+                return format!(
+                    "{f} function stalled past its {} s timeout (replaced after {:.1} s)",
+                    timeout.as_secs(),
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        format!("{f} function stalled, NOT replaced within its timeout")
+    }
+
+    /// Lambda: kill -9 of a mapping; its supervisor starts it again.
+    async fn restart_poller(&self, rng: &mut StdRng) -> String {
+        let (function, slot) = self.pick(rng);
+        let f = function.unwrap_or("worker");
+        let orphan = function_pid(slot).await;
+        if !slot.signal("-KILL").await {
+            return format!("{f} poller restart (no process)");
+        }
+        // Its function process loses its Runtime API and exits; make sure of it.
+        if let Some(pid) = orphan {
+            signal(pid, "-KILL").await;
+        }
+        format!("{f} poller killed and restarted")
+    }
+
+    async fn stop(self) {
+        for (_, slot) in self.slots {
+            slot.stop().await;
+        }
+    }
+}
+
+/// Where a run's mappings put what they discard.
+fn discarded_dir(opts: &ChaosOptions, run: &str) -> PathBuf {
+    let dir = opts.log_dir.join(format!("{run}-discarded"));
+    std::path::absolute(&dir).unwrap_or(dir)
+}
+
+async fn signal(pid: u32, sig: &str) -> bool {
+    Command::new("kill").args([sig, &pid.to_string()]).status().await.is_ok_and(|s| s.success())
+}
+
+/// The function process a mapping runs (its child), waiting up to 10 s for one.
+async fn function_pid(slot: &Slot) -> Option<u32> {
+    for _ in 0..100 {
+        if let Some(parent) = slot.pid().await {
+            let tasks = std::fs::read_dir(format!("/proc/{parent}/task")).ok()?;
+            let child = tasks
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("children")).ok())
+                .flat_map(|c| c.split_whitespace().filter_map(|p| p.parse::<u32>().ok()).collect::<Vec<_>>())
+                .next();
+            if child.is_some() {
+                return child;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
 }
 
 /// Starts whatever service is down (`scripts/services.sh`), trying three times.
@@ -312,6 +509,13 @@ impl Isolated {
             .flat_map(|f| f.spec().topics.iter().map(|t| kafka.topic(t)).collect::<Vec<_>>())
             .collect();
         exactly_once::runtime::worker::create_topics(&kafka, &topics).await?;
+        // What `eo migrate` does (Lambda functions only check it at init).
+        for f in crate::all_functions() {
+            let ddl = f.spec().clickhouse_ddl;
+            if !ddl.trim().is_empty() {
+                clients.sink.apply_ddl(ddl).await?;
+            }
+        }
         // The workers connect with the run's name, so its Postgres backends can be found.
         let url = config.postgres.url.expose();
         let sep = if url.contains('?') { '&' } else { '?' };
@@ -412,7 +616,17 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
     let produced = stream.len();
 
     let exe = exe.to_path_buf();
-    let main_worker = Slot::start(exe.clone(), worker_env.clone(), opts.log_dir.join(format!("{name}-worker-a.log")));
+    let names: Vec<&'static str> = producing.iter().map(|f| f.spec().name).collect();
+    if opts.runtime == Runtime::Lambda {
+        std::fs::create_dir_all(discarded_dir(opts, &name))?;
+        for f in &names {
+            let binary = exe.parent().map(|d| d.join(f)).unwrap_or_default();
+            if !binary.is_file() {
+                bail!("no function binary {}: build it first (cargo build -p {f})", binary.display());
+            }
+        }
+    }
+    let main_worker = Fleet::start(opts.runtime, &exe, &worker_env, &name, "a", opts, &names);
 
     // The producer: the whole stream, spread evenly over the run.
     let producer_kafka = kafka.clone();
@@ -440,7 +654,7 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
         eprintln!("[chaos] planned at {at:>6.1} s: {fault:?}");
     }
     let mut done_faults = Vec::new();
-    let mut second: Option<Slot> = None;
+    let mut second: Option<Fleet> = None;
     let mut leaving = Vec::new();
     let t0 = Instant::now();
     for (at, fault) in plan {
@@ -449,22 +663,9 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
         }
         let t = t0.elapsed().as_secs_f64();
         let what = match fault {
-            Fault::Kill9 => {
-                let before = main_worker.restarts.load(std::sync::atomic::Ordering::SeqCst);
-                if main_worker.signal("-KILL").await {
-                    // Let the supervisor see it die and start the next one before the
-                    // schedule goes on (another kill at once would hit the same process).
-                    for _ in 0..100 {
-                        if main_worker.restarts.load(std::sync::atomic::Ordering::SeqCst) > before {
-                            break;
-                        }
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                    "kill -9 worker".to_string()
-                } else {
-                    "kill -9 worker (no process to kill)".to_string()
-                }
-            }
+            Fault::Kill9 => main_worker.kill(&mut rng).await,
+            Fault::StallPastTimeout => main_worker.stall(&mut rng, opts.lambda_timeout).await,
+            Fault::PollerRestart => main_worker.restart_poller(&mut rng).await,
             Fault::FlushAll => {
                 let mut c = clients.leases.pool().get().await.context("Redis for FLUSHALL")?;
                 let _: () = redis::cmd("FLUSHALL").query_async(&mut c).await.context("FLUSHALL")?;
@@ -514,8 +715,8 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
                 // it while it works, and the other worker may take the same events.
                 let mut env = worker_env.clone();
                 env.push(("GUARD_LEASE_TTL_MS".into(), opts.short_lease.as_millis().to_string()));
-                second = Some(Slot::start(exe.clone(), env, opts.log_dir.join(format!("{name}-worker-b.log"))));
-                format!("second worker joins (lease TTL {} ms)", opts.short_lease.as_millis())
+                second = Some(Fleet::start(opts.runtime, &exe, &env, &name, "b", opts, &names));
+                format!("second consumer joins (lease TTL {} ms)", opts.short_lease.as_millis())
             }
             Fault::SecondWorkerLeaves => {
                 // Its graceful shutdown may take a while (in-flight batches, a breaker
@@ -523,7 +724,7 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
                 if let Some(s) = second.take() {
                     leaving.push(tokio::spawn(s.stop()));
                 }
-                "second worker leaves".to_string()
+                "second consumer leaves".to_string()
             }
         };
         eprintln!("[chaos] {t:>6.1} s  {what}");
@@ -549,8 +750,12 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
     let total_parts = topics.len() * partitions as usize;
     while Instant::now() < deadline {
         committed_parts = 0;
-        for t in &topics {
-            let committed = committed_offsets(&kafka, t, partitions).await.unwrap_or_default();
+        for (t, f) in topics.iter().zip(&names) {
+            let mut group = kafka.clone();
+            if opts.runtime == Runtime::Lambda {
+                group.group_id = format!("{name}-{f}");
+            }
+            let committed = committed_offsets(&group, t, partitions).await.unwrap_or_default();
             for p in 0..partitions {
                 let end = ends.get(&(t.clone(), p)).copied().unwrap_or(0);
                 if committed.get(&p).copied().unwrap_or(if end == 0 { 0 } else { -1 }) >= end {
@@ -563,7 +768,7 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    let worker_restarts = main_worker.restarts.load(std::sync::atomic::Ordering::SeqCst);
+    let worker_restarts = main_worker.restarts();
     main_worker.stop().await;
     if let Some(s) = second.take() {
         s.stop().await;
@@ -593,7 +798,10 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
     missing.sort();
     let ue = unique.get("user-events").copied().unwrap_or(0);
     let no = unique.get("notifications").copied().unwrap_or(0);
-    let pass = clickhouse_rows == ue as u64
+    // Lambda: records the mappings gave up on (there must be none).
+    let discarded = discarded_records(&discarded_dir(opts, &name));
+    let pass = discarded == 0
+        && clickhouse_rows == ue as u64
         && processed.get("user-events").copied().unwrap_or(0) == ue as i64
         && processed.get("notifications").copied().unwrap_or(0) == no as i64
         && notifications == no as i64
@@ -603,6 +811,8 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
         && committed_parts == total_parts;
     let summary = Summary {
         seed: opts.seed,
+        runtime: opts.runtime,
+        discarded,
         produced,
         unique,
         poison: poison_ids.len(),
@@ -626,6 +836,21 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
         eprintln!("[chaos] kept schema, database and key prefix `{name}` for inspection");
     }
     Ok(summary)
+}
+
+/// Records in a mapping's on-failure directory (one JSON failure record per discarded
+/// batch, its records under `payload.records`); 0 when there is no such directory.
+fn discarded_records(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .filter_map(|e| std::fs::read(e.ok()?.path()).ok())
+        .map(|bytes| {
+            let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+            v["payload"]["records"]
+                .as_object()
+                .map_or(1, |r| r.values().filter_map(|l| l.as_array()).map(Vec::len).sum())
+        })
+        .sum()
 }
 
 pub(crate) async fn cleanup(clients: &Clients, name: &str) {

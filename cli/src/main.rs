@@ -34,6 +34,10 @@ enum Command {
     /// on-failure destination; options named after template.yaml's parameters). Runs
     /// until Ctrl-C / SIGTERM.
     Esm(exactly_once_esm::MappingSettings),
+    /// Apply the Postgres migrations and every function's ClickHouse tables, then exit.
+    /// Lambda functions do not migrate at init (they check, and fail naming what is
+    /// missing): run this before deploying, as the deploy's migrate step does.
+    Migrate,
     /// Show what Redis and Postgres know about one event id (exit 3: not confirmed).
     Inspect {
         /// The function (its namespace), e.g. `user-events`.
@@ -73,6 +77,10 @@ enum Command {
         /// The shortened run (what the test command makes).
         #[arg(long)]
         short: bool,
+        /// Who consumes: `worker` (`eo run`) or `lambda` (each function's binary behind
+        /// `eo esm`, which must be built: cargo build -p user-events -p notifications).
+        #[arg(long, value_enum, default_value = "worker")]
+        runtime: exactly_once_cli::chaos::Runtime,
         /// Messages per function (overrides the preset).
         #[arg(long)]
         events: Option<usize>,
@@ -172,6 +180,28 @@ async fn operate(command: Command) -> Result<u8, Failure> {
             }
             Ok(if all_ok { 0 } else { 4 })
         }
+        Command::Migrate => {
+            let clients = clients().await?;
+            let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&clients.pg)
+                .await
+                .map_err(|e| (1, format!("Postgres: {e}")))?;
+            let kafka = KafkaConfig::from_env(&ProcessEnv).map_err(|e| (2, e.to_string()))?;
+            let functions = exactly_once::runtime::Functions::new(&clients, all_functions(), &kafka)
+                .await
+                .map_err(|e| (1, e.to_string()))?;
+            let tables: Vec<String> = functions
+                .iter()
+                .flat_map(|f| exactly_once::sink::clickhouse::created_tables(f.spec.clickhouse_ddl))
+                .collect();
+            println!(
+                "Postgres: {applied} migrations applied (schema {}); ClickHouse: tables {} in database `{}`",
+                clients.config.postgres.schema.as_deref().unwrap_or("from search_path"),
+                tables.join(", "),
+                clients.config.clickhouse.database
+            );
+            Ok(0)
+        }
         Command::Cleanup => {
             let clients = clients().await?;
             let report = exactly_once::retention::cleanup(&clients.pg, &clients.config.retention)
@@ -243,7 +273,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        command @ (Command::Inspect { .. } | Command::DeadLetters(_) | Command::Cleanup) => {
+        command @ (Command::Inspect { .. } | Command::DeadLetters(_) | Command::Cleanup | Command::Migrate) => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
             match rt.block_on(operate(command)) {
                 Ok(code) => ExitCode::from(code),
@@ -253,9 +283,15 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Chaos { seed, short, events, duration_secs, json } => {
+        Command::Chaos { seed, short, runtime, events, duration_secs, json } => {
             let seed = seed.unwrap_or_else(|| rand::rng().random_range(0..1_000_000));
             let mut opts = if short { ChaosOptions::short(seed) } else { ChaosOptions::full(seed) };
+            opts.runtime = runtime;
+            let replay = format!(
+                "eo chaos --seed {seed}{} --runtime {}",
+                if short { " --short" } else { "" },
+                if runtime == exactly_once_cli::chaos::Runtime::Lambda { "lambda" } else { "worker" }
+            );
             if let Some(e) = events {
                 opts.events = e;
             }
@@ -281,19 +317,13 @@ fn main() -> ExitCode {
                     if summary.pass {
                         ExitCode::SUCCESS
                     } else {
-                        eprintln!(
-                            "replay this schedule with: eo chaos --seed {seed}{}",
-                            if short { " --short" } else { "" }
-                        );
+                        eprintln!("replay this schedule with: {replay}");
                         ExitCode::FAILURE
                     }
                 }
                 Err(e) => {
                     eprintln!("error: {e:#}");
-                    eprintln!(
-                        "replay this schedule with: eo chaos --seed {seed}{}",
-                        if short { " --short" } else { "" }
-                    );
+                    eprintln!("replay this schedule with: {replay}");
                     ExitCode::FAILURE
                 }
             }

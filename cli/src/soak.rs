@@ -108,7 +108,8 @@ pub async fn run(
     env.push(("RUST_LOG".into(), "warn".into()));
     env.push(("GUARD_LOCAL_CACHE_MAX_BYTES".into(), cache_bytes.to_string()));
     std::fs::create_dir_all("target/soak")?;
-    let worker = Slot::start(exe.to_path_buf(), env, format!("target/soak/{name}-worker.log").into());
+    let worker =
+        Slot::start(exe.to_path_buf(), vec!["run".into()], env, format!("target/soak/{name}-worker.log").into());
     eprintln!("[soak] {name}: {} s at {rate} messages/s, sampled every {} s", duration.as_secs(), every.as_secs());
 
     let produced = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));

@@ -23,7 +23,7 @@ async fn help_usage_errors_and_exit_codes() {
     let env = TestEnv::new().await;
     let (code, help) = eo(&env, &["--help"]);
     assert_eq!(code, 0);
-    for command in ["run", "esm", "inspect", "dead-letters", "cleanup", "produce"] {
+    for command in ["run", "esm", "migrate", "inspect", "dead-letters", "cleanup", "produce"] {
         assert!(help.contains(command), "--help lists `{command}`:\n{help}");
     }
     assert_eq!(eo(&env, &["no-such-command"]).0, 2);
@@ -44,6 +44,18 @@ async fn help_usage_errors_and_exit_codes() {
 
     let (code, text) = eo(&env, &["inspect", "user-events", "not-yet"]);
     assert_eq!(code, 3, "not confirmed: {text}");
+
+    // `eo migrate`: every function's ClickHouse table, idempotently.
+    assert_eq!(env.clickhouse_count("SELECT count() FROM system.tables WHERE database = currentDatabase()").await, 0);
+    for _ in 0..2 {
+        let (code, text) = eo(&env, &["migrate"]);
+        assert_eq!(code, 0, "{text}");
+        assert!(text.contains("user_events") && text.contains("cdc_rows"), "{text}");
+    }
+    assert_eq!(
+        env.clickhouse_count("SELECT count() FROM system.tables WHERE database = currentDatabase() AND name IN ('user_events', 'cdc_rows')").await,
+        2
+    );
     env.clients.sink.apply_ddl(user_events::CLICKHOUSE_DDL).await.unwrap();
     let g = Guard::new(&env.clients, "user-events", user_events::UserEvents.spec().id_strategy, GuardConfig::default())
         .unwrap();

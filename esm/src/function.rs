@@ -101,6 +101,7 @@ struct Instance {
     init_error: oneshot::Receiver<String>,
     /// Whether the process has taken an invocation (its init is over).
     warm: bool,
+    started: Instant,
     output: Arc<Mutex<VecDeque<String>>>,
 }
 
@@ -126,6 +127,9 @@ pub struct Function {
     instance: Option<Instance>,
     pid: Arc<Mutex<Option<u32>>>,
     pub stats: FunctionStats,
+    /// The last cold start's init: from spawning the process to its first request for
+    /// work (what Lambda reports as Init Duration).
+    pub last_init: Option<Duration>,
 }
 
 const OUTPUT_LINES_KEPT: usize = 20;
@@ -136,7 +140,7 @@ fn now_ms() -> u128 {
 
 impl Function {
     pub fn new(spec: FunctionSpec) -> Self {
-        Self { spec, instance: None, pid: Arc::default(), stats: FunctionStats::default() }
+        Self { spec, instance: None, pid: Arc::default(), stats: FunctionStats::default(), last_init: None }
     }
 
     pub fn spec(&self) -> &FunctionSpec {
@@ -146,6 +150,14 @@ impl Function {
     /// The running process's id (None between processes), kept current.
     pub fn pid_handle(&self) -> Arc<Mutex<Option<u32>>> {
         self.pid.clone()
+    }
+
+    /// The running process's peak resident memory (VmHWM) in KiB, where /proc tells.
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        let pid = self.instance.as_ref()?.child.id()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
     }
 
     /// Stops the process (if any).
@@ -216,7 +228,8 @@ impl Function {
         self.stats.cold_starts += 1;
         *self.pid.lock().unwrap_or_else(|p| p.into_inner()) = child.id();
         tracing::info!(binary = %self.spec.binary.display(), pid = child.id(), runtime_api = %addr, "function process started");
-        self.instance = Some(Instance { child, server, submit, init_error, warm: false, output });
+        self.instance =
+            Some(Instance { child, server, submit, init_error, warm: false, started: Instant::now(), output });
         Ok(())
     }
 
@@ -273,13 +286,22 @@ impl Function {
                 let message = message.unwrap_or_else(|_| "init error".into());
                 return Answer::InitFailed { message, output: tail(&instance.output) };
             }
-            _ = tokio::time::sleep(init_timeout), if !instance.warm => {
-                return Answer::InitFailed {
-                    message: format!("no request for work within {} s of start", init_timeout.as_secs_f64()),
-                    output: tail(&instance.output),
+            // A cold process has its init timeout; a warm one that does not take the
+            // invocation (stopped, stuck) runs into the function's timeout.
+            _ = tokio::time::sleep(if instance.warm { timeout } else { init_timeout }) => {
+                return if instance.warm {
+                    Answer::Timeout
+                } else {
+                    Answer::InitFailed {
+                        message: format!("no request for work within {} s of start", init_timeout.as_secs_f64()),
+                        output: tail(&instance.output),
+                    }
                 };
             }
         };
+        if !instance.warm {
+            self.last_init = Some(instance.started.elapsed());
+        }
         instance.warm = true;
 
         // Phase 2: the answer, until the deadline.

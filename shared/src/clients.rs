@@ -32,17 +32,36 @@ pub enum InitError {
     ClickHouse(#[from] SinkError),
 }
 
+/// What start-up does about the database schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schema {
+    /// Create the schema and apply pending migrations (the worker, `eo`, tests).
+    Migrate,
+    /// Only check that every migration is applied, failing start-up naming the missing
+    /// ones (Lambda: no DDL or migration lock in a cold start; `eo migrate` and the
+    /// deploy's migrate step apply them).
+    Check,
+}
+
 impl Clients {
     /// Connects to every dependency (fail fast: an unreachable one stops start-up with
     /// a message naming it) and applies the Postgres migrations.
     pub async fn connect(config: Config) -> Result<Self, InitError> {
+        Self::connect_with(config, Schema::Migrate).await
+    }
+
+    /// Like [`connect`](Self::connect), with the schema handled as `schema` says.
+    pub async fn connect_with(config: Config, schema: Schema) -> Result<Self, InitError> {
         let b = &config.breakers;
         let redis_breaker = Arc::new(CircuitBreaker::new("redis", b.redis));
         let clickhouse_breaker = Arc::new(CircuitBreaker::new("clickhouse", b.clickhouse));
         let kafka_breaker = Arc::new(CircuitBreaker::new("kafka", b.kafka));
 
-        let pg = postgres::connect(&config.postgres).await?;
-        postgres::migrate(&pg, &config.postgres).await?;
+        let pg = postgres::connect(&config.postgres, schema == Schema::Migrate).await?;
+        match schema {
+            Schema::Migrate => postgres::migrate(&pg, &config.postgres).await?,
+            Schema::Check => postgres::check_migrations(&pg, &config.postgres).await?,
+        }
         let leases = Leases::connect(&config.redis, redis_breaker).await?;
         let sink = ClickHouseSink::connect(&config.clickhouse, clickhouse_breaker).await?;
         Ok(Self { config: Arc::new(config), pg, leases: Arc::new(leases), sink: Arc::new(sink), kafka_breaker })

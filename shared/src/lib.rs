@@ -27,7 +27,7 @@ pub mod runtime;
 pub mod sink;
 
 pub use breaker::{BreakerState, CircuitBreaker};
-pub use clients::{Clients, InitError};
+pub use clients::{Clients, InitError, Schema};
 pub use config::Config;
 pub use event::{Event, Header, PayloadHash, Record};
 pub use event_id::{EventId, IdError, IdStrategy, Namespace};

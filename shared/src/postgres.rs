@@ -20,6 +20,8 @@ pub enum PostgresError {
     Unreachable { url: String, message: String },
     #[error("Postgres at {url}: migrations failed: {message}")]
     Migrate { url: String, message: String },
+    #[error("Postgres at {url}: migrations not applied: {missing}; run `eo migrate` against this database (the deploy's migrate step does)")]
+    NotMigrated { url: String, missing: String },
 }
 
 fn options(config: &PostgresConfig) -> Result<PgConnectOptions, PostgresError> {
@@ -37,13 +39,14 @@ fn options(config: &PostgresConfig) -> Result<PgConnectOptions, PostgresError> {
     Ok(if config.generic_plans { opts.options([("plan_cache_mode", "force_generic_plan")]) } else { opts })
 }
 
-/// Connects (creating the configured schema if missing), and fails fast with a message
-/// that says which database and how to fix it.
-pub async fn connect(config: &PostgresConfig) -> Result<PgPool, PostgresError> {
+/// Connects, and fails fast with a message that says which database and how to fix it.
+/// With `create_schema`, the configured schema is created first when missing (the
+/// Lambda init skips that round trip: `eo migrate` made it).
+pub async fn connect(config: &PostgresConfig, create_schema: bool) -> Result<PgPool, PostgresError> {
     let url = redact_url(config.url.expose());
     let unreachable = |e: sqlx::Error| PostgresError::Unreachable { url: url.clone(), message: e.to_string() };
     let opts = options(config)?;
-    if let Some(schema) = &config.schema {
+    if let Some(schema) = config.schema.as_ref().filter(|_| create_schema) {
         // The schema name was validated as a plain identifier by the config loader.
         let mut conn = tokio::time::timeout(config.connect_timeout, opts.connect())
             .await
@@ -74,4 +77,27 @@ pub async fn migrate(pool: &PgPool, config: &PostgresConfig) -> Result<(), Postg
         .run(pool)
         .await
         .map_err(|e| PostgresError::Migrate { url: redact_url(config.url.expose()), message: e.to_string() })
+}
+
+/// The fast start-up check of a process that does not migrate (Lambda): one query, and
+/// an error naming every migration not applied yet.
+pub async fn check_migrations(pool: &PgPool, config: &PostgresConfig) -> Result<(), PostgresError> {
+    let url = redact_url(config.url.expose());
+    let applied: Vec<i64> =
+        match sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success").fetch_all(pool).await {
+            Ok(v) => v,
+            // No migration table: nothing applied.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Vec::new(),
+            Err(e) => return Err(PostgresError::Unreachable { url, message: e.to_string() }),
+        };
+    let missing: Vec<String> = MIGRATOR
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration() && !applied.contains(&m.version))
+        .map(|m| format!("{} ({})", m.version, m.description))
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(PostgresError::NotMigrated { url, missing: missing.join(", ") })
+    }
 }

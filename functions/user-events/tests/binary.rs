@@ -114,6 +114,12 @@ fn binary(env: &TestEnv) -> Command {
     cmd
 }
 
+/// What `eo migrate` does before a deploy: Lambda init only checks for it. (TestEnv has
+/// migrated Postgres; the ClickHouse table is the function's.)
+async fn migrate(env: &TestEnv) {
+    env.clients.sink.apply_ddl(user_events::CLICKHOUSE_DDL).await.expect("ClickHouse DDL");
+}
+
 fn lambda(env: &TestEnv, api: &RuntimeApi) -> Command {
     let mut cmd = binary(env);
     cmd.env("AWS_LAMBDA_RUNTIME_API", format!("http://{}", api.addr))
@@ -180,6 +186,7 @@ fn labels(v: &Value) -> Vec<(String, String)> {
 async fn lambda_processes_a_batch_skips_its_repeat_and_dead_letters_poison() {
     let env = TestEnv::new().await;
     let api = RuntimeApi::start().await;
+    migrate(&env).await;
     let _function = lambda(&env, &api).spawn().expect("spawn lambda");
 
     let fresh = msk::encode(&[
@@ -220,6 +227,7 @@ async fn lambda_processes_a_batch_skips_its_repeat_and_dead_letters_poison() {
 async fn lambda_reports_batch_item_failures_when_configured() {
     let env = TestEnv::new().await;
     let api = RuntimeApi::start().await;
+    migrate(&env).await;
     let _function = lambda(&env, &api).env("LAMBDA_REPORT_BATCH_ITEM_FAILURES", "true").spawn().expect("spawn lambda");
     let ns = Namespace::new("user-events").unwrap();
     let busy = EventId::new("p-busy").unwrap();
@@ -238,6 +246,7 @@ async fn lambda_reports_batch_item_failures_when_configured() {
 async fn invoke_endpoint_and_lambda_give_the_same_outcomes_and_rows() {
     let (a, b) = (TestEnv::new().await, TestEnv::new().await);
     let api = RuntimeApi::start().await;
+    migrate(&a).await;
     let _function = lambda(&a, &api).spawn().expect("spawn lambda");
     let (_worker, addr) = worker(&b).await;
 
@@ -308,6 +317,36 @@ async fn init_fails_fast_naming_the_unreachable_dependency() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("ClickHouse at http://127.0.0.1:1") && stderr.contains("CLICKHOUSE_URL"), "{stderr}");
+}
+
+/// Lambda init migrates nothing: it checks, in one query per store, and fails naming
+/// what `eo migrate` has not applied yet.
+#[tokio::test(flavor = "multi_thread")]
+async fn lambda_init_fails_naming_what_is_not_migrated() {
+    let env = TestEnv::new().await;
+    let api = RuntimeApi::start().await;
+    let run = |cmd: &mut Command| cmd.env("STARTUP_TIMEOUT_SECS", "30").stderr(Stdio::piped()).output();
+    // ClickHouse: Postgres is migrated (TestEnv did it), the function's table is not there.
+    let started = std::time::Instant::now();
+    let output = run(&mut lambda(&env, &api)).await.expect("run lambda");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("user_events") && stderr.contains("eo migrate"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(10), "not retried until the start-up timeout");
+
+    // Postgres: a schema nobody migrated.
+    migrate(&env).await;
+    let output = run(lambda(&env, &api).env("DATABASE_SCHEMA", integration_tests::unique("unmigrated")))
+        .await
+        .expect("run lambda");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("migrations not applied: 20261122000001") && stderr.contains("eo migrate"), "{stderr}");
+
+    // Migrated: init succeeds and the function asks for work (it answers an invocation).
+    let _function = lambda(&env, &api).spawn().expect("spawn lambda");
+    let r = api.invoke(&msk::encode(&[user_event("user-events", 0, 1, "m-1", "ann")])).await.expect("ok");
+    assert_eq!(r["processed"], 1, "{r}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

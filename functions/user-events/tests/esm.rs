@@ -70,6 +70,8 @@ async fn start(env: &TestEnv, s: MappingSettings, topic: &str) -> Running {
 }
 
 async fn start_with(env: &TestEnv, s: MappingSettings, topic: &str, spec: FunctionSpec) -> Running {
+    // What `eo migrate` does before a deploy (Lambda init only checks for it).
+    env.clients.sink.apply_ddl(user_events::CLICKHOUSE_DDL).await.expect("ClickHouse DDL");
     let mut mapping = Mapping::start(s, &env.kafka, &[topic.to_owned()], spec).await.expect("mapping starts");
     let invoked = mapping.observe();
     let pid = mapping.pid_handle();

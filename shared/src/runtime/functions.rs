@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use crate::clients::Clients;
+use crate::clients::{Clients, Schema};
 use crate::config::KafkaConfig;
 use crate::event::Record;
 use crate::guard::Guard;
@@ -35,6 +35,8 @@ pub enum FunctionsError {
     TopicClash { topic: String, first: String, second: String },
     #[error("function `{0}`: {1}")]
     Ddl(String, SinkError),
+    #[error("{0}")]
+    NotMigrated(SinkError),
 }
 
 impl Functions {
@@ -44,6 +46,21 @@ impl Functions {
         handlers: Vec<Arc<dyn Handler>>,
         kafka: &KafkaConfig,
     ) -> Result<Self, FunctionsError> {
+        Self::new_with(clients, handlers, kafka, Schema::Migrate).await
+    }
+
+    /// Like [`new`](Self::new); with [`Schema::Check`] the ClickHouse tables are only
+    /// checked (one query for all functions), not created.
+    pub async fn new_with(
+        clients: &Clients,
+        handlers: Vec<Arc<dyn Handler>>,
+        kafka: &KafkaConfig,
+        schema: Schema,
+    ) -> Result<Self, FunctionsError> {
+        if schema == Schema::Check {
+            let ddl: Vec<&str> = handlers.iter().map(|h| h.spec().clickhouse_ddl).collect();
+            clients.sink.check_tables(&ddl).await.map_err(FunctionsError::NotMigrated)?;
+        }
         let mut list = Vec::new();
         let mut by_topic: HashMap<String, usize> = HashMap::new();
         for handler in handlers {
@@ -54,7 +71,7 @@ impl Functions {
             }
             let guard = Guard::new(clients, spec.name, spec.id_strategy.clone(), guard_config)
                 .map_err(|e| FunctionsError::Invalid(spec.name.to_owned(), e.to_string()))?;
-            if !spec.clickhouse_ddl.trim().is_empty() {
+            if schema == Schema::Migrate && !spec.clickhouse_ddl.trim().is_empty() {
                 clients
                     .sink
                     .apply_ddl(spec.clickhouse_ddl)

@@ -32,6 +32,9 @@ use crate::Outcome;
 /// Time kept back from the invocation's deadline for releasing leases and answering.
 const DEADLINE_MARGIN: Duration = Duration::from_millis(500);
 
+/// The least time left before the deadline for the outbox to be drained after a batch.
+const RELAY_BUDGET: Duration = Duration::from_secs(1);
+
 #[derive(Debug, thiserror::Error)]
 #[error("{unfinished} of {total} records not finished, the batch will be retried: {detail}")]
 pub struct UnfinishedBatch {
@@ -41,8 +44,8 @@ pub struct UnfinishedBatch {
 }
 
 /// Serves invocations until the runtime stops. After an invocation that processed
-/// events, the outbox is drained once (a Lambda has no background time), within what
-/// is left of the invocation; what does not fit waits for the next one.
+/// events, the outbox is drained once (a Lambda has no background time) when at least
+/// `RELAY_BUDGET` of the invocation is left; otherwise it waits for the next one.
 pub async fn serve(
     functions: Arc<Functions>,
     relay: Arc<Relay>,
@@ -55,15 +58,20 @@ pub async fn serve(
             let remaining = event.context.deadline().duration_since(SystemTime::now()).unwrap_or_default();
             let deadline = Instant::now() + remaining.saturating_sub(DEADLINE_MARGIN);
             let outcomes = run_until_done_or_deadline(&functions, &event.payload, deadline, &clickhouse).await;
+            let processed = outcomes.iter().any(|o| matches!(o.outcome, Outcome::Processed));
             let result = answer(outcomes, report_batch_item_failures);
-            let processed = result.as_ref().map_or(true, |v| v["processed"].as_u64() != Some(0));
-            if processed {
-                match tokio::time::timeout_at(deadline, relay.drain_once()).await {
-                    Ok(Ok(r)) if r.published > 0 => tracing::info!(published = r.published, "outbox drained"),
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => tracing::warn!(error = %e, "outbox relay failed; messages stay queued"),
-                    Err(_) => tracing::warn!("no time left to drain the outbox; messages stay queued"),
+            // The outbox is drained only with time to spare, and never cut off midway:
+            // cancelling a Postgres call (sqlx 0.8's `begin()` in particular) can hand
+            // the pooled connection back inside a transaction, and the next batch's
+            // autocommitted confirm would run in it and never commit.
+            if processed && Instant::now() + RELAY_BUDGET <= deadline {
+                match relay.drain_once().await {
+                    Ok(r) if r.published > 0 => tracing::info!(published = r.published, "outbox drained"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "outbox relay failed; messages stay queued"),
                 }
+            } else if processed {
+                tracing::warn!("no time left to drain the outbox; messages stay queued");
             }
             result
         }

@@ -19,7 +19,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::clients::{Clients, InitError};
+use crate::clients::{Clients, InitError, Schema};
 use crate::config::{Config, ConfigError, HttpConfig, KafkaConfig, ProcessConfig, ProcessEnv, WorkerConfig};
 use crate::handler::Handler;
 
@@ -85,10 +85,17 @@ pub fn init_tracing(json: bool) {
 /// Connects to every dependency, retrying until `timeout` (seed 002: fail fast, with
 /// a message saying which dependency and how to fix it).
 pub async fn connect(config: &Config, timeout: Duration) -> Result<Clients, InitError> {
+    connect_with(config, timeout, Schema::Migrate).await
+}
+
+/// Like [`connect`], with the schema handled as `schema` says. A schema that is not
+/// migrated is not waited for: it will not fix itself.
+pub async fn connect_with(config: &Config, timeout: Duration, schema: Schema) -> Result<Clients, InitError> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        match Clients::connect(config.clone()).await {
+        match Clients::connect_with(config.clone(), schema).await {
             Ok(c) => return Ok(c),
+            Err(e @ InitError::Postgres(crate::postgres::PostgresError::NotMigrated { .. })) => return Err(e),
             Err(e) if tokio::time::Instant::now() + Duration::from_secs(1) < deadline => {
                 tracing::warn!(error = %e, "dependency not ready; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -104,9 +111,11 @@ async fn run_lambda(handlers: Vec<Arc<dyn Handler>>) -> Result<(), RunError> {
     let config = Config::load()?;
     let mut kafka = KafkaConfig::from_env(&ProcessEnv)?;
     crate::kafka_client::prepare(&mut kafka).await?;
-    // Init: clients built once, reused by every invocation.
-    let clients = connect(&config, process.startup_timeout).await?;
-    let functions = Arc::new(Functions::new(&clients, handlers, &kafka).await?);
+    // Init: clients built once, reused by every invocation. No migrations or DDL here
+    // (a cold start should not take the migration lock or wait on DDL): only a check
+    // that `eo migrate` ran, failing init with what is missing.
+    let clients = connect_with(&config, process.startup_timeout, Schema::Check).await?;
+    let functions = Arc::new(Functions::new_with(&clients, handlers, &kafka, Schema::Check).await?);
     let relay = crate::outbox::Relay::new(clients.pg.clone(), &kafka, clients.kafka_breaker.clone())?;
     lambda::serve(functions, Arc::new(relay), clients.sink.breaker().clone(), process.report_batch_item_failures)
         .await

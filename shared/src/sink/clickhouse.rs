@@ -71,6 +71,8 @@ pub enum SinkError {
     Unreachable { url: String, message: String },
     #[error("ClickHouse at {url}: DDL failed: {message}")]
     Ddl { url: String, message: String },
+    #[error("ClickHouse at {url}: table(s) {tables} missing in database `{database}`; run `eo migrate` (the deploy's migrate step does)")]
+    NotMigrated { url: String, database: String, tables: String },
     #[error(transparent)]
     RowType(#[from] super::RowTypeMismatch),
 }
@@ -200,6 +202,29 @@ impl ClickHouseSink {
         Ok(())
     }
 
+    /// The fast start-up check of a process that does not apply DDL (Lambda): one query
+    /// for the tables of the configured database, an error naming those `ddl` creates
+    /// that are missing.
+    pub async fn check_tables(&self, ddl: &[&str]) -> Result<(), SinkError> {
+        let wanted: Vec<String> = ddl.iter().flat_map(|d| created_tables(d)).collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let url = self.config.urls[self.primary].clone();
+        let present: Vec<String> = self
+            .client()
+            .query("SELECT name FROM system.tables WHERE database = currentDatabase()")
+            .fetch_all::<String>()
+            .await
+            .map_err(|e| SinkError::Unreachable { url: url.clone(), message: e.to_string() })?;
+        let missing: Vec<String> = wanted.into_iter().filter(|t| !present.contains(t)).collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(SinkError::NotMigrated { url, database: self.config.database.clone(), tables: missing.join(", ") })
+        }
+    }
+
     /// Writes every staged row, one insert per table, under the breaker. `dedup_token`
     /// identifies the batch; it is sent where the server supports it. A failed attempt
     /// is retried on the next endpoint (see the module docs).
@@ -272,5 +297,41 @@ mod tests {
         let new = ServerVersion::parse("25.3.1").unwrap();
         assert!(new.supports_dedup_token() && new.supports_validation() && new.supports_compression());
         assert_eq!(ServerVersion::parse("x"), None);
+    }
+}
+
+/// The tables a DDL script creates (`CREATE TABLE [IF NOT EXISTS] [db.]name`).
+pub fn created_tables(ddl: &str) -> Vec<String> {
+    let words: Vec<&str> =
+        ddl.lines().filter(|l| !l.trim_start().starts_with("--")).flat_map(str::split_whitespace).collect();
+    let mut out = Vec::new();
+    for (i, w) in words.iter().enumerate() {
+        if !(w.eq_ignore_ascii_case("TABLE") && i > 0 && words[i - 1].eq_ignore_ascii_case("CREATE")) {
+            continue;
+        }
+        let mut j = i + 1;
+        if words.get(j).is_some_and(|w| w.eq_ignore_ascii_case("IF")) {
+            j += 3;
+        }
+        if let Some(name) = words.get(j) {
+            let name = name.split('(').next().unwrap_or("").trim_matches('`');
+            let name = name.rsplit('.').next().unwrap_or(name).trim_matches('`');
+            if !name.is_empty() {
+                out.push(name.to_owned());
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod created_tables_tests {
+    use super::created_tables;
+
+    #[test]
+    fn finds_the_tables_a_script_creates() {
+        let ddl = "-- CREATE TABLE commented (x)\nCREATE TABLE IF NOT EXISTS user_events (\n a UInt8\n);\ncreate table db.`other`(x UInt8)";
+        assert_eq!(created_tables(ddl), vec!["user_events", "other"]);
+        assert!(created_tables("").is_empty());
     }
 }
