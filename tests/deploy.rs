@@ -199,7 +199,30 @@ fn template_declares_each_function_with_its_msk_trigger_and_least_privilege() {
         .filter(|r| r["Type"] == "AWS::Serverless::Function")
         .map(|r| r["Metadata"]["BuildProperties"]["Binary"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(all, declared, "template.yaml declares functions that no crate provides");
+    let mut expected = declared.clone();
+    expected.insert("migrate".into());
+    assert_eq!(all, expected, "template.yaml declares functions that no crate provides");
+
+    // The migrate step: at the newest migration, before every function.
+    let newest = std::fs::read_dir(root("migrations"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|f| f.ends_with(".sql"))
+        .filter_map(|f| f.split('_').next().map(str::to_owned))
+        .max()
+        .expect("migrations");
+    let migrations = &resources["Migrations"];
+    assert_eq!(migrations["Type"].as_str(), Some("Custom::Migrations"));
+    assert_eq!(
+        migrations["Properties"]["MigrationsVersion"].as_str(),
+        Some(newest.as_str()),
+        "template.yaml's MigrationsVersion must be the newest migration, so a deploy runs it"
+    );
+    for (key, r) in resources {
+        if r["Type"] == "AWS::Serverless::Function" && r["Metadata"]["BuildProperties"]["Binary"] != "migrate" {
+            assert_eq!(r["DependsOn"].as_str(), Some("Migrations"), "{key:?} runs after the migrate step");
+        }
+    }
 }
 
 /// `eo esm` takes the template's parameters (kebab case) with the template's defaults,

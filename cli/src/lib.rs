@@ -2,6 +2,8 @@
 //! the deployment templates are checked against it.
 
 pub mod chaos;
+pub mod custom_resource;
+pub mod migrate;
 pub mod ops;
 pub mod soak;
 

@@ -182,24 +182,8 @@ async fn operate(command: Command) -> Result<u8, Failure> {
         }
         Command::Migrate => {
             let clients = clients().await?;
-            let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
-                .fetch_one(&clients.pg)
-                .await
-                .map_err(|e| (1, format!("Postgres: {e}")))?;
-            let kafka = KafkaConfig::from_env(&ProcessEnv).map_err(|e| (2, e.to_string()))?;
-            let functions = exactly_once::runtime::Functions::new(&clients, all_functions(), &kafka)
-                .await
-                .map_err(|e| (1, e.to_string()))?;
-            let tables: Vec<String> = functions
-                .iter()
-                .flat_map(|f| exactly_once::sink::clickhouse::created_tables(f.spec.clickhouse_ddl))
-                .collect();
-            println!(
-                "Postgres: {applied} migrations applied (schema {}); ClickHouse: tables {} in database `{}`",
-                clients.config.postgres.schema.as_deref().unwrap_or("from search_path"),
-                tables.join(", "),
-                clients.config.clickhouse.database
-            );
+            let migrated = exactly_once_cli::migrate::apply(&clients).await.map_err(|e| (1, e))?;
+            println!("{}", migrated.line(&clients));
             Ok(0)
         }
         Command::Cleanup => {

@@ -135,6 +135,11 @@ impl Pending {
         self.queues.remove(key);
     }
 
+    /// The assignment was lost as a whole (a failed rebalance): nothing is held.
+    pub fn clear(&mut self) {
+        self.queues.clear();
+    }
+
     /// Records received. A record of a partition not assigned (a late delivery after a
     /// revoke) or at or before what the queue already holds is ignored: it is re-read.
     pub fn push(&mut self, event: Event) -> bool {

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::routing::{get, post};
 use axum::Router;
@@ -134,6 +134,12 @@ pub struct Function {
 
 const OUTPUT_LINES_KEPT: usize = 20;
 
+/// How a warm process that was already gone before taking the invocation is reported.
+const IDLE_EXIT: &str = "exited while idle";
+
+/// Lambda's limit on a function's answer (synchronous invocation): 6 MB.
+const MAX_ANSWER_BYTES: usize = 6 * 1024 * 1024;
+
 fn now_ms() -> u128 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis())
 }
@@ -183,6 +189,9 @@ impl Function {
             .route("/2018-06-01/runtime/invocation/{id}/response", post(response))
             .route("/2018-06-01/runtime/invocation/{id}/error", post(error))
             .route("/2018-06-01/runtime/init/error", post(init_error_route))
+            // Lambda's own limit is 6 MB; a bigger answer is an error of the invocation
+            // (below), not a 413 the runtime would log and forget.
+            .layer(DefaultBodyLimit::max(MAX_ANSWER_BYTES * 2))
             .with_state(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| Answer::InitFailed {
             message: format!("cannot open the Runtime API on loopback: {e}"),
@@ -241,7 +250,20 @@ impl Function {
                 return answer;
             }
         }
-        let answer = self.run(body).await;
+        let mut answer = self.run(body.clone()).await;
+        if let Answer::Crashed { status, .. } = &answer {
+            if status.starts_with(IDLE_EXIT) {
+                // It died between invocations: this batch never reached it. Start a new
+                // process and deliver it, without counting a failed invocation.
+                tracing::warn!(%status, "the function process had exited while idle; starting a new one");
+                self.stop().await;
+                if let Err(a) = self.start().await {
+                    self.stats.init_failures += 1;
+                    return a;
+                }
+                answer = self.run(body).await;
+            }
+        }
         match &answer {
             Answer::Timeout => self.stats.timeouts += 1,
             Answer::Crashed { .. } => self.stats.crashes += 1,
@@ -277,7 +299,7 @@ impl Function {
                 let output = tail(&instance.output);
                 let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
                 return if instance.warm {
-                    Answer::Crashed { status, output }
+                    Answer::Crashed { status: format!("{IDLE_EXIT} ({status})"), output }
                 } else {
                     Answer::InitFailed { message: format!("the process exited before asking for work ({status})"), output }
                 };
@@ -304,8 +326,9 @@ impl Function {
         }
         instance.warm = true;
 
-        // Phase 2: the answer, until the deadline.
+        // Phase 2: the answer, until the deadline (an answer that came in wins).
         tokio::select! {
+            biased;
             answer = answer => answer.unwrap_or_else(|_| Answer::Crashed {
                 status: "the invocation was dropped by the Runtime API".into(),
                 output: tail(&instance.output),
@@ -388,6 +411,11 @@ fn finish(s: &ApiState, id: &str, answer: Answer) -> StatusCode {
 }
 
 async fn response(State(s): State<ApiState>, Path(id): Path<String>, body: Bytes) -> StatusCode {
+    if body.len() > MAX_ANSWER_BYTES {
+        let message = format!("the answer is {} bytes, over Lambda's 6 MB limit", body.len());
+        finish(&s, &id, Answer::Error { error_type: "Function.ResponseSizeTooLarge".into(), message });
+        return StatusCode::PAYLOAD_TOO_LARGE;
+    }
     finish(&s, &id, Answer::Response(body))
 }
 

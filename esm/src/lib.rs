@@ -136,6 +136,12 @@ impl ClientContext for Context {
 
 impl ConsumerContext for Context {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Error(e) = rebalance {
+            // librdkafka drops the whole assignment: so do we (re-read when assigned).
+            lock(&self.shared.pending).clear();
+            tracing::warn!(error = %e, "esm: rebalance error; every partition dropped until reassigned");
+            return;
+        }
         if let Rebalance::Revoke(tpl) = rebalance {
             let mut pending = lock(&self.shared.pending);
             for e in tpl.elements() {
@@ -180,15 +186,12 @@ pub fn find_binary(settings: &MappingSettings, exe: &Path) -> Result<PathBuf, Es
     )))
 }
 
-/// Receives records into `shared` until `stop`; pauses the assignment while more than
+/// Receives records into `shared` until aborted; pauses the assignment while more than
 /// `high` records wait, so a slow function bounds memory without leaving the group.
-async fn receive(consumer: Arc<KafkaConsumer>, shared: Arc<Shared>, high: usize, mut stop: watch::Receiver<bool>) {
+async fn receive(consumer: Arc<KafkaConsumer>, shared: Arc<Shared>, high: usize) {
     let mut paused = false;
     loop {
-        let received = tokio::select! {
-            _ = stop.changed() => return,
-            m = tokio::time::timeout(Duration::from_millis(200), consumer.recv()) => m,
-        };
+        let received = tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await;
         match received {
             Ok(Ok(m)) => {
                 if lock(&shared.pending).push(to_event(&m)) {
@@ -204,13 +207,21 @@ async fn receive(consumer: Arc<KafkaConsumer>, shared: Arc<Shared>, high: usize,
         let len = lock(&shared.pending).len();
         let want_paused = len >= high || (paused && len > high / 2);
         if want_paused != paused || shared.reassigned.swap(false, Ordering::SeqCst) {
-            if let Ok(assignment) = consumer.assignment() {
-                let r = if want_paused { consumer.pause(&assignment) } else { consumer.resume(&assignment) };
-                if let Err(e) = r {
-                    tracing::warn!(error = %e, "esm: pause/resume failed");
+            let applied = consumer.assignment().and_then(|assignment| {
+                if want_paused {
+                    consumer.pause(&assignment)
+                } else {
+                    consumer.resume(&assignment)
+                }
+            });
+            match applied {
+                Ok(()) => paused = want_paused,
+                Err(e) => {
+                    // Tried again on the next pass.
+                    shared.reassigned.store(true, Ordering::SeqCst);
+                    tracing::warn!(error = %e, "esm: pause/resume failed; retrying");
                 }
             }
-            paused = want_paused;
         }
     }
 }
@@ -381,8 +392,16 @@ impl Mapping {
     /// way, commits, stops the function and leaves the group.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<Report, EsmError> {
         let high = (self.settings.batch_size as usize * 4).max(1000);
-        let receiver = tokio::spawn(receive(self.consumer.clone(), self.shared.clone(), high, stop.clone()));
-        let result = self.invoke_loop(&mut stop).await;
+        let mut receiver = tokio::spawn(receive(self.consumer.clone(), self.shared.clone(), high));
+        // The receiver runs until aborted below: if it ends before (a panic), no
+        // record would ever arrive again, so the mapping stops with an error instead.
+        let result = tokio::select! {
+            r = self.invoke_loop(&mut stop) => r,
+            ended = &mut receiver => Err(EsmError::Usage(format!(
+                "the Kafka receiver stopped unexpectedly ({}); restart the mapping",
+                ended.err().map_or_else(|| "it returned".to_owned(), |e| e.to_string())
+            ))),
+        };
         receiver.abort();
         self.function.stop().await;
         self.report.function = self.function.stats;

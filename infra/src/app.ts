@@ -9,7 +9,7 @@
 
 import * as fs from "fs";
 import * as path from "path";
-import { App, CfnOutput, Duration, Stack, StackProps } from "aws-cdk-lib";
+import { App, CfnOutput, CustomResource, Duration, Stack, StackProps } from "aws-cdk-lib";
 import * as ec2 from "aws-cdk-lib/aws-ec2";
 import * as iam from "aws-cdk-lib/aws-iam";
 import * as lambda from "aws-cdk-lib/aws-lambda";
@@ -77,6 +77,17 @@ function settings(app: App): Settings {
   return s;
 }
 
+/** The newest Postgres migration's version (the prefix of its file name in ../migrations). */
+function migrationsVersion(): string {
+  const versions = fs
+    .readdirSync(path.join(__dirname, "..", "..", "migrations"))
+    .map((f) => /^(\d+)_.*\.sql$/.exec(f)?.[1])
+    .filter((v): v is string => v !== undefined)
+    .sort();
+  if (versions.length === 0) throw new Error("no migrations found in ../migrations");
+  return versions[versions.length - 1];
+}
+
 /** arn:...:cluster/<name>/<uuid> -> arn:...:<kind>/<name>/<uuid>/<resource> */
 function clusterResourceArn(clusterArn: string, kind: "topic" | "group", resource: string): string {
   const [prefix, cluster] = clusterArn.split(":cluster/");
@@ -93,6 +104,50 @@ export class ExactlyOnceStack extends Stack {
       privateSubnetIds: s.subnetIds,
     });
     const securityGroups = s.securityGroupIds.map((sg, i) => ec2.SecurityGroup.fromSecurityGroupId(this, `Sg${i}`, sg));
+
+    const environment = {
+      // Resolved by CloudFormation at deploy time: the template never holds a secret.
+      DATABASE_URL: `{{resolve:secretsmanager:${s.databaseSecretArn}:SecretString:url}}`,
+      REDIS_URL: s.redisUrl,
+      CLICKHOUSE_URL: s.clickhouseUrl,
+      CLICKHOUSE_USER: s.clickhouseUser,
+      CLICKHOUSE_PASSWORD: `{{resolve:secretsmanager:${s.clickhouseSecretArn}:SecretString:password}}`,
+      MSK_CLUSTER_ARN: s.mskClusterArn,
+      KAFKA_AUTH: "iam",
+      // The function answers partial batch responses exactly when its mapping reads them.
+      LAMBDA_REPORT_BATCH_ITEM_FAILURES: String(s.reportBatchItemFailures),
+      LOG_FORMAT: "json",
+      RUST_LOG: "info",
+    };
+
+    // The deploy's migrate step: the functions only check the schema at init, so this
+    // function applies it (Postgres migrations, every function's ClickHouse tables),
+    // run through a custom resource before the functions are created or updated. Its
+    // MigrationsVersion is the newest migration: a new one makes the next deploy run it.
+    const migrateLogs = new logs.LogGroup(this, "migrate-logs", {
+      logGroupName: `/aws/lambda/${this.stackName}-migrate`,
+      retention: s.logRetentionDays as logs.RetentionDays,
+    });
+    const migrate = new lambda.Function(this, "migrate", {
+      functionName: `${this.stackName}-migrate`,
+      runtime: lambda.Runtime.PROVIDED_AL2023,
+      handler: "bootstrap",
+      architecture: s.architecture === "arm64" ? lambda.Architecture.ARM_64 : lambda.Architecture.X86_64,
+      code: lambda.Code.fromAsset(path.resolve(s.artifactsDir, "migrate")),
+      memorySize: s.memorySize,
+      timeout: Duration.seconds(300),
+      vpc,
+      vpcSubnets: { subnets: vpc.privateSubnets },
+      securityGroups,
+      logGroup: migrateLogs,
+      loggingFormat: lambda.LoggingFormat.JSON,
+      environment,
+    });
+    const migrations = new CustomResource(this, "Migrations", {
+      serviceToken: migrate.functionArn,
+      resourceType: "Custom::Migrations",
+      properties: { MigrationsVersion: migrationsVersion() },
+    });
 
     for (const f of functions) {
       const logGroup = new logs.LogGroup(this, `${f.name}-logs`, {
@@ -142,20 +197,7 @@ export class ExactlyOnceStack extends Stack {
         securityGroups,
         logGroup,
         loggingFormat: lambda.LoggingFormat.JSON,
-        environment: {
-          // Resolved by CloudFormation at deploy time: the template never holds a secret.
-          DATABASE_URL: `{{resolve:secretsmanager:${s.databaseSecretArn}:SecretString:url}}`,
-          REDIS_URL: s.redisUrl,
-          CLICKHOUSE_URL: s.clickhouseUrl,
-          CLICKHOUSE_USER: s.clickhouseUser,
-          CLICKHOUSE_PASSWORD: `{{resolve:secretsmanager:${s.clickhouseSecretArn}:SecretString:password}}`,
-          MSK_CLUSTER_ARN: s.mskClusterArn,
-          KAFKA_AUTH: "iam",
-          // The function answers partial batch responses exactly when its mapping reads them.
-          LAMBDA_REPORT_BATCH_ITEM_FAILURES: String(s.reportBatchItemFailures),
-          LOG_FORMAT: "json",
-          RUST_LOG: "info",
-        },
+        environment,
       });
 
       // The MSK trigger, with the same error handling as template.yaml: by default it
@@ -177,6 +219,8 @@ export class ExactlyOnceStack extends Stack {
         provisionedPollerConfig: { minimumPollers: s.minimumPollers, maximumPollers: s.maximumPollers },
       });
       mapping.node.addDependency(role);
+      // Its init checks the schema the migrate step applies.
+      fn.node.addDependency(migrations);
 
       new CfnOutput(this, `${f.name}-arn`, { value: fn.functionArn });
     }

@@ -5,8 +5,9 @@ import path from "node:path";
 
 const functions = JSON.parse(fs.readFileSync(new URL("../functions.json", import.meta.url), "utf8"));
 const dir = new URL("./.artifacts/", import.meta.url).pathname;
-for (const f of functions) {
-  fs.mkdirSync(path.join(dir, f.binary), { recursive: true });
-  fs.writeFileSync(path.join(dir, f.binary, "bootstrap"), "#!/bin/sh\necho placeholder\n", { mode: 0o755 });
+// Every function, and the migrate step's binary.
+for (const binary of [...functions.map((f) => f.binary), "migrate"]) {
+  fs.mkdirSync(path.join(dir, binary), { recursive: true });
+  fs.writeFileSync(path.join(dir, binary, "bootstrap"), "#!/bin/sh\necho placeholder\n", { mode: 0o755 });
 }
 console.log(`placeholder artifacts for ${functions.length} functions in ${dir}`);

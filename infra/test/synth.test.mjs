@@ -12,9 +12,9 @@ const resources = Object.entries(template.Resources);
 const ofType = (type) => resources.filter(([, r]) => r.Type === type);
 const json = (v) => JSON.stringify(v);
 
-test("one Lambda function per function crate", () => {
+test("one Lambda function per function crate, and the migrate step", () => {
   const lambdas = ofType("AWS::Lambda::Function");
-  assert.equal(lambdas.length, functions.length);
+  assert.equal(lambdas.length, functions.length + 1);
   for (const f of functions) {
     const found = lambdas.find(([, r]) => json(r.Properties.FunctionName).includes(`-${f.name}`));
     assert.ok(found, `no Lambda function for ${f.name}`);
@@ -73,5 +73,22 @@ test("secrets are references, never literals", () => {
     assert.match(json(env.DATABASE_URL), /resolve:secretsmanager/);
     assert.match(json(env.CLICKHOUSE_PASSWORD), /resolve:secretsmanager/);
     assert.equal(env.LAMBDA_REPORT_BATCH_ITEM_FAILURES, "true", "the function answers in the shape its mapping reads");
+  }
+});
+
+test("the migrate step runs before the functions, at the newest migration", () => {
+  const migrations = ofType("Custom::Migrations");
+  assert.equal(migrations.length, 1);
+  const [id, resource] = migrations[0];
+  const newest = fs
+    .readdirSync(new URL("../../migrations/", import.meta.url))
+    .map((f) => /^(\d+)_.*\.sql$/.exec(f)?.[1])
+    .filter(Boolean)
+    .sort()
+    .at(-1);
+  assert.equal(resource.Properties.MigrationsVersion, newest);
+  for (const [, fn] of ofType("AWS::Lambda::Function")) {
+    if (json(fn.Properties.FunctionName).includes("-migrate")) continue;
+    assert.ok([fn.DependsOn].flat().includes(id), `${json(fn.Properties.FunctionName)} depends on the migrate step`);
   }
 });

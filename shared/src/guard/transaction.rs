@@ -32,8 +32,15 @@ impl LazyTx {
     pub(crate) async fn begin(&mut self) -> Result<(), sqlx::Error> {
         if !self.open {
             self.round_trips += 1;
-            sqlx::query("BEGIN").execute(&mut *self.conn).await?;
+            // Open before the answer: if this future is dropped after BEGIN went out,
+            // `Drop` must still see a transaction and close the connection.
             self.open = true;
+            if let Err(e) = sqlx::query("BEGIN").execute(&mut *self.conn).await {
+                // Whether the server began one is unknown: never reuse the connection.
+                self.conn.close_on_drop();
+                self.open = false;
+                return Err(e);
+            }
         }
         Ok(())
     }

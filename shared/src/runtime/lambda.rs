@@ -35,6 +35,14 @@ const DEADLINE_MARGIN: Duration = Duration::from_millis(500);
 /// The least time left before the deadline for the outbox to be drained after a batch.
 const RELAY_BUDGET: Duration = Duration::from_secs(1);
 
+/// The shortest wait for a breaker's probe before running records again.
+const MIN_PROBE_WAIT: Duration = Duration::from_millis(100);
+
+/// Above this many records, a successful answer carries the counts but not each
+/// record's outcome: Lambda refuses answers over 6 MB, and a refused answer is a failed
+/// invocation, retried for ever.
+const MAX_OUTCOMES_IN_ANSWER: usize = 100;
+
 #[derive(Debug, thiserror::Error)]
 #[error("{unfinished} of {total} records not finished, the batch will be retried: {detail}")]
 pub struct UnfinishedBatch {
@@ -50,6 +58,7 @@ pub async fn serve(
     functions: Arc<Functions>,
     relay: Arc<Relay>,
     clickhouse: Arc<CircuitBreaker>,
+    probe_budget: Duration,
     report_batch_item_failures: bool,
 ) -> Result<(), lambda_runtime::Error> {
     lambda_runtime::run(service_fn(move |event: LambdaEvent<MskEvent>| {
@@ -57,9 +66,17 @@ pub async fn serve(
         async move {
             let remaining = event.context.deadline().duration_since(SystemTime::now()).unwrap_or_default();
             let deadline = Instant::now() + remaining.saturating_sub(DEADLINE_MARGIN);
-            let outcomes = run_until_done_or_deadline(&functions, &event.payload, deadline, &clickhouse).await;
+            let outcomes =
+                run_until_done_or_deadline(&functions, &event.payload, deadline, &clickhouse, probe_budget).await;
             let processed = outcomes.iter().any(|o| matches!(o.outcome, Outcome::Processed));
-            let result = answer(outcomes, report_batch_item_failures);
+            let result = answer(outcomes, report_batch_item_failures).map(|mut v| {
+                if v["outcomes"].as_array().is_some_and(|o| o.len() > MAX_OUTCOMES_IN_ANSWER) {
+                    if let Some(map) = v.as_object_mut() {
+                        map.remove("outcomes");
+                    }
+                }
+                v
+            });
             // The outbox is drained only with time to spare, and never cut off midway:
             // cancelling a Postgres call (sqlx 0.8's `begin()` in particular) can hand
             // the pooled connection back inside a transaction, and the next batch's
@@ -98,6 +115,7 @@ async fn run_until_done_or_deadline(
     event: &MskEvent,
     deadline: Instant,
     clickhouse: &CircuitBreaker,
+    probe_budget: Duration,
 ) -> Vec<EventOutcome> {
     let records = msk::decode(event);
     let mut outcomes = functions.run(&records, Some(deadline)).await;
@@ -107,8 +125,11 @@ async fn run_until_done_or_deadline(
             .iter()
             .any(|&i| matches!(outcomes[i].outcome, Outcome::Failed { kind: FailureKind::Unavailable, .. }));
         let Some(retry_in) = clickhouse.retry_in().filter(|_| blocked) else { return outcomes };
-        // A probe needs time to run too: only wait when one fits before the deadline.
-        if Instant::now() + retry_in + DEADLINE_MARGIN >= deadline {
+        // At least a short pause (an open time already over, with the probe not taken
+        // yet, says 0), and a probe needs its own time, up to the write timeout: only
+        // wait when both fit before the deadline.
+        let retry_in = retry_in.max(MIN_PROBE_WAIT);
+        if Instant::now() + retry_in + probe_budget + DEADLINE_MARGIN >= deadline {
             tracing::warn!(
                 unfinished = waiting.len(),
                 "ClickHouse breaker open past this invocation's time; answering unfinished"

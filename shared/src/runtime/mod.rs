@@ -117,9 +117,15 @@ async fn run_lambda(handlers: Vec<Arc<dyn Handler>>) -> Result<(), RunError> {
     let clients = connect_with(&config, process.startup_timeout, Schema::Check).await?;
     let functions = Arc::new(Functions::new_with(&clients, handlers, &kafka, Schema::Check).await?);
     let relay = crate::outbox::Relay::new(clients.pg.clone(), &kafka, clients.kafka_breaker.clone())?;
-    lambda::serve(functions, Arc::new(relay), clients.sink.breaker().clone(), process.report_batch_item_failures)
-        .await
-        .map_err(|e| RunError::Lambda(e.to_string()))
+    lambda::serve(
+        functions,
+        Arc::new(relay),
+        clients.sink.breaker().clone(),
+        config.clickhouse.timeout,
+        process.report_batch_item_failures,
+    )
+    .await
+    .map_err(|e| RunError::Lambda(e.to_string()))
 }
 
 /// Knobs of [`run_worker`] that are not environment configuration.
