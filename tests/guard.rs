@@ -30,6 +30,8 @@ struct Probe {
     entered: Option<Arc<Notify>>,
     gate: Option<Arc<Semaphore>>,
     ids: Option<IdStrategy>,
+    /// Panics on the event with this id.
+    panic_on: Option<&'static str>,
 }
 
 #[async_trait]
@@ -51,6 +53,10 @@ impl Handler for Probe {
                 .bind(tag)
                 .execute(ctx.postgres().await?)
                 .await?;
+        }
+        // After its Postgres effect: that effect must be rolled back with the event.
+        if self.panic_on == Some(ctx.event_id().as_str()) {
+            panic!("probe panics on {}", ctx.event_id());
         }
         if let Some(entered) = &self.entered {
             entered.notify_one();
@@ -579,4 +585,35 @@ async fn ledger_lookup_stays_a_key_lookup_after_the_table_grows_under_a_cached_p
     assert!(found.contains_key("grow-1") && found.contains_key("grow-19999"));
     assert_eq!(seq_read, 0, "no sequential scan");
     assert!(idx_fetched <= 3, "read {idx_fetched} rows through the index for 3 ids: the plan scans the namespace");
+}
+
+/// A panic in a handler fails that event only, as a retryable attempt, and after its
+/// attempts it is dead-lettered; the events around it are processed, their Postgres
+/// effects committed, and the guard keeps working.
+#[tokio::test]
+async fn a_panicking_handler_fails_its_own_event_and_is_dead_lettered_after_its_attempts() {
+    let env = TestEnv::new().await;
+    create_effects_table(&env).await;
+    let probe = Probe { panic_on: Some("p-2"), effect_tag: Some("panic-test"), ..Probe::default() };
+    let g = guard(&env, &probe, GuardConfig { max_attempts: 2, ..GuardConfig::default() });
+    let batch = [event("p-1", 0), event("p-2", 1), event("p-3", 2)];
+
+    let first = g.run_batch(&probe, &batch, None).await;
+    let outcomes: Vec<&Outcome> = first.outcomes.iter().map(|o| &o.outcome).collect();
+    assert_eq!(outcomes[0], &Outcome::Processed);
+    assert!(
+        matches!(outcomes[1], Outcome::Failed { kind: FailureKind::Retryable, error, .. } if error.contains("handler panicked: probe panics on p-2")),
+        "{first:?}"
+    );
+    assert_eq!(outcomes[2], &Outcome::Processed);
+    assert_eq!(
+        env.count("SELECT count(*) FROM effects").await,
+        2,
+        "the others' effects committed, not the panicking one's"
+    );
+
+    let second = g.run_batch(&probe, &batch, None).await;
+    assert!(matches!(&second.outcomes[1].outcome, Outcome::DeadLettered { .. }), "{second:?}");
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters WHERE event_id = 'p-2'").await, 1);
+    assert_eq!(env.count("SELECT count(*) FROM effects").await, 2);
 }

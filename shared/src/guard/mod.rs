@@ -36,10 +36,12 @@ pub mod local_cache;
 pub(crate) mod transaction;
 
 use std::collections::{HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use sha2::{Digest, Sha256};
 use sqlx::pool::PoolConnection;
 use sqlx::{PgPool, Postgres};
@@ -403,7 +405,26 @@ impl Guard {
                 let slot = &slots[i];
                 let mut ctx = HandlerContext::new(&slot.id, &self.ns, &mut tx, &self.sink);
                 let span = tracing::debug_span!("handler", function = %self.ns, event_id = %slot.id);
-                let result = handler.handle(slot.event, &mut ctx).instrument(span).await;
+                // A panicking handler fails its own event (retryable: counted, and
+                // dead-lettered after its attempts), not the batch, the partition or the
+                // process.
+                let result = match AssertUnwindSafe(handler.handle(slot.event, &mut ctx).instrument(span))
+                    .catch_unwind()
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(panic) => {
+                        let message = panic_message(panic.as_ref());
+                        tracing::error!(
+                            function = %self.ns,
+                            event_id = %slot.id,
+                            position = %slot.event.position(),
+                            panic = %message,
+                            "handler panicked; counted as a failed attempt"
+                        );
+                        Err(HandlerError::retryable(format!("handler panicked: {message}")))
+                    }
+                };
                 match ctx.finish(result.is_ok()).await {
                     Ok((rows, used_savepoint)) => {
                         if used_savepoint {
@@ -770,6 +791,15 @@ fn unconfirmed(slots: &mut [Slot<'_>], succeeded: &[usize], failed: Vec<(usize, 
     for (i, e) in failed {
         slots[i].failure = Some(e);
     }
+}
+
+/// The text of a caught panic (`panic!` with a literal or a formatted message).
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 /// The same set of ids always yields the same token, so a retried insert of the same
