@@ -125,12 +125,14 @@ async fn dead_letters_are_listed_and_replayed_once_the_cause_is_fixed() {
     assert_eq!(listed.len(), 1);
     assert_eq!((listed[0].event_id.as_str(), listed[0].reason.as_str()), ("fixable", "payload_invalid"));
 
-    // ...replayed as is, it is dead-lettered again (a new entry; the old one is closed).
+    // ...replayed as is, it is dead-lettered again: the same entry, brought up to date
+    // and still open.
     let again = exactly_once_cli::ops::replay(&env.clients, &fns, &[listed[0].id]).await.unwrap();
     assert_eq!(again[0].1, Outcome::DeadLettered { reason: "payload_invalid".into() });
     let listed2 = exactly_once_cli::ops::list_dead_letters(&env.clients, None, 10).await.unwrap();
     assert_eq!(listed2.len(), 1);
-    assert_ne!(listed2[0].id, listed[0].id);
+    assert_eq!(listed2[0].id, listed[0].id);
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters").await, 1, "no second entry");
 
     // The cause is fixed (here: the stored payload is corrected); the replay processes it.
     sqlx::query("UPDATE dead_letters SET record_value = convert_to($1, 'UTF8') WHERE id = $2")
@@ -151,4 +153,45 @@ async fn dead_letters_are_listed_and_replayed_once_the_cause_is_fixed() {
         exactly_once_cli::ops::replay(&env.clients, &fns, &[listed2[0].id]).await.is_err(),
         "a closed entry is not replayed"
     );
+}
+
+/// A replay that cannot finish (ClickHouse down) leaves the dead letter open and its
+/// ledger row in place: the event is never in neither place. Once ClickHouse is back,
+/// the same entry replays and closes.
+#[tokio::test]
+async fn a_replay_that_cannot_finish_leaves_the_dead_letter_open() {
+    let clickhouse = integration_tests::ToggleProxy::start("127.0.0.1:8123").await;
+    let url = clickhouse.url();
+    let env = TestEnv::with(|c| c.clickhouse.urls = vec![url]).await;
+    let fns = functions(&env).await;
+    let f = fns.by_name("user-events").unwrap();
+    let rejected = exactly_once::Event::new("user-events", 0, 9)
+        .with_header("idempotency_key", "stuck")
+        .with_value(r#"{"user_id":"zoe","type":"suspended"}"#);
+    let r = f.guard.run_batch(f.handler.as_ref(), &[rejected], None).await;
+    assert_eq!(r.outcomes[0].outcome, Outcome::DeadLettered { reason: "payload_invalid".into() });
+    let listed = exactly_once_cli::ops::list_dead_letters(&env.clients, None, 10).await.unwrap();
+    sqlx::query("UPDATE dead_letters SET record_value = convert_to($1, 'UTF8') WHERE id = $2")
+        .bind(r#"{"user_id":"zoe","type":"updated"}"#)
+        .bind(listed[0].id)
+        .execute(env.pg())
+        .await
+        .unwrap();
+
+    clickhouse.take_down().await;
+    let failed = exactly_once_cli::ops::replay(&env.clients, &fns, &[listed[0].id]).await.unwrap();
+    assert!(matches!(failed[0].1, Outcome::Failed { .. }), "{:?}", failed[0].1);
+    let still = exactly_once_cli::ops::list_dead_letters(&env.clients, None, 10).await.unwrap();
+    assert_eq!(still.iter().map(|d| d.id).collect::<Vec<_>>(), vec![listed[0].id], "the entry stays open");
+    assert_eq!(
+        env.count("SELECT count(*) FROM processed_events WHERE event_id = 'stuck' AND status = 'dead_lettered'").await,
+        1,
+        "its ledger row is back"
+    );
+
+    clickhouse.bring_up();
+    let fixed = exactly_once_cli::ops::replay(&env.clients, &fns, &[listed[0].id]).await.unwrap();
+    assert_eq!(fixed[0].1, Outcome::Processed);
+    assert!(exactly_once_cli::ops::list_dead_letters(&env.clients, None, 10).await.unwrap().is_empty());
+    assert_eq!(env.clickhouse_count("SELECT count() FROM user_events FINAL WHERE event_id = 'stuck'").await, 1);
 }

@@ -161,10 +161,13 @@ pub async fn replay(clients: &Clients, functions: &Arc<Functions>, ids: &[i64]) 
     let db = |e: sqlx::Error| format!("Postgres: {e}");
     let mut results = Vec::new();
     for &dl in ids {
+        // The entry stays open until the event has a finished outcome: a replay that
+        // fails (a dependency down, a crash of this process) leaves it listed, and its
+        // ledger row is put back, so the event is never in neither place.
         let mut tx = clients.pg.begin().await.map_err(db)?;
         let Some(row) = sqlx::query(
-            "UPDATE dead_letters SET replayed_at = now() WHERE id = $1 AND replayed_at IS NULL
-             RETURNING namespace, event_id, topic, kafka_partition, kafka_offset, record_key, record_value, headers, reason",
+            "SELECT namespace, event_id, topic, kafka_partition, kafka_offset, record_key, record_value, headers, reason
+               FROM dead_letters WHERE id = $1 AND replayed_at IS NULL FOR UPDATE",
         )
         .bind(dl)
         .fetch_optional(&mut *tx)
@@ -188,12 +191,17 @@ pub async fn replay(clients: &Clients, functions: &Arc<Functions>, ids: &[i64]) 
             return Err(format!("dead letter #{dl} belongs to `{function}`, which this build does not have"));
         };
         let event_id: String = row.get("event_id");
-        sqlx::query("DELETE FROM processed_events WHERE namespace = $1 AND event_id = $2 AND status = 'dead_lettered'")
-            .bind(&function)
-            .bind(&event_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
+        // The dead-lettered confirm would make the guard skip the event as a duplicate:
+        // it goes for the replay, kept here to be put back if the replay does not finish.
+        let ledger_row = sqlx::query(
+            "DELETE FROM processed_events WHERE namespace = $1 AND event_id = $2 AND status = 'dead_lettered'
+             RETURNING payload_hash, processed_at, topic, kafka_partition, kafka_offset, attempts, metadata",
+        )
+        .bind(&function)
+        .bind(&event_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?;
         let mut event = Event::new(row.get::<String, _>("topic"), row.get("kafka_partition"), row.get("kafka_offset"));
         event.key = row.get::<Option<Vec<u8>>, _>("record_key").map(Into::into);
         event.value = row.get::<Option<Vec<u8>>, _>("record_value").map(Into::into);
@@ -210,7 +218,55 @@ pub async fn replay(clients: &Clients, functions: &Arc<Functions>, ids: &[i64]) 
             f.guard.forget(&id);
         }
         let report = f.guard.run_batch(f.handler.as_ref(), &[event], None).await;
-        results.push((dl, report.outcomes.into_iter().next().expect("one outcome").outcome));
+        let outcome = report.outcomes.into_iter().next().expect("one outcome").outcome;
+        // Closed only once the event took effect (here, or as a duplicate of an event
+        // processed elsewhere). Dead-lettered again, it is this same entry, updated
+        // and still open.
+        let took_effect = match &outcome {
+            Outcome::Processed => true,
+            Outcome::Duplicate { .. } => {
+                sqlx::query_scalar::<_, String>(
+                    "SELECT status FROM processed_events WHERE namespace = $1 AND event_id = $2",
+                )
+                .bind(&function)
+                .bind(&event_id)
+                .fetch_optional(&clients.pg)
+                .await
+                .map_err(db)?
+                .as_deref()
+                    == Some("processed")
+            }
+            _ => false,
+        };
+        if took_effect {
+            sqlx::query("UPDATE dead_letters SET replayed_at = now() WHERE id = $1 AND replayed_at IS NULL")
+                .bind(dl)
+                .execute(&clients.pg)
+                .await
+                .map_err(|e| format!("dead letter #{dl}: replayed ({outcome}) but not closed: {e}; it stays listed"))?;
+        } else if let (false, Some(l)) = (outcome.is_finished(), ledger_row) {
+            sqlx::query(
+                "INSERT INTO processed_events
+                     (namespace, event_id, status, payload_hash, processed_at, topic, kafka_partition, kafka_offset, attempts, metadata)
+                 VALUES ($1, $2, 'dead_lettered', $3, $4, $5, $6, $7, $8, $9)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(&function)
+            .bind(&event_id)
+            .bind(l.get::<Option<Vec<u8>>, _>("payload_hash"))
+            .bind(l.get::<sqlx::types::chrono::DateTime<sqlx::types::chrono::Utc>, _>("processed_at"))
+            .bind(l.get::<Option<String>, _>("topic"))
+            .bind(l.get::<Option<i32>, _>("kafka_partition"))
+            .bind(l.get::<Option<i64>, _>("kafka_offset"))
+            .bind(l.get::<i32, _>("attempts"))
+            .bind(l.get::<Option<serde_json::Value>, _>("metadata"))
+            .execute(&clients.pg)
+            .await
+            .map_err(|e| {
+                format!("dead letter #{dl}: the replay did not finish ({outcome}) and its ledger row could not be put back ({e}); it stays listed: replay it again")
+            })?;
+        }
+        results.push((dl, outcome));
     }
     Ok(results)
 }

@@ -188,7 +188,12 @@ pub async fn dead_letter(
          SELECT $1, i.event_id, i.topic, i.kafka_partition, i.kafka_offset, i.record_key, i.record_value,
                 i.headers::jsonb, i.reason, i.error, i.attempts
          FROM input i JOIN confirmed c USING (event_id)
-         ON CONFLICT (namespace, event_id) WHERE replayed_at IS NULL DO NOTHING
+         -- An open entry for the same event (being replayed): it is this dead letter,
+         -- brought up to date, not a second one.
+         ON CONFLICT (namespace, event_id) WHERE replayed_at IS NULL DO UPDATE
+             SET record_key = EXCLUDED.record_key, record_value = EXCLUDED.record_value,
+                 headers = EXCLUDED.headers, reason = EXCLUDED.reason, error = EXCLUDED.error,
+                 attempts = EXCLUDED.attempts
          RETURNING event_id",
     )
     .bind(ns.as_str())
