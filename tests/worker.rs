@@ -160,3 +160,50 @@ async fn clickhouse_outage_pauses_partitions_without_spinning_or_moving_offsets(
     assert_exactly_once(&env, &topic, &published).await;
     worker.shutdown().await;
 }
+
+/// A partition paused for the ClickHouse breaker, then revoked and assigned back (a
+/// second worker joining and leaving), is consumed again once ClickHouse is back: the
+/// pause librdkafka keeps across the reassignment is lifted on assignment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partition_paused_for_clickhouse_is_resumed_after_a_rebalance() {
+    use exactly_once::BreakerState;
+    use integration_tests::ToggleProxy;
+
+    let proxy = ToggleProxy::start("127.0.0.1:8123").await;
+    let url = proxy.url();
+    let mut env = TestEnv::with(|c| {
+        c.clickhouse.urls = vec![url];
+        // Open long enough that the pauses span both rebalances.
+        c.breakers.clickhouse.open_for = Duration::from_secs(20);
+    })
+    .await;
+    env.kafka.topic_partitions = PARTITIONS;
+    let functions = Arc::new(
+        Functions::new(&env.clients, vec![Arc::new(UserEvents) as Arc<dyn Handler>], &env.kafka).await.unwrap(),
+    );
+    let topic = env.kafka.topic(user_events::TOPICS[0]);
+    create_topics(&env.kafka, std::slice::from_ref(&topic)).await.unwrap();
+
+    proxy.take_down().await;
+    let a = start(&env, &functions).await;
+    let published = publish_user_events(&env.kafka, &topic, 300, 0).await;
+    let breaker = env.clients.sink.breaker().clone();
+    wait_until(Duration::from_secs(60), "the ClickHouse breaker to open", || async {
+        breaker.state() == BreakerState::Open
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let b = start(&env, &functions).await;
+    wait_until(Duration::from_secs(60), "the second worker to own partitions", || async { !b.assigned().is_empty() })
+        .await;
+    b.shutdown().await;
+    wait_until(Duration::from_secs(60), "the first worker to own every partition again", || async {
+        a.assigned().len() == PARTITIONS as usize
+    })
+    .await;
+
+    proxy.bring_up();
+    assert_exactly_once(&env, &topic, &published).await;
+    a.shutdown().await;
+}

@@ -19,7 +19,8 @@
 //!   and the guard turns already-confirmed records into duplicates;
 //! - when the ClickHouse breaker is open, a partition whose batch failed for it is
 //!   paused in the consumer and resumed only when the breaker lets a probe through: no
-//!   busy loop, no offset movement;
+//!   busy loop, no offset movement; an assigned partition always starts unpaused (a
+//!   pause survives a revoke in librdkafka, and its fenced task cannot lift it);
 //! - graceful stop: stop receiving, handle every record already received (retrying
 //!   nothing), commit, leave the group. [`Worker::abort`] stops without committing
 //!   anything (a crash, for tests).
@@ -190,8 +191,15 @@ impl ConsumerContext for RebalanceContext {
         tracing::info!(?keys, "partitions revoked");
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
+            // librdkafka keeps a partition's pause across a revoke and a new assignment,
+            // and the task that paused it was fenced before it could resume it: start
+            // every assigned partition unpaused (a new task pauses it again if the
+            // breaker is still open).
+            if let Err(e) = consumer.resume(tpl) {
+                tracing::warn!(error = %e, "could not resume newly assigned partitions");
+            }
             let keys: Vec<Key> = tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
             lock(&self.shared.assigned).extend(keys.iter().cloned());
             tracing::info!(?keys, "partitions assigned");
