@@ -39,9 +39,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use exactly_once::config::KafkaConfig;
 use exactly_once::kafka_client::{client_config, KafkaContext};
-use exactly_once_core::event::{Event, Header};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde_json::Value;
 use tokio::sync::{watch, Notify};
@@ -194,7 +192,7 @@ async fn receive(consumer: Arc<KafkaConsumer>, shared: Arc<Shared>, high: usize)
         let received = tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await;
         match received {
             Ok(Ok(m)) => {
-                if lock(&shared.pending).push(to_event(&m)) {
+                if lock(&shared.pending).push(exactly_once::runtime::worker::to_event(&m)) {
                     shared.arrived.notify_one();
                 }
             }
@@ -224,20 +222,6 @@ async fn receive(consumer: Arc<KafkaConsumer>, shared: Arc<Shared>, high: usize)
             }
         }
     }
-}
-
-fn to_event(m: &rdkafka::message::BorrowedMessage<'_>) -> Event {
-    let mut e = Event::new(m.topic(), m.partition(), m.offset());
-    e.timestamp_ms = m.timestamp().to_millis();
-    e.key = m.key().map(Bytes::copy_from_slice);
-    e.value = m.payload().map(Bytes::copy_from_slice);
-    if let Some(headers) = m.headers() {
-        e.headers = headers
-            .iter()
-            .map(|h| Header { name: h.key.to_owned(), value: h.value.map(Bytes::copy_from_slice) })
-            .collect();
-    }
-    e
 }
 
 /// The MSK event Lambda sends for `batch`.
@@ -535,6 +519,7 @@ impl Mapping {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use exactly_once_core::event::Event;
 
     fn batch() -> Batch {
         let mut p = Pending::default();

@@ -308,7 +308,8 @@ impl Worker {
     }
 }
 
-fn to_event(m: &BorrowedMessage<'_>) -> Event {
+/// A received Kafka message as the event both runtimes hand to the guard.
+pub fn to_event(m: &BorrowedMessage<'_>) -> Event {
     let mut e = Event::new(m.topic(), m.partition(), m.offset());
     e.timestamp_ms = m.timestamp().to_millis();
     e.key = m.key().map(Bytes::copy_from_slice);
