@@ -34,6 +34,27 @@ async fn setup() -> (TestEnv, Arc<Functions>, String) {
     (env, functions, topic)
 }
 
+/// Like `setup`, with ClickHouse reached through a proxy the test can take down, and
+/// the ClickHouse breaker open for `open_for` once it trips.
+async fn setup_behind_clickhouse_proxy(
+    open_for: Duration,
+) -> (integration_tests::ToggleProxy, TestEnv, Arc<Functions>, String) {
+    let proxy = integration_tests::ToggleProxy::start("127.0.0.1:8123").await;
+    let url = proxy.url();
+    let mut env = TestEnv::with(|c| {
+        c.clickhouse.urls = vec![url];
+        c.breakers.clickhouse.open_for = open_for;
+    })
+    .await;
+    env.kafka.topic_partitions = PARTITIONS;
+    let functions = Arc::new(
+        Functions::new(&env.clients, vec![Arc::new(UserEvents) as Arc<dyn Handler>], &env.kafka).await.unwrap(),
+    );
+    let topic = env.kafka.topic(user_events::TOPICS[0]);
+    create_topics(&env.kafka, std::slice::from_ref(&topic)).await.unwrap();
+    (proxy, env, functions, topic)
+}
+
 async fn start(env: &TestEnv, functions: &Arc<Functions>) -> Worker {
     Worker::start(&env.clients, functions.clone(), &env.kafka, &worker_config()).await.expect("worker starts")
 }
@@ -113,22 +134,9 @@ async fn two_workers_in_one_group_split_the_partitions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn clickhouse_outage_pauses_partitions_without_spinning_or_moving_offsets() {
     use exactly_once::BreakerState;
-    use integration_tests::ToggleProxy;
     use std::sync::atomic::Ordering;
 
-    let proxy = ToggleProxy::start("127.0.0.1:8123").await;
-    let url = proxy.url();
-    let mut env = TestEnv::with(|c| {
-        c.clickhouse.urls = vec![url];
-        c.breakers.clickhouse.open_for = Duration::from_secs(2);
-    })
-    .await;
-    env.kafka.topic_partitions = PARTITIONS;
-    let functions = Arc::new(
-        Functions::new(&env.clients, vec![Arc::new(UserEvents) as Arc<dyn Handler>], &env.kafka).await.unwrap(),
-    );
-    let topic = env.kafka.topic(user_events::TOPICS[0]);
-    create_topics(&env.kafka, std::slice::from_ref(&topic)).await.unwrap();
+    let (proxy, env, functions, topic) = setup_behind_clickhouse_proxy(Duration::from_secs(2)).await;
 
     proxy.take_down().await;
     let pauses_before = exactly_once::metrics::metrics().partition_pauses.with_label_values(&["user-events"]).get();
@@ -167,22 +175,9 @@ async fn clickhouse_outage_pauses_partitions_without_spinning_or_moving_offsets(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_partition_paused_for_clickhouse_is_resumed_after_a_rebalance() {
     use exactly_once::BreakerState;
-    use integration_tests::ToggleProxy;
 
-    let proxy = ToggleProxy::start("127.0.0.1:8123").await;
-    let url = proxy.url();
-    let mut env = TestEnv::with(|c| {
-        c.clickhouse.urls = vec![url];
-        // Open long enough that the pauses span both rebalances.
-        c.breakers.clickhouse.open_for = Duration::from_secs(20);
-    })
-    .await;
-    env.kafka.topic_partitions = PARTITIONS;
-    let functions = Arc::new(
-        Functions::new(&env.clients, vec![Arc::new(UserEvents) as Arc<dyn Handler>], &env.kafka).await.unwrap(),
-    );
-    let topic = env.kafka.topic(user_events::TOPICS[0]);
-    create_topics(&env.kafka, std::slice::from_ref(&topic)).await.unwrap();
+    // The breaker stays open long enough that the pauses span both rebalances.
+    let (proxy, env, functions, topic) = setup_behind_clickhouse_proxy(Duration::from_secs(20)).await;
 
     proxy.take_down().await;
     let a = start(&env, &functions).await;
