@@ -617,3 +617,270 @@ async fn a_panicking_handler_fails_its_own_event_and_is_dead_lettered_after_its_
     assert_eq!(env.count("SELECT count(*) FROM dead_letters WHERE event_id = 'p-2'").await, 1);
     assert_eq!(env.count("SELECT count(*) FROM effects").await, 2);
 }
+
+/// A handler whose own Postgres statement fails and who carries on as if it had not
+/// (the error swallowed) fails that event alone; the rest of the batch commits. Before,
+/// the refused `RELEASE SAVEPOINT` failed the whole batch as `Unavailable`, forever.
+#[tokio::test]
+async fn a_handler_that_swallows_a_postgres_error_fails_only_its_own_event() {
+    let env = TestEnv::new().await;
+    create_effects_table(&env).await;
+
+    struct Swallower;
+    #[async_trait]
+    impl Handler for Swallower {
+        fn spec(&self) -> FunctionSpec {
+            FunctionSpec::new(NS, &["probe"], IdStrategy::Header("idempotency_key".into()))
+        }
+        async fn handle(&self, _event: &Event, ctx: &mut HandlerContext<'_>) -> Result<(), HandlerError> {
+            let id = ctx.event_id().to_string();
+            sqlx::query("INSERT INTO effects (event_id, writer) VALUES ($1, 'swallower')")
+                .bind(&id)
+                .execute(ctx.postgres().await?)
+                .await?;
+            if id == "s-2" {
+                // Fails (no such table); the handler ignores it.
+                let _ = sqlx::query("INSERT INTO no_such_table VALUES (1)").execute(ctx.postgres().await?).await;
+            }
+            Ok(())
+        }
+    }
+    let g = Guard::new(&env.clients, NS, Swallower.spec().id_strategy, GuardConfig::default()).unwrap();
+    let batch = [event("s-1", 0), event("s-2", 1), event("s-3", 2)];
+    let report = g.run_batch(&Swallower, &batch, None).await;
+    assert_eq!(report.outcomes[0].outcome, Outcome::Processed, "{report:?}");
+    assert!(
+        matches!(&report.outcomes[1].outcome, Outcome::Failed { kind: FailureKind::Retryable, error, .. } if error.contains("handler went on")),
+        "{report:?}"
+    );
+    assert_eq!(report.outcomes[2].outcome, Outcome::Processed, "{report:?}");
+    assert_eq!(env.count("SELECT count(*) FROM effects WHERE event_id IN ('s-1', 's-3')").await, 2);
+    assert_eq!(env.count("SELECT count(*) FROM effects WHERE event_id = 's-2'").await, 0);
+    assert_eq!(env.count("SELECT count(*) FROM event_attempts WHERE event_id = 's-2'").await, 1, "attempt counted");
+}
+
+#[derive(exactly_once::clickhouse::Row, serde::Serialize)]
+#[clickhouse(crate = "exactly_once::clickhouse")]
+struct DatedRow {
+    id: String,
+    d: String,
+}
+
+#[derive(exactly_once::clickhouse::Row, serde::Serialize)]
+#[clickhouse(crate = "exactly_once::clickhouse")]
+struct OtherRow {
+    id: String,
+}
+
+const DATED: &str = "dated_rows";
+
+/// Stages one `DatedRow` per event (its `d` is the record key), or, for the event
+/// `other_type`, a row of another type into the same table; writes a Postgres effect
+/// first when `effect` is set.
+struct Dated {
+    effect: bool,
+    other_type: Option<&'static str>,
+}
+
+#[async_trait]
+impl Handler for Dated {
+    fn spec(&self) -> FunctionSpec {
+        FunctionSpec::new(NS, &["probe"], IdStrategy::Header("idempotency_key".into()))
+    }
+    async fn handle(&self, event: &Event, ctx: &mut HandlerContext<'_>) -> Result<(), HandlerError> {
+        let id = ctx.event_id().to_string();
+        if self.effect {
+            sqlx::query("INSERT INTO effects (event_id, writer) VALUES ($1, 'dated')")
+                .bind(&id)
+                .execute(ctx.postgres().await?)
+                .await?;
+        }
+        if self.other_type == Some(id.as_str()) {
+            return ctx.clickhouse(DATED, OtherRow { id });
+        }
+        let d = String::from_utf8_lossy(event.key.as_deref().unwrap_or_default()).into_owned();
+        ctx.clickhouse(DATED, DatedRow { id, d })
+    }
+}
+
+/// ClickHouse parses `d` into a Date on insert: a row whose `d` is not a date is
+/// rejected by the server, which says so (code 6, CANNOT_PARSE_TEXT), while it is up and answering.
+async fn create_dated_table(env: &TestEnv) {
+    env.clients
+        .sink
+        .apply_ddl(&format!(
+            "CREATE TABLE {DATED} (id String, d String, parsed Date MATERIALIZED toDate(d)) ENGINE = ReplacingMergeTree ORDER BY id"
+        ))
+        .await
+        .expect("dated table");
+}
+
+fn dated(id: &str, offset: i64, d: &str) -> Event {
+    let mut e = event(id, offset);
+    e.key = Some(d.as_bytes().to_vec().into());
+    e
+}
+
+/// A row ClickHouse rejects in the middle of a batch is traced to its event, which is
+/// dead-lettered as `clickhouse_rejected`; the others land; the breaker never counts it.
+/// Before, the whole batch failed as `Unavailable` on every retry and fed the breaker
+/// until it opened for the whole process. Both paths: without a transaction
+/// (ClickHouse-only handler) and with Postgres effects (rolled back for the rejected).
+#[tokio::test]
+async fn a_row_clickhouse_rejects_is_dead_lettered_alone_and_the_breaker_stays_closed() {
+    for effect in [false, true] {
+        let env = TestEnv::new().await;
+        create_effects_table(&env).await;
+        create_dated_table(&env).await;
+        let handler = Dated { effect, other_type: None };
+        let g = Guard::new(&env.clients, NS, handler.spec().id_strategy, GuardConfig::default()).unwrap();
+        let batch: Vec<Event> =
+            (0..7).map(|i| dated(&format!("d-{i}"), i, if i == 4 { "not a date" } else { "2026-11-23" })).collect();
+        for round in 0..3 {
+            let report = g.run_batch(&handler, &batch, None).await;
+            for (i, o) in report.outcomes.iter().enumerate() {
+                if i == 4 {
+                    assert!(
+                        matches!(&o.outcome, Outcome::DeadLettered { reason } if reason == "clickhouse_rejected")
+                            || (round > 0 && matches!(o.outcome, Outcome::Duplicate { .. })),
+                        "effect={effect} round {round}: {report:?}"
+                    );
+                } else {
+                    assert!(o.outcome.is_finished(), "effect={effect} round {round}: {report:?}");
+                }
+            }
+        }
+        assert_eq!(env.clients.sink.breaker().state(), BreakerState::Closed, "effect={effect}");
+        assert_eq!(env.clickhouse_count(&format!("SELECT count() FROM {DATED} FINAL")).await, 6, "effect={effect}");
+        assert_eq!(
+            env.count("SELECT count(*) FROM dead_letters WHERE event_id = 'd-4' AND reason = 'clickhouse_rejected' ")
+                .await,
+            1,
+            "effect={effect}"
+        );
+        assert_eq!(env.count("SELECT count(*) FROM processed_events WHERE status = 'processed'").await, 6);
+        let error: String = sqlx::query_scalar("SELECT error FROM dead_letters WHERE event_id = 'd-4'")
+            .fetch_one(env.pg())
+            .await
+            .unwrap();
+        assert!(
+            error.contains("rejected the data (code 6)") && error.contains(DATED),
+            "the reason names the server's answer: {error}"
+        );
+        let effects = if effect { 6 } else { 0 };
+        assert_eq!(
+            env.count("SELECT count(*) FROM effects").await,
+            effects,
+            "effect={effect}: the rejected one's rolled back"
+        );
+    }
+}
+
+/// Rows that cannot join the batch (another row type for the same table) fail their
+/// event before its savepoint is released: its Postgres effects are rolled back with
+/// it. Before, they were kept only after `RELEASE`, so the event was dead-lettered while
+/// its effects committed with the batch.
+#[tokio::test]
+async fn an_event_whose_rows_cannot_be_staged_keeps_no_postgres_effects() {
+    let env = TestEnv::new().await;
+    create_effects_table(&env).await;
+    create_dated_table(&env).await;
+    let handler = Dated { effect: true, other_type: Some("o-1") };
+    let g = Guard::new(&env.clients, NS, handler.spec().id_strategy, GuardConfig::default()).unwrap();
+    let batch = [dated("o-0", 0, "2026-11-23"), dated("o-1", 1, "2026-11-23"), dated("o-2", 2, "2026-11-23")];
+    let report = g.run_batch(&handler, &batch, None).await;
+    assert_eq!(report.outcomes[0].outcome, Outcome::Processed, "{report:?}");
+    assert!(
+        matches!(&report.outcomes[1].outcome, Outcome::DeadLettered { reason } if reason == "row_type"),
+        "{report:?}"
+    );
+    assert_eq!(report.outcomes[2].outcome, Outcome::Processed, "{report:?}");
+    assert_eq!(env.count("SELECT count(*) FROM effects WHERE event_id = 'o-1'").await, 0, "dead-lettered, no effects");
+    assert_eq!(env.count("SELECT count(*) FROM effects").await, 2);
+}
+
+/// A batch of 150 events that all write to Postgres is confirmed in transactions of at
+/// most 64 handler savepoints (Postgres caches 64 subtransactions per backend; past
+/// that, every session's visibility checks go through `pg_subtrans`). Counted by the
+/// top-level transaction id each effect was written in. Before, all 150 savepoints were
+/// in one transaction.
+#[tokio::test]
+async fn a_transaction_holds_at_most_64_subtransactions_whatever_the_batch_size() {
+    let env = TestEnv::new().await;
+    sqlx::query(
+        "CREATE TABLE effects (seq BIGSERIAL PRIMARY KEY, event_id TEXT NOT NULL, writer TEXT NOT NULL,
+                               top_xact xid8 NOT NULL DEFAULT pg_current_xact_id())",
+    )
+    .execute(env.pg())
+    .await
+    .unwrap();
+    let probe = Probe { effect_tag: Some("sub"), fail_first: AtomicU32::new(3), ..Probe::default() };
+    let g = guard(&env, &probe, GuardConfig::default());
+    assert_eq!(GuardConfig::default().max_subtransactions, 64);
+    let batch: Vec<Event> = (0..150).map(|i| event(&format!("x-{i}"), i)).collect();
+    let report = g.run_batch(&probe, &batch, None).await;
+    let failed = report.outcomes.iter().filter(|o| !o.outcome.is_finished()).count();
+    assert_eq!(failed, 3, "the three failing handlers fail alone: {:?}", &report.outcomes[..4]);
+    let report = g.run_batch(&probe, &batch, None).await;
+    assert!(report.outcomes.iter().all(|o| o.outcome.is_finished()), "{report:?}");
+
+    let per_tx: Vec<i64> = sqlx::query_scalar("SELECT count(*) FROM effects GROUP BY top_xact ORDER BY count(*) DESC")
+        .fetch_all(env.pg())
+        .await
+        .unwrap();
+    assert!(per_tx[0] <= 64, "a transaction held {} handler savepoints: {per_tx:?}", per_tx[0]);
+    assert!(per_tx.len() >= 3, "150 events need at least 3 transactions: {per_tx:?}");
+    assert_eq!(per_tx.iter().sum::<i64>(), 150, "every effect exactly once");
+    assert_eq!(env.count("SELECT count(*) FROM processed_events").await, 150);
+}
+
+/// A consumer whose lease expired while its handler ran must not count the failure or
+/// dead-letter the event: another consumer holds it now and succeeds. Before, the first
+/// consumer's permanent failure dead-lettered the event and the holder's confirm lost.
+#[tokio::test]
+async fn only_the_lease_holder_dead_letters_an_event() {
+    let env = TestEnv::new().await;
+    create_effects_table(&env).await;
+    let config = GuardConfig { lease_ttl: Duration::from_millis(300), ..GuardConfig::default() };
+
+    let a_entered = Arc::new(Notify::new());
+    let a_gate = Arc::new(Semaphore::new(0));
+    let failing = Arc::new(Probe {
+        fail_permanently: true,
+        entered: Some(a_entered.clone()),
+        gate: Some(a_gate.clone()),
+        ..Default::default()
+    });
+    let a = Arc::new(guard(&env, &failing, config.clone()));
+    let a_run = {
+        let (a, h) = (a.clone(), failing.clone());
+        tokio::spawn(async move { a.run_batch(&*h, &[event("held", 3)], None).await })
+    };
+    a_entered.notified().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // B takes the expired lease and is still handling when A's failure comes back.
+    let b_entered = Arc::new(Notify::new());
+    let b_gate = Arc::new(Semaphore::new(0));
+    let healthy = Arc::new(Probe {
+        effect_tag: Some("B"),
+        entered: Some(b_entered.clone()),
+        gate: Some(b_gate.clone()),
+        ..Default::default()
+    });
+    let b = Arc::new(guard(&env, &healthy, config));
+    let b_run = {
+        let (b, h) = (b.clone(), healthy.clone());
+        tokio::spawn(async move { b.run_batch(&*h, &[event("held", 3)], None).await })
+    };
+    b_entered.notified().await;
+    a_gate.add_permits(1);
+    let a_report = a_run.await.unwrap();
+    assert_eq!(only(&a_report), &Outcome::InFlight, "A lost its lease: {a_report:?}");
+    b_gate.add_permits(1);
+    let b_report = b_run.await.unwrap();
+    assert_eq!(only(&b_report), &Outcome::Processed, "{b_report:?}");
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters").await, 0);
+    assert_eq!(env.count("SELECT count(*) FROM event_attempts").await, 0, "A's failure not counted");
+    assert_eq!(env.count("SELECT count(*) FROM processed_events WHERE status = 'processed'").await, 1);
+}

@@ -2,6 +2,7 @@
 //! a 3-partition topic, 2,000 messages with a quarter duplicated, and exact counts at the
 //! end in every store and in the committed offsets.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -201,4 +202,95 @@ async fn a_partition_paused_for_clickhouse_is_resumed_after_a_rebalance() {
     proxy.bring_up();
     assert_exactly_once(&env, &topic, &published).await;
     a.shutdown().await;
+}
+
+/// One function stuck on a ClickHouse outage must not stop another: with records of a
+/// ClickHouse function queued past its partitions' caps, the Postgres-only
+/// notifications of the same worker keep landing. Before, the stuck partitions held
+/// every in-flight slot and the consume loop stopped for every partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn notifications_keep_flowing_while_clickhouse_is_down() {
+    use exactly_once::producer::Producer;
+    use exactly_once::BreakerState;
+
+    let proxy = integration_tests::ToggleProxy::start("127.0.0.1:8123").await;
+    let url = proxy.url();
+    let mut env = TestEnv::with(|c| {
+        c.clickhouse.urls = vec![url];
+        c.breakers.clickhouse.open_for = Duration::from_secs(2);
+    })
+    .await;
+    env.kafka.topic_partitions = PARTITIONS;
+    let handlers: Vec<Arc<dyn Handler>> = vec![Arc::new(UserEvents), Arc::new(notifications::Notifications)];
+    let functions = Arc::new(Functions::new(&env.clients, handlers, &env.kafka).await.unwrap());
+    let events_topic = env.kafka.topic(user_events::TOPICS[0]);
+    let requests_topic = env.kafka.topic(notifications::TOPICS[0]);
+    create_topics(&env.kafka, &[events_topic.clone(), requests_topic.clone()]).await.unwrap();
+
+    proxy.take_down().await;
+    let mut config = worker_config();
+    config.max_in_flight = 60;
+    let worker = Worker::start(&env.clients, functions.clone(), &env.kafka, &config).await.unwrap();
+    let published = publish_user_events(&env.kafka, &events_topic, 600, 0).await;
+    let breaker = env.clients.sink.breaker().clone();
+    wait_until(Duration::from_secs(60), "the ClickHouse breaker to open", || async {
+        breaker.state() == BreakerState::Open
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let producer = Producer::new(&env.kafka).unwrap();
+    for n in 0..40u64 {
+        let payload = notifications::Notifications.sample(n).expect("sample");
+        producer.send(&requests_topic, None, &payload, Some(&format!("req-{n}"))).await.expect("publish");
+    }
+    wait_until(Duration::from_secs(60), "every notification while ClickHouse is down", || async {
+        env.count("SELECT count(*) FROM notifications").await == 40
+    })
+    .await;
+    assert_eq!(env.count("SELECT count(*) FROM processed_events WHERE namespace = 'user-events'").await, 0);
+    assert!(worker.in_flight() <= 60);
+
+    proxy.bring_up();
+    assert_exactly_once(&env, &events_topic, &published).await;
+    worker.shutdown().await;
+}
+
+/// A partition task that dies (a bug, an abort: not a revoke) is noticed and the
+/// partition read again from its last finished offset: every record lands once and
+/// every offset is committed. Before, the partition stopped for good without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partition_task_that_dies_is_restarted_from_its_last_finished_offset() {
+    let (env, functions, topic) = setup().await;
+    let worker = start(&env, &functions).await;
+    let restarts = || exactly_once::metrics::metrics().partition_restarts.with_label_values(&["user-events"]).get();
+    let before = restarts();
+    let first = publish_user_events(&env.kafka, &topic, 200, 0).await;
+    wait_until(Duration::from_secs(60), "partition 0 to have a task", || async {
+        worker.kill_partition_task(&topic, 0)
+    })
+    .await;
+    // And once more with records queued behind it.
+    let second = {
+        let producer = exactly_once::producer::Producer::new(&env.kafka).unwrap();
+        let mut end = HashMap::new();
+        for i in 200..400usize {
+            let payload = serde_json::json!({"user_id": format!("user-{i}"), "type": "created", "occurred_at": 1_700_000_000 + i});
+            let id = format!("evt-{i}");
+            let (p, o) =
+                producer.send(&topic, Some(id.as_bytes()), payload.to_string().as_bytes(), Some(&id)).await.unwrap();
+            let e = end.entry(p).or_insert(0);
+            *e = (*e).max(o + 1);
+        }
+        end
+    };
+    worker.kill_partition_task(&topic, 0);
+    let mut all = Published { unique: 400, ..Default::default() };
+    for (p, e) in first.end_offsets.iter().chain(second.iter()) {
+        let end = all.end_offsets.entry(*p).or_insert(0);
+        *end = (*end).max(*e);
+    }
+    assert_exactly_once(&env, &topic, &all).await;
+    assert!(restarts() > before, "the restart is counted");
+    worker.shutdown().await;
 }

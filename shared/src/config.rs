@@ -67,6 +67,7 @@ pub const VARIABLES: &[Var] = &[
     ),
     var("GUARD_LOCAL_CACHE_MAX_BYTES", "67108864", "Memory bound of the in-process cache of confirmed ids (64 MiB)."),
     var("GUARD_MAX_ATTEMPTS", "5", "Failed attempts before an event is dead-lettered (a function may set its own)."),
+    var("GUARD_MAX_SUBTRANSACTIONS", "64", "Most handler savepoints in one Postgres transaction (1 to 64): a batch whose handlers write to Postgres is confirmed in several transactions of at most this many, so no backend goes past the 64 subtransactions Postgres caches per backend (past it, every other session's visibility checks read `pg_subtrans`)."),
     var("GUARD_MAX_VALUE_BYTES", "1048576", "Largest record value handled; larger ones are dead-lettered as `value_too_large`."),
     var("GUARD_DEAD_LETTER_PAYLOAD_MISMATCH", "false", "Also store a copy of a duplicate whose payload differs from the confirmed one in the dead letters (it is always counted and logged)."),
     var("RETENTION_DAYS", "7", "Confirmed ids older than this are deleted by the cleanup (Redis markers expire on their own)."),
@@ -105,6 +106,11 @@ pub const VARIABLES: &[Var] = &[
     var("KAFKA_PRODUCE_TIMEOUT_MS", "30000", "How long a publish (outbox relay, `eo produce`) may take before it counts as failed."),
     var("OUTBOX_RELAY_INTERVAL_MS", "500", "Worker: how often the outbox relay looks for messages to publish."),
     var("WORKER_BATCH_SIZE", "500", "Worker: most records of one partition guarded as one batch."),
+    var(
+        "WORKER_MAX_PARTITION_IN_FLIGHT",
+        "0",
+        "Worker: most received, unfinished records one partition may hold; at this cap the partition is paused until it has worked off half. 0: `MAX_IN_FLIGHT_MESSAGES` divided by (assigned partitions + 1), so partitions stuck on a retry or an outage never hold every slot and the others keep flowing.",
+    ),
     var(
         "MAX_IN_FLIGHT_MESSAGES",
         "1000",
@@ -404,6 +410,8 @@ pub struct GuardConfig {
     pub max_attempts: u32,
     pub max_value_bytes: usize,
     pub dead_letter_payload_mismatch: bool,
+    /// Handler savepoints per transaction, at most [`GuardConfig::SUBTRANSACTION_CACHE`].
+    pub max_subtransactions: usize,
 }
 
 impl GuardConfig {
@@ -416,8 +424,28 @@ impl GuardConfig {
             max_attempts: positive(env, "GUARD_MAX_ATTEMPTS")?,
             max_value_bytes: positive(env, "GUARD_MAX_VALUE_BYTES")?,
             dead_letter_payload_mismatch: read(env, "GUARD_DEAD_LETTER_PAYLOAD_MISMATCH")?,
+            max_subtransactions: {
+                let n: usize = positive(env, "GUARD_MAX_SUBTRANSACTIONS")?;
+                if n > Self::SUBTRANSACTION_CACHE {
+                    return Err(ConfigError::Invalid {
+                        var: "GUARD_MAX_SUBTRANSACTIONS",
+                        shown: n.to_string(),
+                        reason: format!(
+                            "must be at most {}, the subtransactions Postgres caches per backend",
+                            Self::SUBTRANSACTION_CACHE
+                        ),
+                    });
+                }
+                n
+            },
         })
     }
+
+    /// `PGPROC_MAX_CACHED_SUBXIDS`: subtransactions Postgres tracks per backend in shared
+    /// memory. A transaction with more overflows the cache, and until it ends every
+    /// snapshot in every session looks its subtransactions up in `pg_subtrans` (an SLRU
+    /// with a small buffer): a well-known cliff on busy servers.
+    pub const SUBTRANSACTION_CACHE: usize = 64;
 }
 
 impl Default for GuardConfig {
@@ -584,6 +612,8 @@ impl KafkaConfig {
 pub struct WorkerConfig {
     pub batch_size: usize,
     pub max_in_flight: usize,
+    /// Most records one partition may hold; 0: a fair share (see `WORKER_MAX_PARTITION_IN_FLIGHT`).
+    pub max_partition_in_flight: usize,
     pub retry_backoff: Duration,
     pub retry_backoff_max: Duration,
     pub shutdown_timeout: Duration,
@@ -594,6 +624,7 @@ impl WorkerConfig {
         Ok(Self {
             batch_size: positive(env, "WORKER_BATCH_SIZE")?,
             max_in_flight: positive(env, "MAX_IN_FLIGHT_MESSAGES")?,
+            max_partition_in_flight: read(env, "WORKER_MAX_PARTITION_IN_FLIGHT")?,
             retry_backoff: millis(env, "WORKER_RETRY_BACKOFF_MS")?,
             retry_backoff_max: Duration::from_secs(5),
             shutdown_timeout: secs(env, "WORKER_SHUTDOWN_TIMEOUT_SECS")?,

@@ -98,6 +98,9 @@ impl From<SinkError> for HandlerError {
     fn from(e: SinkError) -> Self {
         match e {
             SinkError::RowType(_) => HandlerError::Permanent { reason: "row_type", message: e.to_string() },
+            SinkError::Rejected { .. } => {
+                HandlerError::Permanent { reason: "clickhouse_rejected", message: e.to_string() }
+            }
             other => HandlerError::Unavailable(other.to_string()),
         }
     }
@@ -185,17 +188,45 @@ impl<'a> HandlerContext<'a> {
         self.rows.push(table, row).map_err(|e| HandlerError::from(SinkError::from(e)))
     }
 
-    /// Ends the event's part of the transaction: keeps its statements when it succeeded,
-    /// rolls them back otherwise. Returns the staged rows (empty on failure) and whether
-    /// a savepoint round trip was made.
-    pub(crate) async fn finish(self, succeeded: bool) -> Result<(SinkBatch, bool), sqlx::Error> {
+    /// Ends the event's part of the transaction and hands its rows to the batch.
+    ///
+    /// A succeeded event's rows are checked against `staged` before its savepoint is
+    /// released, so a failure at any step fails this event with its Postgres
+    /// statements rolled back, never an event dead-lettered whose effects still commit.
+    /// A `RELEASE` the server refuses means one of the handler's statements failed and
+    /// the handler went on as if not (the transaction is aborted to the savepoint): the
+    /// event fails (retryable) and the rest of the batch goes on. Only an error of the
+    /// connection itself is returned as `Err` (it breaks the whole transaction).
+    ///
+    /// Returns the event's result (possibly turned into a failure) and whether a
+    /// savepoint round trip was made.
+    pub(crate) async fn finish(
+        self,
+        result: Result<(), HandlerError>,
+        staged: &mut SinkBatch,
+        owner: usize,
+    ) -> Result<(Result<(), HandlerError>, bool), sqlx::Error> {
+        let mut result = result.and_then(|()| staged.accepts(&self.rows).map_err(|e| SinkError::from(e).into()));
         if self.savepoint {
-            if !succeeded {
-                sqlx::query("ROLLBACK TO SAVEPOINT eo_handler").execute(self.tx.conn()).await?;
+            if result.is_ok() {
+                match sqlx::query("RELEASE SAVEPOINT eo_handler").execute(self.tx.conn()).await {
+                    Ok(_) => {}
+                    Err(e @ sqlx::Error::Database(_)) => {
+                        result = Err(HandlerError::Retryable(format!(
+                            "Postgres: a statement of the handler failed and the handler went on: {e}"
+                        )));
+                    }
+                    Err(e) => return Err(e),
+                }
             }
-            sqlx::query("RELEASE SAVEPOINT eo_handler").execute(self.tx.conn()).await?;
+            if result.is_err() {
+                sqlx::query("ROLLBACK TO SAVEPOINT eo_handler").execute(self.tx.conn()).await?;
+                sqlx::query("RELEASE SAVEPOINT eo_handler").execute(self.tx.conn()).await?;
+            }
         }
-        let rows = if succeeded { self.rows } else { SinkBatch::default() };
-        Ok((rows, self.savepoint))
+        if result.is_ok() {
+            staged.extend(self.rows, owner).expect("checked by `accepts`");
+        }
+        Ok((result, self.savepoint))
     }
 }

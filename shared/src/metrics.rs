@@ -20,6 +20,8 @@ pub const BREAKER_TRANSITIONS: &str = "circuit_breaker_transitions_total";
 pub const GUARD_ROUND_TRIPS: &str = "guard_round_trips_total";
 pub const WORKER_IN_FLIGHT: &str = "kafka_events_in_flight";
 pub const PARTITION_PAUSES: &str = "kafka_partition_pauses_total";
+pub const PARTITION_RESTARTS: &str = "kafka_partition_task_restarts_total";
+pub const CLICKHOUSE_REJECTED: &str = "clickhouse_rejected_events_total";
 pub const TABLE_SIZE: &str = "processed_events_table_size";
 pub const CLEANUP_DELETED: &str = "processed_events_cleanup_deleted_total";
 
@@ -37,6 +39,8 @@ pub const ALL: &[&str] = &[
     GUARD_ROUND_TRIPS,
     WORKER_IN_FLIGHT,
     PARTITION_PAUSES,
+    CLICKHOUSE_REJECTED,
+    PARTITION_RESTARTS,
     TABLE_SIZE,
     CLEANUP_DELETED,
 ];
@@ -69,6 +73,10 @@ pub struct Metrics {
     pub worker_in_flight: IntGaugeVec,
     /// `{function}`: partitions paused because the ClickHouse breaker was open.
     pub partition_pauses: IntCounterVec,
+    /// `{function}`: events whose rows ClickHouse refused as invalid data (dead-lettered).
+    pub clickhouse_rejected: IntCounterVec,
+    /// `{function}`: partition tasks that ended unexpectedly and were restarted.
+    pub partition_restarts: IntCounterVec,
     /// Rows in `processed_events` (seed 001's gauge).
     pub table_size: IntGauge,
     /// Rows the retention cleanup deleted.
@@ -142,6 +150,18 @@ impl Metrics {
                 &registry,
                 PARTITION_PAUSES,
                 "Partitions paused while the ClickHouse breaker was open",
+                &["function"],
+            ),
+            clickhouse_rejected: counter(
+                &registry,
+                CLICKHOUSE_REJECTED,
+                "Events whose rows ClickHouse rejected as invalid data (dead-lettered as clickhouse_rejected)",
+                &["function"],
+            ),
+            partition_restarts: counter(
+                &registry,
+                PARTITION_RESTARTS,
+                "Partition tasks that ended unexpectedly; the partition was read again from its last finished offset",
                 &["function"],
             ),
             round_trips: counter(&registry, GUARD_ROUND_TRIPS, "Round trips made by the guard", &["function", "store"]),

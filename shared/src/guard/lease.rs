@@ -69,6 +69,22 @@ end
 return #mine
 "#;
 
+/// KEYS: n lease keys; ARGV: token, ttl (ms). For each lease: still ours? Then it is
+/// extended by ttl, so it cannot lapse while the caller acts on the answer. Replies
+/// 1 (ours) or 0 (expired, or someone else's) per key.
+const HOLD: &str = r#"
+local out = {}
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[i], ARGV[2])
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
+"#;
+
 /// What Redis said about one id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LeaseReply {
@@ -113,6 +129,7 @@ pub struct Leases {
     url: String,
     acquire: Script,
     release: Script,
+    hold: Script,
 }
 
 impl Leases {
@@ -138,6 +155,7 @@ impl Leases {
             url: url.clone(),
             acquire: Script::new(ACQUIRE),
             release: Script::new(RELEASE),
+            hold: Script::new(HOLD),
         };
         // Loading the scripts proves Redis answers and saves the first batch a NOSCRIPT
         // round trip.
@@ -145,7 +163,7 @@ impl Leases {
             .await
             .map_err(|_| err(format!("no connection within {} ms", config.timeout.as_millis())))?
             .map_err(|e| err(e.to_string()))?;
-        for script in [&leases.acquire, &leases.release] {
+        for script in [&leases.acquire, &leases.release, &leases.hold] {
             script.load_async(&mut conn).await.map_err(|e| err(e.to_string()))?;
         }
         Ok(leases)
@@ -217,6 +235,35 @@ impl Leases {
             inv.key(self.key(ns, "done", item.id));
         }
         self.call(|mut conn| async move { inv.invoke_async(&mut conn).await }).await
+    }
+
+    /// One round trip: which of `ids` our token still leases; those are extended by
+    /// `ttl`. Only the holder may count a failed attempt or dead-letter an event: a
+    /// consumer whose lease expired mid-handler must not fail an event another consumer
+    /// is handling now.
+    pub async fn still_held(
+        &self,
+        ns: &Namespace,
+        ids: &[&EventId],
+        token: &str,
+        ttl: Duration,
+    ) -> Result<Vec<bool>, LeaseError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut inv = self.hold.prepare_invoke();
+        for id in ids {
+            inv.key(self.key(ns, "lease", id));
+        }
+        inv.arg(token).arg(ttl.as_millis().max(1) as u64);
+        let held: Vec<i64> = self.call(|mut conn| async move { inv.invoke_async(&mut conn).await }).await?;
+        if held.len() != ids.len() {
+            return Err(LeaseError::Redis {
+                url: self.url.clone(),
+                message: format!("hold script answered {} replies for {} ids", held.len(), ids.len()),
+            });
+        }
+        Ok(held.into_iter().map(|h| h == 1).collect())
     }
 
     /// What Redis holds for one id: the lease (token, ms left) and the done marker.

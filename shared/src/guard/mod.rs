@@ -211,7 +211,7 @@ impl Guard {
             let token = uuid::Uuid::new_v4().to_string();
             let conn = self.check_stores(&mut slots, &token, deadline).await;
             self.handle_and_confirm(handler, &mut slots, conn).await;
-            self.settle_failures(&mut slots).await;
+            self.settle_failures(&mut slots, &token).await;
             self.release(&slots, &token).await;
             self.remember(&slots);
             self.resolve_followers(&mut slots);
@@ -375,6 +375,14 @@ impl Guard {
     /// When no handler touched Postgres there is nothing to roll back: ClickHouse is
     /// written first, then the confirm autocommits (two round trips fewer); ids it finds
     /// confirmed elsewhere are duplicates, and their repeated rows collapse.
+    ///
+    /// A transaction holds at most `GUARD_MAX_SUBTRANSACTIONS` handler savepoints: when
+    /// a part of the batch reaches it, that part is confirmed and committed, and the rest
+    /// goes on in a new transaction (each part keeps the protocol's order on its own).
+    ///
+    /// Rows ClickHouse rejects (the data, not the server: see [`SinkError::Rejected`])
+    /// are traced to their events by splitting the write; those events fail permanently
+    /// (dead-lettered as `clickhouse_rejected`) and the others go on.
     async fn handle_and_confirm(
         &self,
         handler: &dyn Handler,
@@ -393,15 +401,22 @@ impl Guard {
             },
         };
         let mut tx = LazyTx::new(conn);
+        let mut failed: Vec<(usize, HandlerError)> = Vec::new();
         while !work.is_empty() {
             tx.round_trips = 0;
 
-            // Step 4: every handler, in record order.
+            // Step 4: handlers in record order, until the part's savepoints reach the cap.
             let mut staged = SinkBatch::default();
             let mut succeeded = Vec::with_capacity(work.len());
-            let mut failed: Vec<(usize, HandlerError)> = Vec::new();
+            let mut part_failed: Vec<(usize, HandlerError)> = Vec::new();
+            let mut savepoints = 0usize;
+            let mut part_len = 0usize;
             let mut broken = None;
             for &i in &work {
+                if savepoints >= self.config.max_subtransactions {
+                    break;
+                }
+                part_len += 1;
                 let slot = &slots[i];
                 let mut ctx = HandlerContext::new(&slot.id, &self.ns, &mut tx, &self.sink);
                 let span = tracing::debug_span!("handler", function = %self.ns, event_id = %slot.id);
@@ -425,14 +440,25 @@ impl Guard {
                         Err(HandlerError::retryable(format!("handler panicked: {message}")))
                     }
                 };
-                match ctx.finish(result.is_ok()).await {
-                    Ok((rows, used_savepoint)) => {
+                let handler_ok = result.is_ok();
+                match ctx.finish(result, &mut staged, i).await {
+                    Ok((result, used_savepoint)) => {
                         if used_savepoint {
-                            self.count_postgres(if result.is_ok() { 2 } else { 3 });
+                            savepoints += 1;
+                            self.count_postgres(match (handler_ok, result.is_ok()) {
+                                (true, true) => 2,
+                                (false, _) => 3,
+                                (true, false) => 4,
+                            });
                         }
-                        match result.and_then(|()| staged.extend(rows).map_err(|e| SinkError::from(e).into())) {
+                        match result {
                             Ok(()) => succeeded.push(i),
-                            Err(e) => failed.push((i, e)),
+                            Err(e) => {
+                                if handler_ok {
+                                    tracing::warn!(function = %self.ns, event_id = %slot.id, position = %slot.event.position(), error = %e, "event failed after its handler returned");
+                                }
+                                part_failed.push((i, e))
+                            }
                         }
                     }
                     Err(e) => {
@@ -446,22 +472,35 @@ impl Guard {
                 self.count_postgres(tx.round_trips);
                 return fail_all(slots, &work, FailureKind::Unavailable, &msg);
             }
+            let part: Vec<usize> = work[..part_len].to_vec();
             let transactional = tx.is_open();
 
             if succeeded.is_empty() {
                 tx.rollback().await;
                 self.count_postgres(tx.round_trips);
-                for (i, e) in failed {
-                    slots[i].failure = Some(e);
-                }
-                return;
+                failed.extend(part_failed);
+                work.drain(..part_len);
+                continue;
             }
 
-            let token = dedup_token(succeeded.iter().map(|&i| &slots[i].id));
             if !transactional {
                 // No Postgres effects: ClickHouse first, then the confirm autocommits.
-                if let Err(e) = self.sink.write(&staged, &token).await {
-                    return unconfirmed(slots, &succeeded, failed, &e.to_string());
+                match self.write_isolating(&staged, &succeeded, slots).await {
+                    Ok(rejected) => {
+                        for (i, e) in rejected {
+                            succeeded.retain(|&s| s != i);
+                            part_failed.push((i, e));
+                        }
+                    }
+                    Err(e) => {
+                        failed.extend(part_failed);
+                        return unconfirmed(slots, &work, failed, &e.to_string());
+                    }
+                }
+                if succeeded.is_empty() {
+                    failed.extend(part_failed);
+                    work.drain(..part_len);
+                    continue;
                 }
             }
 
@@ -478,7 +517,8 @@ impl Guard {
                 Err(e) => {
                     tx.rollback().await;
                     self.count_postgres(tx.round_trips);
-                    return fail_all(slots, &work, FailureKind::Unavailable, &format!("Postgres: confirm failed: {e}"));
+                    failed.extend(part_failed);
+                    return unconfirmed(slots, &work, failed, &format!("Postgres: confirm failed: {e}"));
                 }
             };
             let conflicts: Vec<usize> =
@@ -490,7 +530,7 @@ impl Guard {
                 }
                 if transactional {
                     // Their effects are in our transaction: roll everything back and run
-                    // the batch again without them.
+                    // the part again without them.
                     tx.rollback().await;
                     self.count_postgres(tx.round_trips);
                     work.retain(|i| !conflicts.contains(i));
@@ -501,10 +541,25 @@ impl Guard {
 
             if transactional {
                 // ClickHouse before the commit (see the module docs for why).
-                if let Err(e) = self.sink.write(&staged, &token).await {
-                    tx.rollback().await;
-                    self.count_postgres(tx.round_trips);
-                    return unconfirmed(slots, &succeeded, failed, &e.to_string());
+                match self.write_isolating(&staged, &succeeded, slots).await {
+                    Ok(rejected) if rejected.is_empty() => {}
+                    Ok(rejected) => {
+                        // Their Postgres effects are in the transaction: roll back and
+                        // run the part again without them (their rows are not written).
+                        tx.rollback().await;
+                        self.count_postgres(tx.round_trips);
+                        for (i, e) in rejected {
+                            work.retain(|&w| w != i);
+                            failed.push((i, e));
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        tx.rollback().await;
+                        self.count_postgres(tx.round_trips);
+                        failed.extend(part_failed);
+                        return unconfirmed(slots, &work, failed, &e.to_string());
+                    }
                 }
             }
 
@@ -517,22 +572,70 @@ impl Guard {
                     }
                 }
                 Err(e) => {
-                    let msg = format!("Postgres: commit failed: {e}");
-                    for &i in &succeeded {
-                        slots[i].fail(FailureKind::Unavailable, msg.clone(), None);
-                    }
+                    failed.extend(part_failed);
+                    return unconfirmed(slots, &work, failed, &format!("Postgres: commit failed: {e}"));
                 }
             }
-            for (i, e) in failed {
-                slots[i].failure = Some(e);
-            }
-            return;
+            failed.extend(part_failed);
+            work.retain(|i| !part.contains(i));
         }
+        for (i, e) in failed {
+            slots[i].failure = Some(e);
+        }
+    }
+
+    /// Writes the rows of the `events` (slot indexes) that staged any. When ClickHouse
+    /// rejects the data, the write is split in halves, recursively, until the events
+    /// whose rows it rejects are found (the other halves are written as they go; a
+    /// repeat of them collapses); those come back as permanent failures. Any other
+    /// error (the server unavailable) ends it: the caller retries the whole part.
+    async fn write_isolating(
+        &self,
+        staged: &SinkBatch,
+        events: &[usize],
+        slots: &[Slot<'_>],
+    ) -> Result<Vec<(usize, HandlerError)>, SinkError> {
+        let mut owners = staged.owners();
+        owners.retain(|o| events.contains(o));
+        let mut rejected = Vec::new();
+        let mut pending = vec![owners];
+        while let Some(group) = pending.pop() {
+            if group.is_empty() {
+                continue;
+            }
+            let token = dedup_token(group.iter().map(|&i| &slots[i].id));
+            match self.sink.write_owned_by(staged, Some(&group), &token).await {
+                Ok(()) => {}
+                Err(e @ SinkError::Rejected { .. }) if group.len() == 1 => {
+                    let i = group[0];
+                    tracing::warn!(function = %self.ns, event_id = %slots[i].id, position = %slots[i].event.position(), error = %e, "ClickHouse rejected the event's rows");
+                    rejected.push((i, HandlerError::from(e)));
+                }
+                Err(SinkError::Rejected { .. }) => {
+                    let (a, b) = group.split_at(group.len() / 2);
+                    pending.push(b.to_vec());
+                    pending.push(a.to_vec());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if !rejected.is_empty() {
+            metrics().clickhouse_rejected.with_label_values(&[self.ns.as_str()]).inc_by(rejected.len() as u64);
+        }
+        Ok(rejected)
     }
 
     /// Failed handlers and records without an id: count the attempt, dead-letter what
     /// is permanent or out of attempts.
-    async fn settle_failures(&self, slots: &mut [Slot<'_>]) {
+    ///
+    /// Only the lease holder counts or dead-letters a handled event: when our lease
+    /// expired while the handler ran, another consumer may be handling the event now,
+    /// and our failure must not count against it (nor dead-letter an event that is about
+    /// to succeed, leaving its ClickHouse rows behind). Such an event is `InFlight` for
+    /// us. Without lease information (Redis down at the start, or now), the dead-letter
+    /// confirm itself decides: only one confirm of an id can win.
+    async fn settle_failures(&self, slots: &mut [Slot<'_>], token: &str) {
+        self.drop_lost_leases(slots, token).await;
         let mut to_count: Vec<usize> = Vec::new();
         let mut to_dead_letter: Vec<(usize, String, String, u32)> = Vec::new();
         for (i, slot) in slots.iter_mut().enumerate() {
@@ -614,6 +717,45 @@ impl Guard {
                 for (i, _, error, _) in to_dead_letter {
                     slots[i].fail(FailureKind::Unavailable, format!("{error} (dead-letter store failed: {e})"), None);
                 }
+            }
+        }
+    }
+
+    /// Failed events we leased whose lease is no longer ours become `InFlight`.
+    async fn drop_lost_leases(&self, slots: &mut [Slot<'_>], token: &str) {
+        let failed: Vec<usize> = (0..slots.len())
+            .filter(|&i| slots[i].leased && slots[i].outcome.is_none() && slots[i].failure.is_some())
+            .filter(|&i| !matches!(slots[i].failure, Some(HandlerError::Unavailable(_))))
+            .collect();
+        if failed.is_empty() {
+            return;
+        }
+        let ids: Vec<&EventId> = failed.iter().map(|&i| &slots[i].id).collect();
+        let held = self.leases.still_held(&self.ns, &ids, token, self.config.lease_ttl).await;
+        drop(ids);
+        if !matches!(held, Err(LeaseError::BreakerOpen(_))) {
+            self.count_redis();
+        }
+        match held {
+            Ok(held) => {
+                for (&i, ours) in failed.iter().zip(held) {
+                    if !ours {
+                        let slot = &mut slots[i];
+                        tracing::warn!(
+                            function = %self.ns,
+                            event_id = %slot.id,
+                            position = %slot.event.position(),
+                            error = %slot.failure.as_ref().map(|e| e.to_string()).unwrap_or_default(),
+                            "handler failed after its lease expired; not counted (the event may be another consumer's now)"
+                        );
+                        slot.failure = None;
+                        slot.leased = false;
+                        slot.outcome = Some(Outcome::InFlight);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(function = %self.ns, error = %e, "Redis unavailable; failures counted on Postgres alone")
             }
         }
     }
@@ -784,10 +926,15 @@ fn fail_all(slots: &mut [Slot<'_>], work: &[usize], kind: FailureKind, msg: &str
     }
 }
 
-/// The handlers in `succeeded` ran but their events cannot be confirmed (`msg`); those
+/// The events left in `work` cannot be confirmed now (`msg`: a dependency failed); those
 /// in `failed` keep their own errors.
-fn unconfirmed(slots: &mut [Slot<'_>], succeeded: &[usize], failed: Vec<(usize, HandlerError)>, msg: &str) {
-    fail_all(slots, succeeded, FailureKind::Unavailable, msg);
+fn unconfirmed(slots: &mut [Slot<'_>], work: &[usize], failed: Vec<(usize, HandlerError)>, msg: &str) {
+    let failed_ids: HashSet<usize> = failed.iter().map(|(i, _)| *i).collect();
+    for &i in work {
+        if !failed_ids.contains(&i) && slots[i].outcome.is_none() {
+            slots[i].fail(FailureKind::Unavailable, msg, None);
+        }
+    }
     for (i, e) in failed {
         slots[i].failure = Some(e);
     }

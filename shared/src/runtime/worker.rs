@@ -12,7 +12,13 @@
 //! - offsets are committed manually (auto commit off), per partition, only up to the
 //!   highest contiguous finished offset;
 //! - at most `MAX_IN_FLIGHT_MESSAGES` records are received but unfinished: the consumer
-//!   stops receiving when the bound is reached;
+//!   stops receiving when the bound is reached; and one partition holds at most its cap
+//!   (`WORKER_MAX_PARTITION_IN_FLIGHT`, by default a fair share of the bound): at the cap
+//!   it is paused in the consumer until it has worked off half, so partitions stuck on a
+//!   retry or an outage cannot take every slot and stop the others;
+//! - a partition task that ends unexpectedly (not revoked, not stopping) is detected by
+//!   the consume loop, which seeks the partition back to its last finished offset and
+//!   starts a new task: the records the dead task held are read again, never skipped;
 //! - on revoke, the revoked partitions are fenced (their tasks take nothing new and do
 //!   not commit again), what they finished is committed synchronously inside the
 //!   rebalance callback, and anything in flight is abandoned: its new owner re-reads it
@@ -26,11 +32,13 @@
 //!   anything (a crash, for tests).
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::FutureExt;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -90,8 +98,59 @@ struct Item {
 
 struct PartitionHandle {
     tx: mpsc::UnboundedSender<Item>,
-    fenced: Arc<AtomicBool>,
+    flow: Arc<Flow>,
     task: JoinHandle<()>,
+    /// Offset of the first record handed to this task: where a replacement starts when
+    /// the task dies before finishing anything.
+    first: i64,
+}
+
+/// A partition's flow control, shared by the consume loop and the partition's task.
+/// The partition is paused in the consumer while it holds its cap of records or waits
+/// for the ClickHouse breaker, and resumed when neither holds.
+struct Flow {
+    key: Key,
+    /// Records handed to the task and not finished yet.
+    queued: AtomicUsize,
+    /// (at its cap, waiting for the ClickHouse breaker)
+    reasons: Mutex<(bool, bool)>,
+    /// Revoked: the task takes nothing new, commits nothing, and pauses or resumes
+    /// nothing (the partition may be someone else's, or a new task's, by now).
+    fenced: AtomicBool,
+}
+
+impl Flow {
+    fn new(key: Key) -> Self {
+        Self { key, queued: AtomicUsize::new(0), reasons: Mutex::new((false, false)), fenced: AtomicBool::new(false) }
+    }
+
+    fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::SeqCst)
+    }
+
+    fn set(&self, consumer: &KafkaConsumer, at_cap: Option<bool>, breaker: Option<bool>) {
+        let mut reasons = lock(&self.reasons);
+        if self.is_fenced() {
+            return;
+        }
+        let was = reasons.0 || reasons.1;
+        if let Some(c) = at_cap {
+            reasons.0 = c;
+        }
+        if let Some(b) = breaker {
+            reasons.1 = b;
+        }
+        let now = reasons.0 || reasons.1;
+        if was == now {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.key.0, self.key.1);
+        let result = if now { consumer.pause(&tpl) } else { consumer.resume(&tpl) };
+        if let Err(e) = result {
+            tracing::warn!(topic = %self.key.0, partition = self.key.1, paused = now, error = %e, "could not pause or resume partition");
+        }
+    }
 }
 
 struct Shared {
@@ -126,6 +185,15 @@ impl Shared {
 
     fn in_flight(&self) -> usize {
         self.max_in_flight - self.in_flight.available_permits()
+    }
+
+    /// Most records one partition may hold: the configured cap, or a fair share that
+    /// always leaves room for one more partition's records.
+    fn partition_cap(&self, configured: usize) -> usize {
+        if configured > 0 {
+            return configured.min(self.max_in_flight);
+        }
+        (self.max_in_flight / (lock(&self.assigned).len() + 1)).max(1)
     }
 
     /// The commit list for `keys` (all when `None`) from what is finished.
@@ -168,7 +236,7 @@ impl ConsumerContext for RebalanceContext {
                 assigned.remove(k);
                 if let Some(h) = partitions.remove(k) {
                     // Fenced: the task takes nothing new and will not commit again.
-                    h.fenced.store(true, Ordering::SeqCst);
+                    h.flow.fenced.store(true, Ordering::SeqCst);
                 }
             }
         }
@@ -298,6 +366,20 @@ impl Worker {
         let _ = self.main.await;
     }
 
+    /// Fault injection (tests, `eo chaos`): ends the task of one partition as a bug in
+    /// it would, without fencing it. The worker must notice and recover. Returns whether
+    /// the partition had a task.
+    #[doc(hidden)]
+    pub fn kill_partition_task(&self, topic: &str, partition: i32) -> bool {
+        match lock(&self.shared.partitions).get(&(topic.to_owned(), partition)) {
+            Some(h) => {
+                h.task.abort();
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Stops at once without committing anything more, like a crash.
     pub fn abort(self) {
         self.shared.aborted.store(true, Ordering::SeqCst);
@@ -332,10 +414,18 @@ async fn consume(
     clients: Clients,
 ) {
     let kafka_breaker = clients.kafka_breaker.clone();
+    // Partition tasks that died are looked for on every record and once a second, so a
+    // partition that receives nothing more is recovered too.
+    let mut check = tokio::time::interval(Duration::from_secs(1));
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         let received = tokio::select! {
             biased;
             _ = stop.changed() => break,
+            _ = check.tick() => {
+                recover_dead_tasks(&consumer, &shared, &functions);
+                continue;
+            }
             m = consumer.recv() => m,
         };
         let event = match received {
@@ -364,24 +454,43 @@ async fn consume(
             continue;
         };
         let slot = Slot::new(slot, function.spec.name);
-        let mut partitions = lock(&shared.partitions);
-        let handle = partitions.entry(key.clone()).or_insert_with(|| {
-            let (tx, rx) = mpsc::unbounded_channel();
-            let fenced = Arc::new(AtomicBool::new(false));
-            let task = tokio::spawn(run_partition(
-                key.clone(),
-                rx,
-                function,
-                consumer.clone(),
-                shared.clone(),
-                fenced.clone(),
-                stop.clone(),
-                config.clone(),
-                clients.clone(),
-            ));
-            PartitionHandle { tx, fenced, task }
-        });
-        let _ = handle.tx.send(Item { event, slot });
+        let cap = shared.partition_cap(config.max_partition_in_flight);
+        let offset = event.offset;
+        let sent = {
+            let mut partitions = lock(&shared.partitions);
+            if partitions.get(&key).is_some_and(|h| h.task.is_finished()) {
+                None
+            } else {
+                let handle = partitions.entry(key.clone()).or_insert_with(|| {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    let flow = Arc::new(Flow::new(key.clone()));
+                    let task = tokio::spawn(run_partition(
+                        key.clone(),
+                        rx,
+                        function,
+                        consumer.clone(),
+                        shared.clone(),
+                        flow.clone(),
+                        stop.clone(),
+                        config.clone(),
+                        clients.clone(),
+                    ));
+                    PartitionHandle { tx, flow, task, first: offset }
+                });
+                let flow = handle.flow.clone();
+                handle.tx.send(Item { event, slot }).ok().map(|()| flow)
+            }
+        };
+        match sent {
+            Some(flow) => {
+                if flow.queued.fetch_add(1, Ordering::SeqCst) + 1 >= cap {
+                    flow.set(&consumer, Some(true), None);
+                }
+            }
+            // The partition's task is gone: this record (dropped here) is read again
+            // after the seek back to the last finished offset.
+            None => recover_dead_tasks(&consumer, &shared, &functions),
+        }
     }
 
     // Graceful stop: closing the channels lets every partition task handle what it has
@@ -408,6 +517,48 @@ async fn consume(
     tracing::info!("worker stopped");
 }
 
+/// Finds partition tasks that ended although their partition is still ours and the
+/// worker is not stopping (a bug, an abort), and recovers each partition: seek back to
+/// its last finished offset (or the first record the task got), lift any pause, and let
+/// the next record start a new task. Logged and counted: a partition never stops
+/// without a word.
+fn recover_dead_tasks(consumer: &KafkaConsumer, shared: &Shared, functions: &Functions) {
+    if shared.aborted.load(Ordering::SeqCst) {
+        return;
+    }
+    let dead: Vec<(Key, i64)> = {
+        let mut partitions = lock(&shared.partitions);
+        let keys: Vec<Key> = partitions
+            .iter()
+            .filter(|(_, h)| h.task.is_finished() && !h.flow.is_fenced())
+            .map(|(k, _)| k.clone())
+            .collect();
+        keys.into_iter().filter_map(|k| partitions.remove(&k).map(|h| (k, h.first))).collect()
+    };
+    for (key, first) in dead {
+        let from = lock(&shared.finished).get(&key).copied().unwrap_or(first);
+        let function = functions.by_topic(&key.0).map(|f| f.spec.name).unwrap_or("unknown");
+        metrics().partition_restarts.with_label_values(&[function]).inc();
+        tracing::error!(
+            function,
+            topic = %key.0,
+            partition = key.1,
+            from,
+            "partition task ended unexpectedly; reading the partition again from its last finished offset"
+        );
+        let mut tpl = TopicPartitionList::new();
+        let _ = tpl.add_partition_offset(&key.0, key.1, Offset::Offset(from));
+        if let Err(e) = consumer.seek_partitions(tpl, Duration::ZERO) {
+            tracing::error!(topic = %key.0, partition = key.1, error = %e, "could not seek the partition back; its records are read again after the next rebalance");
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&key.0, key.1);
+        if let Err(e) = consumer.resume(&tpl) {
+            tracing::warn!(topic = %key.0, partition = key.1, error = %e, "could not resume the partition");
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run_partition(
     key: Key,
@@ -415,7 +566,7 @@ async fn run_partition(
     function: Arc<Function>,
     consumer: Arc<KafkaConsumer>,
     shared: Arc<Shared>,
-    fenced: Arc<AtomicBool>,
+    flow: Arc<Flow>,
     mut stop: watch::Receiver<bool>,
     config: WorkerConfig,
     clients: Clients,
@@ -423,20 +574,13 @@ async fn run_partition(
     let mut events: VecDeque<Event> = VecDeque::new();
     let mut slots: VecDeque<Slot> = VecDeque::new();
     let mut backoff = config.retry_backoff;
-    let tpl_of = |offset: Option<i64>| {
+    let commit_list = |offset: i64| {
         let mut tpl = TopicPartitionList::new();
-        match offset {
-            Some(o) => {
-                let _ = tpl.add_partition_offset(&key.0, key.1, Offset::Offset(o));
-            }
-            None => {
-                tpl.add_partition(&key.0, key.1);
-            }
-        }
+        let _ = tpl.add_partition_offset(&key.0, key.1, Offset::Offset(offset));
         tpl
     };
     loop {
-        if fenced.load(Ordering::SeqCst) {
+        if flow.is_fenced() {
             return;
         }
         if events.is_empty() {
@@ -458,18 +602,38 @@ async fn run_partition(
 
         let n = events.len().min(config.batch_size);
         let batch = &events.make_contiguous()[..n];
-        let report = function.guard.run_batch(function.handler.as_ref(), batch, None).await;
+        // The guard turns a handler's panic into that event's failure; a panic anywhere
+        // else in the batch (a bug of ours) must not end the partition's task either.
+        let report = match AssertUnwindSafe(function.guard.run_batch(function.handler.as_ref(), batch, None))
+            .catch_unwind()
+            .await
+        {
+            Ok(report) => report,
+            Err(_) => {
+                tracing::error!(topic = %key.0, partition = key.1, first_offset = batch[0].offset, "the batch panicked outside the handlers; retrying it");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => return,
+                }
+                backoff = (backoff * 2).min(config.retry_backoff_max);
+                continue;
+            }
+        };
         let done = report.outcomes.iter().take_while(|o| o.outcome.is_finished()).count();
 
-        if done > 0 && !fenced.load(Ordering::SeqCst) && !shared.aborted.load(Ordering::SeqCst) {
+        if done > 0 && !flow.is_fenced() && !shared.aborted.load(Ordering::SeqCst) {
             let next = batch[done - 1].offset + 1;
             lock(&shared.finished).insert(key.clone(), next);
-            if let Err(e) = consumer.commit(&tpl_of(Some(next)), CommitMode::Async) {
+            if let Err(e) = consumer.commit(&commit_list(next), CommitMode::Async) {
                 tracing::warn!(topic = %key.0, partition = key.1, error = %e, "commit failed; retried with the next batch");
             }
         }
         events.drain(..done);
         slots.drain(..done);
+        let left = flow.queued.fetch_sub(done, Ordering::SeqCst).saturating_sub(done);
+        if left <= shared.partition_cap(config.max_partition_in_flight) / 2 {
+            flow.set(&consumer, Some(false), None);
+        }
 
         if done == n {
             backoff = config.retry_backoff;
@@ -485,15 +649,13 @@ async fn run_partition(
         if clickhouse_down {
             let breaker = clients.sink.breaker().clone();
             tracing::warn!(topic = %key.0, partition = key.1, "ClickHouse breaker open: pausing partition until a probe is allowed");
-            let _ = consumer.pause(&tpl_of(None));
+            flow.set(&consumer, None, Some(true));
             metrics().partition_pauses.with_label_values(&[function.spec.name]).inc();
             tokio::select! {
                 _ = breaker.wait_for_probe() => {}
                 _ = stop.changed() => return,
             }
-            if !fenced.load(Ordering::SeqCst) {
-                let _ = consumer.resume(&tpl_of(None));
-            }
+            flow.set(&consumer, None, Some(false));
         } else {
             tracing::debug!(topic = %key.0, partition = key.1, outcome = %first, backoff_ms = backoff.as_millis() as u64, "retrying unfinished records");
             tokio::select! {

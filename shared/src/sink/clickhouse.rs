@@ -73,8 +73,63 @@ pub enum SinkError {
     Ddl { url: String, message: String },
     #[error("ClickHouse at {url}: table(s) {tables} missing in database `{database}`; run `eo migrate` (the deploy's migrate step does)")]
     NotMigrated { url: String, database: String, tables: String },
+    /// The server answered and refused the rows themselves (a value it cannot parse or
+    /// convert, out of range, a failed check): the same rows fail the same way on every
+    /// retry and every endpoint. Not an availability problem: it never feeds the breaker.
+    #[error("ClickHouse at {url}: insert into `{table}` rejected the data (code {code}): {message}")]
+    Rejected { url: String, table: String, code: u32, message: String },
     #[error(transparent)]
     RowType(#[from] super::RowTypeMismatch),
+}
+
+/// Server error codes that mean "this data is invalid", not "the server is unwell":
+/// parse and conversion failures of a value, values out of range, `throwIf` and
+/// constraint checks, NULL in a non-Nullable column, unknown enum values. Codes that
+/// say the row format does not match the table (`CANNOT_READ_ALL_DATA`,
+/// `ATTEMPT_TO_READ_AFTER_EOF`, `CANNOT_PARSE_INPUT_ASSERTION_FAILED`) are left out on
+/// purpose: they mean a deployment whose row type and table disagree, which fails every
+/// row alike and must stop the function (breaker open, `/readyz` 503) rather than
+/// dead-letter the whole stream.
+const REJECTED_DATA_CODES: &[u32] = &[
+    6,   // CANNOT_PARSE_TEXT
+    26,  // CANNOT_PARSE_QUOTED_STRING
+    38,  // CANNOT_PARSE_DATE
+    41,  // CANNOT_PARSE_DATETIME
+    53,  // TYPE_MISMATCH
+    69,  // ARGUMENT_OUT_OF_BOUND
+    70,  // CANNOT_CONVERT_TYPE
+    72,  // CANNOT_PARSE_NUMBER
+    117, // INCORRECT_DATA
+    131, // TOO_LARGE_STRING_SIZE
+    321, // VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
+    349, // CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN
+    395, // FUNCTION_THROW_IF_VALUE_IS_NON_ZERO
+    407, // DECIMAL_OVERFLOW
+    469, // VIOLATED_CONSTRAINT
+    691, // UNKNOWN_ELEMENT_OF_ENUM
+];
+
+/// The server's error code in an error answer (`Code: 38, e.displayText() = ...` on old
+/// servers, `Code: 38. DB::Exception: ...` on new ones), when it is a data rejection.
+pub fn rejected_data_code(message: &str) -> Option<u32> {
+    let rest = &message[message.find("Code: ")? + "Code: ".len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    let code: u32 = digits.parse().ok()?;
+    REJECTED_DATA_CODES.contains(&code).then_some(code)
+}
+
+/// How one write attempt failed.
+enum AttemptError {
+    /// The server refused the data: do not retry, do not blame the server.
+    Rejected {
+        table: String,
+        code: u32,
+        message: String,
+    },
+    Failed {
+        table: String,
+        message: String,
+    },
 }
 
 pub struct ClickHouseSink {
@@ -229,6 +284,18 @@ impl ClickHouseSink {
     /// identifies the batch; it is sent where the server supports it. A failed attempt
     /// is retried on the next endpoint (see the module docs).
     pub async fn write(&self, batch: &SinkBatch, dedup_token: &str) -> Result<(), SinkError> {
+        self.write_owned_by(batch, None, dedup_token).await
+    }
+
+    /// Like [`ClickHouseSink::write`], for the rows staged by the events in `only`
+    /// (sorted owner indexes), or all rows. A [`SinkError::Rejected`] answer is not
+    /// retried and counts as a success for the breaker: the server is up and answering.
+    pub async fn write_owned_by(
+        &self,
+        batch: &SinkBatch,
+        only: Option<&[usize]>,
+        dedup_token: &str,
+    ) -> Result<(), SinkError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -242,24 +309,36 @@ impl ClickHouseSink {
                     backoff *= 2;
                 }
                 let i = self.next.fetch_add(1, Ordering::Relaxed) % self.clients.len();
-                match self.write_once(&self.clients[i], batch, dedup_token).await {
+                match self.write_once(&self.clients[i], batch, only, dedup_token).await {
                     Ok(()) => return Ok(()),
-                    Err((table, message)) => {
+                    Err(AttemptError::Rejected { table, code, message }) => {
+                        return Err(SinkError::Rejected { url: self.config.urls[i].clone(), table, code, message });
+                    }
+                    Err(AttemptError::Failed { table, message }) => {
                         tracing::debug!(url = %self.config.urls[i], attempt, %table, %message, "ClickHouse write attempt failed");
                         last = Some((self.config.urls[i].clone(), table, message));
                     }
                 }
             }
-            Err(last.expect("at least one attempt"))
+            let (url, table, message) = last.expect("at least one attempt");
+            Err(SinkError::Write { url, table, message, breaker: BreakerState::Closed })
         };
         match tokio::time::timeout(self.config.timeout, attempts).await {
             Ok(Ok(())) => {
                 permit.success();
                 Ok(())
             }
-            Ok(Err((url, table, message))) => {
+            Ok(Err(e @ SinkError::Rejected { .. })) => {
+                permit.success();
+                Err(e)
+            }
+            Ok(Err(SinkError::Write { url, table, message, .. })) => {
                 permit.failure();
                 Err(SinkError::Write { url, table, message, breaker: self.breaker.state() })
+            }
+            Ok(Err(other)) => {
+                permit.failure();
+                Err(other)
             }
             Err(_) => {
                 permit.failure();
@@ -272,13 +351,27 @@ impl ClickHouseSink {
         }
     }
 
-    async fn write_once(&self, client: &Client, batch: &SinkBatch, dedup_token: &str) -> Result<(), (String, String)> {
+    async fn write_once(
+        &self,
+        client: &Client,
+        batch: &SinkBatch,
+        only: Option<&[usize]>,
+        dedup_token: &str,
+    ) -> Result<(), AttemptError> {
         for (table, rows) in &batch.tables {
-            if rows.len() == 0 {
+            if rows.len() == 0 || only.is_some_and(|o| !rows.owners().iter().any(|w| o.binary_search(w).is_ok())) {
                 continue;
             }
             let token = self.version.supports_dedup_token().then(|| format!("{dedup_token}:{table}"));
-            rows.write(client, table, token).await.map_err(|e| (table.to_string(), e.to_string()))?;
+            if let Err(e) = rows.write(client, table, token, only).await {
+                let message = e.to_string();
+                return Err(match (&e, rejected_data_code(&message)) {
+                    (clickhouse::error::Error::BadResponse(_), Some(code)) => {
+                        AttemptError::Rejected { table: table.to_string(), code, message }
+                    }
+                    _ => AttemptError::Failed { table: table.to_string(), message },
+                });
+            }
         }
         Ok(())
     }
@@ -297,6 +390,19 @@ mod tests {
         let new = ServerVersion::parse("25.3.1").unwrap();
         assert!(new.supports_dedup_token() && new.supports_validation() && new.supports_compression());
         assert_eq!(ServerVersion::parse("x"), None);
+    }
+
+    #[test]
+    fn data_rejections_are_told_from_other_server_errors() {
+        let old = "Code: 38, e.displayText() = DB::Exception: Cannot parse date: value is too short";
+        assert_eq!(rejected_data_code(old), Some(38));
+        let new = "bad response: Code: 395. DB::Exception: Value passed to 'throwIf' function is non zero";
+        assert_eq!(rejected_data_code(new), Some(395));
+        // Unknown table, too many parts, a row format that does not match: not the data.
+        assert_eq!(rejected_data_code("Code: 60. DB::Exception: Table x doesn't exist"), None);
+        assert_eq!(rejected_data_code("Code: 252. DB::Exception: Too many parts"), None);
+        assert_eq!(rejected_data_code("Code: 33. DB::Exception: Cannot read all data"), None);
+        assert_eq!(rejected_data_code("connection refused"), None);
     }
 }
 
