@@ -25,6 +25,7 @@ cargo run --quiet -p exactly-once-cli -- chaos --short --seed 7
 # its timeout and a poller restart.
 echo "[test] eo chaos --short --runtime lambda"
 cargo build --quiet -p user-events -p notifications
+cargo build --quiet -p exactly-once-cli --bin chaos-faults
 cargo run --quiet -p exactly-once-cli -- chaos --short --seed 7 --runtime lambda
 # The fuzz targets must keep building (running them is scripts/fuzz.sh run). They need
 # a nightly toolchain; without one this step says so and is skipped.

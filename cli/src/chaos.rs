@@ -57,6 +57,10 @@ pub struct ChaosOptions {
     pub poison: usize,
     /// How long production is spread over; the faults fall inside it.
     pub duration: Duration,
+    /// Records of the `chaos-faults` function asking for each failure a handler or a
+    /// table can make (a handler panic, a row ClickHouse rejects), this many of each,
+    /// among ten times as many healthy ones.
+    pub handler_faults: usize,
     /// kill -9 of the main worker, this many times.
     pub kills: usize,
     /// Postgres backend terminations.
@@ -80,6 +84,7 @@ impl ChaosOptions {
             lambda_timeout: Duration::from_secs(10),
             events: 20_000,
             poison: 10,
+            handler_faults: 10,
             duration: Duration::from_secs(240),
             kills: 4,
             pg_terminations: 3,
@@ -95,6 +100,7 @@ impl ChaosOptions {
         Self {
             events: 2_000,
             poison: 4,
+            handler_faults: 3,
             duration: Duration::from_secs(45),
             kills: 2,
             pg_terminations: 2,
@@ -155,6 +161,14 @@ pub struct Summary {
     pub produced: usize,
     pub unique: BTreeMap<String, usize>,
     pub poison: usize,
+    /// `chaos_rows` (FINAL) of the healthy chaos-faults records.
+    pub chaos_rows: u64,
+    pub panics: usize,
+    /// Panicking events dead-lettered as `max_attempts`.
+    pub panics_dead_lettered: usize,
+    pub rejects: usize,
+    /// Rejected-row events dead-lettered as `clickhouse_rejected`.
+    pub rejects_dead_lettered: usize,
     pub clickhouse_rows: u64,
     pub clickhouse_raw_rows: u64,
     pub processed: BTreeMap<String, i64>,
@@ -176,9 +190,11 @@ impl Summary {
     pub fn line(&self) -> String {
         let ue = self.unique.get("user-events").copied().unwrap_or(0);
         let no = self.unique.get("notifications").copied().unwrap_or(0);
+        let cf = self.unique.get(crate::chaos_function::NAME).copied().unwrap_or(0);
         format!(
             "chaos seed={} runtime={:?} {}: {} produced ({} unique user-events, {} unique notifications, {} poison); \
              ClickHouse FINAL {}/{ue} ({} raw rows); processed_events {}/{ue} + {}/{no}; notifications {}/{no}; \
+             chaos-faults rows {}/{cf}, processed {}/{cf}, panics dead-lettered {}/{}, rejected rows dead-lettered {}/{}; \
              dead letters {}/{} ({} unexpected, {} missing); offsets committed {}/{} partitions; {} discarded; faults: {}; {} consumer restarts; {:.0} s",
             self.seed,
             self.runtime,
@@ -192,8 +208,14 @@ impl Summary {
             self.processed.get("user-events").copied().unwrap_or(0),
             self.processed.get("notifications").copied().unwrap_or(0),
             self.notifications,
+            self.chaos_rows,
+            self.processed.get(crate::chaos_function::NAME).copied().unwrap_or(0),
+            self.panics_dead_lettered,
+            self.panics,
+            self.rejects_dead_lettered,
+            self.rejects,
             self.dead_letters,
-            self.poison,
+            self.poison + self.panics + self.rejects,
             self.unexpected_dead_letters.len(),
             self.missing_dead_letters.len(),
             self.partitions_committed,
@@ -504,13 +526,18 @@ impl Isolated {
         let mut kafka = KafkaConfig::from_env(&ProcessEnv)?;
         kafka.topic_prefix = format!("{name}.");
         kafka.group_id = name.clone();
-        let topics: Vec<String> = crate::all_functions()
+        let with_chaos = || {
+            let mut f = crate::all_functions();
+            f.push(std::sync::Arc::new(crate::chaos_function::ChaosFaults));
+            f
+        };
+        let topics: Vec<String> = with_chaos()
             .iter()
             .flat_map(|f| f.spec().topics.iter().map(|t| kafka.topic(t)).collect::<Vec<_>>())
             .collect();
         exactly_once::runtime::worker::create_topics(&kafka, &topics).await?;
         // What `eo migrate` does (Lambda functions only check it at init).
-        for f in crate::all_functions() {
+        for f in with_chaos() {
             let ddl = f.spec().clickhouse_ddl;
             if !ddl.trim().is_empty() {
                 clients.sink.apply_ddl(ddl).await?;
@@ -554,6 +581,7 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
             ("REDIS_BREAKER_OPEN_SECS", "2".into()),
             ("CLEANUP_INTERVAL_SECS", "0".into()),
             ("STARTUP_TIMEOUT_SECS", "5".into()),
+            (crate::chaos_function::ENABLE_VAR, "1".into()),
             ("RUST_LOG", std::env::var("CHAOS_WORKER_LOG").unwrap_or_else(|_| "warn".into())),
         ]
         .map(|(k, v)| (k.to_owned(), v)),
@@ -598,7 +626,34 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
         }
         messages.push(list);
     }
-    // Interleave the two functions' streams.
+    // The chaos-faults function: healthy records, handler panics and rows ClickHouse
+    // rejects, each with its own id.
+    let chaos_topic = kafka.topic(crate::chaos_function::TOPICS[0]);
+    let mut panic_ids: HashSet<String> = HashSet::new();
+    let mut reject_ids: HashSet<String> = HashSet::new();
+    let chaos_ok = opts.handler_faults * 10;
+    {
+        use crate::chaos_function::{ChaosFaults, Kind};
+        let mut list = Vec::new();
+        for i in 0..chaos_ok {
+            let id = format!("chaos-ok-{i}-{}", uuid_like(&mut rng));
+            list.push(Message { topic: chaos_topic.clone(), id, payload: ChaosFaults::payload(Kind::Ok) });
+        }
+        for i in 0..opts.handler_faults {
+            for (kind, ids) in [(Kind::Panic, &mut panic_ids), (Kind::Reject, &mut reject_ids)] {
+                let id = format!("chaos-{kind:?}-{i}-{}", uuid_like(&mut rng)).to_lowercase();
+                ids.insert(id.clone());
+                let at = rng.random_range(0..=list.len());
+                list.insert(at, Message { topic: chaos_topic.clone(), id, payload: ChaosFaults::payload(kind) });
+            }
+        }
+        messages.push(list);
+    }
+    unique.insert(crate::chaos_function::NAME.to_owned(), chaos_ok);
+    let mut topics = topics;
+    topics.push(chaos_topic.clone());
+
+    // Interleave the functions' streams.
     let mut stream = Vec::new();
     let mut its: Vec<_> = messages.into_iter().map(|l| l.into_iter()).collect();
     loop {
@@ -616,7 +671,8 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
     let produced = stream.len();
 
     let exe = exe.to_path_buf();
-    let names: Vec<&'static str> = producing.iter().map(|f| f.spec().name).collect();
+    let mut names: Vec<&'static str> = producing.iter().map(|f| f.spec().name).collect();
+    names.push(crate::chaos_function::NAME);
     if opts.runtime == Runtime::Lambda {
         std::fs::create_dir_all(discarded_dir(opts, &name))?;
         for f in &names {
@@ -790,10 +846,26 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
     let processed: BTreeMap<String, i64> =
         rows.iter().filter(|r| r.1 == "processed").map(|r| (r.0.clone(), r.2)).collect();
     let notifications: i64 = sqlx::query_scalar("SELECT count(*) FROM notifications").fetch_one(&clients.pg).await?;
-    let letters: Vec<String> = sqlx::query_scalar("SELECT event_id FROM dead_letters").fetch_all(&clients.pg).await?;
+    let chaos_rows: u64 = clients
+        .sink
+        .client()
+        .query("SELECT count() FROM chaos_rows FINAL WHERE d != 'not a date'")
+        .fetch_one()
+        .await
+        .unwrap_or(0);
+    let letters: Vec<(String, String)> =
+        sqlx::query_as("SELECT event_id, reason FROM dead_letters").fetch_all(&clients.pg).await?;
+    // Each kind with its own reason: a panic runs out of attempts, a rejected row is
+    // dead-lettered as such at once.
+    let panics_dead_lettered =
+        letters.iter().filter(|(id, reason)| panic_ids.contains(id) && reason == "max_attempts").count();
+    let rejects_dead_lettered =
+        letters.iter().filter(|(id, reason)| reject_ids.contains(id) && reason == "clickhouse_rejected").count();
+    let letters: Vec<String> = letters.into_iter().map(|(id, _)| id).collect();
     let letters_set: HashSet<String> = letters.iter().cloned().collect();
-    let mut unexpected: Vec<String> = letters_set.difference(&poison_ids).cloned().collect();
-    let mut missing: Vec<String> = poison_ids.difference(&letters_set).cloned().collect();
+    let expected_letters: HashSet<String> = poison_ids.union(&panic_ids).chain(reject_ids.iter()).cloned().collect();
+    let mut unexpected: Vec<String> = letters_set.difference(&expected_letters).cloned().collect();
+    let mut missing: Vec<String> = expected_letters.difference(&letters_set).cloned().collect();
     unexpected.sort();
     missing.sort();
     let ue = unique.get("user-events").copied().unwrap_or(0);
@@ -805,7 +877,11 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
         && processed.get("user-events").copied().unwrap_or(0) == ue as i64
         && processed.get("notifications").copied().unwrap_or(0) == no as i64
         && notifications == no as i64
-        && letters.len() == poison_ids.len()
+        && letters.len() == expected_letters.len()
+        && chaos_rows == chaos_ok as u64
+        && processed.get(crate::chaos_function::NAME).copied().unwrap_or(0) == chaos_ok as i64
+        && panics_dead_lettered == panic_ids.len()
+        && rejects_dead_lettered == reject_ids.len()
         && unexpected.is_empty()
         && missing.is_empty()
         && committed_parts == total_parts;
@@ -816,6 +892,11 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
         produced,
         unique,
         poison: poison_ids.len(),
+        chaos_rows,
+        panics: panic_ids.len(),
+        panics_dead_lettered,
+        rejects: reject_ids.len(),
+        rejects_dead_lettered,
         clickhouse_rows,
         clickhouse_raw_rows,
         processed,

@@ -2,6 +2,7 @@
 //! the deployment templates are checked against it.
 
 pub mod chaos;
+pub mod chaos_function;
 pub mod custom_resource;
 pub mod migrate;
 pub mod ops;
@@ -27,6 +28,16 @@ pub fn functions_json() -> serde_json::Value {
         })
         .collect();
     serde_json::Value::Array(list)
+}
+
+/// What `eo run` and `eo esm` run: every function, plus the fault run's
+/// `chaos-faults` when `EO_CHAOS_FUNCTION=1`.
+pub fn runnable_functions() -> Vec<Arc<dyn Handler>> {
+    let mut functions = all_functions();
+    if std::env::var(chaos_function::ENABLE_VAR).is_ok_and(|v| v == "1") {
+        functions.push(Arc::new(chaos_function::ChaosFaults));
+    }
+    functions
 }
 
 /// Every function crate under `functions/`.

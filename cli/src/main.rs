@@ -12,8 +12,8 @@ use clap::{Parser, Subcommand};
 use exactly_once::config::{KafkaConfig, ProcessEnv};
 use exactly_once::producer::{idempotency_key, Producer};
 use exactly_once::runtime::{run_worker, RunError, WorkerOptions};
-use exactly_once_cli::all_functions;
 use exactly_once_cli::chaos::ChaosOptions;
+use exactly_once_cli::{all_functions, runnable_functions};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
 
@@ -232,7 +232,7 @@ fn main() -> ExitCode {
         }
         Command::Run => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-            match rt.block_on(run_worker(all_functions(), WorkerOptions { create_topics: true })) {
+            match rt.block_on(run_worker(runnable_functions(), WorkerOptions { create_topics: true })) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e @ RunError::Config(_)) => {
                     eprintln!("error: {e}");
@@ -371,7 +371,7 @@ async fn esm(settings: exactly_once_esm::MappingSettings) -> Result<exactly_once
     use exactly_once_esm::{EsmError, FunctionSpec, Mapping};
     let process = exactly_once::config::ProcessConfig::from_env(&ProcessEnv).map_err(|e| (2, e.to_string()))?;
     exactly_once::runtime::init_tracing(process.log_json);
-    let functions = all_functions();
+    let functions = runnable_functions();
     let names: Vec<&'static str> = functions.iter().map(|f| f.spec().name).collect();
     let Some(handler) = functions.iter().find(|f| f.spec().name == settings.function) else {
         return Err((2, format!("no function `{}`; known: {names:?}", settings.function)));
