@@ -95,9 +95,28 @@ fn template_declares_each_function_with_its_msk_trigger_and_least_privilege() {
         assert_eq!(function["Metadata"]["BuildMethod"].as_str(), Some("rust-cargolambda"), "{name}");
 
         let events = function["Properties"]["Events"].as_mapping().expect("events");
-        assert_eq!(events.len(), 1, "{name}: one MSK trigger");
-        let msk = &events.values().next().unwrap();
-        assert_eq!(msk["Type"].as_str(), Some("MSK"), "{name}");
+        let of_type = |kind: &str| events.values().filter(|e| e["Type"].as_str() == Some(kind)).collect::<Vec<_>>();
+        let msks = of_type("MSK");
+        assert_eq!(msks.len(), 1, "{name}: one MSK trigger");
+        let msk = msks[0];
+        // A function that publishes through the outbox is also invoked on a schedule,
+        // so its queued messages are sent without new records on its topic; the others
+        // have nothing to drain.
+        let schedules = of_type("Schedule");
+        if outputs.is_empty() {
+            assert!(schedules.is_empty(), "{name}: publishes nothing, needs no outbox schedule");
+        } else {
+            assert_eq!(schedules.len(), 1, "{name}: publishes through the outbox, so a schedule drains it");
+            let schedule = untag(&schedules[0]["Properties"]["Schedule"]).as_str().unwrap_or_default().to_owned();
+            assert_eq!(schedule, "OutboxDrainSchedule", "{name}: the schedule is the template's parameter");
+            let every = default_of("OutboxDrainSchedule").expect("OutboxDrainSchedule has a default");
+            assert!(every.starts_with("rate(") || every.starts_with("cron("), "{every}");
+            assert!(
+                schedules[0]["Properties"]["Input"].is_null(),
+                "{name}: the function reads the scheduled event itself"
+            );
+        }
+        assert_eq!(events.len(), msks.len() + schedules.len(), "{name}: no other triggers");
         let p = &msk["Properties"];
         let trigger_topics: Vec<String> = p["Topics"]
             .as_sequence()

@@ -147,8 +147,12 @@ async fn retention_deletes_old_rows_in_bounded_batches_and_keeps_recent_ones() {
     .execute(env.pg())
     .await
     .unwrap();
-    let config =
-        RetentionConfig { retention: Duration::from_secs(7 * 86_400), batch_size: 10, interval: Duration::ZERO };
+    let config = RetentionConfig {
+        retention: Duration::from_secs(7 * 86_400),
+        outbox_retention: Duration::from_secs(86_400),
+        batch_size: 10,
+        interval: Duration::ZERO,
+    };
     let report = exactly_once::retention::cleanup(env.pg(), &config).await.unwrap();
     assert_eq!(report.processed_events_deleted, 25);
     assert!(report.batches >= 3, "25 rows at 10 per statement take at least 3 statements: {report:?}");

@@ -4,12 +4,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use exactly_once::breaker::CircuitBreaker;
-use exactly_once::config::{BreakerConfig, GuardConfig};
-use exactly_once::outbox::{pending, Relay};
+use exactly_once::config::{BreakerConfig, GuardConfig, ProcessEnv, RetentionConfig};
+use exactly_once::metrics::metrics;
+use exactly_once::outbox::{pending, Relay, RelayReport};
+use exactly_once::BreakerState;
 use exactly_once::{
     async_trait, DuplicateTier, Event, FunctionSpec, Guard, Handler, HandlerContext, HandlerError, Outcome,
 };
-use integration_tests::TestEnv;
+use integration_tests::{idempotency_keys_on, queue_outbox, TestEnv};
 use serde_json::json;
 use tokio::sync::{Notify, Semaphore};
 
@@ -163,9 +165,6 @@ async fn a_notification_is_never_created_twice_even_when_a_lease_expires_mid_han
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_outbox_waits_out_a_kafka_outage_and_publishes_when_the_breaker_closes() {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::message::{Headers, Message};
-
     let env = TestEnv::new().await;
     let h = notifications::Notifications;
     let g = Guard::new(&env.clients, notifications::NAME, h.spec().id_strategy, GuardConfig::default()).unwrap();
@@ -202,23 +201,145 @@ async fn the_outbox_waits_out_a_kafka_outage_and_publishes_when_the_breaker_clos
     assert_eq!(pending(env.pg()).await.unwrap(), 0);
     assert_eq!(breaker.state(), exactly_once::BreakerState::Closed);
 
-    let mut config = exactly_once::runtime::worker::client_config(&env.kafka);
-    config.set("group.id", &env.kafka.group_id).set("auto.offset.reset", "earliest");
-    let keys = tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = config.create().unwrap();
-        consumer.subscribe(&[&topic]).unwrap();
-        let mut keys = Vec::new();
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while keys.len() < 3 && std::time::Instant::now() < deadline {
-            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(500)) {
-                let key = m.headers().and_then(|h| h.iter().find(|h| h.key == "idempotency_key").and_then(|h| h.value));
-                keys.push(String::from_utf8(key.unwrap().to_vec()).unwrap());
-            }
-        }
-        keys.sort();
-        keys
-    })
+    // The outage counted against Kafka (its breaker), never against the messages.
+    assert_eq!(env.count("SELECT coalesce(max(rejections), 0)::bigint FROM outbox").await, 0);
+    assert_eq!(env.count("SELECT count(*) FROM outbox WHERE dead_lettered_at IS NOT NULL").await, 0);
+    assert_eq!(idempotency_keys_on(&env.kafka, &topic, 3).await, ["o-1:0", "o-2:0", "o-3:0"]);
+}
+
+fn kafka_breaker() -> Arc<CircuitBreaker> {
+    // The production thresholds: two failures open it.
+    Arc::new(CircuitBreaker::new("kafka-outbox-test", BreakerConfig::from_env(&ProcessEnv, "KAFKA").unwrap()))
+}
+
+/// Larger than librdkafka's `message.max.bytes` (1,000,000 by default): refused for
+/// this message alone, every time, while Kafka is healthy.
+const TOO_LARGE: usize = 1_200_000;
+
+/// Not a legal topic name: refused every time. (An unknown but legal name is no test
+/// here: the local broker creates topics on first use, as MSK does when
+/// `auto.create.topics.enable` is set.)
+const INVALID_TOPIC: &str = "not a topic!";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_message_kafka_refuses_is_dead_lettered_after_its_attempts_while_the_others_flow_and_the_breaker_stays_closed(
+) {
+    let env = TestEnv::new().await;
+    let function = env.schema.as_str(); // a namespace of its own, for the metrics
+    let topic = "outbox-poison";
+    let full_topic = env.kafka.topic(topic);
+    exactly_once::runtime::worker::create_topics(&env.kafka, std::slice::from_ref(&full_topic)).await.unwrap();
+    let pg = env.pg();
+    queue_outbox(pg, function, topic, "good-1:0", b"{}").await;
+    let poison = queue_outbox(pg, function, topic, "huge-1:0", &vec![b'x'; TOO_LARGE]).await;
+    queue_outbox(pg, function, topic, "good-2:0", b"{}").await;
+    let nowhere = queue_outbox(pg, function, INVALID_TOPIC, "nowhere-1:0", b"{}").await;
+
+    let breaker = kafka_breaker();
+    let mut kafka = env.kafka.clone();
+    kafka.outbox_max_attempts = 4;
+    let relay = Relay::new(pg.clone(), &kafka, breaker.clone()).unwrap();
+    let dead = |reason: &str| metrics().outbox_dead_lettered.with_label_values(&[function, reason]).get();
+    // librdkafka remembers the broker's "invalid topic" and answers later sends itself,
+    // as an unknown topic: either is this message's fault alone.
+    let nameless = || dead("invalid_topic") + dead("unknown_topic");
+    let dead_before = (dead("message_too_large"), nameless());
+
+    let first = relay.drain_once().await.unwrap();
+    assert_eq!((first.published, first.failed, first.rejected, first.dead_lettered), (2, 2, 2, 0), "{first:?}");
+    for attempt in 2..=3 {
+        let r = relay.drain_once().await.unwrap();
+        assert!(!r.skipped, "attempt {attempt}: a refused message never opens the Kafka breaker");
+        assert_eq!((r.published, r.rejected, r.dead_lettered), (0, 2, 0), "attempt {attempt}: {r:?}");
+        assert_eq!(breaker.state(), BreakerState::Closed);
+    }
+    // A message queued meanwhile goes out past the refused ones.
+    queue_outbox(pg, function, topic, "good-3:0", b"{}").await;
+    let last = relay.drain_once().await.unwrap();
+    assert_eq!((last.published, last.rejected, last.dead_lettered), (1, 2, 2), "the 4th refusal dead-letters them");
+    assert_eq!(breaker.state(), BreakerState::Closed);
+    assert_eq!(pending(pg).await.unwrap(), 0);
+    assert_eq!(relay.drain_once().await.unwrap(), RelayReport::default(), "dead-lettered: no longer attempted");
+
+    let row = sqlx::query_as::<_, (Option<String>, i32, bool, bool, String)>(
+        "SELECT dead_letter_reason, rejections, dead_lettered_at IS NOT NULL, published_at IS NULL, last_error
+         FROM outbox WHERE id = $1",
+    )
+    .bind(poison)
+    .fetch_one(pg)
     .await
     .unwrap();
-    assert_eq!(keys, ["o-1:0", "o-2:0", "o-3:0"]);
+    assert_eq!((row.0.as_deref(), row.1, row.2, row.3), (Some("message_too_large"), 4, true, true), "{row:?}");
+    assert!(row.4.contains("too large") || row.4.contains("TooLarge"), "the broker's words are kept: {}", row.4);
+    assert_eq!((dead("message_too_large"), nameless()), (dead_before.0 + 1, dead_before.1 + 1));
+    let reason: Option<String> = sqlx::query_scalar("SELECT dead_letter_reason FROM outbox WHERE id = $1")
+        .bind(nowhere)
+        .fetch_one(pg)
+        .await
+        .unwrap();
+    assert!(matches!(reason.as_deref(), Some("invalid_topic" | "unknown_topic")), "{reason:?}");
+    assert_eq!(idempotency_keys_on(&env.kafka, &full_topic, 3).await, ["good-1:0", "good-2:0", "good-3:0"]);
+
+    // Operators see it, and can put it back in the queue once the cause is fixed.
+    let listed = exactly_once_cli::ops::list_outbox_dead_letters(&env.clients, Some(function), 10).await.unwrap();
+    assert_eq!(listed.len(), 2);
+    let d = &listed[0];
+    assert_eq!((d.id, d.reason.as_str(), d.idempotency_key.as_str()), (poison, "message_too_large", "huge-1:0"));
+    assert_eq!((d.rejections, d.payload_bytes), (4, TOO_LARGE as i64));
+    let found = exactly_once_cli::ops::inspect(&env.clients, function, "huge-1").await.unwrap();
+    assert!(found.render(function, "huge-1").contains("dead-lettered (message_too_large)"), "{found:?}");
+    let good = poison + 1; // published: nothing to requeue
+    let err = exactly_once_cli::ops::replay_outbox(&env.clients, &[poison, good]).await.unwrap_err();
+    assert!(err.contains(&format!("#{good} ")) && err.contains(&format!("requeued: [#{poison}]")), "{err}");
+    assert_eq!(pending(pg).await.unwrap(), 1, "requeued");
+    let again = relay.drain_once().await.unwrap();
+    assert_eq!((again.rejected, again.dead_lettered), (1, 0), "its refusals start again from zero");
+}
+
+#[tokio::test]
+async fn pruning_deletes_published_outbox_messages_past_retention_and_nothing_else() {
+    let env = TestEnv::new().await;
+    let pg = env.pg();
+    for (key, published, dead) in [
+        ("old-1:0", Some("30 hours"), false),
+        ("old-2:0", Some("3 days"), false),
+        ("old-3:0", Some("25 hours"), false),
+        ("recent:0", Some("23 hours"), false),
+        ("queued:0", None, false),
+        ("dead:0", None, true),
+    ] {
+        let id = queue_outbox(pg, "prune", "t", key, b"{}").await;
+        // Everything was created long ago; only publication time decides.
+        sqlx::query(
+            "UPDATE outbox SET created_at = now() - interval '10 days',
+                    published_at = now() - $2::interval,
+                    dead_lettered_at = CASE WHEN $3 THEN now() - interval '10 days' END
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(published)
+        .bind(dead)
+        .execute(pg)
+        .await
+        .unwrap();
+    }
+    sqlx::query("INSERT INTO processed_events (namespace, event_id, status) VALUES ('prune', 'kept', 'processed')")
+        .execute(pg)
+        .await
+        .unwrap();
+    let config = RetentionConfig {
+        retention: Duration::from_secs(7 * 86_400),
+        outbox_retention: Duration::from_secs(24 * 3_600),
+        batch_size: 2,
+        interval: Duration::ZERO,
+    };
+    let before = metrics().outbox_cleanup_deleted.get();
+    let report = exactly_once::retention::cleanup(pg, &config).await.unwrap();
+    assert_eq!(report.outbox_deleted, 3, "{report:?}");
+    assert!(metrics().outbox_cleanup_deleted.get() >= before + 3);
+    let left: Vec<String> =
+        sqlx::query_scalar("SELECT idempotency_key FROM outbox ORDER BY idempotency_key").fetch_all(pg).await.unwrap();
+    assert_eq!(left, ["dead:0", "queued:0", "recent:0"]);
+    assert_eq!(env.count("SELECT count(*) FROM processed_events").await, 1);
+    assert_eq!(exactly_once::retention::prune_outbox(pg, &config).await.unwrap().0, 0, "idempotent");
 }

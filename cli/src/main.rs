@@ -48,7 +48,12 @@ enum Command {
     /// List or replay dead letters.
     #[command(subcommand)]
     DeadLetters(DeadLetters),
-    /// Delete confirmed ids older than RETENTION_DAYS now, in bounded batches.
+    /// List or requeue outbox messages Kafka kept refusing (too large, unknown topic,
+    /// not authorised, invalid record), dead-lettered after OUTBOX_MAX_ATTEMPTS.
+    #[command(subcommand)]
+    Outbox(Outbox),
+    /// Delete confirmed ids older than RETENTION_DAYS, and outbox messages published
+    /// more than OUTBOX_RETENTION_HOURS ago, now, in bounded batches.
     Cleanup,
     /// Print the functions this build contains (name, topics), as JSON with `--json`.
     Functions {
@@ -131,6 +136,24 @@ enum DeadLetters {
     },
 }
 
+#[derive(Subcommand)]
+enum Outbox {
+    /// Dead-lettered outbox messages, oldest first.
+    List {
+        #[arg(long)]
+        function: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Put dead-lettered messages back in the queue (after fixing the cause); the relay
+    /// sends them again under their original idempotency keys.
+    Replay {
+        /// Outbox message numbers from `eo outbox list`.
+        #[arg(required = true)]
+        ids: Vec<i64>,
+    },
+}
+
 type Failure = (u8, String);
 
 /// Builds the clients from the environment (fail fast, as every runtime does).
@@ -180,6 +203,38 @@ async fn operate(command: Command) -> Result<u8, Failure> {
             }
             Ok(if all_ok { 0 } else { 4 })
         }
+        Command::Outbox(Outbox::List { function, limit }) => {
+            let clients = clients().await?;
+            let rows = exactly_once_cli::ops::list_outbox_dead_letters(&clients, function.as_deref(), limit)
+                .await
+                .map_err(|e| (1, e))?;
+            if rows.is_empty() {
+                println!("no dead-lettered outbox messages");
+            }
+            for d in rows {
+                println!(
+                    "#{:<6} {:<14} {:<28} -> {:<24} {:<18} refused {:<3} {} B  {}\n        {}",
+                    d.id,
+                    d.function,
+                    d.idempotency_key,
+                    d.topic,
+                    d.reason,
+                    d.rejections,
+                    d.payload_bytes,
+                    d.dead_lettered_at,
+                    d.error
+                );
+            }
+            Ok(0)
+        }
+        Command::Outbox(Outbox::Replay { ids }) => {
+            let clients = clients().await?;
+            let requeued = exactly_once_cli::ops::replay_outbox(&clients, &ids).await.map_err(|e| (1, e))?;
+            for id in requeued {
+                println!("#{id}: requeued");
+            }
+            Ok(0)
+        }
         Command::Migrate => {
             let clients = clients().await?;
             let migrated = exactly_once_cli::migrate::apply(&clients).await.map_err(|e| (1, e))?;
@@ -192,10 +247,12 @@ async fn operate(command: Command) -> Result<u8, Failure> {
                 .await
                 .map_err(|e| (1, format!("Postgres: {e}")))?;
             println!(
-                "deleted {} confirmed ids and {} stale failure counters older than {} days, in {} statements",
+                "deleted {} confirmed ids and {} stale failure counters older than {} days, and {} outbox messages published more than {} hours ago, in {} statements",
                 report.processed_events_deleted,
                 report.attempts_deleted,
                 clients.config.retention.retention.as_secs() / 86_400,
+                report.outbox_deleted,
+                clients.config.retention.outbox_retention.as_secs() / 3_600,
                 report.batches
             );
             Ok(0)
@@ -257,7 +314,11 @@ fn main() -> ExitCode {
                 }
             }
         }
-        command @ (Command::Inspect { .. } | Command::DeadLetters(_) | Command::Cleanup | Command::Migrate) => {
+        command @ (Command::Inspect { .. }
+        | Command::DeadLetters(_)
+        | Command::Outbox(_)
+        | Command::Cleanup
+        | Command::Migrate) => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
             match rt.block_on(operate(command)) {
                 Ok(code) => ExitCode::from(code),

@@ -1,5 +1,6 @@
 //! What `eo` does for operators, as functions the tests call directly: inspect one
-//! event, list and replay dead letters, run the retention cleanup.
+//! event, list and replay dead letters (the guard's, and the outbox's), run the
+//! retention cleanup.
 //!
 //! Replaying is an admin action: it is only reachable from this command line (with
 //! database credentials), never over HTTP.
@@ -24,6 +25,8 @@ pub struct Inspection {
     pub failures: Option<(i32, String)>,
     /// (id, reason, error, replayed) of dead-letter entries.
     pub dead_letters: Vec<(i64, String, String, bool)>,
+    /// (id, topic, idempotency key, state) of the outbox messages the event published.
+    pub outbox: Vec<(i64, String, String, String)>,
     pub redis_error: Option<String>,
 }
 
@@ -57,6 +60,9 @@ impl Inspection {
         for (dl, reason, error, replayed) in &self.dead_letters {
             let state = if *replayed { "replayed" } else { "open" };
             out += &format!("  dead letter #{dl} ({state}): {reason}: {error}\n");
+        }
+        for (id, topic, key, state) in &self.outbox {
+            out += &format!("  outbox #{id} to {topic} ({key}): {state}\n");
         }
         out
     }
@@ -106,7 +112,54 @@ pub async fn inspect(clients: &Clients, function: &str, id: &str) -> Result<Insp
     .into_iter()
     .map(|r| (r.get("id"), r.get("reason"), r.get("error"), r.get("replayed")))
     .collect();
+    out.outbox = sqlx::query(
+        "SELECT id, topic, idempotency_key,
+                CASE WHEN published_at IS NOT NULL THEN 'published at ' || published_at::text
+                     WHEN dead_lettered_at IS NOT NULL
+                         THEN 'dead-lettered (' || coalesce(dead_letter_reason, '?') || '): ' || coalesce(last_error, '')
+                     WHEN last_error IS NOT NULL
+                         THEN 'queued, ' || attempts || ' attempt(s), ' || rejections || ' refusal(s), last error: ' || last_error
+                     ELSE 'queued' END AS state
+         FROM outbox WHERE namespace = $1 AND event_id = $2 ORDER BY id",
+    )
+    .bind(ns.as_str())
+    .bind(event_id.as_str())
+    .fetch_all(pg)
+    .await
+    .map_err(db)?
+    .into_iter()
+    .map(|r| (r.get("id"), r.get("topic"), r.get("idempotency_key"), r.get("state")))
+    .collect();
     Ok(out)
+}
+
+/// Dead-lettered outbox messages (`eo outbox list`), oldest first.
+pub async fn list_outbox_dead_letters(
+    clients: &Clients,
+    function: Option<&str>,
+    limit: i64,
+) -> Result<Vec<exactly_once::outbox::DeadLetter>, String> {
+    exactly_once::outbox::dead_letters(&clients.pg, function, limit).await.map_err(|e| format!("Postgres: {e}"))
+}
+
+/// Puts dead-lettered outbox messages back in the relay's queue (`eo outbox replay`):
+/// the relay sends them again, with their original idempotency keys, the next time it
+/// drains (within `OUTBOX_RELAY_INTERVAL_MS` in a worker, at the next schedule on
+/// Lambda). Every id must be a dead-lettered message; those that are not are named in
+/// the error, and the others are requeued all the same.
+pub async fn replay_outbox(clients: &Clients, ids: &[i64]) -> Result<Vec<i64>, String> {
+    let requeued = exactly_once::outbox::requeue(&clients.pg, ids).await.map_err(|e| format!("Postgres: {e}"))?;
+    let missing: Vec<String> = ids.iter().filter(|id| !requeued.contains(id)).map(|id| format!("#{id}")).collect();
+    if missing.is_empty() {
+        Ok(requeued)
+    } else {
+        let done: Vec<String> = requeued.iter().map(|id| format!("#{id}")).collect();
+        Err(format!(
+            "not dead-lettered outbox messages: {} (see `eo outbox list`); requeued: [{}]",
+            missing.join(", "),
+            done.join(", ")
+        ))
+    }
 }
 
 /// One row of `eo dead-letters list`.

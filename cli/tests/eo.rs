@@ -23,7 +23,7 @@ async fn help_usage_errors_and_exit_codes() {
     let env = TestEnv::new().await;
     let (code, help) = eo(&env, &["--help"]);
     assert_eq!(code, 0);
-    for command in ["run", "esm", "migrate", "inspect", "dead-letters", "cleanup", "produce"] {
+    for command in ["run", "esm", "migrate", "inspect", "dead-letters", "outbox", "cleanup", "produce"] {
         assert!(help.contains(command), "--help lists `{command}`:\n{help}");
     }
     assert_eq!(eo(&env, &["no-such-command"]).0, 2);
@@ -69,6 +69,11 @@ async fn help_usage_errors_and_exit_codes() {
     let (code, text) = eo(&env, &["dead-letters", "replay", "999999"]);
     assert_eq!(code, 1);
     assert!(text.contains("no open dead letter #999999"), "{text}");
+    let (code, text) = eo(&env, &["outbox", "list"]);
+    assert_eq!((code, text.trim()), (0, "no dead-lettered outbox messages"));
+    let (code, text) = eo(&env, &["outbox", "replay", "999999"]);
+    assert_eq!(code, 1);
+    assert!(text.contains("not dead-lettered outbox messages: #999999"), "{text}");
     let (code, text) = eo(&env, &["cleanup"]);
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("deleted 0 confirmed ids"), "{text}");

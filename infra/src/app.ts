@@ -11,6 +11,8 @@ import * as fs from "fs";
 import * as path from "path";
 import { App, CfnOutput, CustomResource, Duration, Stack, StackProps } from "aws-cdk-lib";
 import * as ec2 from "aws-cdk-lib/aws-ec2";
+import * as events from "aws-cdk-lib/aws-events";
+import * as targets from "aws-cdk-lib/aws-events-targets";
 import * as iam from "aws-cdk-lib/aws-iam";
 import * as lambda from "aws-cdk-lib/aws-lambda";
 import * as logs from "aws-cdk-lib/aws-logs";
@@ -49,6 +51,7 @@ interface Settings {
   memorySize: number;
   timeoutSeconds: number;
   logRetentionDays: number;
+  outboxDrainSchedule: string;
   artifactsDir: string;
 }
 
@@ -62,7 +65,7 @@ function settings(app: App): Settings {
     "mskClusterArn", "vpcId", "availabilityZones", "subnetIds", "securityGroupIds", "databaseSecretArn",
     "clickhouseSecretArn", "redisUrl", "clickhouseUrl", "clickhouseUser", "consumerGroupPrefix", "startingPosition",
     "batchSize", "maxBatchingWindowSeconds", "maxRetryAttempts", "maxRecordAgeSeconds", "bisectOnError",
-    "reportBatchItemFailures", "minimumPollers", "maximumPollers", "architecture", "memorySize", "timeoutSeconds", "logRetentionDays", "artifactsDir",
+    "reportBatchItemFailures", "minimumPollers", "maximumPollers", "architecture", "memorySize", "timeoutSeconds", "logRetentionDays", "outboxDrainSchedule", "artifactsDir",
   ];
   const s = Object.fromEntries(keys.map((k) => [k, get(k)])) as unknown as Settings;
   // Values from `-c` arrive as strings.
@@ -221,6 +224,18 @@ export class ExactlyOnceStack extends Stack {
       mapping.node.addDependency(role);
       // Its init checks the schema the migrate step applies.
       fn.node.addDependency(migrations);
+
+      // A function that publishes drains its outbox after each invocation that processed
+      // events, which only happens while records arrive: messages queued during a Kafka
+      // outage would wait for the next record on its topic. This rule's "Scheduled
+      // Event" makes the function drain the outbox and prune published messages.
+      if (f.outputTopics.length) {
+        new events.Rule(this, `${f.name}-outbox-drain`, {
+          description: `Drains the ${f.name} function's outbox without new traffic`,
+          schedule: events.Schedule.expression(s.outboxDrainSchedule),
+          targets: [new targets.LambdaFunction(fn)],
+        });
+      }
 
       new CfnOutput(this, `${f.name}-arn`, { value: fn.functionArn });
     }

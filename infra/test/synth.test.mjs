@@ -92,3 +92,20 @@ test("the migrate step runs before the functions, at the newest migration", () =
     assert.ok([fn.DependsOn].flat().includes(id), `${json(fn.Properties.FunctionName)} depends on the migrate step`);
   }
 });
+
+test("a schedule drains the outbox of each function that publishes, and of no other", () => {
+  const rules = ofType("AWS::Events::Rule").map(([, r]) => r.Properties);
+  const publishing = functions.filter((f) => f.outputTopics.length);
+  assert.equal(rules.length, publishing.length);
+  const lambdas = ofType("AWS::Lambda::Function");
+  for (const f of publishing) {
+    const [id] = lambdas.find(([, r]) => json(r.Properties.FunctionName).includes(`-${f.name}"`));
+    const rule = rules.find((r) => r.Targets.some((t) => json(t.Arn).includes(`"${id}"`)));
+    assert.ok(rule, `no schedule invokes ${f.name}`);
+    assert.equal(rule.ScheduleExpression, context.outboxDrainSchedule);
+    assert.equal(rule.State, "ENABLED");
+    assert.ok(rule.Targets.every((t) => t.Input === undefined), `${f.name} reads the scheduled event itself`);
+    const permission = ofType("AWS::Lambda::Permission").find(([, p]) => json(p.Properties.FunctionName).includes(`"${id}"`) && p.Properties.Principal === "events.amazonaws.com");
+    assert.ok(permission, `EventBridge may invoke ${f.name}`);
+  }
+});

@@ -105,6 +105,8 @@ pub const VARIABLES: &[Var] = &[
     var("KAFKA_TOPIC_PARTITIONS", "3", "Worker: partitions of topics it creates."),
     var("KAFKA_PRODUCE_TIMEOUT_MS", "30000", "How long a publish (outbox relay, `eo produce`) may take before it counts as failed."),
     var("OUTBOX_RELAY_INTERVAL_MS", "500", "Worker: how often the outbox relay looks for messages to publish."),
+    var("OUTBOX_MAX_ATTEMPTS", "5", "Times Kafka may refuse one outbox message on its own merits (too large, unknown topic, not authorised, invalid record) before it is dead-lettered in the outbox (`eo outbox list`); a Kafka outage never counts."),
+    var("OUTBOX_RETENTION_HOURS", "24", "Published outbox messages older than this are deleted by the cleanup (and by the scheduled outbox drain on Lambda); queued and dead-lettered ones are kept."),
     var("WORKER_BATCH_SIZE", "500", "Worker: most records of one partition guarded as one batch."),
     var(
         "WORKER_MAX_PARTITION_IN_FLIGHT",
@@ -502,10 +504,12 @@ impl Default for BreakersConfig {
     }
 }
 
-/// Retention of the ledger.
+/// Retention of the ledger and of published outbox messages.
 #[derive(Debug, Clone)]
 pub struct RetentionConfig {
     pub retention: Duration,
+    /// Published outbox messages older than this are deleted.
+    pub outbox_retention: Duration,
     pub batch_size: i64,
     /// Zero: the worker does not run the cleanup itself.
     pub interval: Duration,
@@ -515,6 +519,7 @@ impl RetentionConfig {
     pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
         Ok(Self {
             retention: Duration::from_secs(positive::<u64>(env, "RETENTION_DAYS")? * 86_400),
+            outbox_retention: Duration::from_secs(positive::<u64>(env, "OUTBOX_RETENTION_HOURS")? * 3_600),
             batch_size: positive(env, "CLEANUP_BATCH_SIZE")?,
             interval: Duration::from_secs(read(env, "CLEANUP_INTERVAL_SECS")?),
         })
@@ -556,6 +561,8 @@ pub struct KafkaConfig {
     pub topic_partitions: i32,
     pub produce_timeout: Duration,
     pub relay_interval: Duration,
+    /// Refusals of one outbox message before it is dead-lettered.
+    pub outbox_max_attempts: u32,
 }
 
 impl KafkaConfig {
@@ -598,6 +605,7 @@ impl KafkaConfig {
             topic_partitions: positive(env, "KAFKA_TOPIC_PARTITIONS")?,
             produce_timeout: millis(env, "KAFKA_PRODUCE_TIMEOUT_MS")?,
             relay_interval: millis(env, "OUTBOX_RELAY_INTERVAL_MS")?,
+            outbox_max_attempts: positive(env, "OUTBOX_MAX_ATTEMPTS")?,
         })
     }
 

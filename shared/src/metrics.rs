@@ -24,6 +24,10 @@ pub const PARTITION_RESTARTS: &str = "kafka_partition_task_restarts_total";
 pub const CLICKHOUSE_REJECTED: &str = "clickhouse_rejected_events_total";
 pub const TABLE_SIZE: &str = "processed_events_table_size";
 pub const CLEANUP_DELETED: &str = "processed_events_cleanup_deleted_total";
+pub const OUTBOX_PUBLISHED: &str = "outbox_messages_published_total";
+pub const OUTBOX_FAILED: &str = "outbox_publish_failures_total";
+pub const OUTBOX_DEAD_LETTERED: &str = "outbox_messages_dead_lettered_total";
+pub const OUTBOX_CLEANUP_DELETED: &str = "outbox_cleanup_deleted_total";
 
 /// Every metric this library exports (alert rules and dashboards are checked against it).
 pub const ALL: &[&str] = &[
@@ -43,6 +47,10 @@ pub const ALL: &[&str] = &[
     PARTITION_RESTARTS,
     TABLE_SIZE,
     CLEANUP_DELETED,
+    OUTBOX_PUBLISHED,
+    OUTBOX_FAILED,
+    OUTBOX_DEAD_LETTERED,
+    OUTBOX_CLEANUP_DELETED,
 ];
 
 pub struct Metrics {
@@ -81,6 +89,15 @@ pub struct Metrics {
     pub table_size: IntGauge,
     /// Rows the retention cleanup deleted.
     pub cleanup_deleted: prometheus::IntCounter,
+    /// `{function}`: outbox messages the broker acknowledged.
+    pub outbox_published: IntCounterVec,
+    /// `{function, kind}`: outbox sends that failed; kind is the refusal's reason
+    /// (`message_too_large`, `unknown_topic`, ...), `unavailable` or `retry`.
+    pub outbox_failed: IntCounterVec,
+    /// `{function, reason}`: outbox messages set aside after `OUTBOX_MAX_ATTEMPTS` refusals.
+    pub outbox_dead_lettered: IntCounterVec,
+    /// Published outbox messages deleted past `OUTBOX_RETENTION_HOURS`.
+    pub outbox_cleanup_deleted: prometheus::IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -109,9 +126,32 @@ impl Metrics {
         let cleanup_deleted = prometheus::IntCounter::new(CLEANUP_DELETED, "Rows deleted by the retention cleanup")
             .expect("valid metric");
         registry.register(Box::new(cleanup_deleted.clone())).expect("metric registered once");
+        let outbox_cleanup_deleted =
+            prometheus::IntCounter::new(OUTBOX_CLEANUP_DELETED, "Published outbox messages deleted by the cleanup")
+                .expect("valid metric");
+        registry.register(Box::new(outbox_cleanup_deleted.clone())).expect("metric registered once");
         Self {
             table_size,
             cleanup_deleted,
+            outbox_cleanup_deleted,
+            outbox_published: counter(
+                &registry,
+                OUTBOX_PUBLISHED,
+                "Outbox messages acknowledged by Kafka",
+                &["function"],
+            ),
+            outbox_failed: counter(
+                &registry,
+                OUTBOX_FAILED,
+                "Outbox sends that failed, by why: a refusal of that message, or Kafka unavailable",
+                &["function", "kind"],
+            ),
+            outbox_dead_lettered: counter(
+                &registry,
+                OUTBOX_DEAD_LETTERED,
+                "Outbox messages dead-lettered after repeated refusals",
+                &["function", "reason"],
+            ),
             worker_in_flight,
             processed: counter(&registry, EVENTS_PROCESSED, "Events handled and confirmed", &["function"]),
             duplicates: counter(

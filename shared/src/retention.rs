@@ -1,7 +1,10 @@
 //! Retention (seeds 001 and 003): confirmed ids older than `RETENTION_DAYS` are deleted
 //! in bounded batches (`CLEANUP_BATCH_SIZE` rows per statement, each its own short
 //! transaction), so the cleanup never holds long locks on the ledger the guard writes
-//! to. Stale failure counters go the same way. Redis markers expire on their own.
+//! to. Stale failure counters go the same way, and so do outbox messages published
+//! more than `OUTBOX_RETENTION_HOURS` ago (kept that long only to answer "was it
+//! sent?"; queued and dead-lettered messages are never deleted here). Redis markers
+//! expire on their own.
 //!
 //! Trade-off, stated plainly: an event redelivered after its row was deleted is handled
 //! again. Keep the retention longer than any redelivery you expect (Kafka topic
@@ -18,6 +21,7 @@ use crate::metrics::metrics;
 pub struct CleanupReport {
     pub processed_events_deleted: u64,
     pub attempts_deleted: u64,
+    pub outbox_deleted: u64,
     /// Delete statements run.
     pub batches: u64,
 }
@@ -25,13 +29,17 @@ pub struct CleanupReport {
 /// Deletes everything past retention, batch by batch, and returns what it removed.
 pub async fn cleanup(pool: &PgPool, config: &RetentionConfig) -> Result<CleanupReport, sqlx::Error> {
     let started = Instant::now();
-    let (processed_events_deleted, b1) = delete_older(pool, "processed_events", "processed_at", config).await?;
-    let (attempts_deleted, b2) = delete_older(pool, "event_attempts", "last_failed_at", config).await?;
-    let report = CleanupReport { processed_events_deleted, attempts_deleted, batches: b1 + b2 };
+    let (processed_events_deleted, b1) =
+        delete_older(pool, "processed_events", "processed_at", config.retention, config.batch_size).await?;
+    let (attempts_deleted, b2) =
+        delete_older(pool, "event_attempts", "last_failed_at", config.retention, config.batch_size).await?;
+    let (outbox_deleted, b3) = prune_outbox(pool, config).await?;
+    let report = CleanupReport { processed_events_deleted, attempts_deleted, outbox_deleted, batches: b1 + b2 + b3 };
     metrics().cleanup_deleted.inc_by(report.processed_events_deleted);
     tracing::info!(
         deleted = report.processed_events_deleted,
         attempts_deleted = report.attempts_deleted,
+        outbox_deleted = report.outbox_deleted,
         batches = report.batches,
         elapsed_ms = started.elapsed().as_millis() as u64,
         retention_days = config.retention.as_secs() / 86_400,
@@ -40,14 +48,25 @@ pub async fn cleanup(pool: &PgPool, config: &RetentionConfig) -> Result<CleanupR
     Ok(report)
 }
 
-/// Deletes rows of `table` whose `column` is past retention, `batch_size` at a time.
-/// Returns the rows deleted and the statements run. `table` and `column` are constants
-/// of this module, never input.
+/// Deletes outbox messages published more than `outbox_retention` ago, in bounded
+/// batches (rows never published have no `published_at` and are never matched).
+/// Returns the rows deleted and the statements run.
+pub async fn prune_outbox(pool: &PgPool, config: &RetentionConfig) -> Result<(u64, u64), sqlx::Error> {
+    let (deleted, batches) =
+        delete_older(pool, "outbox", "published_at", config.outbox_retention, config.batch_size).await?;
+    metrics().outbox_cleanup_deleted.inc_by(deleted);
+    Ok((deleted, batches))
+}
+
+/// Deletes rows of `table` whose `column` is older than `retention`, `batch_size` at a
+/// time. Returns the rows deleted and the statements run. `table` and `column` are
+/// constants of this module, never input.
 async fn delete_older(
     pool: &PgPool,
     table: &str,
     column: &str,
-    config: &RetentionConfig,
+    retention: Duration,
+    batch_size: i64,
 ) -> Result<(u64, u64), sqlx::Error> {
     let sql = format!(
         "DELETE FROM {table} WHERE ctid = ANY(ARRAY(
@@ -55,15 +74,11 @@ async fn delete_older(
     );
     let (mut total, mut batches) = (0, 0);
     loop {
-        let deleted = sqlx::query(&sql)
-            .bind(config.retention.as_secs_f64())
-            .bind(config.batch_size)
-            .execute(pool)
-            .await?
-            .rows_affected();
+        let deleted =
+            sqlx::query(&sql).bind(retention.as_secs_f64()).bind(batch_size).execute(pool).await?.rows_affected();
         total += deleted;
         batches += 1;
-        if deleted < config.batch_size as u64 {
+        if deleted < batch_size as u64 {
             return Ok((total, batches));
         }
     }

@@ -339,3 +339,52 @@ fn dechunk(body: &str) -> String {
         rest = after[n..].trim_start_matches("\r\n");
     }
 }
+
+/// Queues one outbox message directly, as a confirmed batch leaves it behind
+/// (`ctx.publish` inside the batch transaction). Returns its id.
+pub async fn queue_outbox(
+    pg: &sqlx::PgPool,
+    function: &str,
+    topic: &str,
+    idempotency_key: &str,
+    payload: &[u8],
+) -> i64 {
+    sqlx::query_scalar(
+        "INSERT INTO outbox (namespace, event_id, topic, message_key, payload, idempotency_key)
+         VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+    )
+    .bind(function)
+    .bind(idempotency_key.split(':').next().unwrap_or(idempotency_key))
+    .bind(topic)
+    .bind(idempotency_key.as_bytes())
+    .bind(payload)
+    .bind(idempotency_key)
+    .fetch_one(pg)
+    .await
+    .expect("queue an outbox message")
+}
+
+/// Reads `topic` from the start until `expected` messages arrived (or 30 s passed) and
+/// returns their `idempotency_key` headers, sorted.
+pub async fn idempotency_keys_on(kafka: &KafkaConfig, topic: &str, expected: usize) -> Vec<String> {
+    use rdkafka::message::{Headers, Message};
+    let mut config = exactly_once::runtime::worker::client_config(kafka);
+    config.set("group.id", unique("reader")).set("auto.offset.reset", "earliest");
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = config.create().expect("consumer");
+        consumer.subscribe(&[&topic]).expect("subscribe");
+        let mut keys = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while keys.len() < expected && std::time::Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(500)) {
+                let key = m.headers().and_then(|h| h.iter().find(|h| h.key == "idempotency_key").and_then(|h| h.value));
+                keys.push(String::from_utf8_lossy(key.unwrap_or_default()).into_owned());
+            }
+        }
+        keys.sort();
+        keys
+    })
+    .await
+    .expect("reader task")
+}

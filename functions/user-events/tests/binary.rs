@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use exactly_once::runtime::msk;
 use exactly_once::{Event, EventId, Namespace};
-use integration_tests::{user_event, TestEnv};
+use integration_tests::{idempotency_keys_on, queue_outbox, user_event, TestEnv};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -221,6 +221,61 @@ async fn lambda_processes_a_batch_skips_its_repeat_and_dead_letters_poison() {
     let message = err["errorMessage"].as_str().unwrap();
     assert!(message.contains("1 of 2 records") && message.contains("user-events-0@16 (in_flight)"), "{message}");
     assert_eq!(err["errorType"], "UnfinishedBatch");
+}
+
+/// What an EventBridge rule's schedule delivers (AWS's documented example).
+fn scheduled_event() -> Value {
+    serde_json::json!({
+        "version": "0",
+        "id": "53dc4d37-cffa-4f76-80c9-8b7d4a4d2eaa",
+        "detail-type": "Scheduled Event",
+        "source": "aws.events",
+        "account": "123456789012",
+        "time": "2015-10-08T16:53:06Z",
+        "region": "us-east-1",
+        "resources": ["arn:aws:events:us-east-1:123456789012:rule/outbox-drain"],
+        "detail": {}
+    })
+}
+
+/// Every function binary shares the Lambda runtime and its outbox relay; the deployment
+/// schedules the ones that publish. A backlog (left by batches processed while Kafka
+/// was down) drains on the schedule alone, with no record arriving on the topic.
+#[tokio::test(flavor = "multi_thread")]
+async fn lambda_drains_the_outbox_on_a_scheduled_event_and_refuses_unknown_payloads() {
+    let env = TestEnv::new().await;
+    let api = RuntimeApi::start().await;
+    migrate(&env).await;
+    let topic = "scheduled-drain";
+    let full = env.kafka.topic(topic);
+    exactly_once::runtime::worker::create_topics(&env.kafka, std::slice::from_ref(&full)).await.unwrap();
+    for i in 0..3 {
+        queue_outbox(env.pg(), "notifications", topic, &format!("backlog-{i}:0"), b"{}").await;
+    }
+    let sent = queue_outbox(env.pg(), "notifications", topic, "sent-long-ago:0", b"{}").await;
+    sqlx::query("UPDATE outbox SET published_at = now() - interval '30 days' WHERE id = $1")
+        .bind(sent)
+        .execute(env.pg())
+        .await
+        .unwrap();
+    let _function = lambda(&env, &api).spawn().expect("spawn lambda");
+
+    let r = api.invoke(&scheduled_event()).await.expect("a scheduled invocation succeeds");
+    assert_eq!((r["outbox"]["published"].as_u64(), r["pruned"].as_u64()), (Some(3), Some(1)), "{r}");
+    assert_eq!(env.count("SELECT count(*) FROM outbox WHERE published_at IS NULL").await, 0);
+    assert_eq!(env.count("SELECT count(*) FROM outbox").await, 3, "the long-published message is pruned");
+    assert_eq!(idempotency_keys_on(&env.kafka, &full, 3).await, ["backlog-0:0", "backlog-1:0", "backlog-2:0"]);
+
+    // Neither an MSK event nor a schedule: a clear error naming the shape, no crash.
+    let err = api
+        .invoke(&serde_json::json!({"source": "aws.s3", "detail-type": "Object Created", "detail": {"key": "x"}}))
+        .await
+        .expect_err("an unknown payload is an error");
+    assert_eq!(err["errorType"], "UnrecognisedEvent", "{err}");
+    let message = err["errorMessage"].as_str().unwrap();
+    assert!(message.contains("keys [detail, detail-type, source]"), "{message}");
+    let again = api.invoke(&scheduled_event()).await.expect("the function keeps serving");
+    assert_eq!(again["outbox"]["published"], 0, "{again}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,4 +1,5 @@
-//! The Lambda runtime: one invocation is one MSK batch, run as one guarded batch.
+//! The Lambda runtime: an invocation is either one MSK batch, run as one guarded batch,
+//! or an EventBridge scheduled event, which drains the outbox (see [`Invocation`]).
 //!
 //! Invariants:
 //! - clients are built once at init (by the caller) and shared by every invocation;
@@ -13,19 +14,30 @@
 //! - no retry storm: while records are unfinished because the ClickHouse breaker is open,
 //!   the invocation waits for the breaker's probe and runs them again, for as long as
 //!   its remaining time allows, instead of failing in milliseconds and being retried at
-//!   once by the mapping (the worker pauses its partitions for the same reason).
+//!   once by the mapping (the worker pauses its partitions for the same reason);
+//! - the outbox drains without new traffic: a Lambda has no background time, and the
+//!   drain after a batch only runs when a batch arrives, so messages queued while Kafka
+//!   was down (or left behind by an invocation out of time) would wait for the next
+//!   event on the topic, which may never come. The deployment (template.yaml, infra/)
+//!   invokes each publishing function on a schedule with EventBridge's "Scheduled
+//!   Event"; that invocation drains the outbox while batches come back full and time
+//!   allows, deletes published messages past `OUTBOX_RETENTION_HOURS`, and answers
+//!   what it did. A payload that is neither shape is a clear error naming its keys
+//!   (`UnrecognisedEvent`), never a panic or a silent success.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use lambda_runtime::{service_fn, LambdaEvent};
 use serde_json::{json, Value};
+use sqlx::PgPool;
 use tokio::time::Instant;
 
 use super::functions::Functions;
 use super::msk::{self, MskEvent};
 use crate::breaker::CircuitBreaker;
-use crate::outbox::Relay;
+use crate::config::RetentionConfig;
+use crate::outbox::{Relay, RelayError, RelayReport};
 use crate::outcome::{EventOutcome, FailureKind};
 use crate::Outcome;
 
@@ -51,46 +63,194 @@ pub struct UnfinishedBatch {
     pub detail: String,
 }
 
-/// Serves invocations until the runtime stops. After an invocation that processed
-/// events, the outbox is drained once (a Lambda has no background time) when at least
-/// `RELAY_BUDGET` of the invocation is left; otherwise it waits for the next one.
-pub async fn serve(
-    functions: Arc<Functions>,
-    relay: Arc<Relay>,
-    clickhouse: Arc<CircuitBreaker>,
-    probe_budget: Duration,
-    report_batch_item_failures: bool,
-) -> Result<(), lambda_runtime::Error> {
-    lambda_runtime::run(service_fn(move |event: LambdaEvent<MskEvent>| {
-        let (functions, relay, clickhouse) = (functions.clone(), relay.clone(), clickhouse.clone());
+/// What one invocation carries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Invocation {
+    /// A batch from the MSK event source mapping (it has `records`).
+    Msk(MskEvent),
+    /// An EventBridge rule's scheduled event (`"source": "aws.events"`,
+    /// `"detail-type": "Scheduled Event"`): drain the outbox. `rule` is the rule's ARN.
+    Scheduled { rule: Option<String> },
+}
+
+/// A payload that is neither an MSK event nor a scheduled event.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unrecognised invocation payload: {0}; this function takes an MSK event (with `records`) or an EventBridge scheduled event (`source` aws.events, `detail-type` Scheduled Event)")]
+pub struct UnrecognisedEvent(pub String);
+
+impl Invocation {
+    /// Tells the two payloads apart. Only key names are quoted in an error, never
+    /// values (a payload may carry data that does not belong in a log).
+    pub fn classify(payload: Value) -> Result<Self, UnrecognisedEvent> {
+        let Value::Object(map) = payload else {
+            let kind = match payload {
+                Value::Null => "null",
+                Value::Bool(_) => "a boolean",
+                Value::Number(_) => "a number",
+                Value::String(_) => "a string",
+                Value::Array(_) => "an array",
+                Value::Object(_) => unreachable!("matched above"),
+            };
+            return Err(UnrecognisedEvent(format!("{kind}, not a JSON object")));
+        };
+        if map.contains_key("records") {
+            return serde_json::from_value(Value::Object(map))
+                .map(Invocation::Msk)
+                .map_err(|e| UnrecognisedEvent(format!("an MSK event that does not parse ({e})")));
+        }
+        let field = |k: &str| map.get(k).and_then(Value::as_str);
+        if field("source") == Some("aws.events") && field("detail-type") == Some("Scheduled Event") {
+            let rule = map.get("resources").and_then(|r| r.get(0)).and_then(Value::as_str).map(str::to_owned);
+            return Ok(Invocation::Scheduled { rule });
+        }
+        let mut keys: Vec<&str> = map.keys().map(String::as_str).take(12).collect();
+        keys.sort_unstable();
+        let shown = if keys.is_empty() { "none".to_owned() } else { keys.join(", ") };
+        Err(UnrecognisedEvent(format!("an object with keys [{shown}]")))
+    }
+}
+
+/// Why an invocation failed (the `errorType` Lambda records is the variant's name).
+#[derive(Debug, thiserror::Error)]
+pub enum InvocationError {
+    #[error(transparent)]
+    Unfinished(#[from] UnfinishedBatch),
+    #[error(transparent)]
+    Unrecognised(#[from] UnrecognisedEvent),
+    /// The scheduled drain could not run (Postgres unreachable); the next schedule
+    /// tries again, and messages stay queued meanwhile.
+    #[error("scheduled outbox drain failed; messages stay queued: {0}")]
+    OutboxDrain(String),
+}
+
+impl From<InvocationError> for lambda_runtime::Diagnostic {
+    fn from(e: InvocationError) -> Self {
+        let error_type = match &e {
+            InvocationError::Unfinished(_) => "UnfinishedBatch",
+            InvocationError::Unrecognised(_) => "UnrecognisedEvent",
+            InvocationError::OutboxDrain(_) => "OutboxDrainFailed",
+        };
+        lambda_runtime::Diagnostic { error_type: error_type.into(), error_message: e.to_string() }
+    }
+}
+
+/// Everything an invocation needs, built once at init and shared by every invocation.
+pub struct LambdaApp {
+    pub functions: Arc<Functions>,
+    pub relay: Arc<Relay>,
+    pub clickhouse: Arc<CircuitBreaker>,
+    pub pg: PgPool,
+    pub retention: RetentionConfig,
+    /// Time a ClickHouse probe may take (its write timeout).
+    pub probe_budget: Duration,
+    pub report_batch_item_failures: bool,
+}
+
+impl LambdaApp {
+    /// Handles one invocation's payload, finishing before `deadline`.
+    pub async fn handle(&self, payload: Value, deadline: Instant) -> Result<Value, InvocationError> {
+        match Invocation::classify(payload) {
+            Ok(Invocation::Msk(event)) => self.handle_batch(&event, deadline).await,
+            Ok(Invocation::Scheduled { rule }) => self.handle_schedule(rule.as_deref(), deadline).await,
+            Err(e) => {
+                tracing::error!(error = %e, "unrecognised invocation");
+                Err(e.into())
+            }
+        }
+    }
+
+    /// One MSK batch; after it, when it processed events and time is left, the outbox
+    /// is drained once.
+    async fn handle_batch(&self, event: &MskEvent, deadline: Instant) -> Result<Value, InvocationError> {
+        let outcomes =
+            run_until_done_or_deadline(&self.functions, event, deadline, &self.clickhouse, self.probe_budget).await;
+        let processed = outcomes.iter().any(|o| matches!(o.outcome, Outcome::Processed));
+        let result = answer(outcomes, self.report_batch_item_failures).map(|mut v| {
+            if v["outcomes"].as_array().is_some_and(|o| o.len() > MAX_OUTCOMES_IN_ANSWER) {
+                if let Some(map) = v.as_object_mut() {
+                    map.remove("outcomes");
+                }
+            }
+            v
+        });
+        // The outbox is drained only with time to spare, and never cut off midway:
+        // cancelling a Postgres call (sqlx 0.8's `begin()` in particular) can hand
+        // the pooled connection back inside a transaction, and the next batch's
+        // autocommitted confirm would run in it and never commit.
+        if processed && Instant::now() + RELAY_BUDGET <= deadline {
+            match self.relay.drain_once().await {
+                Ok(r) if r.published > 0 => tracing::info!(published = r.published, "outbox drained"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "outbox relay failed; messages stay queued"),
+            }
+        } else if processed {
+            tracing::warn!("no time left to drain the outbox; messages stay queued (the scheduled drain sends them)");
+        }
+        Ok(result?)
+    }
+
+    /// A scheduled invocation: drains the outbox batch after batch while they come back
+    /// full and `RELAY_BUDGET` is left, then deletes published messages past retention.
+    async fn handle_schedule(&self, rule: Option<&str>, deadline: Instant) -> Result<Value, InvocationError> {
+        let mut total = RelayReport::default();
+        let mut batches = 0u32;
+        let drain_failed = |e: RelayError| {
+            tracing::error!(error = %e, "scheduled outbox drain failed; messages stay queued");
+            InvocationError::OutboxDrain(e.to_string())
+        };
+        while Instant::now() + RELAY_BUDGET <= deadline {
+            let r = self.relay.drain_once().await.map_err(drain_failed)?;
+            batches += 1;
+            total.published += r.published;
+            total.failed += r.failed;
+            total.rejected += r.rejected;
+            total.dead_lettered += r.dead_lettered;
+            total.skipped |= r.skipped;
+            if r.skipped || !r.full || r.published == 0 {
+                break;
+            }
+        }
+        let pruned = if Instant::now() + RELAY_BUDGET <= deadline {
+            crate::retention::prune_outbox(&self.pg, &self.retention)
+                .await
+                .map_err(|e| drain_failed(RelayError::Postgres(e)))?
+                .0
+        } else {
+            0
+        };
+        tracing::info!(
+            rule = rule.unwrap_or("?"),
+            batches,
+            published = total.published,
+            failed = total.failed,
+            dead_lettered = total.dead_lettered,
+            kafka_breaker_open = total.skipped,
+            pruned,
+            "scheduled outbox drain"
+        );
+        Ok(json!({
+            "scheduled": true,
+            "outbox": {
+                "batches": batches,
+                "published": total.published,
+                "failed": total.failed,
+                "rejected": total.rejected,
+                "deadLettered": total.dead_lettered,
+                "kafkaBreakerOpen": total.skipped,
+            },
+            "pruned": pruned,
+        }))
+    }
+}
+
+/// Serves invocations until the runtime stops.
+pub async fn serve(app: Arc<LambdaApp>) -> Result<(), lambda_runtime::Error> {
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
+        let app = app.clone();
         async move {
             let remaining = event.context.deadline().duration_since(SystemTime::now()).unwrap_or_default();
             let deadline = Instant::now() + remaining.saturating_sub(DEADLINE_MARGIN);
-            let outcomes =
-                run_until_done_or_deadline(&functions, &event.payload, deadline, &clickhouse, probe_budget).await;
-            let processed = outcomes.iter().any(|o| matches!(o.outcome, Outcome::Processed));
-            let result = answer(outcomes, report_batch_item_failures).map(|mut v| {
-                if v["outcomes"].as_array().is_some_and(|o| o.len() > MAX_OUTCOMES_IN_ANSWER) {
-                    if let Some(map) = v.as_object_mut() {
-                        map.remove("outcomes");
-                    }
-                }
-                v
-            });
-            // The outbox is drained only with time to spare, and never cut off midway:
-            // cancelling a Postgres call (sqlx 0.8's `begin()` in particular) can hand
-            // the pooled connection back inside a transaction, and the next batch's
-            // autocommitted confirm would run in it and never commit.
-            if processed && Instant::now() + RELAY_BUDGET <= deadline {
-                match relay.drain_once().await {
-                    Ok(r) if r.published > 0 => tracing::info!(published = r.published, "outbox drained"),
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "outbox relay failed; messages stay queued"),
-                }
-            } else if processed {
-                tracing::warn!("no time left to drain the outbox; messages stay queued");
-            }
-            result
+            app.handle(event.payload, deadline).await
         }
     }))
     .await
@@ -214,6 +374,64 @@ pub fn outcome_json(o: &EventOutcome) -> Value {
 
 impl From<UnfinishedBatch> for lambda_runtime::Diagnostic {
     fn from(e: UnfinishedBatch) -> Self {
-        lambda_runtime::Diagnostic { error_type: "UnfinishedBatch".into(), error_message: e.to_string() }
+        InvocationError::Unfinished(e).into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// AWS's documented example of what an EventBridge rule's schedule delivers.
+    const SCHEDULED: &str = r#"{
+        "version": "0",
+        "id": "53dc4d37-cffa-4f76-80c9-8b7d4a4d2eaa",
+        "detail-type": "Scheduled Event",
+        "source": "aws.events",
+        "account": "123456789012",
+        "time": "2015-10-08T16:53:06Z",
+        "region": "us-east-1",
+        "resources": ["arn:aws:events:us-east-1:123456789012:rule/my-scheduled-rule"],
+        "detail": {}
+    }"#;
+
+    #[test]
+    fn a_scheduled_event_and_an_msk_event_are_told_apart() {
+        let scheduled = Invocation::classify(serde_json::from_str(SCHEDULED).unwrap()).unwrap();
+        assert_eq!(
+            scheduled,
+            Invocation::Scheduled { rule: Some("arn:aws:events:us-east-1:123456789012:rule/my-scheduled-rule".into()) }
+        );
+        let msk =
+            json!({"eventSource": "aws:kafka", "records": {"t-0": [{"topic": "t", "partition": 0, "offset": 1}]}});
+        match Invocation::classify(msk).unwrap() {
+            Invocation::Msk(e) => assert_eq!(e.len(), 1),
+            other => panic!("expected an MSK event, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn any_other_payload_is_a_clear_error_that_quotes_no_values() {
+        for (payload, says) in [
+            (
+                json!({"source": "aws.s3", "detail-type": "Object Created", "secret": "hunter2"}),
+                "keys [detail-type, secret, source]",
+            ),
+            (
+                json!({"source": "aws.events", "detail-type": "EC2 Instance State-change Notification"}),
+                "keys [detail-type, source]",
+            ),
+            (json!({}), "keys [none]"),
+            (json!([1, 2]), "an array"),
+            (json!("hunter2"), "a string"),
+            (json!({"records": "not a map"}), "an MSK event that does not parse"),
+        ] {
+            let e = Invocation::classify(payload.clone()).unwrap_err();
+            let text = e.to_string();
+            assert!(text.contains(says), "{payload}: {text}");
+            assert!(!text.contains("hunter2"), "values never appear: {text}");
+            let d: lambda_runtime::Diagnostic = InvocationError::from(e).into();
+            assert_eq!(d.error_type, "UnrecognisedEvent");
+        }
     }
 }

@@ -117,15 +117,16 @@ async fn run_lambda(handlers: Vec<Arc<dyn Handler>>) -> Result<(), RunError> {
     let clients = connect_with(&config, process.startup_timeout, Schema::Check).await?;
     let functions = Arc::new(Functions::new_with(&clients, handlers, &kafka, Schema::Check).await?);
     let relay = crate::outbox::Relay::new(clients.pg.clone(), &kafka, clients.kafka_breaker.clone())?;
-    lambda::serve(
+    let app = lambda::LambdaApp {
         functions,
-        Arc::new(relay),
-        clients.sink.breaker().clone(),
-        config.clickhouse.timeout,
-        process.report_batch_item_failures,
-    )
-    .await
-    .map_err(|e| RunError::Lambda(e.to_string()))
+        relay: Arc::new(relay),
+        clickhouse: clients.sink.breaker().clone(),
+        pg: clients.pg.clone(),
+        retention: config.retention.clone(),
+        probe_budget: config.clickhouse.timeout,
+        report_batch_item_failures: process.report_batch_item_failures,
+    };
+    lambda::serve(Arc::new(app)).await.map_err(|e| RunError::Lambda(e.to_string()))
 }
 
 /// Knobs of [`run_worker`] that are not environment configuration.
