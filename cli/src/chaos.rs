@@ -169,6 +169,11 @@ pub struct Summary {
     pub rejects: usize,
     /// Rejected-row events dead-lettered as `clickhouse_rejected`.
     pub rejects_dead_lettered: usize,
+    pub unpublishable: usize,
+    /// Unpublishable outbox messages dead-lettered in the outbox.
+    pub outbox_dead_lettered: usize,
+    /// Other outbox messages not published at the end (there must be none).
+    pub outbox_unpublished_others: usize,
     pub clickhouse_rows: u64,
     pub clickhouse_raw_rows: u64,
     pub processed: BTreeMap<String, i64>,
@@ -194,7 +199,7 @@ impl Summary {
         format!(
             "chaos seed={} runtime={:?} {}: {} produced ({} unique user-events, {} unique notifications, {} poison); \
              ClickHouse FINAL {}/{ue} ({} raw rows); processed_events {}/{ue} + {}/{no}; notifications {}/{no}; \
-             chaos-faults rows {}/{cf}, processed {}/{cf}, panics dead-lettered {}/{}, rejected rows dead-lettered {}/{}; \
+             chaos-faults rows {}/{cf}, processed {}/{cf}, panics dead-lettered {}/{}, rejected rows dead-lettered {}/{}, unpublishable outbox messages dead-lettered {}/{} ({} others unpublished); \
              dead letters {}/{} ({} unexpected, {} missing); offsets committed {}/{} partitions; {} discarded; faults: {}; {} consumer restarts; {:.0} s",
             self.seed,
             self.runtime,
@@ -214,6 +219,9 @@ impl Summary {
             self.panics,
             self.rejects_dead_lettered,
             self.rejects,
+            self.outbox_dead_lettered,
+            self.unpublishable,
+            self.outbox_unpublished_others,
             self.dead_letters,
             self.poison + self.panics + self.rejects,
             self.unexpected_dead_letters.len(),
@@ -631,6 +639,7 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
     let chaos_topic = kafka.topic(crate::chaos_function::TOPICS[0]);
     let mut panic_ids: HashSet<String> = HashSet::new();
     let mut reject_ids: HashSet<String> = HashSet::new();
+    let mut unpublishable_ids: HashSet<String> = HashSet::new();
     let chaos_ok = opts.handler_faults * 10;
     {
         use crate::chaos_function::{ChaosFaults, Kind};
@@ -640,7 +649,11 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
             list.push(Message { topic: chaos_topic.clone(), id, payload: ChaosFaults::payload(Kind::Ok) });
         }
         for i in 0..opts.handler_faults {
-            for (kind, ids) in [(Kind::Panic, &mut panic_ids), (Kind::Reject, &mut reject_ids)] {
+            for (kind, ids) in [
+                (Kind::Panic, &mut panic_ids),
+                (Kind::Reject, &mut reject_ids),
+                (Kind::Unpublishable, &mut unpublishable_ids),
+            ] {
                 let id = format!("chaos-{kind:?}-{i}-{}", uuid_like(&mut rng)).to_lowercase();
                 ids.insert(id.clone());
                 let at = rng.random_range(0..=list.len());
@@ -649,6 +662,8 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
         }
         messages.push(list);
     }
+    // An unpublishable message's event is itself confirmed: its row lands.
+    let chaos_ok = chaos_ok + opts.handler_faults;
     unique.insert(crate::chaos_function::NAME.to_owned(), chaos_ok);
     let mut topics = topics;
     topics.push(chaos_topic.clone());
@@ -824,6 +839,31 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+    // Every unpublishable outbox message dead-lettered and nothing else left queued. The
+    // worker's relay drains on its own; a Lambda drains after invocations and on its
+    // schedule, which this loop stands in for (one drain per second, as the controller).
+    let relay = exactly_once::outbox::Relay::new(clients.pg.clone(), &kafka, clients.kafka_breaker.clone())?;
+    let outbox_deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (queued, dead): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE published_at IS NULL AND dead_lettered_at IS NULL),
+                    count(*) FILTER (WHERE dead_lettered_at IS NOT NULL)
+             FROM outbox",
+        )
+        .fetch_one(&clients.pg)
+        .await
+        .unwrap_or((-1, -1));
+        if (queued == 0 && dead as usize >= unpublishable_ids.len()) || Instant::now() > outbox_deadline {
+            break;
+        }
+        if opts.runtime == Runtime::Lambda {
+            if let Err(e) = relay.drain_once().await {
+                eprintln!("[chaos] outbox drain (the schedule's stand-in) failed: {e}");
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    drop(relay);
     let worker_restarts = main_worker.restarts();
     main_worker.stop().await;
     if let Some(s) = second.take() {
@@ -862,6 +902,16 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
     let rejects_dead_lettered =
         letters.iter().filter(|(id, reason)| reject_ids.contains(id) && reason == "clickhouse_rejected").count();
     let letters: Vec<String> = letters.into_iter().map(|(id, _)| id).collect();
+    // The outbox: the unpublishable messages dead-lettered as too large, exactly those;
+    // every other message published.
+    let outbox: Vec<(String, Option<String>, bool)> =
+        sqlx::query_as("SELECT event_id, dead_letter_reason, published_at IS NOT NULL FROM outbox")
+            .fetch_all(&clients.pg)
+            .await?;
+    let outbox_dead_lettered =
+        outbox.iter().filter(|(id, reason, _)| unpublishable_ids.contains(id) && reason.is_some()).count();
+    let outbox_unpublished_others =
+        outbox.iter().filter(|(id, _, published)| !unpublishable_ids.contains(id) && !published).count();
     let letters_set: HashSet<String> = letters.iter().cloned().collect();
     let expected_letters: HashSet<String> = poison_ids.union(&panic_ids).chain(reject_ids.iter()).cloned().collect();
     let mut unexpected: Vec<String> = letters_set.difference(&expected_letters).cloned().collect();
@@ -882,6 +932,8 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
         && processed.get(crate::chaos_function::NAME).copied().unwrap_or(0) == chaos_ok as i64
         && panics_dead_lettered == panic_ids.len()
         && rejects_dead_lettered == reject_ids.len()
+        && outbox_dead_lettered == unpublishable_ids.len()
+        && outbox_unpublished_others == 0
         && unexpected.is_empty()
         && missing.is_empty()
         && committed_parts == total_parts;
@@ -897,6 +949,9 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
         panics_dead_lettered,
         rejects: reject_ids.len(),
         rejects_dead_lettered,
+        unpublishable: unpublishable_ids.len(),
+        outbox_dead_lettered,
+        outbox_unpublished_others,
         clickhouse_rows,
         clickhouse_raw_rows,
         processed,

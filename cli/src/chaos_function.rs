@@ -7,7 +7,11 @@
 //!   failure, dead-lettered as `max_attempts` after [`MAX_ATTEMPTS`];
 //! - `{"kind": "reject"}`: a row ClickHouse refuses as data (`d` is not a date, and the
 //!   table parses it on insert): dead-lettered as `clickhouse_rejected`, the rest of its
-//!   batch lands.
+//!   batch lands;
+//! - `{"kind": "unpublishable"}`: a row, confirmed, and an outbox message larger than
+//!   the producer may send ([`UNPUBLISHABLE_BYTES`]): the broker can never take it, so
+//!   the relay dead-letters it after `OUTBOX_MAX_ATTEMPTS`, without opening the Kafka
+//!   breaker, while the other messages flow.
 //!
 //! `eo run` and `eo esm` include it only with `EO_CHAOS_FUNCTION=1`; the `chaos-faults`
 //! binary is its Lambda form.
@@ -27,6 +31,11 @@ pub const DDL: &str = "CREATE TABLE IF NOT EXISTS chaos_rows (
     parsed   Date MATERIALIZED toDate(d)
 ) ENGINE = ReplacingMergeTree ORDER BY event_id";
 
+/// Where unpublishable messages would go.
+pub const OUTPUT_TOPIC: &str = "chaos-faults-out";
+/// Over the producer's default `message.max.bytes` (1,000,000).
+pub const UNPUBLISHABLE_BYTES: usize = 1_200_000;
+
 /// The variable that adds this function to `eo run` and `eo esm`.
 pub const ENABLE_VAR: &str = "EO_CHAOS_FUNCTION";
 
@@ -36,6 +45,7 @@ pub enum Kind {
     Ok,
     Panic,
     Reject,
+    Unpublishable,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -65,6 +75,7 @@ impl Handler for ChaosFaults {
         FunctionSpec::new(NAME, TOPICS, IdStrategy::Header(exactly_once::event_id::IDEMPOTENCY_KEY_HEADER.into()))
             .clickhouse_ddl(DDL)
             .max_attempts(MAX_ATTEMPTS)
+            .publishes(&[OUTPUT_TOPIC])
     }
 
     async fn handle(&self, event: &Event, ctx: &mut HandlerContext<'_>) -> Result<(), HandlerError> {
@@ -73,6 +84,10 @@ impl Handler for ChaosFaults {
             Kind::Ok => "2026-11-23",
             Kind::Panic => panic!("chaos-faults: a handler panic, as asked"),
             Kind::Reject => "not a date",
+            Kind::Unpublishable => {
+                ctx.publish(OUTPUT_TOPIC, None, &vec![b'x'; UNPUBLISHABLE_BYTES]).await?;
+                "2026-11-23"
+            }
         };
         ctx.clickhouse(TABLE, ChaosRow { event_id: ctx.event_id().to_string(), d: d.into() })
     }
