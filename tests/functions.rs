@@ -38,7 +38,11 @@ async fn cdc_replays_duplicates_and_late_changes_never_double_or_regress_a_row()
     let r = g.run_batch(&cdc::Cdc, &stream, None).await;
     assert_eq!(r.count("processed"), 5);
     assert_eq!(r.count("duplicate"), 1);
-    assert_eq!(r.outcomes[0].event_id.as_ref().unwrap().as_str(), "users:100", "id = source table and LSN");
+    assert_eq!(
+        r.outcomes[0].event_id.as_ref().unwrap().as_str(),
+        "users:100:1",
+        "id = source table, LSN and primary key"
+    );
 
     // The whole stream again (a replay from an earlier offset), plus a late copy of an
     // old change under a fresh position: nothing doubles, nothing regresses.
@@ -63,16 +67,62 @@ async fn cdc_replays_duplicates_and_late_changes_never_double_or_regress_a_row()
     assert_eq!(env.count("SELECT count(*) FROM processed_events WHERE namespace = 'cdc'").await, 6);
 }
 
+/// A Debezium snapshot (`op: "r"`) reads every row of a table at one LSN, so the source
+/// position alone does not tell its rows apart: the row's primary key is part of the id.
+#[tokio::test]
+async fn cdc_snapshot_rows_sharing_one_lsn_each_land_once() {
+    let env = TestEnv::new().await;
+    env.clients.sink.apply_ddl(cdc::CLICKHOUSE_DDL).await.unwrap();
+    let g = Guard::new(&env.clients, cdc::NAME, cdc::Cdc.spec().id_strategy, GuardConfig::default()).unwrap();
+    const ROWS: u64 = 300;
+    let mut stream: Vec<Event> = (1..=ROWS).map(|id| change(id as i64, "r", id, 500, &format!("{id}@snap"))).collect();
+    // Streamed changes after the snapshot.
+    stream.push(change(301, "u", 5, 501, "5@new"));
+    stream.push(change(302, "d", 6, 502, "6@snap"));
+    stream.push(change(303, "c", ROWS + 1, 503, "new@row"));
+    let mut processed = 0;
+    for batch in stream.chunks(100) {
+        let r = g.run_batch(&cdc::Cdc, batch, None).await;
+        assert_eq!(r.count("duplicate"), 0, "{:?}", r.outcomes.iter().find(|o| o.outcome != Outcome::Processed));
+        processed += r.count("processed");
+    }
+    assert_eq!(processed, stream.len());
+
+    // The connector re-sends a streamed change and a snapshot row (new offsets): both
+    // are duplicates.
+    let resent = [change(304, "u", 5, 501, "5@new"), change(305, "r", 7, 500, "7@snap")];
+    let r = g.run_batch(&cdc::Cdc, &resent, None).await;
+    assert_eq!(r.count("duplicate"), 2, "{:?}", r.outcomes);
+
+    let ledger = "SELECT count(*) FROM processed_events WHERE namespace = 'cdc'";
+    assert_eq!(env.count(ledger).await, stream.len() as i64, "one ledger row per change");
+    assert_eq!(env.clickhouse_count("SELECT count() FROM cdc_rows FINAL").await, ROWS + 1, "one row per source row");
+    assert_eq!(env.clickhouse_count("SELECT uniqExact(pk) FROM cdc_rows FINAL").await, ROWS + 1);
+    assert_eq!(env.clickhouse_count("SELECT count() FROM cdc_rows FINAL WHERE op = 'r'").await, ROWS - 2);
+    assert_eq!(env.clickhouse_count("SELECT count() FROM cdc_rows FINAL WHERE pk = '5' AND op = 'u'").await, 1);
+    assert_eq!(env.clickhouse_count("SELECT count() FROM cdc_rows FINAL WHERE pk = '6' AND is_deleted = 1").await, 1);
+}
+
 #[tokio::test]
 async fn cdc_change_without_its_row_image_is_dead_lettered() {
     let env = TestEnv::new().await;
     env.clients.sink.apply_ddl(cdc::CLICKHOUSE_DDL).await.unwrap();
     let g = Guard::new(&env.clients, cdc::NAME, cdc::Cdc.spec().id_strategy, GuardConfig::default()).unwrap();
-    let broken = Event::new("cdc-changes", 0, 0).with_value(
-        json!({"op": "u", "before": null, "after": null, "source": {"table": "users", "lsn": 7}}).to_string(),
-    );
-    let r = g.run_batch(&cdc::Cdc, &[broken], None).await;
-    assert_eq!(r.outcomes[0].outcome, Outcome::DeadLettered { reason: "payload_invalid".into() });
+    // Two broken changes at one LSN: without a row image there is no primary key, so no
+    // id; each is dead-lettered under its own position, neither skipped as the other's
+    // duplicate.
+    let broken = |offset: i64| {
+        Event::new("cdc-changes", 0, offset).with_value(
+            json!({"op": "u", "before": null, "after": null, "source": {"table": "users", "lsn": 7}}).to_string(),
+        )
+    };
+    // With an `idempotency_key` header it has an id, and the handler rejects it.
+    let keyed = broken(2).with_header("idempotency_key", "k-2");
+    let r = g.run_batch(&cdc::Cdc, &[broken(0), broken(1), keyed], None).await;
+    assert_eq!(r.outcomes[0].outcome, Outcome::DeadLettered { reason: "id_missing".into() });
+    assert_eq!(r.outcomes[1].outcome, Outcome::DeadLettered { reason: "id_missing".into() });
+    assert_eq!(r.outcomes[2].outcome, Outcome::DeadLettered { reason: "payload_invalid".into() });
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters WHERE error LIKE '%/after/id%/before/id%'").await, 2);
 }
 
 #[test]

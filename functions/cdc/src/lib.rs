@@ -5,9 +5,11 @@
 //!
 //! Payload: `{"op": "c"|"u"|"d"|"r", "before": {...}|null, "after": {...}|null,
 //! "source": {"table": "users", "lsn": 123, "ts_ms": 1700000000000}}`. The row's primary
-//! key is its `id` field. The event id is the change's source position
-//! (`<table>:<lsn>`, unique per change), so a change re-sent by the connector after a
-//! restart is the same event; the `idempotency_key` header wins when present.
+//! key is its `id` field. The event id is the change's source position and the row's
+//! primary key (`<table>`, `<lsn>`, `<id>`), so a change re-sent by the connector after a
+//! restart is the same event; the `idempotency_key` header wins when present. The
+//! position alone is not enough: a snapshot (`op: "r"`) reads every row of a table at
+//! one LSN, and a transaction's changes may share one, so only the key tells them apart.
 
 use exactly_once::clickhouse::Row;
 use exactly_once::{async_trait, Event, FunctionSpec, Handler, HandlerContext, HandlerError, IdStrategy};
@@ -84,7 +86,11 @@ impl Handler for Cdc {
             TOPICS,
             IdStrategy::FirstOf(vec![
                 IdStrategy::Header(exactly_once::event_id::IDEMPOTENCY_KEY_HEADER.into()),
-                IdStrategy::Composite(vec!["/source/table".into(), "/source/lsn".into()]),
+                // The primary key of the row image the handler writes: the new image
+                // (`after`) for c, u and r; the old one (`before`) for d, the only op
+                // whose `after` is null, so it falls through to the second composite.
+                IdStrategy::Composite(vec!["/source/table".into(), "/source/lsn".into(), "/after/id".into()]),
+                IdStrategy::Composite(vec!["/source/table".into(), "/source/lsn".into(), "/before/id".into()]),
             ]),
         )
         .clickhouse_ddl(CLICKHOUSE_DDL)

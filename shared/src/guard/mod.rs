@@ -242,7 +242,7 @@ impl Guard {
             });
             let (id, invalid) = match rejected {
                 Some(r) => (stand_in(), Some(r)),
-                None => match self.ids.derive(event) {
+                None => match self.ids.derive_in(event, crate::event_id::IdFormat::V1) {
                     Ok(id) => (id, None),
                     Err(e) => (stand_in(), Some(Rejection { reason: e.reason().to_owned(), error: e.to_string() })),
                 },
