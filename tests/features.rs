@@ -208,7 +208,7 @@ async fn a_redis_outage_falls_back_to_postgres_and_recovers() {
         }
     }
     assert_eq!(processed, 1);
-    assert_eq!(env.count("SELECT count(*) FROM effects WHERE event_id = 'contended'").await, 1);
+    assert_eq!(env.count("SELECT count(*) FROM effects WHERE event_id = 'h:contended'").await, 1);
     assert_eq!(proxy.connections.load(Ordering::SeqCst), attempts_before, "an open breaker keeps Redis calls away");
 
     // Redis is back: after the open time a probe closes the breaker and markers return.

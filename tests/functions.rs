@@ -40,7 +40,7 @@ async fn cdc_replays_duplicates_and_late_changes_never_double_or_regress_a_row()
     assert_eq!(r.count("duplicate"), 1);
     assert_eq!(
         r.outcomes[0].event_id.as_ref().unwrap().as_str(),
-        "users:100:1",
+        "c:users:100:1",
         "id = source table, LSN and primary key"
     );
 
@@ -149,7 +149,7 @@ async fn a_notification_request_creates_one_row_and_one_outbox_message() {
     assert_eq!(again.run_batch(&h, &[request(0, "n-1", "ann")], None).await.count("duplicate"), 1);
     assert_eq!(env.count("SELECT count(*) FROM notifications").await, 2);
     assert_eq!(env.count("SELECT count(*) FROM outbox WHERE topic = 'notifications-outbound'").await, 2);
-    assert_eq!(env.count("SELECT count(*) FROM outbox WHERE idempotency_key = 'n-1:0'").await, 1);
+    assert_eq!(env.count("SELECT count(*) FROM outbox WHERE idempotency_key = 'h:n-1:0'").await, 1);
 }
 
 /// The real notifications handler, stalled after its insert the first time it runs.
@@ -254,7 +254,7 @@ async fn the_outbox_waits_out_a_kafka_outage_and_publishes_when_the_breaker_clos
     // The outage counted against Kafka (its breaker), never against the messages.
     assert_eq!(env.count("SELECT coalesce(max(rejections), 0)::bigint FROM outbox").await, 0);
     assert_eq!(env.count("SELECT count(*) FROM outbox WHERE dead_lettered_at IS NOT NULL").await, 0);
-    assert_eq!(idempotency_keys_on(&env.kafka, &topic, 3).await, ["o-1:0", "o-2:0", "o-3:0"]);
+    assert_eq!(idempotency_keys_on(&env.kafka, &topic, 3).await, ["h:o-1:0", "h:o-2:0", "h:o-3:0"]);
 }
 
 fn kafka_breaker() -> Arc<CircuitBreaker> {

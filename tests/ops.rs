@@ -123,7 +123,7 @@ async fn dead_letters_are_listed_and_replayed_once_the_cause_is_fixed() {
     assert_eq!(r.outcomes[0].outcome, Outcome::DeadLettered { reason: "payload_invalid".into() });
     let listed = exactly_once_cli::ops::list_dead_letters(&env.clients, Some("user-events"), 10).await.unwrap();
     assert_eq!(listed.len(), 1);
-    assert_eq!((listed[0].event_id.as_str(), listed[0].reason.as_str()), ("fixable", "payload_invalid"));
+    assert_eq!((listed[0].event_id.as_str(), listed[0].reason.as_str()), ("h:fixable", "payload_invalid"));
 
     // ...replayed as is, it is dead-lettered again: the same entry, brought up to date
     // and still open.
@@ -145,10 +145,10 @@ async fn dead_letters_are_listed_and_replayed_once_the_cause_is_fixed() {
     assert_eq!(fixed[0].1, Outcome::Processed);
     assert!(exactly_once_cli::ops::list_dead_letters(&env.clients, None, 10).await.unwrap().is_empty());
     assert_eq!(
-        env.count("SELECT count(*) FROM processed_events WHERE event_id = 'fixable' AND status = 'processed'").await,
+        env.count("SELECT count(*) FROM processed_events WHERE event_id = 'h:fixable' AND status = 'processed'").await,
         1
     );
-    assert_eq!(env.clickhouse_count("SELECT count() FROM user_events FINAL WHERE event_id = 'fixable'").await, 1);
+    assert_eq!(env.clickhouse_count("SELECT count() FROM user_events FINAL WHERE event_id = 'h:fixable'").await, 1);
     assert!(
         exactly_once_cli::ops::replay(&env.clients, &fns, &[listed2[0].id]).await.is_err(),
         "a closed entry is not replayed"
@@ -184,7 +184,8 @@ async fn a_replay_that_cannot_finish_leaves_the_dead_letter_open() {
     let still = exactly_once_cli::ops::list_dead_letters(&env.clients, None, 10).await.unwrap();
     assert_eq!(still.iter().map(|d| d.id).collect::<Vec<_>>(), vec![listed[0].id], "the entry stays open");
     assert_eq!(
-        env.count("SELECT count(*) FROM processed_events WHERE event_id = 'stuck' AND status = 'dead_lettered'").await,
+        env.count("SELECT count(*) FROM processed_events WHERE event_id = 'h:stuck' AND status = 'dead_lettered'")
+            .await,
         1,
         "its ledger row is back"
     );
@@ -193,5 +194,72 @@ async fn a_replay_that_cannot_finish_leaves_the_dead_letter_open() {
     let fixed = exactly_once_cli::ops::replay(&env.clients, &fns, &[listed[0].id]).await.unwrap();
     assert_eq!(fixed[0].1, Outcome::Processed);
     assert!(exactly_once_cli::ops::list_dead_letters(&env.clients, None, 10).await.unwrap().is_empty());
-    assert_eq!(env.clickhouse_count("SELECT count() FROM user_events FINAL WHERE event_id = 'stuck'").await, 1);
+    assert_eq!(env.clickhouse_count("SELECT count() FROM user_events FINAL WHERE event_id = 'h:stuck'").await, 1);
+}
+
+/// The functions with another `EVENT_ID_FORMAT`, on the same services and schema.
+async fn functions_on(env: &TestEnv, id_format: &str) -> Arc<Functions> {
+    let mut clients = env.clients.clone();
+    let mut config = (*clients.config).clone();
+    config.guard.id_format = id_format.parse().unwrap();
+    clients.config = Arc::new(config);
+    Arc::new(Functions::new(&clients, exactly_once_cli::all_functions(), &env.kafka).await.unwrap())
+}
+
+/// A dead letter filed under an id of the earlier format (v1, or the transition's two
+/// ids) replays once the function is on v2: the replay finds every ledger row of the
+/// event, whatever its format, and a repeat failure leaves one open entry, not two.
+#[tokio::test]
+async fn dead_letters_replay_across_an_id_format_change() {
+    let env = TestEnv::new().await;
+    let bad = |key: &str, offset| {
+        exactly_once::Event::new("user-events", 0, offset)
+            .with_header("idempotency_key", key.to_owned())
+            .with_value(r#"{"user_id":"zoe","type":"suspended"}"#)
+    };
+    let v1 = functions_on(&env, "v1").await;
+    let both = functions_on(&env, "v1+v2").await;
+    let v2 = functions_on(&env, "v2").await;
+    for (fns, key, offset) in [(&v1, "old", 1), (&both, "mid", 2)] {
+        let f = fns.by_name("user-events").unwrap();
+        let r = f.guard.run_batch(f.handler.as_ref(), &[bad(key, offset)], None).await;
+        assert_eq!(r.outcomes[0].outcome, Outcome::DeadLettered { reason: "payload_invalid".into() });
+    }
+    assert_eq!(
+        env.count("SELECT count(*) FROM processed_events WHERE status = 'dead_lettered' AND event_id IN ('old', 'mid', 'h:mid')")
+            .await,
+        3,
+        "the transition dead-letters under both ids"
+    );
+    let listed = exactly_once_cli::ops::list_dead_letters(&env.clients, None, 10).await.unwrap();
+    assert_eq!(listed.len(), 2);
+    let entry = |key: &str| listed.iter().find(|d| d.event_id == key).unwrap().id;
+
+    // Replayed on v2 before the cause is fixed: dead-lettered again under its v2 id, and
+    // the old entry is closed for the new one.
+    let again = exactly_once_cli::ops::replay(&env.clients, &v2, &[entry("old")]).await.unwrap();
+    assert_eq!(again[0].1, Outcome::DeadLettered { reason: "payload_invalid".into() });
+    let open = exactly_once_cli::ops::list_dead_letters(&env.clients, None, 10).await.unwrap();
+    let mut keys: Vec<&str> = open.iter().map(|d| d.event_id.as_str()).collect();
+    keys.sort();
+    assert_eq!(keys, ["h:old", "mid"]);
+
+    // Fixed, both replay on v2 and take effect once, under their v2 ids.
+    sqlx::query("UPDATE dead_letters SET record_value = convert_to($1, 'UTF8') WHERE replayed_at IS NULL")
+        .bind(r#"{"user_id":"zoe","type":"updated"}"#)
+        .execute(env.pg())
+        .await
+        .unwrap();
+    let ids: Vec<i64> = open.iter().map(|d| d.id).collect();
+    let fixed = exactly_once_cli::ops::replay(&env.clients, &v2, &ids).await.unwrap();
+    assert!(fixed.iter().all(|(_, o)| *o == Outcome::Processed), "{fixed:?}");
+    assert!(exactly_once_cli::ops::list_dead_letters(&env.clients, None, 10).await.unwrap().is_empty());
+    assert_eq!(
+        env.count(
+            "SELECT count(*) FROM processed_events WHERE status = 'processed' AND event_id IN ('h:old', 'h:mid')"
+        )
+        .await,
+        2
+    );
+    assert_eq!(env.count("SELECT count(*) FROM processed_events WHERE status = 'dead_lettered'").await, 0);
 }

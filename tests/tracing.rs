@@ -51,7 +51,7 @@ async fn every_event_gets_a_span_with_its_id_function_and_outcome() {
     let finished: Vec<&serde_json::Value> =
         events.iter().filter(|e| e["fields"]["message"] == "event finished").map(|e| &e["span"]).collect();
     assert_eq!(finished.len(), 2, "{logs}");
-    assert_eq!(finished[0]["event_id"], "traced");
+    assert_eq!(finished[0]["event_id"], "h:traced");
     assert_eq!(finished[0]["function"], "user-events");
     assert_eq!(finished[0]["outcome"], "processed");
     assert_eq!(finished[1]["outcome"], "duplicate");

@@ -57,7 +57,7 @@ async fn id_strategies_of_the_function_fall_back_in_order() {
     let by_offset = Event::new("user-events", 1, 12).with_value(r#"{"user_id":"erin","type":"deleted"}"#);
     let report = g.run_batch(&UserEvents, &[by_header, by_field, by_offset], None).await;
     let ids: Vec<String> = report.outcomes.iter().map(|o| o.event_id.as_ref().unwrap().to_string()).collect();
-    assert_eq!(ids, ["hdr-1", "fld-1", "user-events-1-12"]);
+    assert_eq!(ids, ["h:hdr-1", "f:fld-1", "p:user-events-1-12"]);
     assert_eq!(env.count("SELECT count(*) FROM processed_events").await, 3);
     assert_eq!(
         env.clickhouse_count("SELECT count() FROM user_events FINAL WHERE kind = 'deleted' AND user_id = 'erin'").await,

@@ -39,7 +39,8 @@ async fn main() -> anyhow::Result<()> {
         sqlx::query("SELECT 1").execute(&mut *conn).await?;
         t[5] += s.elapsed();
         let s = Instant::now();
-        ledger::confirm(&mut conn, &ns, &[ledger::ConfirmRow { id: &id, event: &e, hash: e.payload_hash() }]).await?;
+        ledger::confirm(&mut conn, &ns, &[ledger::ConfirmRow { id: &id, event: &e, hash: e.payload_hash() }], true)
+            .await?;
         t[3] += s.elapsed();
         drop(conn);
         let s = Instant::now();

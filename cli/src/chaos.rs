@@ -895,6 +895,7 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
         .unwrap_or(0);
     let letters: Vec<(String, String)> =
         sqlx::query_as("SELECT event_id, reason FROM dead_letters").fetch_all(&clients.pg).await?;
+    let letters: Vec<(String, String)> = letters.into_iter().map(|(id, reason)| (sent_key(&id), reason)).collect();
     // Each kind with its own reason: a panic runs out of attempts, a rejected row is
     // dead-lettered as such at once.
     let panics_dead_lettered =
@@ -908,6 +909,8 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
         sqlx::query_as("SELECT event_id, dead_letter_reason, published_at IS NOT NULL FROM outbox")
             .fetch_all(&clients.pg)
             .await?;
+    let outbox: Vec<(String, Option<String>, bool)> =
+        outbox.into_iter().map(|(id, reason, published)| (sent_key(&id), reason, published)).collect();
     let outbox_dead_lettered =
         outbox.iter().filter(|(id, reason, _)| unpublishable_ids.contains(id) && reason.is_some()).count();
     let outbox_unpublished_others =
@@ -1025,4 +1028,10 @@ pub(crate) async fn committed_offsets(
             .collect())
     })
     .await?
+}
+
+/// The `idempotency_key` a message was sent with, from the id the guard filed it under:
+/// `h:<key>` in the v2 format, the key itself in v1 (the run may use either).
+fn sent_key(event_id: &str) -> String {
+    event_id.strip_prefix("h:").unwrap_or(event_id).to_owned()
 }

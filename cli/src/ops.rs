@@ -16,6 +16,8 @@ use sqlx::Row;
 /// Everything the stores know about one event id.
 #[derive(Debug, Default)]
 pub struct Inspection {
+    /// The id looked at: as given, or with the tag of its kind (see [`inspect`]).
+    pub event_id: String,
     /// (token, ms left) of a live lease.
     pub lease: Option<(String, i64)>,
     pub done_marker: Option<String>,
@@ -35,7 +37,17 @@ impl Inspection {
         self.ledger.is_some()
     }
 
+    /// No store knows anything about the id.
+    fn is_unknown(&self) -> bool {
+        self.ledger.is_none()
+            && self.failures.is_none()
+            && self.dead_letters.is_empty()
+            && self.lease.is_none()
+            && self.done_marker.is_none()
+    }
+
     pub fn render(&self, function: &str, id: &str) -> String {
+        let id = if self.event_id.is_empty() { id } else { self.event_id.as_str() };
         let mut out = format!("event {id} of {function}\n");
         match &self.ledger {
             Some((status, attempts, at, position)) => {
@@ -68,10 +80,32 @@ impl Inspection {
     }
 }
 
+/// What the stores know about event `id` of `function`. Operators usually know the key
+/// an event was sent with, not the id the guard derived from it: when nothing is known
+/// under `id` as given, it is looked up with the tag of each kind in turn (`h:` header,
+/// `f:` payload field, `c:` composite, `p:` position), and the first id any store knows
+/// is reported.
 pub async fn inspect(clients: &Clients, function: &str, id: &str) -> Result<Inspection, String> {
+    let given = inspect_id(clients, function, id).await?;
+    if !given.is_unknown() {
+        return Ok(given);
+    }
+    for tag in ["h:", "f:", "c:", "p:"] {
+        if id.starts_with(tag) {
+            continue;
+        }
+        let tagged = inspect_id(clients, function, &format!("{tag}{id}")).await?;
+        if !tagged.is_unknown() {
+            return Ok(tagged);
+        }
+    }
+    Ok(given)
+}
+
+async fn inspect_id(clients: &Clients, function: &str, id: &str) -> Result<Inspection, String> {
     let ns = Namespace::new(function).map_err(|e| e.to_string())?;
     let event_id = EventId::new(id).map_err(|e| e.to_string())?;
-    let mut out = Inspection::default();
+    let mut out = Inspection { event_id: event_id.as_str().to_owned(), ..Inspection::default() };
     match clients.leases.inspect(&ns, &event_id).await {
         Ok((lease, marker)) => {
             out.lease = lease;
@@ -244,17 +278,6 @@ pub async fn replay(clients: &Clients, functions: &Arc<Functions>, ids: &[i64]) 
             return Err(format!("dead letter #{dl} belongs to `{function}`, which this build does not have"));
         };
         let event_id: String = row.get("event_id");
-        // The dead-lettered confirm would make the guard skip the event as a duplicate:
-        // it goes for the replay, kept here to be put back if the replay does not finish.
-        let ledger_row = sqlx::query(
-            "DELETE FROM processed_events WHERE namespace = $1 AND event_id = $2 AND status = 'dead_lettered'
-             RETURNING payload_hash, processed_at, topic, kafka_partition, kafka_offset, attempts, metadata",
-        )
-        .bind(&function)
-        .bind(&event_id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db)?;
         let mut event = Event::new(row.get::<String, _>("topic"), row.get("kafka_partition"), row.get("kafka_offset"));
         event.key = row.get::<Option<Vec<u8>>, _>("record_key").map(Into::into);
         event.value = row.get::<Option<Vec<u8>>, _>("record_value").map(Into::into);
@@ -265,47 +288,75 @@ pub async fn replay(clients: &Clients, functions: &Arc<Functions>, ids: &[i64]) 
             let value = h["value_b64"].as_str().and_then(|v| b64.decode(v).ok()).map(Into::into);
             event.headers.push(Header { name, value });
         }
+        // The ids the event may be confirmed under: the one it was dead-lettered under,
+        // and its ids in every format (the function may have moved from v1 to v2 ids
+        // since; in the transition it was dead-lettered under both).
+        let mut ids: Vec<String> = vec![event_id.clone()];
+        for id in f.guard.known_ids(&event) {
+            if !ids.iter().any(|i| i == id.as_str()) {
+                ids.push(id.as_str().to_owned());
+            }
+        }
+        // The dead-lettered confirms would make the guard skip the event as a duplicate:
+        // they go for the replay, kept here to be put back if the replay does not finish.
+        let ledger_rows = sqlx::query(
+            "DELETE FROM processed_events
+             WHERE namespace = $1 AND event_id = ANY($2) AND status = 'dead_lettered'
+             RETURNING event_id, payload_hash, processed_at, topic, kafka_partition, kafka_offset, attempts,
+                       metadata, v2_known",
+        )
+        .bind(&function)
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db)?;
         tx.commit().await.map_err(db)?;
-        if let (Ok(ns), Ok(id)) = (Namespace::new(&function), EventId::new(&event_id)) {
-            let _ = clients.leases.forget(&ns, &id).await;
-            f.guard.forget(&id);
+        if let Ok(ns) = Namespace::new(&function) {
+            for id in ids.iter().filter_map(|i| EventId::new(i.as_str()).ok()) {
+                let _ = clients.leases.forget(&ns, &id).await;
+                f.guard.forget(&id);
+            }
         }
         let report = f.guard.run_batch(f.handler.as_ref(), &[event], None).await;
-        let outcome = report.outcomes.into_iter().next().expect("one outcome").outcome;
+        let first = report.outcomes.into_iter().next().expect("one outcome");
+        let outcome = first.outcome;
+        // Dead-lettered again under another id (the function's id format changed since):
+        // the new entry holds the event now, and this one is closed, not listed twice.
+        let superseded = matches!(outcome, Outcome::DeadLettered { .. })
+            && first.event_id.as_ref().is_some_and(|id| id.as_str() != event_id);
         // Closed only once the event took effect (here, or as a duplicate of an event
         // processed elsewhere). Dead-lettered again, it is this same entry, updated
         // and still open.
         let took_effect = match &outcome {
             Outcome::Processed => true,
-            Outcome::Duplicate { .. } => {
-                sqlx::query_scalar::<_, String>(
-                    "SELECT status FROM processed_events WHERE namespace = $1 AND event_id = $2",
-                )
-                .bind(&function)
-                .bind(&event_id)
-                .fetch_optional(&clients.pg)
-                .await
-                .map_err(db)?
-                .as_deref()
-                    == Some("processed")
-            }
+            Outcome::Duplicate { .. } => sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM processed_events
+                                WHERE namespace = $1 AND event_id = ANY($2) AND status = 'processed')",
+            )
+            .bind(&function)
+            .bind(&ids)
+            .fetch_one(&clients.pg)
+            .await
+            .map_err(db)?,
             _ => false,
         };
-        if took_effect {
+        if took_effect || superseded {
             sqlx::query("UPDATE dead_letters SET replayed_at = now() WHERE id = $1 AND replayed_at IS NULL")
                 .bind(dl)
                 .execute(&clients.pg)
                 .await
                 .map_err(|e| format!("dead letter #{dl}: replayed ({outcome}) but not closed: {e}; it stays listed"))?;
-        } else if let (false, Some(l)) = (outcome.is_finished(), ledger_row) {
-            sqlx::query(
+        } else if !outcome.is_finished() {
+            for l in ledger_rows {
+                sqlx::query(
                 "INSERT INTO processed_events
-                     (namespace, event_id, status, payload_hash, processed_at, topic, kafka_partition, kafka_offset, attempts, metadata)
-                 VALUES ($1, $2, 'dead_lettered', $3, $4, $5, $6, $7, $8, $9)
+                     (namespace, event_id, status, payload_hash, processed_at, topic, kafka_partition, kafka_offset,
+                      attempts, metadata, v2_known)
+                 VALUES ($1, $2, 'dead_lettered', $3, $4, $5, $6, $7, $8, $9, $10)
                  ON CONFLICT DO NOTHING",
             )
             .bind(&function)
-            .bind(&event_id)
+            .bind(l.get::<String, _>("event_id"))
             .bind(l.get::<Option<Vec<u8>>, _>("payload_hash"))
             .bind(l.get::<sqlx::types::chrono::DateTime<sqlx::types::chrono::Utc>, _>("processed_at"))
             .bind(l.get::<Option<String>, _>("topic"))
@@ -313,11 +364,13 @@ pub async fn replay(clients: &Clients, functions: &Arc<Functions>, ids: &[i64]) 
             .bind(l.get::<Option<i64>, _>("kafka_offset"))
             .bind(l.get::<i32, _>("attempts"))
             .bind(l.get::<Option<serde_json::Value>, _>("metadata"))
+            .bind(l.get::<bool, _>("v2_known"))
             .execute(&clients.pg)
             .await
             .map_err(|e| {
                 format!("dead letter #{dl}: the replay did not finish ({outcome}) and its ledger row could not be put back ({e}); it stays listed: replay it again")
             })?;
+            }
         }
         results.push((dl, outcome));
     }

@@ -201,6 +201,40 @@ impl std::str::FromStr for IdFormats {
     }
 }
 
+/// `EVENT_ID_FORMAT`: a fixed set of formats, or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IdFormatSetting {
+    /// `v1+v2` while the function's ledger holds rows only known by their v1 id (written
+    /// by a version before v2, or by a process on `v1`), `v2` once none is left. Decided
+    /// from the ledger when the guard first runs and checked again every few minutes.
+    Auto,
+    /// Always these formats.
+    Fixed(IdFormats),
+}
+
+impl fmt::Display for IdFormatSetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IdFormatSetting::Auto => f.write_str("auto"),
+            IdFormatSetting::Fixed(formats) => formats.fmt(f),
+        }
+    }
+}
+
+impl std::str::FromStr for IdFormatSetting {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(IdFormatSetting::Auto),
+            other => other
+                .parse()
+                .map(IdFormatSetting::Fixed)
+                .map_err(|_| format!("`{other}` is not an id format: use auto, v1, v1+v2 or v2")),
+        }
+    }
+}
+
 /// How a function derives the id of an event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IdStrategy {
@@ -638,5 +672,13 @@ mod tests {
         for bad in ["", "User", "9abc", "a b", "a:b", &"a".repeat(64)] {
             assert!(Namespace::new(bad).is_err(), "{bad:?} should be rejected");
         }
+    }
+
+    #[test]
+    fn id_format_setting_parses_auto_and_fixed_formats() {
+        assert_eq!("auto".parse::<IdFormatSetting>(), Ok(IdFormatSetting::Auto));
+        assert_eq!("v1+v2".parse::<IdFormatSetting>(), Ok(IdFormatSetting::Fixed(IdFormats::V1AndV2)));
+        assert_eq!("v2".parse::<IdFormatSetting>().unwrap().to_string(), "v2");
+        assert!("v3".parse::<IdFormatSetting>().unwrap_err().contains("auto, v1, v1+v2 or v2"));
     }
 }

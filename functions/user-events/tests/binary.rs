@@ -204,14 +204,15 @@ async fn lambda_processes_a_batch_skips_its_repeat_and_dead_letters_poison() {
     let r = api.invoke(&poisoned).await.expect("a batch with a poison record succeeds");
     assert_eq!((r["processed"].as_u64(), r["deadLettered"].as_u64()), (Some(1), Some(1)), "{r}");
     assert_eq!(
-        env.count("SELECT count(*) FROM dead_letters WHERE event_id = 'poison-1' AND reason = 'payload_invalid'").await,
+        env.count("SELECT count(*) FROM dead_letters WHERE event_id = 'h:poison-1' AND reason = 'payload_invalid'")
+            .await,
         1
     );
     assert_eq!(env.clickhouse_count("SELECT count() FROM user_events FINAL").await, 3);
 
     // A record leased by another consumer is unfinished: the invocation fails and names it.
     let ns = Namespace::new("user-events").unwrap();
-    let busy = EventId::new("l-busy").unwrap();
+    let busy = EventId::new("h:l-busy").unwrap();
     env.clients.leases.acquire(&ns, &[&busy], "another-consumer", Duration::from_secs(60)).await.unwrap();
     let blocked = msk::encode(&[
         user_event("user-events", 0, 15, "l-4", "dee"),
@@ -285,7 +286,7 @@ async fn lambda_reports_batch_item_failures_when_configured() {
     migrate(&env).await;
     let _function = lambda(&env, &api).env("LAMBDA_REPORT_BATCH_ITEM_FAILURES", "true").spawn().expect("spawn lambda");
     let ns = Namespace::new("user-events").unwrap();
-    let busy = EventId::new("p-busy").unwrap();
+    let busy = EventId::new("h:p-busy").unwrap();
     env.clients.leases.acquire(&ns, &[&busy], "another-consumer", Duration::from_secs(60)).await.unwrap();
     let batch =
         msk::encode(&[user_event("user-events", 0, 1, "p-1", "ann"), user_event("user-events", 0, 2, "p-busy", "ben")]);
@@ -294,7 +295,7 @@ async fn lambda_reports_batch_item_failures_when_configured() {
         r,
         serde_json::json!({"batchItemFailures": [{"itemIdentifier": {"partition": "user-events-0", "offset": 2}}]})
     );
-    assert_eq!(env.count("SELECT count(*) FROM processed_events WHERE event_id = 'p-1'").await, 1);
+    assert_eq!(env.count("SELECT count(*) FROM processed_events WHERE event_id = 'h:p-1'").await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -316,10 +317,10 @@ async fn invoke_endpoint_and_lambda_give_the_same_outcomes_and_rows() {
     assert_eq!(
         labels(&via_lambda),
         [
-            ("b-1", "processed"),
-            ("b-2", "processed"),
-            ("poison-1", "dead_lettered"),
-            ("b-1", "duplicate"),
+            ("h:b-1", "processed"),
+            ("h:b-2", "processed"),
+            ("h:poison-1", "dead_lettered"),
+            ("h:b-1", "duplicate"),
             ("-", "dead_lettered"),
         ]
         .map(|(a, b)| (a.to_owned(), b.to_owned()))
@@ -336,13 +337,16 @@ async fn invoke_endpoint_and_lambda_give_the_same_outcomes_and_rows() {
         }
     };
     let (rows_a, rows_b) = (rows(&a).await, rows(&b).await);
-    assert_eq!(rows_a, ["b-1|ann|created", "b-2|ben|created"]);
+    assert_eq!(rows_a, ["h:b-1|ann|created", "h:b-2|ben|created"]);
     assert_eq!(rows_a, rows_b);
     let ledger = "SELECT string_agg(event_id || ':' || status, ',' ORDER BY event_id) FROM processed_events";
     let ledger_a: String = sqlx::query_scalar(ledger).fetch_one(a.pg()).await.unwrap();
     let ledger_b: String = sqlx::query_scalar(ledger).fetch_one(b.pg()).await.unwrap();
     assert_eq!(ledger_a, ledger_b);
-    assert_eq!(ledger_a, "b-1:processed,b-2:processed,invalid:user-events-1-1:dead_lettered,poison-1:dead_lettered");
+    assert_eq!(
+        ledger_a,
+        "h:b-1:processed,h:b-2:processed,h:poison-1:dead_lettered,invalid:user-events-1-1:dead_lettered"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -432,7 +436,10 @@ async fn sigterm_mid_stream_exits_zero_without_committing_past_unfinished_record
     for (partition, offset, id) in &published.records {
         if committed.get(partition).is_some_and(|c| offset < c) {
             covered += 1;
-            assert!(confirmed.contains(id), "committed past {id} at {partition}@{offset}, which is not confirmed");
+            assert!(
+                confirmed.contains(&format!("h:{id}")),
+                "committed past {id} at {partition}@{offset}, which is not confirmed"
+            );
         }
     }
     assert!(covered > 0, "the shutdown committed what it finished");

@@ -110,7 +110,7 @@ async fn assert_all_landed_once(
 /// Holds the lease of `event_id` in Redis for `ttl`, as another consumer would.
 async fn hold_lease(env: &TestEnv, event_id: &str, ttl: Duration) {
     let mut c = env.redis().await;
-    let key = format!("{}:{{user-events}}:lease:{event_id}", env.key_prefix);
+    let key = format!("{}:{{user-events}}:lease:h:{event_id}", env.key_prefix);
     let ok: Option<String> = redis::cmd("SET")
         .arg(&key)
         .arg("someone-else")
@@ -126,7 +126,7 @@ async fn hold_lease(env: &TestEnv, event_id: &str, ttl: Duration) {
 /// Lets go of a lease taken by `hold_lease`.
 async fn release_lease(env: &TestEnv, event_id: &str) {
     let mut c = env.redis().await;
-    let key = format!("{}:{{user-events}}:lease:{event_id}", env.key_prefix);
+    let key = format!("{}:{{user-events}}:lease:h:{event_id}", env.key_prefix);
     let _: i64 = redis::cmd("DEL").arg(&key).query_async(&mut c).await.expect("DEL");
 }
 
@@ -285,7 +285,7 @@ async fn retries_exhausted_send_the_batch_to_the_destination_and_move_past_it() 
     // evt-3 and evt-4 were processed before the batch was given up on; evt-2, a healthy
     // event, was never processed and is gone from the stream: what a retry limit does.
     assert_eq!(env.count("SELECT count(*) FROM processed_events").await, 4);
-    assert_eq!(env.count("SELECT count(*) FROM processed_events WHERE event_id = 'evt-2'").await, 0);
+    assert_eq!(env.count("SELECT count(*) FROM processed_events WHERE event_id = 'h:evt-2'").await, 0);
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -32,7 +32,17 @@ pub async fn lookup(
     Ok(rows.into_iter().map(|(id, hash)| (id, hash.as_deref().and_then(PayloadHash::from_slice))).collect())
 }
 
-/// One event to confirm.
+/// Whether `ns` still has ledger rows only known by their v1 id: rows confirmed before
+/// the v2 format existed, or since by a process on `v1` (`EVENT_ID_FORMAT=auto` stays in
+/// the transition while there are any). One lookup in a small partial index.
+pub async fn has_v1_only_rows(pool: &PgPool, ns: &Namespace) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM processed_events WHERE namespace = $1 AND NOT v2_known)")
+        .bind(ns.as_str())
+        .fetch_one(pool)
+        .await
+}
+
+/// One id to confirm (an event in the transition between id formats has two).
 pub struct ConfirmRow<'a> {
     pub id: &'a EventId,
     pub event: &'a Event,
@@ -42,11 +52,13 @@ pub struct ConfirmRow<'a> {
 /// Step 5: `INSERT ... ON CONFLICT DO NOTHING` (in the handlers' transaction when there
 /// is one). The same statement forgets the events' failure counters and records how many
 /// attempts each took. Returns the ids this call inserted; an id missing from the answer
-/// was confirmed by someone else.
+/// was confirmed by someone else. `v2_known`: the events are also known by their v2 ids
+/// (every format but `v1`; see the migration that added the column).
 pub async fn confirm(
     conn: &mut PgConnection,
     ns: &Namespace,
     rows: &[ConfirmRow<'_>],
+    v2_known: bool,
 ) -> Result<Vec<String>, sqlx::Error> {
     let mut ids = Vec::with_capacity(rows.len());
     let mut hashes = Vec::with_capacity(rows.len());
@@ -67,9 +79,9 @@ pub async fn confirm(
              RETURNING a.event_id, a.attempts
          )
          INSERT INTO processed_events
-             (namespace, event_id, status, payload_hash, topic, kafka_partition, kafka_offset, attempts)
+             (namespace, event_id, status, payload_hash, topic, kafka_partition, kafka_offset, attempts, v2_known)
          SELECT $1, t.event_id, 'processed', t.payload_hash, t.topic, t.kafka_partition, t.kafka_offset,
-                COALESCE(f.attempts, 0) + 1
+                COALESCE(f.attempts, 0) + 1, $7
          FROM UNNEST($2::text[], $3::bytea[], $4::text[], $5::int4[], $6::int8[])
               AS t(event_id, payload_hash, topic, kafka_partition, kafka_offset)
          LEFT JOIN failures f USING (event_id)
@@ -83,6 +95,7 @@ pub async fn confirm(
     .bind(&topics)
     .bind(&partitions)
     .bind(&offsets)
+    .bind(v2_known)
     .fetch_all(conn)
     .await
 }
@@ -116,6 +129,9 @@ pub async fn record_failures(
 /// One event to dead-letter.
 pub struct DeadLetterRow<'a> {
     pub id: &'a EventId,
+    /// Its v2 id, in the transition between formats: confirmed (dead-lettered) along
+    /// with `id`, so processes on v2 know the event is settled.
+    pub shadow: Option<&'a EventId>,
     pub event: &'a Event,
     pub reason: String,
     pub error: String,
@@ -124,12 +140,14 @@ pub struct DeadLetterRow<'a> {
 }
 
 /// Stores the events in `dead_letters`, confirms them as dead-lettered and forgets
-/// their failure history, in one statement (atomic). Returns the ids this call confirmed; the others were confirmed
-/// by someone else first and get no dead-letter row.
+/// their failure history, in one statement (atomic). Returns the ids this call confirmed;
+/// the others were confirmed by someone else first and get no dead-letter row.
+/// `v2_known` as in [`confirm`].
 pub async fn dead_letter(
     pool: &PgPool,
     ns: &Namespace,
     rows: &[DeadLetterRow<'_>],
+    v2_known: bool,
 ) -> Result<Vec<String>, sqlx::Error> {
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut ids = Vec::new();
@@ -143,8 +161,10 @@ pub async fn dead_letter(
     let mut reasons = Vec::new();
     let mut errors = Vec::new();
     let mut attempts = Vec::new();
+    let mut shadows = Vec::new();
     for r in rows {
         ids.push(r.id.as_str());
+        shadows.push(r.shadow.map(EventId::as_str));
         hashes.push(r.event.payload_hash().0.to_vec());
         topics.push(r.event.topic.as_str());
         partitions.push(r.event.partition);
@@ -165,18 +185,30 @@ pub async fn dead_letter(
     sqlx::query_scalar(
         "WITH input AS (
              SELECT * FROM UNNEST($2::text[], $3::bytea[], $4::text[], $5::int4[], $6::int8[],
-                                  $7::bytea[], $8::bytea[], $9::text[], $10::text[], $11::text[], $12::int4[])
+                                  $7::bytea[], $8::bytea[], $9::text[], $10::text[], $11::text[], $12::int4[],
+                                  $13::text[])
                  AS t(event_id, payload_hash, topic, kafka_partition, kafka_offset,
-                      record_key, record_value, headers, reason, error, attempts)
+                      record_key, record_value, headers, reason, error, attempts, shadow_id)
          ),
-         confirmed AS (
+         -- Each event's id and, in the transition, its v2 id: one INSERT, so that an id
+         -- given twice is skipped, not a unique violation.
+         ledger_rows AS (
+             SELECT event_id AS row_id, * FROM input
+             UNION ALL
+             SELECT shadow_id AS row_id, * FROM input WHERE shadow_id IS NOT NULL
+         ),
+         inserted AS (
              INSERT INTO processed_events
-                 (namespace, event_id, status, payload_hash, topic, kafka_partition, kafka_offset, attempts, metadata)
-             SELECT $1, event_id, 'dead_lettered', payload_hash, topic, kafka_partition, kafka_offset, attempts,
-                    jsonb_build_object('reason', reason)
-             FROM input ORDER BY event_id
+                 (namespace, event_id, status, payload_hash, topic, kafka_partition, kafka_offset, attempts, metadata,
+                  v2_known)
+             SELECT $1, row_id, 'dead_lettered', payload_hash, topic, kafka_partition, kafka_offset, attempts,
+                    jsonb_build_object('reason', reason), $14
+             FROM ledger_rows ORDER BY row_id
              ON CONFLICT (namespace, event_id) DO NOTHING
              RETURNING event_id
+         ),
+         confirmed AS (
+             SELECT event_id FROM inserted WHERE event_id IN (SELECT event_id FROM input)
          ),
          cleared AS (
              DELETE FROM event_attempts
@@ -208,6 +240,8 @@ pub async fn dead_letter(
     .bind(&reasons)
     .bind(&errors)
     .bind(&attempts)
+    .bind(&shadows)
+    .bind(v2_known)
     .fetch_all(pool)
     .await
 }

@@ -16,6 +16,11 @@
 //! 6. release: done markers written and leases compare-and-deleted in one Redis script;
 //!    confirmed ids remembered locally.
 //!
+//! In the transition between id formats (`EVENT_ID_FORMAT=v1+v2`, see
+//! [`IdFormats::V1AndV2`]) an event carries two ids, its v1 id (by which it is handled,
+//! counted and dead-lettered) and its v2 id (its shadow): each step above checks, leases
+//! and confirms both, so processes on either format fence each other.
+//!
 //! Invariants:
 //! - Postgres is the truth: a handler's Postgres effects commit only together with the
 //!   event's confirm row, and the primary key on `(namespace, event_id)` lets only one
@@ -38,7 +43,7 @@ pub(crate) mod transaction;
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -51,7 +56,7 @@ use tracing::Instrument;
 use crate::clients::Clients;
 use crate::config::GuardConfig;
 use crate::event::{Event, PayloadHash, Record};
-use crate::event_id::{EventId, IdError, IdStrategy, Namespace};
+use crate::event_id::{EventId, IdError, IdFormatSetting, IdFormats, IdStrategy, Namespace};
 use crate::handler::{Handler, HandlerContext, HandlerError};
 use crate::metrics::metrics;
 use crate::outcome::{BatchReport, DuplicateTier, EventOutcome, FailureKind, Outcome};
@@ -88,7 +93,16 @@ pub struct Guard {
     sink: Arc<ClickHouseSink>,
     cache: LocalCache,
     round_trips: RoundTrips,
+    /// The id formats in use, and when `auto` last asked the ledger (`None`: never, or
+    /// the last check failed).
+    formats: Mutex<(IdFormats, Option<Instant>)>,
+    /// Held while `auto` asks the ledger, so one batch asks and the others wait for its
+    /// answer (the first time) or go on with the last one (later).
+    format_check: tokio::sync::Mutex<()>,
 }
+
+/// How often `EVENT_ID_FORMAT=auto` asks the ledger again whether v1-only rows remain.
+const ID_FORMAT_RECHECK: Duration = Duration::from_secs(300);
 
 /// A record rejected before any handler saw it.
 struct Rejection {
@@ -100,14 +114,18 @@ struct Rejection {
 struct Slot<'e> {
     event: &'e Event,
     id: EventId,
+    /// Its v2 id, in the transition between id formats.
+    shadow: Option<EventId>,
     /// Why the record cannot be handled at all: undecodable, or no usable id (the id
     /// above is then a stand-in the dead letter is filed under).
     invalid: Option<Rejection>,
     hash: PayloadHash,
     /// Index of an earlier record with the same id.
     leader: Option<usize>,
-    /// We hold its Redis lease and must release it.
+    /// We hold its Redis lease (of `id`) and must release it.
     leased: bool,
+    /// We hold the lease of `shadow`.
+    shadow_leased: bool,
     /// The hash Postgres or Redis recorded when this id was confirmed, if known.
     confirmed_hash: Option<PayloadHash>,
     /// A handler failure waiting to be counted or dead-lettered.
@@ -116,6 +134,11 @@ struct Slot<'e> {
 }
 
 impl Slot<'_> {
+    /// Its ids: `id`, then the shadow if any.
+    fn ids(&self) -> impl Iterator<Item = &EventId> {
+        std::iter::once(&self.id).chain(self.shadow.as_ref())
+    }
+
     fn is_open(&self) -> bool {
         self.outcome.is_none() && self.leader.is_none() && self.invalid.is_none() && self.failure.is_none()
     }
@@ -132,6 +155,7 @@ impl Slot<'_> {
 
 impl Guard {
     pub fn new(clients: &Clients, namespace: &str, ids: IdStrategy, config: GuardConfig) -> Result<Self, IdError> {
+        let id_format = config.id_format;
         Ok(Self {
             ns: Namespace::new(namespace)?,
             ids,
@@ -141,7 +165,80 @@ impl Guard {
             leases: clients.leases.clone(),
             sink: clients.sink.clone(),
             round_trips: RoundTrips::default(),
+            format_check: tokio::sync::Mutex::new(()),
+            formats: Mutex::new(match id_format {
+                IdFormatSetting::Fixed(f) => (f, None),
+                // Until the ledger has been asked: the transition fences against both.
+                IdFormatSetting::Auto => (IdFormats::V1AndV2, None),
+            }),
         })
+    }
+
+    /// The id formats this guard works with now (`auto` may not have decided yet: then
+    /// `v1+v2`).
+    pub fn id_formats(&self) -> IdFormats {
+        self.formats.lock().unwrap_or_else(|e| e.into_inner()).0
+    }
+
+    /// With `EVENT_ID_FORMAT=auto`, asks the ledger now which formats to use (otherwise
+    /// returns the fixed ones).
+    pub async fn refresh_id_formats(&self) -> Result<IdFormats, sqlx::Error> {
+        if let IdFormatSetting::Fixed(f) = self.config.id_format {
+            return Ok(f);
+        }
+        let v1_rows = ledger::has_v1_only_rows(&self.pg, &self.ns).await;
+        let mut state = self.formats.lock().unwrap_or_else(|e| e.into_inner());
+        match v1_rows {
+            Ok(v1_rows) => {
+                let now = if v1_rows { IdFormats::V1AndV2 } else { IdFormats::V2 };
+                if now != state.0 || state.1.is_none() {
+                    tracing::info!(function = %self.ns, formats = %now, v1_only_rows = v1_rows, "event id formats (EVENT_ID_FORMAT=auto)");
+                }
+                *state = (now, Some(Instant::now()));
+                Ok(now)
+            }
+            Err(e) => {
+                state.1 = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// The formats for the next batch: with `auto`, the ledger is asked when it never
+    /// was (batches wait for that first answer, so none confirms under formats it was
+    /// not meant to use) or [`ID_FORMAT_RECHECK`] has passed (one batch asks; the others
+    /// go on with the last answer). A failed check keeps the formats (`v1+v2` before
+    /// any answer: it fences against both) and is tried again by the next batch.
+    async fn batch_id_formats(&self) -> IdFormats {
+        if !matches!(self.config.id_format, IdFormatSetting::Auto) {
+            return self.id_formats();
+        }
+        let checked_at = || self.formats.lock().unwrap_or_else(|e| e.into_inner()).1;
+        let _asking = match checked_at() {
+            Some(at) if at.elapsed() < ID_FORMAT_RECHECK => return self.id_formats(),
+            Some(_) => match self.format_check.try_lock() {
+                Ok(held) => held,
+                Err(_) => return self.id_formats(),
+            },
+            None => {
+                let held = self.format_check.lock().await;
+                // Asked while we waited.
+                if checked_at().is_some_and(|at| at.elapsed() < ID_FORMAT_RECHECK) {
+                    return self.id_formats();
+                }
+                held
+            }
+        };
+        // Not counted in `round_trips`: it is no step of the batch, one query every few
+        // minutes per process.
+        match self.refresh_id_formats().await {
+            Ok(f) => f,
+            Err(e) => {
+                let keep = self.id_formats();
+                tracing::warn!(function = %self.ns, error = %e, formats = %keep, "could not check the ledger for v1-only ids; keeping the current id formats");
+                keep
+            }
+        }
     }
 
     pub fn namespace(&self) -> &Namespace {
@@ -154,6 +251,18 @@ impl Guard {
 
     pub fn local_cache(&self) -> &LocalCache {
         &self.cache
+    }
+
+    /// Every id `event` can be known by in the ledger, whatever the format it was
+    /// confirmed or dead-lettered in (v1, v2), for operator tools: empty when it has no
+    /// usable id.
+    pub fn known_ids(&self, event: &Event) -> Vec<EventId> {
+        let mut ids: Vec<EventId> = [crate::event_id::IdFormat::V1, crate::event_id::IdFormat::V2]
+            .into_iter()
+            .filter_map(|f| self.ids.derive_in(event, f).ok())
+            .collect();
+        ids.dedup();
+        ids
     }
 
     /// Forgets `id` in this process's cache (a dead letter about to be replayed; the
@@ -206,24 +315,28 @@ impl Guard {
     ) -> BatchReport {
         let span = tracing::info_span!("guard.batch", function = %self.ns, size = items.len());
         async move {
-            let mut slots = self.derive_ids(items);
+            let formats = self.batch_id_formats().await;
+            // Rows of every format but v1 are known by their v2 id too.
+            let v2_known = formats != IdFormats::V1;
+            let mut slots = self.derive_ids(items, formats);
             self.check_local_cache(&mut slots);
             let token = uuid::Uuid::new_v4().to_string();
             let conn = self.check_stores(&mut slots, &token, deadline).await;
-            self.handle_and_confirm(handler, &mut slots, conn).await;
-            self.settle_failures(&mut slots, &token).await;
+            self.handle_and_confirm(handler, &mut slots, conn, v2_known).await;
+            self.settle_failures(&mut slots, &token, v2_known).await;
             self.release(&slots, &token).await;
             self.remember(&slots);
             self.resolve_followers(&mut slots);
-            self.dead_letter_mismatches(&slots).await;
+            self.dead_letter_mismatches(&slots, v2_known).await;
             self.report(slots)
         }
         .instrument(span)
         .await
     }
 
-    /// Step 0: ids, and which records repeat an earlier record's id.
-    fn derive_ids<'e>(&self, items: Vec<(&'e Event, Option<Rejection>)>) -> Vec<Slot<'e>> {
+    /// Step 0: ids (in `formats`), and which records repeat an earlier record's id (by
+    /// the id they are handled under: equal v2 ids imply equal v1 ids).
+    fn derive_ids<'e>(&self, items: Vec<(&'e Event, Option<Rejection>)>, formats: IdFormats) -> Vec<Slot<'e>> {
         let mut first_seen: HashMap<EventId, usize> = HashMap::with_capacity(items.len());
         let mut slots = Vec::with_capacity(items.len());
         for (i, (event, rejected)) in items.into_iter().enumerate() {
@@ -240,11 +353,13 @@ impl Guard {
                     ),
                 })
             });
-            let (id, invalid) = match rejected {
-                Some(r) => (stand_in(), Some(r)),
-                None => match self.ids.derive_in(event, crate::event_id::IdFormat::V1) {
-                    Ok(id) => (id, None),
-                    Err(e) => (stand_in(), Some(Rejection { reason: e.reason().to_owned(), error: e.to_string() })),
+            let (id, shadow, invalid) = match rejected {
+                Some(r) => (stand_in(), None, Some(r)),
+                None => match self.ids.derive_for(event, formats) {
+                    Ok((id, shadow)) => (id, shadow, None),
+                    Err(e) => {
+                        (stand_in(), None, Some(Rejection { reason: e.reason().to_owned(), error: e.to_string() }))
+                    }
                 },
             };
             let leader = if invalid.is_none() {
@@ -262,9 +377,11 @@ impl Guard {
                 event,
                 hash: event.payload_hash(),
                 id,
+                shadow,
                 invalid,
                 leader,
                 leased: false,
+                shadow_leased: false,
                 confirmed_hash: None,
                 failure: None,
                 outcome: None,
@@ -276,7 +393,8 @@ impl Guard {
     /// Step 1a: ids confirmed recently by this process cost no round trip.
     fn check_local_cache(&self, slots: &mut [Slot<'_>]) {
         for slot in slots.iter_mut().filter(|s| s.is_open()) {
-            if let Some(hash) = self.cache.get(&slot.id) {
+            let found = slot.ids().find_map(|id| self.cache.get(id));
+            if let Some(hash) = found {
                 slot.duplicate(DuplicateTier::Local, Some(hash));
             }
         }
@@ -310,7 +428,21 @@ impl Guard {
             }
             ttl = ttl.min(left);
         }
-        let ids: Vec<&EventId> = open.iter().map(|&i| &slots[i].id).collect();
+        // Every id of the open records, each once (in the transition an event's shadow
+        // could spell another event's v1 id; asked twice, Redis would find the second
+        // lease busy with ourselves, on every retry). `slot_keys[n]`: where the ids of
+        // `open[n]` are in `ids`.
+        let mut ids: Vec<&EventId> = Vec::with_capacity(open.len());
+        let mut index: HashMap<&EventId, usize> = HashMap::with_capacity(open.len());
+        let mut key = |id| {
+            *index.entry(id).or_insert_with(|| {
+                ids.push(id);
+                ids.len() - 1
+            })
+        };
+        let slot_keys: Vec<(usize, Option<usize>)> =
+            open.iter().map(|&i| (key(&slots[i].id), slots[i].shadow.as_ref().map(&mut key))).collect();
+        drop(index);
         let redis = self.leases.acquire(&self.ns, &ids, token, ttl);
         let postgres = async {
             let mut conn = self.pg.acquire().await?;
@@ -327,11 +459,21 @@ impl Guard {
         }
         match replies {
             Ok(replies) => {
-                for (&i, reply) in open.iter().zip(replies) {
-                    match reply {
-                        LeaseReply::Done(hash) => slots[i].duplicate(DuplicateTier::Redis, hash),
-                        LeaseReply::Acquired => slots[i].leased = true,
-                        LeaseReply::Busy => slots[i].outcome = Some(Outcome::InFlight),
+                for (&i, &(p, shadow)) in open.iter().zip(&slot_keys) {
+                    let slot = &mut slots[i];
+                    let primary = &replies[p];
+                    let second = shadow.map(|k| &replies[k]);
+                    // Leases we got are ours to release, whatever the other id says.
+                    slot.leased = matches!(primary, LeaseReply::Acquired);
+                    slot.shadow_leased = matches!(second, Some(LeaseReply::Acquired));
+                    let done = [Some(primary), second].into_iter().flatten().find_map(|r| match r {
+                        LeaseReply::Done(hash) => Some(*hash),
+                        _ => None,
+                    });
+                    if let Some(hash) = done {
+                        slot.duplicate(DuplicateTier::Redis, hash);
+                    } else if matches!(primary, LeaseReply::Busy) || matches!(second, Some(LeaseReply::Busy)) {
+                        slot.outcome = Some(Outcome::InFlight);
                     }
                 }
             }
@@ -349,8 +491,9 @@ impl Guard {
                     if !slots[i].is_open() {
                         continue;
                     }
-                    if let Some(hash) = confirmed.get(slots[i].id.as_str()) {
-                        slots[i].duplicate(DuplicateTier::Postgres, *hash);
+                    let found = slots[i].ids().find_map(|id| confirmed.get(id.as_str())).copied();
+                    if let Some(hash) = found {
+                        slots[i].duplicate(DuplicateTier::Postgres, hash);
                     }
                 }
                 Some(conn)
@@ -388,6 +531,7 @@ impl Guard {
         handler: &dyn Handler,
         slots: &mut [Slot<'_>],
         conn: Option<PoolConnection<Postgres>>,
+        v2_known: bool,
     ) {
         let mut work: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].is_open()).collect();
         if work.is_empty() {
@@ -507,10 +651,11 @@ impl Guard {
             // Step 5: the confirm (in the transaction when there is one).
             let rows: Vec<ConfirmRow<'_>> = succeeded
                 .iter()
-                .map(|&i| ConfirmRow { id: &slots[i].id, event: slots[i].event, hash: slots[i].hash })
+                .flat_map(|&i| slots[i].ids().map(move |id| (i, id)))
+                .map(|(i, id)| ConfirmRow { id, event: slots[i].event, hash: slots[i].hash })
                 .collect();
             self.count_postgres(1);
-            let confirmed = ledger::confirm(tx.conn(), &self.ns, &rows).await;
+            let confirmed = ledger::confirm(tx.conn(), &self.ns, &rows, v2_known).await;
             drop(rows);
             let inserted: HashSet<String> = match confirmed {
                 Ok(ids) => ids.into_iter().collect(),
@@ -521,8 +666,13 @@ impl Guard {
                     return unconfirmed(slots, &work, failed, &format!("Postgres: confirm failed: {e}"));
                 }
             };
-            let conflicts: Vec<usize> =
-                succeeded.iter().copied().filter(|&i| !inserted.contains(slots[i].id.as_str())).collect();
+            // Confirmed here only if every id of the event was (in the transition, a
+            // process on either format may have confirmed one of them first).
+            let conflicts: Vec<usize> = succeeded
+                .iter()
+                .copied()
+                .filter(|&i| !slots[i].ids().all(|id| inserted.contains(id.as_str())))
+                .collect();
             if !conflicts.is_empty() {
                 tracing::info!(function = %self.ns, conflicts = conflicts.len(), transactional, "confirmed elsewhere first");
                 for &i in &conflicts {
@@ -634,7 +784,7 @@ impl Guard {
     /// to succeed, leaving its ClickHouse rows behind). Such an event is `InFlight` for
     /// us. Without lease information (Redis down at the start, or now), the dead-letter
     /// confirm itself decides: only one confirm of an id can win.
-    async fn settle_failures(&self, slots: &mut [Slot<'_>], token: &str) {
+    async fn settle_failures(&self, slots: &mut [Slot<'_>], token: &str, v2_known: bool) {
         self.drop_lost_leases(slots, token).await;
         let mut to_count: Vec<usize> = Vec::new();
         let mut to_dead_letter: Vec<(usize, String, String, u32)> = Vec::new();
@@ -691,6 +841,7 @@ impl Guard {
             .iter()
             .map(|(i, reason, error, attempts)| DeadLetterRow {
                 id: &slots[*i].id,
+                shadow: slots[*i].shadow.as_ref(),
                 event: slots[*i].event,
                 reason: reason.clone(),
                 error: error.clone(),
@@ -698,7 +849,7 @@ impl Guard {
             })
             .collect();
         self.count_postgres(1);
-        let stored = ledger::dead_letter(&self.pg, &self.ns, &rows).await;
+        let stored = ledger::dead_letter(&self.pg, &self.ns, &rows, v2_known).await;
         drop(rows);
         match stored {
             Ok(ids) => {
@@ -730,9 +881,22 @@ impl Guard {
         if failed.is_empty() {
             return;
         }
-        let ids: Vec<&EventId> = failed.iter().map(|&i| &slots[i].id).collect();
+        // Both leases of an event in the transition: it is ours only while we hold both.
+        let owners: Vec<usize> =
+            failed.iter().flat_map(|&i| std::iter::once(i).chain(slots[i].shadow_leased.then_some(i))).collect();
+        let ids: Vec<&EventId> = failed
+            .iter()
+            .flat_map(|&i| {
+                let s = &slots[i];
+                std::iter::once(&s.id).chain(s.shadow.as_ref().filter(|_| s.shadow_leased))
+            })
+            .collect();
         let held = self.leases.still_held(&self.ns, &ids, token, self.config.lease_ttl).await;
         drop(ids);
+        let held = held.map(|held| {
+            let lost: HashSet<usize> = owners.iter().zip(held).filter(|(_, ours)| !ours).map(|(&i, _)| i).collect();
+            failed.iter().map(|i| !lost.contains(i)).collect::<Vec<bool>>()
+        });
         if !matches!(held, Err(LeaseError::BreakerOpen(_))) {
             self.count_redis();
         }
@@ -750,6 +914,7 @@ impl Guard {
                         );
                         slot.failure = None;
                         slot.leased = false;
+                        slot.shadow_leased = false;
                         slot.outcome = Some(Outcome::InFlight);
                     }
                 }
@@ -764,13 +929,13 @@ impl Guard {
     async fn release(&self, slots: &[Slot<'_>], token: &str) {
         let items: Vec<Release<'_>> = slots
             .iter()
-            .filter(|s| s.leased)
-            .map(|s| Release {
-                id: &s.id,
-                done: match &s.outcome {
+            .flat_map(|s| {
+                let done = match &s.outcome {
                     Some(o) if o.is_finished() => Some(s.confirmed_hash.unwrap_or(s.hash)),
                     _ => None,
-                },
+                };
+                let shadow = s.shadow.as_ref().filter(|_| s.shadow_leased);
+                s.leased.then_some(&s.id).into_iter().chain(shadow).map(move |id| Release { id, done })
             })
             .collect();
         if items.is_empty() {
@@ -790,7 +955,9 @@ impl Guard {
     fn remember(&self, slots: &[Slot<'_>]) {
         for s in slots.iter().filter(|s| s.leader.is_none() && s.invalid.is_none()) {
             if matches!(&s.outcome, Some(o) if o.is_finished()) {
-                self.cache.insert(s.id.clone(), s.confirmed_hash.unwrap_or(s.hash));
+                for id in s.ids() {
+                    self.cache.insert(id.clone(), s.confirmed_hash.unwrap_or(s.hash));
+                }
             }
         }
     }
@@ -819,7 +986,7 @@ impl Guard {
     /// than the confirmed event is also kept in the dead letters for inspection, filed
     /// under `mismatch:<topic>-<partition>-<offset>`. The duplicate itself is skipped as
     /// any duplicate is; the copy never blocks the partition.
-    async fn dead_letter_mismatches(&self, slots: &[Slot<'_>]) {
+    async fn dead_letter_mismatches(&self, slots: &[Slot<'_>], v2_known: bool) {
         if !self.config.dead_letter_payload_mismatch {
             return;
         }
@@ -835,6 +1002,7 @@ impl Guard {
             .iter()
             .map(|(s, id)| DeadLetterRow {
                 id,
+                shadow: None,
                 event: s.event,
                 reason: "payload_mismatch".into(),
                 error: format!("event {} was confirmed with another payload", s.id),
@@ -842,7 +1010,7 @@ impl Guard {
             })
             .collect();
         self.count_postgres(1);
-        if let Err(e) = ledger::dead_letter(&self.pg, &self.ns, &rows).await {
+        if let Err(e) = ledger::dead_letter(&self.pg, &self.ns, &rows, v2_known).await {
             tracing::warn!(function = %self.ns, error = %e, "could not store payload mismatches in the dead letters");
         }
     }
