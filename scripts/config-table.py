@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Rewrites the README's configuration table from shared/src/config.rs (VARIABLES).
+"""Rewrites the configuration table in docs/CONFIGURATION.md from shared/src/config.rs
+(VARIABLES).
 
-tests/docs.rs fails when the two disagree; run this to bring the README up to date.
+tests/docs.rs fails when the two disagree; run this to bring the table up to date.
 """
 import pathlib
 import re
@@ -17,10 +18,11 @@ for kind, name, default, doc in re.findall(r'(secret|var)\(\s*"([A-Z_]+)",\s*"([
         doc += " Secret: never logged."
     rows.append(f"| `{name}` | {'`' + default + '`' if default else '(empty)'} | {doc} |")
 
-readme = root / "README.md"
-text = readme.read_text()
+page = root / "docs/CONFIGURATION.md"
+text = page.read_text()
 header = "| variable | default | meaning |\n|---|---|---|\n"
 start = text.index(header) + len(header)
-end = text.index("\n\n", start)
-readme.write_text(text[:start] + "\n".join(rows) + text[end:])
-print(f"README.md: {len(rows)} variables")
+end = text.find("\n\n", start)
+end = len(text.rstrip("\n")) if end < 0 else end
+page.write_text(text[:start] + "\n".join(rows) + text[end:])
+print(f"docs/CONFIGURATION.md: {len(rows)} variables")

@@ -50,7 +50,7 @@ fn alert_rules_parse_and_use_only_exported_metrics() {
     let rules = rules["groups"][0]["rules"].as_sequence().expect("a rule group");
     let names: Vec<&str> = rules.iter().map(|r| r["alert"].as_str().unwrap()).collect();
     for required in ["HighDuplicateRate", "ProcessedEventsTableGrowing"] {
-        assert!(names.contains(&required), "seed 001's {required} alert is missing");
+        assert!(names.contains(&required), "the {required} alert (producer retry loops, ledger growth) is missing");
     }
     for rule in rules {
         let expr = rule["expr"].as_str().expect("every rule has an expr");

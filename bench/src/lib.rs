@@ -1,12 +1,12 @@
-//! The benchmark: our guard against the seed library's design (baseline) and against the
+//! The benchmark: our guard against the common per-event design (baseline) and against the
 //! least work the guarantee needs (floor), on one event stream with 25% duplicate ids,
 //! in one run, against the same local services as the tests. Targets are checked as
 //! ratios between variants of the same run, so they hold across machines.
 //!
 //! Variants:
 //! - `baseline`: per event, `SELECT` from `processed_events`, a no-op handler, `INSERT ...
-//!   ON CONFLICT DO NOTHING`, each statement its own transaction (seed 003's
-//!   `process_if_new`);
+//!   ON CONFLICT DO NOTHING`, each statement its own transaction (the usual
+//!   `process_if_new` helper);
 //! - `guard`: `Guard::run_batch` with a no-op handler, at several batch sizes;
 //! - `floor`: per batch, one Redis pipeline of `SET NX PX` and one Postgres `INSERT ...
 //!   UNNEST ... ON CONFLICT DO NOTHING`, nothing around them;
@@ -48,8 +48,8 @@ pub struct Options {
     /// Distinct ids pushed through the local cache for the memory figure.
     pub cache_ids: usize,
     /// Network round-trip time to add (through delay proxies) for a second run of the
-    /// baseline, the guard and the floor at the target batch: the seed's setting, where
-    /// the stores are across a network rather than on loopback. 0 skips it.
+    /// baseline, the guard and the floor at the target batch: a deployment's setting,
+    /// where the stores are across a network rather than on loopback. 0 skips it.
     pub added_rtt_us: u64,
     pub out_dir: PathBuf,
     pub seed: u64,
@@ -220,7 +220,8 @@ fn row(variant: &str, batch: usize, events: usize, total: Duration, batches: &Sa
     }
 }
 
-/// Seed 003's design, done faithfully: two autocommitted statements per new event.
+/// The common per-event design, done faithfully: two autocommitted statements per new
+/// event.
 async fn baseline(env: &Env, events: &[Event]) -> anyhow::Result<Row> {
     let pg = &env.clients.pg;
     let mut samples = Samples::default();
@@ -441,7 +442,7 @@ async fn run_in(env: &Env, opts: &Options) -> anyhow::Result<Report> {
     });
     drop(cache);
 
-    // The seed's setting: the same variants with a network between consumer and stores.
+    // A deployment's setting: the same variants with a network between consumer and stores.
     if opts.added_rtt_us > 0 {
         let rtt = Duration::from_micros(opts.added_rtt_us);
         eprintln!("[bench] baseline, guard and floor at batch {largest} with {rtt:?} added per round trip");

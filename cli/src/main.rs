@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run every function as one local worker (creates missing topics; configuration
-    /// from the environment, see the README).
+    /// from the environment, see docs/CONFIGURATION.md).
     Run,
     /// A local MSK event source mapping: runs a function's binary in Lambda mode, fed
     /// from Kafka as MSK triggers it (batching, retries, partial batch responses, the

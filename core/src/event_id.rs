@@ -24,7 +24,9 @@ use sha2::{Digest, Sha256};
 
 use crate::event::Event;
 
-/// The header seed 001 and 003 standardise on.
+/// The header producers set to name an event (`Producer::send` and `eo produce` do):
+/// the first place the default chain looks, because only the producer knows which sends
+/// are the same event.
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency_key";
 
 /// A stable id for one logical event, unique within a [`Namespace`].
@@ -238,13 +240,13 @@ impl std::str::FromStr for IdFormatSetting {
 /// How a function derives the id of an event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IdStrategy {
-    /// A header's value, UTF-8 (seed 001: `idempotency_key`).
+    /// A header's value, UTF-8 (usually `idempotency_key`).
     Header(String),
     /// A scalar field of the JSON payload, by JSON pointer (`/id`, `/user/id`).
     PayloadField(String),
-    /// Several payload fields joined with `:` (seed 004:
-    /// `timestamp:distinct_id:token:event_name`), each field's own `\` and `:` escaped
-    /// with `\`. Every field must be present.
+    /// Several payload fields joined with `:`, for events without an id field of their
+    /// own (analytics events: `timestamp:distinct_id:token:event_name`), each field's own
+    /// `\` and `:` escaped with `\`. Every field must be present.
     Composite(Vec<String>),
     /// `topic-partition-offset`: always available, but a re-sent copy of an event gets a
     /// new offset and so a new id. The last resort. (Unambiguous because partitions and
@@ -310,8 +312,8 @@ fn escape_fields(parts: &[String]) -> String {
 }
 
 impl IdStrategy {
-    /// DESIGN.md's order: the `idempotency_key` header, then the payload field, then the
-    /// composite (when given), then the record's position.
+    /// The order docs/DESIGN.md explains: the `idempotency_key` header, then the payload
+    /// field, then the composite (when given), then the record's position.
     pub fn default_chain(field: Option<&str>, composite: Option<&[&str]>) -> Self {
         let mut chain = vec![IdStrategy::Header(IDEMPOTENCY_KEY_HEADER.to_owned())];
         if let Some(f) = field {

@@ -1,4 +1,5 @@
-//! Circuit breakers, one per dependency (seed 002).
+//! Circuit breakers, one per dependency, so an outage fails calls fast instead of
+//! making every event wait for a timeout, and the dependency is probed back gently.
 //!
 //! Closed: calls pass; `failure_threshold` consecutive failures open it.
 //! Open: calls fail fast with [`BreakerOpen`] until `open_for` has passed.
@@ -6,8 +7,9 @@
 //! successful probes close it, any failure opens it again for another `open_for`.
 //!
 //! Why our own: the maintained crates we looked at (`failsafe`, `circuitbreaker-rs`)
-//! close on the first successful probe or have no bound on concurrent probes; seed 002
-//! asks for N successes to close and a limited number of probes. The state machine is
+//! close on the first successful probe or have no bound on concurrent probes; we need N
+//! successes to close (one lucky probe must not let the full load back onto a server
+//! still recovering) and a limited number of probes. The state machine is
 //! small and fully tested below on tokio's paused clock.
 //!
 //! Time comes from `tokio::time::Instant`, so tests drive it with `tokio::time::advance`.

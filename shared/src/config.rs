@@ -1,9 +1,9 @@
 //! Configuration: one typed struct per component, read from environment variables.
 //!
 //! Every variable is listed once in [`VARIABLES`] with its default and meaning; the
-//! README's configuration table is checked against that list by a test, so the docs
-//! cannot drift from the code. An invalid value is an error naming the variable; a
-//! secret's value never appears in an error or a log line.
+//! configuration table in docs/CONFIGURATION.md is checked against that list by a test
+//! (tests/docs.rs), so the docs cannot drift from the code. An invalid value is an error
+//! naming the variable; a secret's value never appears in an error or a log line.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -28,7 +28,8 @@ const fn secret(name: &'static str, default: &'static str, doc: &'static str) ->
     Var { name, default, secret: true, doc }
 }
 
-/// Every variable the library reads, with its default. The README table mirrors this.
+/// Every variable the library reads, with its default. The table in docs/CONFIGURATION.md
+/// mirrors this (scripts/config-table.py regenerates it).
 pub const VARIABLES: &[Var] = &[
     secret(
         "DATABASE_URL",
@@ -52,7 +53,7 @@ pub const VARIABLES: &[Var] = &[
     var("CLICKHOUSE_USER", "default", "ClickHouse user."),
     secret("CLICKHOUSE_PASSWORD", "", "ClickHouse password."),
     var("CLICKHOUSE_TIMEOUT_MS", "10000", "Timeout of one ClickHouse write (all its attempts)."),
-    var("CLICKHOUSE_WRITE_ATTEMPTS", "3", "Attempts of one ClickHouse write, each on the next endpoint (seed 000)."),
+    var("CLICKHOUSE_WRITE_ATTEMPTS", "3", "Attempts of one ClickHouse write, each on the next endpoint, so one dead endpoint does not fail the write."),
     var("CLICKHOUSE_RETRY_BACKOFF_MS", "10", "Wait before the second attempt; doubles for each further one (10, 20, 40 ms)."),
     var(
         "GUARD_LEASE_TTL_MS",
@@ -117,7 +118,7 @@ pub const VARIABLES: &[Var] = &[
     var(
         "MAX_IN_FLIGHT_MESSAGES",
         "1000",
-        "Worker: records received but not yet finished, across all partitions (seed 004).",
+        "Worker: records received but not yet finished, across all partitions; at this bound the worker stops receiving, so its memory stays bounded however far behind it falls.",
     ),
     var(
         "WORKER_RETRY_BACKOFF_MS",

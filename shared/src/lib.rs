@@ -38,3 +38,7 @@ pub use outcome::{BatchReport, DuplicateTier, EventOutcome, FailureKind, Outcome
 pub use async_trait::async_trait;
 /// Re-exported so function crates derive rows against the same version.
 pub use clickhouse;
+
+/// Code the docs show (the README's handler example), compiled as doc tests.
+#[cfg(doctest)]
+mod doctests;

@@ -1,4 +1,5 @@
-//! Prometheus metrics, named as the seed documents name them where they exist.
+//! Prometheus metrics, under names that stay put (`kafka_events_*`, `processed_events_*`,
+//! ...): alert rules and dashboards are written against them.
 //!
 //! One process-wide registry; every series carries the function (namespace) or the
 //! dependency as a label, so one worker running several functions exports them side by
@@ -60,7 +61,8 @@ pub struct Metrics {
     /// `{function, tier}`: skipped as already confirmed; tier is where it was found
     /// (`local`, `redis`, `postgres`, `confirm`, `batch`).
     pub duplicates: IntCounterVec,
-    /// `{function}`: every duplicate, whatever the tier (seed 000's single counter).
+    /// `{function}`: every duplicate, whatever the tier (one counter for dashboards that
+    /// do not care where it was found).
     pub deduplicated: IntCounterVec,
     /// `{function}`: leased by someone else, to be retried.
     pub lease_contention: IntCounterVec,
@@ -85,7 +87,7 @@ pub struct Metrics {
     pub clickhouse_rejected: IntCounterVec,
     /// `{function}`: partition tasks that ended unexpectedly and were restarted.
     pub partition_restarts: IntCounterVec,
-    /// Rows in `processed_events` (seed 001's gauge).
+    /// Rows in `processed_events`, so an alert sees the ledger outgrow its retention.
     pub table_size: IntGauge,
     /// Rows the retention cleanup deleted.
     pub cleanup_deleted: prometheus::IntCounter,

@@ -4,7 +4,8 @@
 //! message is written to `outbox` inside the batch transaction, so it exists if and only
 //! if the event is confirmed. The [`Relay`] sends queued messages afterwards, under the
 //! Kafka breaker: while the breaker is open nothing is attempted and messages wait in
-//! Postgres (seed 002: queue durably while Kafka is down, send when it closes). The
+//! Postgres (queued durably while Kafka is down, sent once the breaker closes: an outage
+//! delays messages, never loses them). The
 //! worker runs the relay every `OUTBOX_RELAY_INTERVAL_MS`; on Lambda it runs after an
 //! invocation that processed events and on a schedule (an EventBridge rule invokes the
 //! function, see `runtime::lambda`), so a backlog drains without new traffic.

@@ -1,6 +1,6 @@
-//! Publishing to Kafka with an `idempotency_key` header on every message (seed 001,
-//! step 4): the consumer's first id strategy reads it, so a re-sent message is
-//! recognised as the same event.
+//! Publishing to Kafka with an `idempotency_key` header on every message: the consumer's
+//! first id strategy reads it, so a message the producer sends again (a retry after a
+//! timeout) is recognised as the same event.
 
 use std::time::Duration;
 

@@ -1,7 +1,8 @@
-//! `cdc` (seeds 000 and 002): row-change events, as a Postgres-to-Kafka CDC tool emits
+//! `cdc`: row-change events, as a Postgres-to-Kafka CDC tool emits
 //! them (Debezium's envelope: `op`, `before`, `after`, `source`), synced into the
-//! ClickHouse table `cdc_rows`. Always on: it is part of every deployment, not a flag
-//! (seed 002 P0-1).
+//! ClickHouse table `cdc_rows`. Always on: it is part of every deployment, not a flag,
+//! so the analytics copy of the database is never silently left behind by a deployment
+//! that forgot to enable it.
 //!
 //! Payload: `{"op": "c"|"u"|"d"|"r", "before": {...}|null, "after": {...}|null,
 //! "source": {"table": "users", "lsn": 123, "ts_ms": 1700000000000}}`. The row's primary

@@ -1,4 +1,5 @@
-//! `notifications` (seed 001's communication service): a request event creates one row
+//! `notifications` (a communication service: a notification must reach a user once, and a
+//! duplicate email or push is visible to them): a request event creates one row
 //! in the Postgres table `notifications`, in the same transaction as the event's
 //! confirm, and announces it on `notifications-outbound` through the outbox for the
 //! sender that delivers it.

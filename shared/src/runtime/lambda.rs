@@ -9,7 +9,7 @@
 //!   batch (confirmed records then pass as duplicates). With
 //!   `LAMBDA_REPORT_BATCH_ITEM_FAILURES=true` the function instead answers
 //!   `{"batchItemFailures": [{"itemIdentifier": {"partition": "<topic>-<n>", "offset": <n>}}]}`
-//!   naming the unfinished records, AWS's documented Kafka shape (see the README); the
+//!   naming the unfinished records, AWS's documented Kafka shape (see docs/RUNTIMES.md); the
 //!   mapping must have `ReportBatchItemFailures` on, or it takes that answer as success;
 //! - no retry storm: while records are unfinished because the ClickHouse breaker is open,
 //!   the invocation waits for the breaker's probe and runs them again, for as long as

@@ -82,8 +82,9 @@ pub fn init_tracing(json: bool) {
     let _ = if json { builder.json().flatten_event(true).try_init() } else { builder.try_init() };
 }
 
-/// Connects to every dependency, retrying until `timeout` (seed 002: fail fast, with
-/// a message saying which dependency and how to fix it).
+/// Connects to every dependency, retrying until `timeout`, then fails fast with a
+/// message saying which dependency and how to fix it: a process that cannot work stops
+/// at start-up, where the cause is plain, instead of failing every event later.
 pub async fn connect(config: &Config, timeout: Duration) -> Result<Clients, InitError> {
     connect_with(config, timeout, Schema::Migrate).await
 }

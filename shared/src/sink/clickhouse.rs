@@ -8,7 +8,8 @@
 //! - exactly-once never depends on the dedup token: tables are ReplacingMergeTree keyed
 //!   by the event id, so a repeated insert collapses on every server version;
 //! - with several endpoints (`CLICKHOUSE_URL=a,b,c`), writes go round-robin and a failed
-//!   attempt is retried on the next endpoint after 10, 20, 40 ms (seed 000's rotation),
+//!   attempt is retried on the next endpoint after 10, 20, 40 ms (so one dead replica
+//!   does not fail the write),
 //!   `CLICKHOUSE_WRITE_ATTEMPTS` attempts in all, under one breaker permit: the breaker
 //!   sees one failure only when every attempt failed.
 
