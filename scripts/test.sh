@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command: starts (installing if needed) every local service, validates the
 # deployment templates offline, checks Cargo.lock against known advisories
-# (scripts/audit.sh), runs every test of the workspace against them, makes
+# (scripts/audit.sh), checks the lints, runs every test of the workspace against them, makes
 # the shortened fault-injection run, then builds the fuzz targets. Each test creates and drops its own Postgres
 # schema, ClickHouse database and Redis key prefix, so tests run in parallel.
 set -euo pipefail
@@ -17,6 +17,14 @@ fi
 # Known advisories (RustSec) against Cargo.lock, offline from the team's snapshot of the
 # database; accepted findings are in .cargo/audit.toml (docs/RELIABILITY.md says why).
 ./scripts/audit.sh
+# Lints (Cargo.toml [workspace.lints]: no unwrap in the library crates outside tests),
+# warnings as errors.
+if cargo clippy --version >/dev/null 2>&1; then
+  echo "[test] cargo clippy --workspace --all-targets"
+  cargo clippy --quiet --workspace --all-targets -- -D warnings
+else
+  echo "[test] WARNING: clippy not installed, lints not checked (rustup component add clippy)" >&2
+fi
 echo "[test] cargo test --workspace"
 cargo test --workspace "$@"
 # The shortened fault-injection runs: real consumers under kill -9, Redis FLUSHALL and

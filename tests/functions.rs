@@ -1,5 +1,6 @@
 //! The CDC and notifications functions and the outbox relay, against the real services.
 
+use exactly_once::OutcomeKind;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,8 +37,8 @@ async fn cdc_replays_duplicates_and_late_changes_never_double_or_regress_a_row()
         change(5, "c", 3, 104, "c@x"),
     ];
     let r = g.run_batch(&cdc::Cdc, &stream, None).await;
-    assert_eq!(r.count("processed"), 5);
-    assert_eq!(r.count("duplicate"), 1);
+    assert_eq!(r.count(OutcomeKind::Processed), 5);
+    assert_eq!(r.count(OutcomeKind::Duplicate), 1);
     assert_eq!(
         r.outcomes[0].event_id.as_ref().unwrap().as_str(),
         "c:users:100:1",
@@ -50,7 +51,7 @@ async fn cdc_replays_duplicates_and_late_changes_never_double_or_regress_a_row()
     let mut replay = stream.clone();
     replay.push(change(6, "u", 1, 99, "a@ancient").with_header("idempotency_key", "late-copy"));
     let r = again.run_batch(&cdc::Cdc, &replay, None).await;
-    assert_eq!(r.count("duplicate"), stream.len());
+    assert_eq!(r.count(OutcomeKind::Duplicate), stream.len());
 
     let rows: Vec<String> = env
         .clients
@@ -83,8 +84,13 @@ async fn cdc_snapshot_rows_sharing_one_lsn_each_land_once() {
     let mut processed = 0;
     for batch in stream.chunks(100) {
         let r = g.run_batch(&cdc::Cdc, batch, None).await;
-        assert_eq!(r.count("duplicate"), 0, "{:?}", r.outcomes.iter().find(|o| o.outcome != Outcome::Processed));
-        processed += r.count("processed");
+        assert_eq!(
+            r.count(OutcomeKind::Duplicate),
+            0,
+            "{:?}",
+            r.outcomes.iter().find(|o| o.outcome != Outcome::Processed)
+        );
+        processed += r.count(OutcomeKind::Processed);
     }
     assert_eq!(processed, stream.len());
 
@@ -92,7 +98,7 @@ async fn cdc_snapshot_rows_sharing_one_lsn_each_land_once() {
     // are duplicates.
     let resent = [change(304, "u", 5, 501, "5@new"), change(305, "r", 7, 500, "7@snap")];
     let r = g.run_batch(&cdc::Cdc, &resent, None).await;
-    assert_eq!(r.count("duplicate"), 2, "{:?}", r.outcomes);
+    assert_eq!(r.count(OutcomeKind::Duplicate), 2, "{:?}", r.outcomes);
 
     let ledger = "SELECT count(*) FROM processed_events WHERE namespace = 'cdc'";
     assert_eq!(env.count(ledger).await, stream.len() as i64, "one ledger row per change");
@@ -144,9 +150,9 @@ async fn a_notification_request_creates_one_row_and_one_outbox_message() {
     let g = Guard::new(&env.clients, notifications::NAME, h.spec().id_strategy, GuardConfig::default()).unwrap();
     let r =
         g.run_batch(&h, &[request(0, "n-1", "ann"), request(1, "n-2", "ben"), request(2, "n-1", "ann")], None).await;
-    assert_eq!(r.count("processed"), 2);
+    assert_eq!(r.count(OutcomeKind::Processed), 2);
     let again = Guard::new(&env.clients, notifications::NAME, h.spec().id_strategy, GuardConfig::default()).unwrap();
-    assert_eq!(again.run_batch(&h, &[request(0, "n-1", "ann")], None).await.count("duplicate"), 1);
+    assert_eq!(again.run_batch(&h, &[request(0, "n-1", "ann")], None).await.count(OutcomeKind::Duplicate), 1);
     assert_eq!(env.count("SELECT count(*) FROM notifications").await, 2);
     assert_eq!(env.count("SELECT count(*) FROM outbox WHERE topic = 'notifications-outbound'").await, 2);
     assert_eq!(env.count("SELECT count(*) FROM outbox WHERE idempotency_key = 'h:n-1:0'").await, 1);
@@ -219,7 +225,7 @@ async fn the_outbox_waits_out_a_kafka_outage_and_publishes_when_the_breaker_clos
     let h = notifications::Notifications;
     let g = Guard::new(&env.clients, notifications::NAME, h.spec().id_strategy, GuardConfig::default()).unwrap();
     let r = g.run_batch(&h, &[request(0, "o-1", "ann"), request(1, "o-2", "ben"), request(2, "o-3", "cy")], None).await;
-    assert_eq!(r.count("processed"), 3);
+    assert_eq!(r.count(OutcomeKind::Processed), 3);
 
     let breaker = Arc::new(CircuitBreaker::new(
         "kafka-test",

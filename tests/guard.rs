@@ -1,6 +1,7 @@
 //! The guard protocol against the real services: duplicates, restarts, failures, lease
 //! expiry, round trips per batch, and the ClickHouse breaker.
 
+use exactly_once::OutcomeKind;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -394,8 +395,8 @@ async fn a_batch_costs_a_constant_number_of_round_trips() {
         let events = batch_with_duplicates(n, &earlier, tag);
         let report = g.run_batch(&probe, &events, None).await;
         assert!(report.all_finished(), "{:?}", report.unfinished().next());
-        assert_eq!(report.count("processed") + report.count("duplicate"), n);
-        assert_eq!(report.count("duplicate"), n / 4, "a quarter are duplicates");
+        assert_eq!(report.count(OutcomeKind::Processed) + report.count(OutcomeKind::Duplicate), n);
+        assert_eq!(report.count(OutcomeKind::Duplicate), n / 4, "a quarter are duplicates");
         costs.push((n, g.round_trips().redis(), g.round_trips().postgres()));
     }
     // Redis: one script to check markers and take leases, one to release.
@@ -420,7 +421,7 @@ async fn a_batch_costs_a_constant_number_of_round_trips() {
     g.run_batch(&probe, &events, None).await;
     let (r0, p0) = (g.round_trips().redis(), g.round_trips().postgres());
     let again = g.run_batch(&probe, &events, None).await;
-    assert_eq!(again.count("duplicate"), 50);
+    assert_eq!(again.count(OutcomeKind::Duplicate), 50);
     assert_eq!((g.round_trips().redis(), g.round_trips().postgres()), (r0, p0), "local hits make no round trip");
 }
 

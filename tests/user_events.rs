@@ -1,6 +1,7 @@
 //! The `user-events` function through the guard, into the real ClickHouse.
 
 use exactly_once::config::GuardConfig;
+use exactly_once::OutcomeKind;
 use exactly_once::{Event, Guard, Handler, Outcome};
 use integration_tests::{user_event, TestEnv};
 use user_events::UserEvents;
@@ -21,13 +22,13 @@ async fn repeated_events_collapse_to_one_row_each() {
         (0..40).map(|i| user_event("user-events", i % 3, i as i64, &format!("u-{}", i % 30), "alice")).collect();
     let report = g.run_batch(&UserEvents, &events, None).await;
     assert!(report.all_finished());
-    assert_eq!(report.count("processed"), 30);
-    assert_eq!(report.count("duplicate"), 10);
+    assert_eq!(report.count(OutcomeKind::Processed), 30);
+    assert_eq!(report.count(OutcomeKind::Duplicate), 10);
 
     // Redelivery of the whole batch (a consumer restart): nothing new.
     let again =
         Guard::new(&env.clients, user_events::NAME, UserEvents.spec().id_strategy, GuardConfig::default()).unwrap();
-    assert_eq!(again.run_batch(&UserEvents, &events, None).await.count("duplicate"), 40);
+    assert_eq!(again.run_batch(&UserEvents, &events, None).await.count(OutcomeKind::Duplicate), 40);
 
     assert_eq!(env.clickhouse_count("SELECT count() FROM user_events FINAL").await, 30);
     assert_eq!(env.count("SELECT count(*) FROM processed_events WHERE namespace = 'user-events'").await, 30);

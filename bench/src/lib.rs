@@ -18,6 +18,7 @@ pub mod cold_start;
 pub mod delay;
 pub mod stats;
 
+use exactly_once::OutcomeKind;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -383,7 +384,7 @@ async fn run_in(env: &Env, opts: &Options) -> anyhow::Result<Report> {
         GuardConfig::default(),
     )?;
     let report = cold.run_batch(&Noop, &confirmed, None).await;
-    anyhow::ensure!(report.count("duplicate") == confirmed.len());
+    anyhow::ensure!(report.count(OutcomeKind::Duplicate) == confirmed.len());
     let cold_rt = (cold.round_trips().redis(), cold.round_trips().postgres());
     targets.push(Target {
         name: format!("{largest} duplicates in the local cache: round trips (redis, postgres)"),

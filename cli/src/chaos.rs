@@ -600,89 +600,10 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
         functions.iter().filter(|f| ["user-events", "notifications"].contains(&f.spec().name)).cloned().collect();
     let topics: Vec<String> = producing.iter().map(|f| kafka.topic(f.spec().topics[0])).collect();
 
-    // The stream: per function, new events and repeats (same key, same payload), and
-    // poison records (not JSON) with their own ids.
-    struct Message {
-        topic: String,
-        id: String,
-        payload: Vec<u8>,
-    }
-    let mut messages = Vec::new();
-    let mut unique: BTreeMap<String, usize> = BTreeMap::new();
-    let mut poison_ids: HashSet<String> = HashSet::new();
-    for (f, topic) in producing.iter().zip(&topics) {
-        let name_f = f.spec().name;
-        let mut sent: Vec<(String, Vec<u8>)> = Vec::new();
-        let mut list = Vec::new();
-        for _ in 0..opts.events {
-            if !sent.is_empty() && rng.random_bool(0.25) {
-                let (id, payload) = sent[rng.random_range(0..sent.len())].clone();
-                list.push(Message { topic: topic.clone(), id, payload });
-            } else {
-                let payload = f.sample(sent.len() as u64).context("function without sample payloads")?;
-                let id = format!("{name_f}-{}", uuid_like(&mut rng));
-                sent.push((id.clone(), payload.clone()));
-                list.push(Message { topic: topic.clone(), id, payload });
-            }
-        }
-        unique.insert(name_f.to_owned(), sent.len());
-        for i in 0..opts.poison {
-            let id = format!("{name_f}-poison-{i}-{}", uuid_like(&mut rng));
-            poison_ids.insert(id.clone());
-            let at = rng.random_range(0..=list.len());
-            list.insert(at, Message { topic: topic.clone(), id, payload: b"{not json".to_vec() });
-        }
-        messages.push(list);
-    }
-    // The chaos-faults function: healthy records, handler panics and rows ClickHouse
-    // rejects, each with its own id.
     let chaos_topic = kafka.topic(crate::chaos_function::TOPICS[0]);
-    let mut panic_ids: HashSet<String> = HashSet::new();
-    let mut reject_ids: HashSet<String> = HashSet::new();
-    let mut unpublishable_ids: HashSet<String> = HashSet::new();
-    let chaos_ok = opts.handler_faults * 10;
-    {
-        use crate::chaos_function::{ChaosFaults, Kind};
-        let mut list = Vec::new();
-        for i in 0..chaos_ok {
-            let id = format!("chaos-ok-{i}-{}", uuid_like(&mut rng));
-            list.push(Message { topic: chaos_topic.clone(), id, payload: ChaosFaults::payload(Kind::Ok) });
-        }
-        for i in 0..opts.handler_faults {
-            for (kind, ids) in [
-                (Kind::Panic, &mut panic_ids),
-                (Kind::Reject, &mut reject_ids),
-                (Kind::Unpublishable, &mut unpublishable_ids),
-            ] {
-                let id = format!("chaos-{kind:?}-{i}-{}", uuid_like(&mut rng)).to_lowercase();
-                ids.insert(id.clone());
-                let at = rng.random_range(0..=list.len());
-                list.insert(at, Message { topic: chaos_topic.clone(), id, payload: ChaosFaults::payload(kind) });
-            }
-        }
-        messages.push(list);
-    }
-    // An unpublishable message's event is itself confirmed: its row lands.
-    let chaos_ok = chaos_ok + opts.handler_faults;
-    unique.insert(crate::chaos_function::NAME.to_owned(), chaos_ok);
+    let (stream, expected) = plan_stream(opts, &mut rng, &producing, &topics, &chaos_topic)?;
     let mut topics = topics;
-    topics.push(chaos_topic.clone());
-
-    // Interleave the functions' streams.
-    let mut stream = Vec::new();
-    let mut its: Vec<_> = messages.into_iter().map(|l| l.into_iter()).collect();
-    loop {
-        let mut any = false;
-        for it in its.iter_mut() {
-            if let Some(m) = it.next() {
-                stream.push(m);
-                any = true;
-            }
-        }
-        if !any {
-            break;
-        }
-    }
+    topics.push(chaos_topic);
     let produced = stream.len();
 
     let exe = exe.to_path_buf();
@@ -719,126 +640,15 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
         anyhow::Ok(ends)
     });
 
-    // The faults.
-    let plan = schedule(opts, &mut rng);
-    for (at, fault) in &plan {
-        eprintln!("[chaos] planned at {at:>6.1} s: {fault:?}");
-    }
-    let mut done_faults = Vec::new();
-    let mut second: Option<Fleet> = None;
-    let mut leaving = Vec::new();
-    let t0 = Instant::now();
-    for (at, fault) in plan {
-        if let Some(wait) = Duration::from_secs_f64(at).checked_sub(t0.elapsed()) {
-            tokio::time::sleep(wait).await;
-        }
-        let t = t0.elapsed().as_secs_f64();
-        let what = match fault {
-            Fault::Kill9 => main_worker.kill(&mut rng).await,
-            Fault::StallPastTimeout => main_worker.stall(&mut rng, opts.lambda_timeout).await,
-            Fault::PollerRestart => main_worker.restart_poller(&mut rng).await,
-            Fault::FlushAll => {
-                let mut c = clients.leases.pool().get().await.context("Redis for FLUSHALL")?;
-                let _: () = redis::cmd("FLUSHALL").query_async(&mut c).await.context("FLUSHALL")?;
-                "Redis FLUSHALL".to_string()
-            }
-            Fault::RedisDown => {
-                let down = Duration::from_millis(rng.random_range(3000..6000));
-                let stopped = Instant::now();
-                if let Ok(mut c) = clients.leases.pool().get().await {
-                    let _: Result<(), _> = redis::cmd("SHUTDOWN").arg("NOSAVE").query_async(&mut c).await;
-                }
-                tokio::time::sleep(down).await;
-                run_script(&opts.services_script).await?;
-                format!(
-                    "Redis down {:.1} s (stopped {:.1} s, then started)",
-                    stopped.elapsed().as_secs_f64(),
-                    down.as_secs_f64()
-                )
-            }
-            Fault::ClickHouseDown => {
-                let down = opts.breaker_open * 2 + Duration::from_millis(rng.random_range(0..2000));
-                let stopped = Instant::now();
-                // The server may close the connection without answering: do not wait on it.
-                let shutdown = clients.sink.client().query("SYSTEM SHUTDOWN");
-                let _ = tokio::time::timeout(Duration::from_secs(2), shutdown.execute()).await;
-                tokio::time::sleep(down).await;
-                run_script(&opts.services_script).await?;
-                format!(
-                    "ClickHouse down {:.1} s (stopped {:.1} s, then started; breaker open {} s)",
-                    stopped.elapsed().as_secs_f64(),
-                    down.as_secs_f64(),
-                    opts.breaker_open.as_secs()
-                )
-            }
-            Fault::PgTerminate => {
-                let n: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                      WHERE application_name = $1 AND pid <> pg_backend_pid()) t",
-                )
-                .bind(&name)
-                .fetch_one(&clients.pg)
-                .await?;
-                format!("{n} Postgres backends terminated")
-            }
-            Fault::SecondWorkerJoins => {
-                // Its lease TTL is shorter than its batches take: its leases expire under
-                // it while it works, and the other worker may take the same events.
-                let mut env = worker_env.clone();
-                env.push(("GUARD_LEASE_TTL_MS".into(), opts.short_lease.as_millis().to_string()));
-                second = Some(Fleet::start(opts.runtime, &exe, &env, &name, "b", opts, &names));
-                format!("second consumer joins (lease TTL {} ms)", opts.short_lease.as_millis())
-            }
-            Fault::SecondWorkerLeaves => {
-                // Its graceful shutdown may take a while (in-flight batches, a breaker
-                // open): the schedule goes on meanwhile.
-                if let Some(s) = second.take() {
-                    leaving.push(tokio::spawn(s.stop()));
-                }
-                "second consumer leaves".to_string()
-            }
-        };
-        eprintln!("[chaos] {t:>6.1} s  {what}");
-        done_faults.push(format!("{what} @{t:.0}s"));
-        if !matches!(fault, Fault::RedisDown | Fault::ClickHouseDown) {
-            let (ch, redis) = services_answer(clients).await;
-            if !(ch && redis) {
-                let t = t0.elapsed().as_secs_f64();
-                eprintln!("[chaos] {t:>6.1} s  found down unplanned: ClickHouse {ch}, Redis {redis}; starting them");
-                done_faults.push(format!("UNPLANNED outage (ClickHouse up {ch}, Redis up {redis}) @{t:.0}s"));
-                run_script(&opts.services_script).await?;
-            }
-        }
-    }
+    // The faults, on their schedule.
+    let faults = FaultRun { opts, clients, name: &name, worker_env: &worker_env, exe: &exe, names: &names };
+    let (done_faults, mut second, leaving) = faults.inject(&main_worker, &mut rng).await?;
     let ends = producer.await.context("producer task")??;
     eprintln!("[chaos] produced {produced} messages; waiting for every offset to be committed");
     run_script(&opts.services_script).await?;
 
-    // Wait for the group to commit every partition to its end.
-    let partitions = kafka.topic_partitions;
-    let deadline = Instant::now() + Duration::from_secs(240);
-    let mut committed_parts = 0;
-    let total_parts = topics.len() * partitions as usize;
-    while Instant::now() < deadline {
-        committed_parts = 0;
-        for (t, f) in topics.iter().zip(&names) {
-            let mut group = kafka.clone();
-            if opts.runtime == Runtime::Lambda {
-                group.group_id = format!("{name}-{f}");
-            }
-            let committed = committed_offsets(&group, t, partitions).await.unwrap_or_default();
-            for p in 0..partitions {
-                let end = ends.get(&(t.clone(), p)).copied().unwrap_or(0);
-                if committed.get(&p).copied().unwrap_or(if end == 0 { 0 } else { -1 }) >= end {
-                    committed_parts += 1;
-                }
-            }
-        }
-        if committed_parts == total_parts {
-            break;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+    let total_parts = topics.len() * kafka.topic_partitions as usize;
+    let committed_parts = wait_for_commits(&kafka, opts, &name, &topics, &names, &ends).await;
     // Every unpublishable outbox message dead-lettered and nothing else left queued. The
     // worker's relay drains on its own; a Lambda drains after invocations and on its
     // schedule, which this loop stands in for (one drain per second, as the controller).
@@ -853,7 +663,7 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
         .fetch_one(&clients.pg)
         .await
         .unwrap_or((-1, -1));
-        if (queued == 0 && dead as usize >= unpublishable_ids.len()) || Instant::now() > outbox_deadline {
+        if (queued == 0 && dead as usize >= expected.unpublishable_ids.len()) || Instant::now() > outbox_deadline {
             break;
         }
         if opts.runtime == Runtime::Lambda {
@@ -874,6 +684,7 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
     }
 
     // Count. A fresh connection: the controller's own may have been terminated too.
+    let Expected { unique, poison_ids, panic_ids, reject_ids, unpublishable_ids, chaos_ok } = expected;
     let clients = Clients::connect(config).await?;
     let clickhouse_rows: u64 =
         clients.sink.client().query("SELECT count() FROM user_events FINAL").fetch_one().await.unwrap_or(0);
@@ -975,6 +786,269 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
         eprintln!("[chaos] kept schema, database and key prefix `{name}` for inspection");
     }
     Ok(summary)
+}
+
+/// What the fault schedule acts on.
+struct FaultRun<'a> {
+    opts: &'a ChaosOptions,
+    clients: &'a Clients,
+    /// The run's name (its Postgres application name, schema, group prefix).
+    name: &'a str,
+    worker_env: &'a [(String, String)],
+    exe: &'a Path,
+    names: &'a [&'static str],
+}
+
+impl FaultRun<'_> {
+    /// Makes the faults of the seed's schedule at their times, against `main` (and a
+    /// second consumer it starts and stops); after each, services found down unplanned
+    /// are started again (and said so). Returns what was done, the second consumer if
+    /// it is still there, and those leaving.
+    async fn inject(
+        &self,
+        main: &Fleet,
+        rng: &mut StdRng,
+    ) -> anyhow::Result<(Vec<String>, Option<Fleet>, Vec<tokio::task::JoinHandle<()>>)> {
+        let (opts, clients) = (self.opts, self.clients);
+        let plan = schedule(opts, rng);
+        for (at, fault) in &plan {
+            eprintln!("[chaos] planned at {at:>6.1} s: {fault:?}");
+        }
+        let mut done_faults = Vec::new();
+        let mut second: Option<Fleet> = None;
+        let mut leaving = Vec::new();
+        let t0 = Instant::now();
+        for (at, fault) in plan {
+            if let Some(wait) = Duration::from_secs_f64(at).checked_sub(t0.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+            let t = t0.elapsed().as_secs_f64();
+            let what = match fault {
+                Fault::Kill9 => main.kill(rng).await,
+                Fault::StallPastTimeout => main.stall(rng, opts.lambda_timeout).await,
+                Fault::PollerRestart => main.restart_poller(rng).await,
+                Fault::FlushAll => {
+                    let mut c = clients.leases.pool().get().await.context("Redis for FLUSHALL")?;
+                    let _: () = redis::cmd("FLUSHALL").query_async(&mut c).await.context("FLUSHALL")?;
+                    "Redis FLUSHALL".to_string()
+                }
+                Fault::RedisDown => {
+                    let down = Duration::from_millis(rng.random_range(3000..6000));
+                    let stopped = Instant::now();
+                    if let Ok(mut c) = clients.leases.pool().get().await {
+                        let _: Result<(), _> = redis::cmd("SHUTDOWN").arg("NOSAVE").query_async(&mut c).await;
+                    }
+                    tokio::time::sleep(down).await;
+                    run_script(&opts.services_script).await?;
+                    format!(
+                        "Redis down {:.1} s (stopped {:.1} s, then started)",
+                        stopped.elapsed().as_secs_f64(),
+                        down.as_secs_f64()
+                    )
+                }
+                Fault::ClickHouseDown => {
+                    let down = opts.breaker_open * 2 + Duration::from_millis(rng.random_range(0..2000));
+                    let stopped = Instant::now();
+                    // The server may close the connection without answering: do not wait on it.
+                    let shutdown = clients.sink.client().query("SYSTEM SHUTDOWN");
+                    let _ = tokio::time::timeout(Duration::from_secs(2), shutdown.execute()).await;
+                    tokio::time::sleep(down).await;
+                    run_script(&opts.services_script).await?;
+                    format!(
+                        "ClickHouse down {:.1} s (stopped {:.1} s, then started; breaker open {} s)",
+                        stopped.elapsed().as_secs_f64(),
+                        down.as_secs_f64(),
+                        opts.breaker_open.as_secs()
+                    )
+                }
+                Fault::PgTerminate => {
+                    let n: i64 = sqlx::query_scalar(
+                        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                          WHERE application_name = $1 AND pid <> pg_backend_pid()) t",
+                    )
+                    .bind(self.name)
+                    .fetch_one(&clients.pg)
+                    .await?;
+                    format!("{n} Postgres backends terminated")
+                }
+                Fault::SecondWorkerJoins => {
+                    // Its lease TTL is shorter than its batches take: its leases expire under
+                    // it while it works, and the other worker may take the same events.
+                    let mut env = self.worker_env.to_vec();
+                    env.push(("GUARD_LEASE_TTL_MS".into(), opts.short_lease.as_millis().to_string()));
+                    second = Some(Fleet::start(opts.runtime, self.exe, &env, self.name, "b", opts, self.names));
+                    format!("second consumer joins (lease TTL {} ms)", opts.short_lease.as_millis())
+                }
+                Fault::SecondWorkerLeaves => {
+                    // Its graceful shutdown may take a while (in-flight batches, a breaker
+                    // open): the schedule goes on meanwhile.
+                    if let Some(s) = second.take() {
+                        leaving.push(tokio::spawn(s.stop()));
+                    }
+                    "second consumer leaves".to_string()
+                }
+            };
+            eprintln!("[chaos] {t:>6.1} s  {what}");
+            done_faults.push(format!("{what} @{t:.0}s"));
+            if !matches!(fault, Fault::RedisDown | Fault::ClickHouseDown) {
+                let (ch, redis) = services_answer(clients).await;
+                if !(ch && redis) {
+                    let t = t0.elapsed().as_secs_f64();
+                    eprintln!(
+                        "[chaos] {t:>6.1} s  found down unplanned: ClickHouse {ch}, Redis {redis}; starting them"
+                    );
+                    done_faults.push(format!("UNPLANNED outage (ClickHouse up {ch}, Redis up {redis}) @{t:.0}s"));
+                    run_script(&opts.services_script).await?;
+                }
+            }
+        }
+        Ok((done_faults, second, leaving))
+    }
+}
+
+/// One message of the stream the run produces.
+struct Message {
+    topic: String,
+    id: String,
+    payload: Vec<u8>,
+}
+
+/// What the stream must come to: the exact counts the run checks at the end.
+struct Expected {
+    /// Distinct events per function.
+    unique: BTreeMap<String, usize>,
+    /// Records that are not JSON (dead-lettered at once).
+    poison_ids: HashSet<String>,
+    /// chaos-faults records whose handler panics (dead-lettered after their attempts).
+    panic_ids: HashSet<String>,
+    /// chaos-faults records whose row ClickHouse rejects (dead-lettered at once).
+    reject_ids: HashSet<String>,
+    /// chaos-faults records that publish a message Kafka refuses (dead-lettered in the
+    /// outbox; the event itself lands).
+    unpublishable_ids: HashSet<String>,
+    /// chaos-faults events whose row lands.
+    chaos_ok: usize,
+}
+
+/// The stream, drawn from the seed: per producing function new events and repeats (same
+/// key, same payload) and poison records (not JSON) with their own ids; for chaos-faults
+/// healthy records, handler panics, rows ClickHouse rejects and unpublishable outbox
+/// messages, each with its own id. The functions' streams are interleaved.
+fn plan_stream(
+    opts: &ChaosOptions,
+    rng: &mut StdRng,
+    producing: &[Arc<dyn exactly_once::Handler>],
+    topics: &[String],
+    chaos_topic: &str,
+) -> anyhow::Result<(Vec<Message>, Expected)> {
+    let mut messages = Vec::new();
+    let mut unique: BTreeMap<String, usize> = BTreeMap::new();
+    let mut poison_ids: HashSet<String> = HashSet::new();
+    for (f, topic) in producing.iter().zip(topics) {
+        let name_f = f.spec().name;
+        let mut sent: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut list = Vec::new();
+        for _ in 0..opts.events {
+            if !sent.is_empty() && rng.random_bool(0.25) {
+                let (id, payload) = sent[rng.random_range(0..sent.len())].clone();
+                list.push(Message { topic: topic.clone(), id, payload });
+            } else {
+                let payload = f.sample(sent.len() as u64).context("function without sample payloads")?;
+                let id = format!("{name_f}-{}", uuid_like(rng));
+                sent.push((id.clone(), payload.clone()));
+                list.push(Message { topic: topic.clone(), id, payload });
+            }
+        }
+        unique.insert(name_f.to_owned(), sent.len());
+        for i in 0..opts.poison {
+            let id = format!("{name_f}-poison-{i}-{}", uuid_like(rng));
+            poison_ids.insert(id.clone());
+            let at = rng.random_range(0..=list.len());
+            list.insert(at, Message { topic: topic.clone(), id, payload: b"{not json".to_vec() });
+        }
+        messages.push(list);
+    }
+    let mut panic_ids: HashSet<String> = HashSet::new();
+    let mut reject_ids: HashSet<String> = HashSet::new();
+    let mut unpublishable_ids: HashSet<String> = HashSet::new();
+    let chaos_ok = opts.handler_faults * 10;
+    {
+        use crate::chaos_function::{ChaosFaults, Kind};
+        let mut list = Vec::new();
+        for i in 0..chaos_ok {
+            let id = format!("chaos-ok-{i}-{}", uuid_like(rng));
+            list.push(Message { topic: chaos_topic.to_owned(), id, payload: ChaosFaults::payload(Kind::Ok) });
+        }
+        for i in 0..opts.handler_faults {
+            for (kind, ids) in [
+                (Kind::Panic, &mut panic_ids),
+                (Kind::Reject, &mut reject_ids),
+                (Kind::Unpublishable, &mut unpublishable_ids),
+            ] {
+                let id = format!("chaos-{kind:?}-{i}-{}", uuid_like(rng)).to_lowercase();
+                ids.insert(id.clone());
+                let at = rng.random_range(0..=list.len());
+                list.insert(at, Message { topic: chaos_topic.to_owned(), id, payload: ChaosFaults::payload(kind) });
+            }
+        }
+        messages.push(list);
+    }
+    // An unpublishable message's event is itself confirmed: its row lands.
+    let chaos_ok = chaos_ok + opts.handler_faults;
+    unique.insert(crate::chaos_function::NAME.to_owned(), chaos_ok);
+
+    let mut stream = Vec::new();
+    let mut its: Vec<_> = messages.into_iter().map(|l| l.into_iter()).collect();
+    loop {
+        let mut any = false;
+        for it in its.iter_mut() {
+            if let Some(m) = it.next() {
+                stream.push(m);
+                any = true;
+            }
+        }
+        if !any {
+            break;
+        }
+    }
+    Ok((stream, Expected { unique, poison_ids, panic_ids, reject_ids, unpublishable_ids, chaos_ok }))
+}
+
+/// Waits (up to four minutes) for every partition of every topic to be committed to its
+/// end; returns how many are.
+async fn wait_for_commits(
+    kafka: &KafkaConfig,
+    opts: &ChaosOptions,
+    name: &str,
+    topics: &[String],
+    names: &[&str],
+    ends: &HashMap<(String, i32), i64>,
+) -> usize {
+    let partitions = kafka.topic_partitions;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let mut committed_parts = 0;
+    let total_parts = topics.len() * partitions as usize;
+    while Instant::now() < deadline {
+        committed_parts = 0;
+        for (t, f) in topics.iter().zip(names) {
+            let mut group = kafka.clone();
+            if opts.runtime == Runtime::Lambda {
+                group.group_id = format!("{name}-{f}");
+            }
+            let committed = committed_offsets(&group, t, partitions).await.unwrap_or_default();
+            for p in 0..partitions {
+                let end = ends.get(&(t.clone(), p)).copied().unwrap_or(0);
+                if committed.get(&p).copied().unwrap_or(if end == 0 { 0 } else { -1 }) >= end {
+                    committed_parts += 1;
+                }
+            }
+        }
+        if committed_parts == total_parts {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    committed_parts
 }
 
 /// Records in a mapping's on-failure directory (one JSON failure record per discarded

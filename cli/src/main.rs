@@ -154,20 +154,48 @@ enum Outbox {
     },
 }
 
-type Failure = (u8, String);
+/// Why a command failed, and so the exit code it ends with.
+#[derive(Debug)]
+enum Failure {
+    /// Bad usage or configuration (exit 2): fix the command or the environment.
+    Usage(String),
+    /// A dependency or the operation itself failed (exit 1).
+    Failed(String),
+}
+
+impl Failure {
+    fn usage(e: impl std::fmt::Display) -> Self {
+        Failure::Usage(e.to_string())
+    }
+
+    fn failed(e: impl std::fmt::Display) -> Self {
+        Failure::Failed(e.to_string())
+    }
+
+    /// Prints the message and gives the exit code.
+    fn report(self) -> ExitCode {
+        let (code, message) = match self {
+            Failure::Usage(m) => (2, m),
+            Failure::Failed(m) => (1, m),
+        };
+        eprintln!("error: {message}");
+        ExitCode::from(code)
+    }
+}
 
 /// Builds the clients from the environment (fail fast, as every runtime does).
 async fn clients() -> Result<exactly_once::Clients, Failure> {
-    let process = exactly_once::config::ProcessConfig::from_env(&ProcessEnv).map_err(|e| (2, e.to_string()))?;
-    let config = exactly_once::Config::load().map_err(|e| (2, e.to_string()))?;
-    exactly_once::runtime::connect(&config, process.startup_timeout).await.map_err(|e| (1, e.to_string()))
+    let process = exactly_once::config::ProcessConfig::from_env(&ProcessEnv).map_err(Failure::usage)?;
+    let config = exactly_once::Config::load().map_err(Failure::usage)?;
+    exactly_once::runtime::connect(&config, process.startup_timeout).await.map_err(Failure::failed)
 }
 
 async fn operate(command: Command) -> Result<u8, Failure> {
     match command {
         Command::Inspect { function, event_id } => {
             let clients = clients().await?;
-            let found = exactly_once_cli::ops::inspect(&clients, &function, &event_id).await.map_err(|e| (1, e))?;
+            let found =
+                exactly_once_cli::ops::inspect(&clients, &function, &event_id).await.map_err(Failure::failed)?;
             print!("{}", found.render(&function, &event_id));
             Ok(if found.is_confirmed() { 0 } else { 3 })
         }
@@ -175,7 +203,7 @@ async fn operate(command: Command) -> Result<u8, Failure> {
             let clients = clients().await?;
             let rows = exactly_once_cli::ops::list_dead_letters(&clients, function.as_deref(), limit)
                 .await
-                .map_err(|e| (1, e))?;
+                .map_err(Failure::failed)?;
             if rows.is_empty() {
                 println!("no open dead letters");
             }
@@ -189,13 +217,13 @@ async fn operate(command: Command) -> Result<u8, Failure> {
         }
         Command::DeadLetters(DeadLetters::Replay { ids }) => {
             let clients = clients().await?;
-            let kafka = KafkaConfig::from_env(&ProcessEnv).map_err(|e| (2, e.to_string()))?;
+            let kafka = KafkaConfig::from_env(&ProcessEnv).map_err(Failure::usage)?;
             let functions = Arc::new(
                 exactly_once::runtime::Functions::new(&clients, all_functions(), &kafka)
                     .await
-                    .map_err(|e| (1, e.to_string()))?,
+                    .map_err(Failure::failed)?,
             );
-            let results = exactly_once_cli::ops::replay(&clients, &functions, &ids).await.map_err(|e| (1, e))?;
+            let results = exactly_once_cli::ops::replay(&clients, &functions, &ids).await.map_err(Failure::failed)?;
             let mut all_ok = true;
             for (id, outcome) in results {
                 all_ok &= matches!(outcome, exactly_once::Outcome::Processed | exactly_once::Outcome::Duplicate { .. });
@@ -207,7 +235,7 @@ async fn operate(command: Command) -> Result<u8, Failure> {
             let clients = clients().await?;
             let rows = exactly_once_cli::ops::list_outbox_dead_letters(&clients, function.as_deref(), limit)
                 .await
-                .map_err(|e| (1, e))?;
+                .map_err(Failure::failed)?;
             if rows.is_empty() {
                 println!("no dead-lettered outbox messages");
             }
@@ -229,7 +257,7 @@ async fn operate(command: Command) -> Result<u8, Failure> {
         }
         Command::Outbox(Outbox::Replay { ids }) => {
             let clients = clients().await?;
-            let requeued = exactly_once_cli::ops::replay_outbox(&clients, &ids).await.map_err(|e| (1, e))?;
+            let requeued = exactly_once_cli::ops::replay_outbox(&clients, &ids).await.map_err(Failure::failed)?;
             for id in requeued {
                 println!("#{id}: requeued");
             }
@@ -237,7 +265,7 @@ async fn operate(command: Command) -> Result<u8, Failure> {
         }
         Command::Migrate => {
             let clients = clients().await?;
-            let migrated = exactly_once_cli::migrate::apply(&clients).await.map_err(|e| (1, e))?;
+            let migrated = exactly_once_cli::migrate::apply(&clients).await.map_err(Failure::failed)?;
             println!("{}", migrated.line(&clients));
             Ok(0)
         }
@@ -245,7 +273,7 @@ async fn operate(command: Command) -> Result<u8, Failure> {
             let clients = clients().await?;
             let report = exactly_once::retention::cleanup(&clients.pg, &clients.config.retention)
                 .await
-                .map_err(|e| (1, format!("Postgres: {e}")))?;
+                .map_err(|e| Failure::failed(format!("Postgres: {e}")))?;
             println!(
                 "deleted {} confirmed ids and {} stale failure counters older than {} days, and {} outbox messages published more than {} hours ago, in {} statements",
                 report.processed_events_deleted,
@@ -308,10 +336,7 @@ fn main() -> ExitCode {
                     println!("{}", report.line());
                     ExitCode::SUCCESS
                 }
-                Err((code, message)) => {
-                    eprintln!("error: {message}");
-                    ExitCode::from(code)
-                }
+                Err(failure) => failure.report(),
             }
         }
         command @ (Command::Inspect { .. }
@@ -322,10 +347,7 @@ fn main() -> ExitCode {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
             match rt.block_on(operate(command)) {
                 Ok(code) => ExitCode::from(code),
-                Err((code, message)) => {
-                    eprintln!("error: {message}");
-                    ExitCode::from(code)
-                }
+                Err(failure) => failure.report(),
             }
         }
         Command::Chaos { seed, short, runtime, events, duration_secs, json } => {
@@ -417,10 +439,7 @@ fn main() -> ExitCode {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
             match rt.block_on(produce(&function, count, duplicate_rate)) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err((code, message)) => {
-                    eprintln!("error: {message}");
-                    ExitCode::from(code)
-                }
+                Err(failure) => failure.report(),
             }
         }
     }
@@ -430,24 +449,24 @@ fn main() -> ExitCode {
 /// then the mapping until a signal.
 async fn esm(settings: exactly_once_esm::MappingSettings) -> Result<exactly_once_esm::Report, Failure> {
     use exactly_once_esm::{EsmError, FunctionSpec, Mapping};
-    let process = exactly_once::config::ProcessConfig::from_env(&ProcessEnv).map_err(|e| (2, e.to_string()))?;
+    let process = exactly_once::config::ProcessConfig::from_env(&ProcessEnv).map_err(Failure::usage)?;
     exactly_once::runtime::init_tracing(process.log_json);
     let functions = runnable_functions();
     let names: Vec<&'static str> = functions.iter().map(|f| f.spec().name).collect();
     let Some(handler) = functions.iter().find(|f| f.spec().name == settings.function) else {
-        return Err((2, format!("no function `{}`; known: {names:?}", settings.function)));
+        return Err(Failure::usage(format!("no function `{}`; known: {names:?}", settings.function)));
     };
-    let exe = std::env::current_exe().map_err(|e| (1, format!("cannot find the eo binary: {e}")))?;
-    let binary = exactly_once_esm::find_binary(&settings, &exe).map_err(|e| (2, e.to_string()))?;
-    let mut kafka = KafkaConfig::from_env(&ProcessEnv).map_err(|e| (2, e.to_string()))?;
-    exactly_once::kafka_client::prepare(&mut kafka).await.map_err(|e| (1, e.to_string()))?;
+    let exe = std::env::current_exe().map_err(|e| Failure::failed(format!("cannot find the eo binary: {e}")))?;
+    let binary = exactly_once_esm::find_binary(&settings, &exe).map_err(Failure::usage)?;
+    let mut kafka = KafkaConfig::from_env(&ProcessEnv).map_err(Failure::usage)?;
+    exactly_once::kafka_client::prepare(&mut kafka).await.map_err(Failure::failed)?;
     let topics: Vec<String> = if settings.topics.is_empty() {
         handler.spec().topics.iter().map(|t| kafka.topic(t)).collect()
     } else {
         settings.topics.clone()
     };
     if kafka.create_topics {
-        exactly_once::runtime::worker::create_topics(&kafka, &topics).await.map_err(|e| (1, e.to_string()))?;
+        exactly_once::runtime::worker::create_topics(&kafka, &topics).await.map_err(Failure::failed)?;
     }
     let spec = FunctionSpec {
         binary,
@@ -462,9 +481,9 @@ async fn esm(settings: exactly_once_esm::MappingSettings) -> Result<exactly_once
     };
     let mapping = Mapping::start(settings.clone(), &kafka, &topics, spec).await.map_err(|e| match e {
         EsmError::Usage(_) | EsmError::Destination(exactly_once_esm::destination::DestinationError::Invalid(_)) => {
-            (2, e.to_string())
+            Failure::usage(e)
         }
-        e => (1, e.to_string()),
+        e => Failure::failed(e),
     })?;
     println!(
         "esm: function {} from {topics:?} as group {} (batch {}, window {} s, retries {}, response types {:?}); Ctrl-C stops",
@@ -480,24 +499,22 @@ async fn esm(settings: exactly_once_esm::MappingSettings) -> Result<exactly_once
         exactly_once::runtime::shutdown_signal().await;
         let _ = stop.send(true);
     });
-    mapping.run(stopped).await.map_err(|e| (1, e.to_string()))
+    mapping.run(stopped).await.map_err(Failure::failed)
 }
 
-async fn produce(function: &str, count: u64, duplicate_rate: f64) -> Result<(), (u8, String)> {
+async fn produce(function: &str, count: u64, duplicate_rate: f64) -> Result<(), Failure> {
     let functions = all_functions();
     let names: Vec<&'static str> = functions.iter().map(|f| f.spec().name).collect();
     let Some(handler) = functions.into_iter().find(|f| f.spec().name == function) else {
-        return Err((2, format!("no function `{function}`; known: {names:?}")));
+        return Err(Failure::usage(format!("no function `{function}`; known: {names:?}")));
     };
-    let kafka = KafkaConfig::from_env(&ProcessEnv).map_err(|e| (2, e.to_string()))?;
-    exactly_once::runtime::worker::check_reachable(&kafka, Duration::from_secs(10))
-        .await
-        .map_err(|e| (1, e.to_string()))?;
+    let kafka = KafkaConfig::from_env(&ProcessEnv).map_err(Failure::usage)?;
+    exactly_once::runtime::worker::check_reachable(&kafka, Duration::from_secs(10)).await.map_err(Failure::failed)?;
     let topic = kafka.topic(handler.spec().topics[0]);
     exactly_once::runtime::worker::create_topics(&kafka, std::slice::from_ref(&topic))
         .await
-        .map_err(|e| (1, e.to_string()))?;
-    let producer = Producer::new(&kafka).map_err(|e| (1, e.to_string()))?;
+        .map_err(Failure::failed)?;
+    let producer = Producer::new(&kafka).map_err(Failure::failed)?;
 
     let bar = ProgressBar::new(count);
     bar.set_style(
@@ -515,13 +532,14 @@ async fn produce(function: &str, count: u64, duplicate_rate: f64) -> Result<(), 
             sent[i].clone()
         } else {
             let n = sent.len() as u64;
-            let payload =
-                handler.sample(n).ok_or_else(|| (2, format!("function `{function}` has no sample payload")))?;
+            let payload = handler
+                .sample(n)
+                .ok_or_else(|| Failure::usage(format!("function `{function}` has no sample payload")))?;
             let entry = (idempotency_key(), payload);
             sent.push(entry.clone());
             entry
         };
-        producer.send(&topic, Some(key.as_bytes()), &payload, Some(&key)).await.map_err(|e| (1, e.to_string()))?;
+        producer.send(&topic, Some(key.as_bytes()), &payload, Some(&key)).await.map_err(Failure::failed)?;
         bar.inc(1);
     }
     bar.finish_with_message("done");

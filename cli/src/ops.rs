@@ -7,10 +7,9 @@
 
 use std::sync::Arc;
 
-use base64::Engine;
-use exactly_once::event::Header;
+use exactly_once::guard::ledger;
 use exactly_once::runtime::Functions;
-use exactly_once::{Clients, Event, EventId, Namespace, Outcome};
+use exactly_once::{Clients, EventId, Namespace, Outcome};
 use sqlx::Row;
 
 /// Everything the stores know about one event id.
@@ -115,37 +114,10 @@ async fn inspect_id(clients: &Clients, function: &str, id: &str) -> Result<Inspe
     }
     let pg = &clients.pg;
     let db = |e: sqlx::Error| format!("Postgres: {e}");
-    out.ledger = sqlx::query(
-        "SELECT status, attempts, processed_at::text AS at,
-                coalesce(topic || '-' || kafka_partition || '@' || kafka_offset, '?') AS position
-         FROM processed_events WHERE namespace = $1 AND event_id = $2",
-    )
-    .bind(ns.as_str())
-    .bind(event_id.as_str())
-    .fetch_optional(pg)
-    .await
-    .map_err(db)?
-    .map(|r| (r.get("status"), r.get("attempts"), r.get("at"), r.get("position")));
-    out.failures =
-        sqlx::query("SELECT attempts, last_error FROM event_attempts WHERE namespace = $1 AND event_id = $2")
-            .bind(ns.as_str())
-            .bind(event_id.as_str())
-            .fetch_optional(pg)
-            .await
-            .map_err(db)?
-            .map(|r| (r.get("attempts"), r.get("last_error")));
-    out.dead_letters = sqlx::query(
-        "SELECT id, reason, error, replayed_at IS NOT NULL AS replayed FROM dead_letters
-         WHERE namespace = $1 AND event_id = $2 ORDER BY id",
-    )
-    .bind(ns.as_str())
-    .bind(event_id.as_str())
-    .fetch_all(pg)
-    .await
-    .map_err(db)?
-    .into_iter()
-    .map(|r| (r.get("id"), r.get("reason"), r.get("error"), r.get("replayed")))
-    .collect();
+    let history = ledger::history(pg, &ns, &event_id).await.map_err(db)?;
+    out.ledger = history.confirmed;
+    out.failures = history.failures;
+    out.dead_letters = history.dead_letters;
     out.outbox = sqlx::query(
         "SELECT id, topic, idempotency_key,
                 CASE WHEN published_at IS NOT NULL THEN 'published at ' || published_at::text
@@ -197,47 +169,14 @@ pub async fn replay_outbox(clients: &Clients, ids: &[i64]) -> Result<Vec<i64>, S
 }
 
 /// One row of `eo dead-letters list`.
-#[derive(Debug, Clone)]
-pub struct DeadLetter {
-    pub id: i64,
-    pub function: String,
-    pub event_id: String,
-    pub position: String,
-    pub reason: String,
-    pub error: String,
-    pub attempts: i32,
-    pub created_at: String,
-}
+pub use exactly_once::guard::ledger::DeadLetterEntry as DeadLetter;
 
 pub async fn list_dead_letters(
     clients: &Clients,
     function: Option<&str>,
     limit: i64,
 ) -> Result<Vec<DeadLetter>, String> {
-    let rows = sqlx::query(
-        "SELECT id, namespace, event_id, topic || '-' || kafka_partition || '@' || kafka_offset AS position,
-                reason, error, attempts, created_at::text AS created_at
-         FROM dead_letters WHERE replayed_at IS NULL AND ($1::text IS NULL OR namespace = $1)
-         ORDER BY id LIMIT $2",
-    )
-    .bind(function)
-    .bind(limit)
-    .fetch_all(&clients.pg)
-    .await
-    .map_err(|e| format!("Postgres: {e}"))?;
-    Ok(rows
-        .into_iter()
-        .map(|r| DeadLetter {
-            id: r.get("id"),
-            function: r.get("namespace"),
-            event_id: r.get("event_id"),
-            position: r.get("position"),
-            reason: r.get("reason"),
-            error: r.get("error"),
-            attempts: r.get("attempts"),
-            created_at: r.get("created_at"),
-        })
-        .collect())
+    ledger::open_dead_letters(&clients.pg, function, limit).await.map_err(|e| format!("Postgres: {e}"))
 }
 
 /// Replays open dead letters through their function's guard: the entry is marked
@@ -252,21 +191,12 @@ pub async fn replay(clients: &Clients, functions: &Arc<Functions>, ids: &[i64]) 
         // fails (a dependency down, a crash of this process) leaves it listed, and its
         // ledger row is put back, so the event is never in neither place.
         let mut tx = clients.pg.begin().await.map_err(db)?;
-        let Some(row) = sqlx::query(
-            "SELECT namespace, event_id, topic, kafka_partition, kafka_offset, record_key, record_value, headers, reason
-               FROM dead_letters WHERE id = $1 AND replayed_at IS NULL FOR UPDATE",
-        )
-        .bind(dl)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db)?
-        else {
+        let Some(stored) = ledger::lock_open_dead_letter(&mut tx, dl).await.map_err(db)? else {
             // Explicitly: a dropped transaction keeps its locks until the connection is reused.
             let _ = tx.rollback().await;
             return Err(format!("no open dead letter #{dl} (see `eo dead-letters list`)"));
         };
-        let function: String = row.get("namespace");
-        let reason: String = row.get("reason");
+        let ledger::StoredDeadLetter { function, event_id, reason, event } = stored;
         if reason == "payload_mismatch" {
             let _ = tx.rollback().await;
             return Err(format!(
@@ -277,17 +207,6 @@ pub async fn replay(clients: &Clients, functions: &Arc<Functions>, ids: &[i64]) 
             let _ = tx.rollback().await;
             return Err(format!("dead letter #{dl} belongs to `{function}`, which this build does not have"));
         };
-        let event_id: String = row.get("event_id");
-        let mut event = Event::new(row.get::<String, _>("topic"), row.get("kafka_partition"), row.get("kafka_offset"));
-        event.key = row.get::<Option<Vec<u8>>, _>("record_key").map(Into::into);
-        event.value = row.get::<Option<Vec<u8>>, _>("record_value").map(Into::into);
-        let headers: serde_json::Value = row.get("headers");
-        let b64 = base64::engine::general_purpose::STANDARD;
-        for h in headers.as_array().into_iter().flatten() {
-            let name = h["name"].as_str().unwrap_or_default().to_owned();
-            let value = h["value_b64"].as_str().and_then(|v| b64.decode(v).ok()).map(Into::into);
-            event.headers.push(Header { name, value });
-        }
         // The ids the event may be confirmed under: the one it was dead-lettered under,
         // and its ids in every format (the function may have moved from v1 to v2 ids
         // since; in the transition it was dead-lettered under both).
@@ -299,17 +218,7 @@ pub async fn replay(clients: &Clients, functions: &Arc<Functions>, ids: &[i64]) 
         }
         // The dead-lettered confirms would make the guard skip the event as a duplicate:
         // they go for the replay, kept here to be put back if the replay does not finish.
-        let ledger_rows = sqlx::query(
-            "DELETE FROM processed_events
-             WHERE namespace = $1 AND event_id = ANY($2) AND status = 'dead_lettered'
-             RETURNING event_id, payload_hash, processed_at, topic, kafka_partition, kafka_offset, attempts,
-                       metadata, v2_known",
-        )
-        .bind(&function)
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db)?;
+        let taken = ledger::take_dead_lettered(&mut tx, &function, &ids).await.map_err(db)?;
         tx.commit().await.map_err(db)?;
         if let Ok(ns) = Namespace::new(&function) {
             for id in ids.iter().filter_map(|i| EventId::new(i.as_str()).ok()) {
@@ -329,48 +238,19 @@ pub async fn replay(clients: &Clients, functions: &Arc<Functions>, ids: &[i64]) 
         // and still open.
         let took_effect = match &outcome {
             Outcome::Processed => true,
-            Outcome::Duplicate { .. } => sqlx::query_scalar::<_, bool>(
-                "SELECT EXISTS (SELECT 1 FROM processed_events
-                                WHERE namespace = $1 AND event_id = ANY($2) AND status = 'processed')",
-            )
-            .bind(&function)
-            .bind(&ids)
-            .fetch_one(&clients.pg)
-            .await
-            .map_err(db)?,
+            Outcome::Duplicate { .. } => ledger::any_processed(&clients.pg, &function, &ids).await.map_err(db)?,
             _ => false,
         };
         if took_effect || superseded {
-            sqlx::query("UPDATE dead_letters SET replayed_at = now() WHERE id = $1 AND replayed_at IS NULL")
-                .bind(dl)
-                .execute(&clients.pg)
+            ledger::close_dead_letter(&clients.pg, dl)
                 .await
                 .map_err(|e| format!("dead letter #{dl}: replayed ({outcome}) but not closed: {e}; it stays listed"))?;
-        } else if !outcome.is_finished() {
-            for l in ledger_rows {
-                sqlx::query(
-                "INSERT INTO processed_events
-                     (namespace, event_id, status, payload_hash, processed_at, topic, kafka_partition, kafka_offset,
-                      attempts, metadata, v2_known)
-                 VALUES ($1, $2, 'dead_lettered', $3, $4, $5, $6, $7, $8, $9, $10)
-                 ON CONFLICT DO NOTHING",
-            )
-            .bind(&function)
-            .bind(l.get::<String, _>("event_id"))
-            .bind(l.get::<Option<Vec<u8>>, _>("payload_hash"))
-            .bind(l.get::<sqlx::types::chrono::DateTime<sqlx::types::chrono::Utc>, _>("processed_at"))
-            .bind(l.get::<Option<String>, _>("topic"))
-            .bind(l.get::<Option<i32>, _>("kafka_partition"))
-            .bind(l.get::<Option<i64>, _>("kafka_offset"))
-            .bind(l.get::<i32, _>("attempts"))
-            .bind(l.get::<Option<serde_json::Value>, _>("metadata"))
-            .bind(l.get::<bool, _>("v2_known"))
-            .execute(&clients.pg)
-            .await
-            .map_err(|e| {
+        } else if !matches!(outcome, Outcome::DeadLettered { .. }) {
+            // Not finished (a dependency failed), or a duplicate of nothing processed (a
+            // done marker outlived the ledger row): the rows go back, the entry stays open.
+            ledger::put_back(&clients.pg, &function, &taken).await.map_err(|e| {
                 format!("dead letter #{dl}: the replay did not finish ({outcome}) and its ledger row could not be put back ({e}); it stays listed: replay it again")
             })?;
-            }
         }
         results.push((dl, outcome));
     }

@@ -70,6 +70,7 @@ pub const VARIABLES: &[Var] = &[
     var("GUARD_MAX_ATTEMPTS", "5", "Failed attempts before an event is dead-lettered (a function may set its own)."),
     var("GUARD_MAX_SUBTRANSACTIONS", "64", "Most handler savepoints in one Postgres transaction (1 to 64): a batch whose handlers write to Postgres is confirmed in several transactions of at most this many, so no backend goes past the 64 subtransactions Postgres caches per backend (past it, every other session's visibility checks read `pg_subtrans`)."),
     var("EVENT_ID_FORMAT", "auto", "How event ids are written: `v2` (tagged by kind, unambiguous), `v1` (the untagged ids of earlier versions), `v1+v2` (the transition: both checked and confirmed, so processes on v1 and on v2 fence each other), or `auto` (`v1+v2` while the ledger holds ids only known in v1, then `v2`). See docs/RELIABILITY.md, \"Event ids and the move to v2\"."),
+    var("EVENT_ID_FORMAT_RECHECK_SECS", "300", "With `EVENT_ID_FORMAT=auto`: how often a process asks the ledger again whether v1-only rows remain (one small index lookup per function)."),
     var("GUARD_MAX_VALUE_BYTES", "1048576", "Largest record value handled; larger ones are dead-lettered as `value_too_large`."),
     var("GUARD_DEAD_LETTER_PAYLOAD_MISMATCH", "false", "Also store a copy of a duplicate whose payload differs from the confirmed one in the dead letters (it is always counted and logged)."),
     var("RETENTION_DAYS", "7", "Confirmed ids older than this are deleted by the cleanup (Redis markers expire on their own)."),
@@ -418,6 +419,8 @@ pub struct GuardConfig {
     pub max_subtransactions: usize,
     /// `EVENT_ID_FORMAT`.
     pub id_format: crate::event_id::IdFormatSetting,
+    /// `EVENT_ID_FORMAT_RECHECK_SECS`.
+    pub id_format_recheck: Duration,
 }
 
 impl GuardConfig {
@@ -431,6 +434,7 @@ impl GuardConfig {
             max_value_bytes: positive(env, "GUARD_MAX_VALUE_BYTES")?,
             dead_letter_payload_mismatch: read(env, "GUARD_DEAD_LETTER_PAYLOAD_MISMATCH")?,
             id_format: read(env, "EVENT_ID_FORMAT")?,
+            id_format_recheck: secs(env, "EVENT_ID_FORMAT_RECHECK_SECS")?,
             max_subtransactions: {
                 let n: usize = positive(env, "GUARD_MAX_SUBTRANSACTIONS")?;
                 if n > Self::SUBTRANSACTION_CACHE {

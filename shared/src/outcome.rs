@@ -69,20 +69,47 @@ pub enum Outcome {
     DeadLettered { reason: String },
 }
 
+/// What kind of outcome an [`Outcome`] is, without its details (for counting).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OutcomeKind {
+    Processed,
+    Duplicate,
+    InFlight,
+    Failed,
+    DeadLettered,
+}
+
+impl OutcomeKind {
+    /// The label used in metrics, logs and JSON reports.
+    pub fn label(self) -> &'static str {
+        match self {
+            OutcomeKind::Processed => "processed",
+            OutcomeKind::Duplicate => "duplicate",
+            OutcomeKind::InFlight => "in_flight",
+            OutcomeKind::Failed => "failed",
+            OutcomeKind::DeadLettered => "dead_lettered",
+        }
+    }
+}
+
 impl Outcome {
+    pub fn kind(&self) -> OutcomeKind {
+        match self {
+            Outcome::Processed => OutcomeKind::Processed,
+            Outcome::Duplicate { .. } => OutcomeKind::Duplicate,
+            Outcome::InFlight => OutcomeKind::InFlight,
+            Outcome::Failed { .. } => OutcomeKind::Failed,
+            Outcome::DeadLettered { .. } => OutcomeKind::DeadLettered,
+        }
+    }
+
     /// Processed, duplicate or dead-lettered: the offset may move past this event.
     pub fn is_finished(&self) -> bool {
         matches!(self, Outcome::Processed | Outcome::Duplicate { .. } | Outcome::DeadLettered { .. })
     }
 
     pub fn label(&self) -> &'static str {
-        match self {
-            Outcome::Processed => "processed",
-            Outcome::Duplicate { .. } => "duplicate",
-            Outcome::InFlight => "in_flight",
-            Outcome::Failed { .. } => "failed",
-            Outcome::DeadLettered { .. } => "dead_lettered",
-        }
+        self.kind().label()
     }
 }
 
@@ -126,8 +153,9 @@ impl BatchReport {
         self.outcomes.iter().all(|o| o.outcome.is_finished())
     }
 
-    pub fn count(&self, label: &str) -> usize {
-        self.outcomes.iter().filter(|o| o.outcome.label() == label).count()
+    /// How many records ended with an outcome of this kind.
+    pub fn count(&self, kind: OutcomeKind) -> usize {
+        self.outcomes.iter().filter(|o| o.outcome.kind() == kind).count()
     }
 
     /// Records that must be retried.

@@ -190,25 +190,28 @@ pub async fn dead_letter(
                  AS t(event_id, payload_hash, topic, kafka_partition, kafka_offset,
                       record_key, record_value, headers, reason, error, attempts, shadow_id)
          ),
-         -- Each event's id and, in the transition, its v2 id: one INSERT, so that an id
-         -- given twice is skipped, not a unique violation.
-         ledger_rows AS (
-             SELECT event_id AS row_id, * FROM input
-             UNION ALL
-             SELECT shadow_id AS row_id, * FROM input WHERE shadow_id IS NOT NULL
-         ),
-         inserted AS (
+         confirmed AS (
              INSERT INTO processed_events
                  (namespace, event_id, status, payload_hash, topic, kafka_partition, kafka_offset, attempts, metadata,
                   v2_known)
-             SELECT $1, row_id, 'dead_lettered', payload_hash, topic, kafka_partition, kafka_offset, attempts,
+             SELECT $1, event_id, 'dead_lettered', payload_hash, topic, kafka_partition, kafka_offset, attempts,
                     jsonb_build_object('reason', reason), $14
-             FROM ledger_rows ORDER BY row_id
+             FROM input ORDER BY event_id
              ON CONFLICT (namespace, event_id) DO NOTHING
              RETURNING event_id
          ),
-         confirmed AS (
-             SELECT event_id FROM inserted WHERE event_id IN (SELECT event_id FROM input)
+         -- In the transition, the v2 id of each event dead-lettered here (and only
+         -- those: an event confirmed elsewhere under its v1 id leaves no row behind).
+         shadows AS (
+             INSERT INTO processed_events
+                 (namespace, event_id, status, payload_hash, topic, kafka_partition, kafka_offset, attempts, metadata,
+                  v2_known)
+             SELECT $1, i.shadow_id, 'dead_lettered', i.payload_hash, i.topic, i.kafka_partition, i.kafka_offset,
+                    i.attempts, jsonb_build_object('reason', i.reason), $14
+             FROM input i JOIN confirmed c USING (event_id)
+             WHERE i.shadow_id IS NOT NULL
+             ORDER BY i.shadow_id
+             ON CONFLICT (namespace, event_id) DO NOTHING
          ),
          cleared AS (
              DELETE FROM event_attempts
@@ -244,4 +247,231 @@ pub async fn dead_letter(
     .bind(v2_known)
     .fetch_all(pool)
     .await
+}
+
+// Operator access (`eo inspect`, `eo dead-letters`): the same tables, read and repaired
+// from outside a batch.
+
+/// What the ledger knows about one id.
+#[derive(Debug, Default)]
+pub struct IdHistory {
+    /// (status, attempts, processed_at, position) of its confirmation.
+    pub confirmed: Option<(String, i32, String, String)>,
+    /// (attempts, last error) of failures not yet confirmed.
+    pub failures: Option<(i32, String)>,
+    /// (entry id, reason, error, replayed) of its dead-letter entries, oldest first.
+    pub dead_letters: Vec<(i64, String, String, bool)>,
+}
+
+pub async fn history(pool: &PgPool, ns: &Namespace, id: &EventId) -> Result<IdHistory, sqlx::Error> {
+    use sqlx::Row;
+    let confirmed = sqlx::query(
+        "SELECT status, attempts, processed_at::text AS at,
+                coalesce(topic || '-' || kafka_partition || '@' || kafka_offset, '?') AS position
+         FROM processed_events WHERE namespace = $1 AND event_id = $2",
+    )
+    .bind(ns.as_str())
+    .bind(id.as_str())
+    .fetch_optional(pool)
+    .await?
+    .map(|r| (r.get("status"), r.get("attempts"), r.get("at"), r.get("position")));
+    let failures =
+        sqlx::query("SELECT attempts, last_error FROM event_attempts WHERE namespace = $1 AND event_id = $2")
+            .bind(ns.as_str())
+            .bind(id.as_str())
+            .fetch_optional(pool)
+            .await?
+            .map(|r| (r.get("attempts"), r.get("last_error")));
+    let dead_letters = sqlx::query(
+        "SELECT id, reason, error, replayed_at IS NOT NULL AS replayed FROM dead_letters
+         WHERE namespace = $1 AND event_id = $2 ORDER BY id",
+    )
+    .bind(ns.as_str())
+    .bind(id.as_str())
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .map(|r| (r.get("id"), r.get("reason"), r.get("error"), r.get("replayed")))
+    .collect();
+    Ok(IdHistory { confirmed, failures, dead_letters })
+}
+
+/// One open dead-letter entry (`eo dead-letters list`).
+#[derive(Debug, Clone)]
+pub struct DeadLetterEntry {
+    pub id: i64,
+    pub function: String,
+    pub event_id: String,
+    pub position: String,
+    pub reason: String,
+    pub error: String,
+    pub attempts: i32,
+    pub created_at: String,
+}
+
+/// Open dead-letter entries, of one function or all, oldest first.
+pub async fn open_dead_letters(
+    pool: &PgPool,
+    function: Option<&str>,
+    limit: i64,
+) -> Result<Vec<DeadLetterEntry>, sqlx::Error> {
+    use sqlx::Row;
+    let rows = sqlx::query(
+        "SELECT id, namespace, event_id, topic || '-' || kafka_partition || '@' || kafka_offset AS position,
+                reason, error, attempts, created_at::text AS created_at
+         FROM dead_letters WHERE replayed_at IS NULL AND ($1::text IS NULL OR namespace = $1)
+         ORDER BY id LIMIT $2",
+    )
+    .bind(function)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| DeadLetterEntry {
+            id: r.get("id"),
+            function: r.get("namespace"),
+            event_id: r.get("event_id"),
+            position: r.get("position"),
+            reason: r.get("reason"),
+            error: r.get("error"),
+            attempts: r.get("attempts"),
+            created_at: r.get("created_at"),
+        })
+        .collect())
+}
+
+/// An open dead letter, with the record as it was stored.
+pub struct StoredDeadLetter {
+    pub function: String,
+    pub event_id: String,
+    pub reason: String,
+    pub event: Event,
+}
+
+/// The open dead letter `id`, locked (`FOR UPDATE`) in `conn`'s transaction.
+pub async fn lock_open_dead_letter(conn: &mut PgConnection, id: i64) -> Result<Option<StoredDeadLetter>, sqlx::Error> {
+    use sqlx::Row;
+    let Some(row) = sqlx::query(
+        "SELECT namespace, event_id, topic, kafka_partition, kafka_offset, record_key, record_value, headers, reason
+           FROM dead_letters WHERE id = $1 AND replayed_at IS NULL FOR UPDATE",
+    )
+    .bind(id)
+    .fetch_optional(conn)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let mut event = Event::new(row.get::<String, _>("topic"), row.get("kafka_partition"), row.get("kafka_offset"));
+    event.key = row.get::<Option<Vec<u8>>, _>("record_key").map(Into::into);
+    event.value = row.get::<Option<Vec<u8>>, _>("record_value").map(Into::into);
+    let headers: serde_json::Value = row.get("headers");
+    let b64 = base64::engine::general_purpose::STANDARD;
+    for h in headers.as_array().into_iter().flatten() {
+        let name = h["name"].as_str().unwrap_or_default().to_owned();
+        let value = h["value_b64"].as_str().and_then(|v| b64.decode(v).ok()).map(Into::into);
+        event.headers.push(crate::event::Header { name, value });
+    }
+    Ok(Some(StoredDeadLetter {
+        function: row.get("namespace"),
+        event_id: row.get("event_id"),
+        reason: row.get("reason"),
+        event,
+    }))
+}
+
+/// A `dead_lettered` confirmation taken out of the ledger for a replay, kept to be put
+/// back if the replay does not finish.
+pub struct TakenConfirmation {
+    event_id: String,
+    payload_hash: Option<Vec<u8>>,
+    processed_at: sqlx::types::chrono::DateTime<sqlx::types::chrono::Utc>,
+    topic: Option<String>,
+    kafka_partition: Option<i32>,
+    kafka_offset: Option<i64>,
+    attempts: i32,
+    metadata: Option<serde_json::Value>,
+    v2_known: bool,
+}
+
+/// Deletes the `dead_lettered` confirmations of `ids` (in `conn`'s transaction) and
+/// returns them.
+pub async fn take_dead_lettered(
+    conn: &mut PgConnection,
+    function: &str,
+    ids: &[String],
+) -> Result<Vec<TakenConfirmation>, sqlx::Error> {
+    use sqlx::Row;
+    let rows = sqlx::query(
+        "DELETE FROM processed_events
+         WHERE namespace = $1 AND event_id = ANY($2) AND status = 'dead_lettered'
+         RETURNING event_id, payload_hash, processed_at, topic, kafka_partition, kafka_offset, attempts,
+                   metadata, v2_known",
+    )
+    .bind(function)
+    .bind(ids)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|l| TakenConfirmation {
+            event_id: l.get("event_id"),
+            payload_hash: l.get("payload_hash"),
+            processed_at: l.get("processed_at"),
+            topic: l.get("topic"),
+            kafka_partition: l.get("kafka_partition"),
+            kafka_offset: l.get("kafka_offset"),
+            attempts: l.get("attempts"),
+            metadata: l.get("metadata"),
+            v2_known: l.get("v2_known"),
+        })
+        .collect())
+}
+
+/// Puts confirmations taken by [`take_dead_lettered`] back (those whose id nobody
+/// confirmed since).
+pub async fn put_back(pool: &PgPool, function: &str, rows: &[TakenConfirmation]) -> Result<(), sqlx::Error> {
+    for l in rows {
+        sqlx::query(
+            "INSERT INTO processed_events
+                 (namespace, event_id, status, payload_hash, processed_at, topic, kafka_partition, kafka_offset,
+                  attempts, metadata, v2_known)
+             VALUES ($1, $2, 'dead_lettered', $3, $4, $5, $6, $7, $8, $9, $10)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(function)
+        .bind(&l.event_id)
+        .bind(&l.payload_hash)
+        .bind(l.processed_at)
+        .bind(&l.topic)
+        .bind(l.kafka_partition)
+        .bind(l.kafka_offset)
+        .bind(l.attempts)
+        .bind(&l.metadata)
+        .bind(l.v2_known)
+        .execute(pool)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Whether any of `ids` is confirmed as processed.
+pub async fn any_processed(pool: &PgPool, function: &str, ids: &[String]) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM processed_events
+                        WHERE namespace = $1 AND event_id = ANY($2) AND status = 'processed')",
+    )
+    .bind(function)
+    .bind(ids)
+    .fetch_one(pool)
+    .await
+}
+
+/// Closes dead-letter entry `id` (its event took effect, or a newer entry holds it).
+pub async fn close_dead_letter(pool: &PgPool, id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE dead_letters SET replayed_at = now() WHERE id = $1 AND replayed_at IS NULL")
+        .bind(id)
+        .execute(pool)
+        .await
+        .map(|_| ())
 }

@@ -1,4 +1,4 @@
-//! The guard protocol (DESIGN.md), batched. A single event is a batch of one.
+//! The guard protocol (docs/DESIGN.md), batched. A single event is a batch of one.
 //!
 //! [`Guard::run_batch`] walks the steps in order, each one round trip per batch:
 //!
@@ -35,9 +35,12 @@
 //! - An event whose lease someone else holds is `InFlight`, never skipped: the caller
 //!   must not commit past it.
 
+mod id_formats;
 pub mod lease;
 pub mod ledger;
 pub mod local_cache;
+mod report;
+mod slot;
 pub(crate) mod transaction;
 
 use std::collections::{HashMap, HashSet};
@@ -55,16 +58,17 @@ use tracing::Instrument;
 
 use crate::clients::Clients;
 use crate::config::GuardConfig;
-use crate::event::{Event, PayloadHash, Record};
+use crate::event::{Event, Record};
 use crate::event_id::{EventId, IdError, IdFormatSetting, IdFormats, IdStrategy, Namespace};
 use crate::handler::{Handler, HandlerContext, HandlerError};
 use crate::metrics::metrics;
-use crate::outcome::{BatchReport, DuplicateTier, EventOutcome, FailureKind, Outcome};
+use crate::outcome::{BatchReport, DuplicateTier, FailureKind, Outcome};
 use crate::sink::{ClickHouseSink, SinkBatch, SinkError};
 
 use self::lease::{LeaseError, LeaseReply, Leases, Release};
 use self::ledger::{ConfirmRow, DeadLetterRow};
 use self::local_cache::LocalCache;
+use self::slot::{fail_all, unconfirmed, Rejection, Slot};
 use self::transaction::LazyTx;
 
 /// Round trips made by one guard, for tests and the benchmark.
@@ -101,58 +105,6 @@ pub struct Guard {
     format_check: tokio::sync::Mutex<()>,
 }
 
-/// How often `EVENT_ID_FORMAT=auto` asks the ledger again whether v1-only rows remain.
-const ID_FORMAT_RECHECK: Duration = Duration::from_secs(300);
-
-/// A record rejected before any handler saw it.
-struct Rejection {
-    reason: String,
-    error: String,
-}
-
-/// One record's progress through the batch.
-struct Slot<'e> {
-    event: &'e Event,
-    id: EventId,
-    /// Its v2 id, in the transition between id formats.
-    shadow: Option<EventId>,
-    /// Why the record cannot be handled at all: undecodable, or no usable id (the id
-    /// above is then a stand-in the dead letter is filed under).
-    invalid: Option<Rejection>,
-    hash: PayloadHash,
-    /// Index of an earlier record with the same id.
-    leader: Option<usize>,
-    /// We hold its Redis lease (of `id`) and must release it.
-    leased: bool,
-    /// We hold the lease of `shadow`.
-    shadow_leased: bool,
-    /// The hash Postgres or Redis recorded when this id was confirmed, if known.
-    confirmed_hash: Option<PayloadHash>,
-    /// A handler failure waiting to be counted or dead-lettered.
-    failure: Option<HandlerError>,
-    outcome: Option<Outcome>,
-}
-
-impl Slot<'_> {
-    /// Its ids: `id`, then the shadow if any.
-    fn ids(&self) -> impl Iterator<Item = &EventId> {
-        std::iter::once(&self.id).chain(self.shadow.as_ref())
-    }
-
-    fn is_open(&self) -> bool {
-        self.outcome.is_none() && self.leader.is_none() && self.invalid.is_none() && self.failure.is_none()
-    }
-
-    fn duplicate(&mut self, tier: DuplicateTier, confirmed: Option<PayloadHash>) {
-        self.confirmed_hash = confirmed;
-        self.outcome = Some(Outcome::Duplicate { tier, payload_mismatch: confirmed.is_some_and(|h| h != self.hash) });
-    }
-
-    fn fail(&mut self, kind: FailureKind, error: impl Into<String>, attempts: Option<u32>) {
-        self.outcome = Some(Outcome::Failed { kind, error: error.into(), attempts });
-    }
-}
-
 impl Guard {
     pub fn new(clients: &Clients, namespace: &str, ids: IdStrategy, config: GuardConfig) -> Result<Self, IdError> {
         let id_format = config.id_format;
@@ -174,73 +126,6 @@ impl Guard {
         })
     }
 
-    /// The id formats this guard works with now (`auto` may not have decided yet: then
-    /// `v1+v2`).
-    pub fn id_formats(&self) -> IdFormats {
-        self.formats.lock().unwrap_or_else(|e| e.into_inner()).0
-    }
-
-    /// With `EVENT_ID_FORMAT=auto`, asks the ledger now which formats to use (otherwise
-    /// returns the fixed ones).
-    pub async fn refresh_id_formats(&self) -> Result<IdFormats, sqlx::Error> {
-        if let IdFormatSetting::Fixed(f) = self.config.id_format {
-            return Ok(f);
-        }
-        let v1_rows = ledger::has_v1_only_rows(&self.pg, &self.ns).await;
-        let mut state = self.formats.lock().unwrap_or_else(|e| e.into_inner());
-        match v1_rows {
-            Ok(v1_rows) => {
-                let now = if v1_rows { IdFormats::V1AndV2 } else { IdFormats::V2 };
-                if now != state.0 || state.1.is_none() {
-                    tracing::info!(function = %self.ns, formats = %now, v1_only_rows = v1_rows, "event id formats (EVENT_ID_FORMAT=auto)");
-                }
-                *state = (now, Some(Instant::now()));
-                Ok(now)
-            }
-            Err(e) => {
-                state.1 = None;
-                Err(e)
-            }
-        }
-    }
-
-    /// The formats for the next batch: with `auto`, the ledger is asked when it never
-    /// was (batches wait for that first answer, so none confirms under formats it was
-    /// not meant to use) or [`ID_FORMAT_RECHECK`] has passed (one batch asks; the others
-    /// go on with the last answer). A failed check keeps the formats (`v1+v2` before
-    /// any answer: it fences against both) and is tried again by the next batch.
-    async fn batch_id_formats(&self) -> IdFormats {
-        if !matches!(self.config.id_format, IdFormatSetting::Auto) {
-            return self.id_formats();
-        }
-        let checked_at = || self.formats.lock().unwrap_or_else(|e| e.into_inner()).1;
-        let _asking = match checked_at() {
-            Some(at) if at.elapsed() < ID_FORMAT_RECHECK => return self.id_formats(),
-            Some(_) => match self.format_check.try_lock() {
-                Ok(held) => held,
-                Err(_) => return self.id_formats(),
-            },
-            None => {
-                let held = self.format_check.lock().await;
-                // Asked while we waited.
-                if checked_at().is_some_and(|at| at.elapsed() < ID_FORMAT_RECHECK) {
-                    return self.id_formats();
-                }
-                held
-            }
-        };
-        // Not counted in `round_trips`: it is no step of the batch, one query every few
-        // minutes per process.
-        match self.refresh_id_formats().await {
-            Ok(f) => f,
-            Err(e) => {
-                let keep = self.id_formats();
-                tracing::warn!(function = %self.ns, error = %e, formats = %keep, "could not check the ledger for v1-only ids; keeping the current id formats");
-                keep
-            }
-        }
-    }
-
     pub fn namespace(&self) -> &Namespace {
         &self.ns
     }
@@ -251,18 +136,6 @@ impl Guard {
 
     pub fn local_cache(&self) -> &LocalCache {
         &self.cache
-    }
-
-    /// Every id `event` can be known by in the ledger, whatever the format it was
-    /// confirmed or dead-lettered in (v1, v2), for operator tools: empty when it has no
-    /// usable id.
-    pub fn known_ids(&self, event: &Event) -> Vec<EventId> {
-        let mut ids: Vec<EventId> = [crate::event_id::IdFormat::V1, crate::event_id::IdFormat::V2]
-            .into_iter()
-            .filter_map(|f| self.ids.derive_in(event, f).ok())
-            .collect();
-        ids.dedup();
-        ids
     }
 
     /// Forgets `id` in this process's cache (a dead letter about to be replayed; the
@@ -356,7 +229,11 @@ impl Guard {
             let (id, shadow, invalid) = match rejected {
                 Some(r) => (stand_in(), None, Some(r)),
                 None => match self.ids.derive_for(event, formats) {
-                    Ok((id, shadow)) => (id, shadow, None),
+                    // A content hash is the same text in both formats: one id.
+                    Ok((id, shadow)) => {
+                        let shadow = shadow.filter(|s| *s != id);
+                        (id, shadow, None)
+                    }
                     Err(e) => {
                         (stand_in(), None, Some(Rejection { reason: e.reason().to_owned(), error: e.to_string() }))
                     }
@@ -510,22 +387,13 @@ impl Guard {
         }
     }
 
-    /// Steps 4 and 5: handlers, then confirm and ClickHouse.
-    ///
-    /// When a handler touched Postgres, its effects and the confirm share one
-    /// transaction: confirm, then ClickHouse, then commit; a confirm that finds rows
-    /// confirmed elsewhere rolls everything back and the batch runs again without them.
-    /// When no handler touched Postgres there is nothing to roll back: ClickHouse is
-    /// written first, then the confirm autocommits (two round trips fewer); ids it finds
-    /// confirmed elsewhere are duplicates, and their repeated rows collapse.
+    /// Steps 4 and 5, part by part: handle, then confirm. A confirm that had to roll
+    /// back (events confirmed elsewhere first, rows ClickHouse rejects) runs the part
+    /// again without those events.
     ///
     /// A transaction holds at most `GUARD_MAX_SUBTRANSACTIONS` handler savepoints: when
     /// a part of the batch reaches it, that part is confirmed and committed, and the rest
     /// goes on in a new transaction (each part keeps the protocol's order on its own).
-    ///
-    /// Rows ClickHouse rejects (the data, not the server: see [`SinkError::Rejected`])
-    /// are traced to their events by splitting the write; those events fail permanently
-    /// (dead-lettered as `clickhouse_rejected`) and the others go on.
     async fn handle_and_confirm(
         &self,
         handler: &dyn Handler,
@@ -548,190 +416,215 @@ impl Guard {
         let mut failed: Vec<(usize, HandlerError)> = Vec::new();
         while !work.is_empty() {
             tx.round_trips = 0;
-
-            // Step 4: handlers in record order, until the part's savepoints reach the cap.
-            let mut staged = SinkBatch::default();
-            let mut succeeded = Vec::with_capacity(work.len());
-            let mut part_failed: Vec<(usize, HandlerError)> = Vec::new();
-            let mut savepoints = 0usize;
-            let mut part_len = 0usize;
-            let mut broken = None;
-            for &i in &work {
-                if savepoints >= self.config.max_subtransactions {
-                    break;
-                }
-                part_len += 1;
-                let slot = &slots[i];
-                let mut ctx = HandlerContext::new(&slot.id, &self.ns, &mut tx, &self.sink);
-                let span = tracing::debug_span!("handler", function = %self.ns, event_id = %slot.id);
-                // A panicking handler fails its own event (retryable: counted, and
-                // dead-lettered after its attempts), not the batch, the partition or the
-                // process.
-                let result = match AssertUnwindSafe(handler.handle(slot.event, &mut ctx).instrument(span))
-                    .catch_unwind()
-                    .await
-                {
-                    Ok(r) => r,
-                    Err(panic) => {
-                        let message = panic_message(panic.as_ref());
-                        tracing::error!(
-                            function = %self.ns,
-                            event_id = %slot.id,
-                            position = %slot.event.position(),
-                            panic = %message,
-                            "handler panicked; counted as a failed attempt"
-                        );
-                        Err(HandlerError::retryable(format!("handler panicked: {message}")))
-                    }
-                };
-                let handler_ok = result.is_ok();
-                match ctx.finish(result, &mut staged, i).await {
-                    Ok((result, used_savepoint)) => {
-                        if used_savepoint {
-                            savepoints += 1;
-                            self.count_postgres(match (handler_ok, result.is_ok()) {
-                                (true, true) => 2,
-                                (false, _) => 3,
-                                (true, false) => 4,
-                            });
-                        }
-                        match result {
-                            Ok(()) => succeeded.push(i),
-                            Err(e) => {
-                                if handler_ok {
-                                    tracing::warn!(function = %self.ns, event_id = %slot.id, position = %slot.event.position(), error = %e, "event failed after its handler returned");
-                                }
-                                part_failed.push((i, e))
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        broken = Some(format!("Postgres: savepoint failed: {e}"));
-                        break;
-                    }
-                }
-            }
-            if let Some(msg) = broken {
-                tx.rollback().await;
-                self.count_postgres(tx.round_trips);
-                return fail_all(slots, &work, FailureKind::Unavailable, &msg);
-            }
-            let part: Vec<usize> = work[..part_len].to_vec();
-            let transactional = tx.is_open();
-
-            if succeeded.is_empty() {
-                tx.rollback().await;
-                self.count_postgres(tx.round_trips);
-                failed.extend(part_failed);
-                work.drain(..part_len);
-                continue;
-            }
-
-            if !transactional {
-                // No Postgres effects: ClickHouse first, then the confirm autocommits.
-                match self.write_isolating(&staged, &succeeded, slots).await {
-                    Ok(rejected) => {
-                        for (i, e) in rejected {
-                            succeeded.retain(|&s| s != i);
-                            part_failed.push((i, e));
-                        }
-                    }
-                    Err(e) => {
-                        failed.extend(part_failed);
-                        return unconfirmed(slots, &work, failed, &e.to_string());
-                    }
-                }
-                if succeeded.is_empty() {
-                    failed.extend(part_failed);
-                    work.drain(..part_len);
-                    continue;
-                }
-            }
-
-            // Step 5: the confirm (in the transaction when there is one).
-            let rows: Vec<ConfirmRow<'_>> = succeeded
-                .iter()
-                .flat_map(|&i| slots[i].ids().map(move |id| (i, id)))
-                .map(|(i, id)| ConfirmRow { id, event: slots[i].event, hash: slots[i].hash })
-                .collect();
-            self.count_postgres(1);
-            let confirmed = ledger::confirm(tx.conn(), &self.ns, &rows, v2_known).await;
-            drop(rows);
-            let inserted: HashSet<String> = match confirmed {
-                Ok(ids) => ids.into_iter().collect(),
-                Err(e) => {
-                    tx.rollback().await;
-                    self.count_postgres(tx.round_trips);
-                    failed.extend(part_failed);
-                    return unconfirmed(slots, &work, failed, &format!("Postgres: confirm failed: {e}"));
+            let part = match self.handle(handler, slots, &work, &mut tx).await {
+                Ok(part) => part,
+                Err(msg) => {
+                    self.rollback(&mut tx).await;
+                    return fail_all(slots, &work, FailureKind::Unavailable, &msg);
                 }
             };
-            // Confirmed here only if every id of the event was (in the transition, a
-            // process on either format may have confirmed one of them first).
-            let conflicts: Vec<usize> = succeeded
-                .iter()
-                .copied()
-                .filter(|&i| !slots[i].ids().all(|id| inserted.contains(id.as_str())))
-                .collect();
-            if !conflicts.is_empty() {
-                tracing::info!(function = %self.ns, conflicts = conflicts.len(), transactional, "confirmed elsewhere first");
-                for &i in &conflicts {
-                    slots[i].duplicate(DuplicateTier::Confirm, None);
-                }
-                if transactional {
-                    // Their effects are in our transaction: roll everything back and run
-                    // the part again without them.
-                    tx.rollback().await;
-                    self.count_postgres(tx.round_trips);
-                    work.retain(|i| !conflicts.contains(i));
-                    continue;
-                }
-                succeeded.retain(|i| !conflicts.contains(i));
-            }
-
-            if transactional {
-                // ClickHouse before the commit (see the module docs for why).
-                match self.write_isolating(&staged, &succeeded, slots).await {
-                    Ok(rejected) if rejected.is_empty() => {}
-                    Ok(rejected) => {
-                        // Their Postgres effects are in the transaction: roll back and
-                        // run the part again without them (their rows are not written).
-                        tx.rollback().await;
-                        self.count_postgres(tx.round_trips);
-                        for (i, e) in rejected {
-                            work.retain(|&w| w != i);
-                            failed.push((i, e));
-                        }
-                        continue;
-                    }
-                    Err(e) => {
-                        tx.rollback().await;
-                        self.count_postgres(tx.round_trips);
-                        failed.extend(part_failed);
-                        return unconfirmed(slots, &work, failed, &e.to_string());
-                    }
-                }
-            }
-
-            let committed = tx.commit().await;
-            self.count_postgres(tx.round_trips);
-            match committed {
-                Ok(()) => {
-                    for &i in &succeeded {
-                        slots[i].outcome = Some(Outcome::Processed);
-                    }
-                }
-                Err(e) => {
+            let part_len = part.len;
+            match self.confirm(slots, &mut tx, part, v2_known).await {
+                PartEnd::Done { failed: part_failed } => {
                     failed.extend(part_failed);
-                    return unconfirmed(slots, &work, failed, &format!("Postgres: commit failed: {e}"));
+                    work.drain(..part_len);
+                }
+                PartEnd::Again { without, failed: settled } => {
+                    work.retain(|i| !without.contains(i));
+                    failed.extend(settled);
+                }
+                PartEnd::Stopped { error, failed: part_failed } => {
+                    failed.extend(part_failed);
+                    return unconfirmed(slots, &work, failed, &error);
                 }
             }
-            failed.extend(part_failed);
-            work.retain(|i| !part.contains(i));
         }
         for (i, e) in failed {
             slots[i].failure = Some(e);
         }
+    }
+
+    /// Step 4: handlers in record order, from the start of `work` until the part's
+    /// savepoints reach the cap; their ClickHouse rows staged, their Postgres effects in
+    /// `tx` (the first handler that touches Postgres begins it). `Err`: a savepoint
+    /// failed, the transaction is unusable.
+    async fn handle(
+        &self,
+        handler: &dyn Handler,
+        slots: &[Slot<'_>],
+        work: &[usize],
+        tx: &mut LazyTx,
+    ) -> Result<Handled, String> {
+        let mut part = Handled {
+            len: 0,
+            staged: SinkBatch::default(),
+            succeeded: Vec::with_capacity(work.len()),
+            failed: Vec::new(),
+        };
+        let mut savepoints = 0usize;
+        for &i in work {
+            if savepoints >= self.config.max_subtransactions {
+                break;
+            }
+            part.len += 1;
+            let slot = &slots[i];
+            let mut ctx = HandlerContext::new(&slot.id, &self.ns, tx, &self.sink);
+            let result = self.call(handler, slot, &mut ctx).await;
+            let handler_ok = result.is_ok();
+            let (result, used_savepoint) = ctx
+                .finish(result, &mut part.staged, i)
+                .await
+                .map_err(|e| format!("Postgres: savepoint failed: {e}"))?;
+            if used_savepoint {
+                savepoints += 1;
+                self.count_postgres(match (handler_ok, result.is_ok()) {
+                    (true, true) => 2,
+                    (false, _) => 3,
+                    (true, false) => 4,
+                });
+            }
+            match result {
+                Ok(()) => part.succeeded.push(i),
+                Err(e) => {
+                    if handler_ok {
+                        tracing::warn!(function = %self.ns, event_id = %slot.id, position = %slot.event.position(), error = %e, "event failed after its handler returned");
+                    }
+                    part.failed.push((i, e))
+                }
+            }
+        }
+        Ok(part)
+    }
+
+    /// Runs the handler on one event. A panicking handler fails its own event
+    /// (retryable: counted, and dead-lettered after its attempts), not the batch, the
+    /// partition or the process.
+    async fn call(
+        &self,
+        handler: &dyn Handler,
+        slot: &Slot<'_>,
+        ctx: &mut HandlerContext<'_>,
+    ) -> Result<(), HandlerError> {
+        let span = tracing::debug_span!("handler", function = %self.ns, event_id = %slot.id);
+        match AssertUnwindSafe(handler.handle(slot.event, ctx).instrument(span)).catch_unwind().await {
+            Ok(result) => result,
+            Err(panic) => {
+                let message = panic_message(panic.as_ref());
+                tracing::error!(
+                    function = %self.ns,
+                    event_id = %slot.id,
+                    position = %slot.event.position(),
+                    panic = %message,
+                    "handler panicked; counted as a failed attempt"
+                );
+                Err(HandlerError::retryable(format!("handler panicked: {message}")))
+            }
+        }
+    }
+
+    /// Step 5 for one handled part.
+    ///
+    /// When a handler touched Postgres, its effects and the confirm share one
+    /// transaction: confirm, then ClickHouse, then commit; a confirm that finds ids
+    /// confirmed elsewhere rolls everything back and the part runs again without them.
+    /// When no handler touched Postgres there is nothing to roll back: ClickHouse is
+    /// written first, then the confirm autocommits (two round trips fewer); ids it finds
+    /// confirmed elsewhere are duplicates, and their repeated rows collapse.
+    ///
+    /// Rows ClickHouse rejects (the data, not the server: see [`SinkError::Rejected`])
+    /// are traced to their events by splitting the write; those events fail permanently
+    /// (dead-lettered as `clickhouse_rejected`) and the others go on.
+    async fn confirm(&self, slots: &mut [Slot<'_>], tx: &mut LazyTx, part: Handled, v2_known: bool) -> PartEnd {
+        let Handled { staged, mut succeeded, mut failed, .. } = part;
+        if succeeded.is_empty() {
+            self.rollback(tx).await;
+            return PartEnd::Done { failed };
+        }
+        let transactional = tx.is_open();
+
+        if !transactional {
+            // No Postgres effects: ClickHouse first, then the confirm autocommits.
+            match self.write_rows(&staged, &succeeded, slots).await {
+                Ok(rejected) => {
+                    succeeded.retain(|i| !rejected.iter().any(|(r, _)| r == i));
+                    failed.extend(rejected);
+                }
+                Err(e) => return PartEnd::Stopped { error: e.to_string(), failed },
+            }
+            if succeeded.is_empty() {
+                return PartEnd::Done { failed };
+            }
+        }
+
+        // The confirm: every id of every event (two in the transition between id
+        // formats), in the transaction when there is one.
+        let rows: Vec<ConfirmRow<'_>> = succeeded
+            .iter()
+            .flat_map(|&i| slots[i].ids().map(move |id| (i, id)))
+            .map(|(i, id)| ConfirmRow { id, event: slots[i].event, hash: slots[i].hash })
+            .collect();
+        self.count_postgres(1);
+        let confirmed = ledger::confirm(tx.conn(), &self.ns, &rows, v2_known).await;
+        drop(rows);
+        let inserted: HashSet<String> = match confirmed {
+            Ok(ids) => ids.into_iter().collect(),
+            Err(e) => {
+                self.rollback(tx).await;
+                return PartEnd::Stopped { error: format!("Postgres: confirm failed: {e}"), failed };
+            }
+        };
+        // Confirmed here only if every id of the event was (in the transition, a process
+        // on either format may have confirmed one of them first).
+        let conflicts: Vec<usize> =
+            succeeded.iter().copied().filter(|&i| !slots[i].ids().all(|id| inserted.contains(id.as_str()))).collect();
+        if !conflicts.is_empty() {
+            tracing::info!(function = %self.ns, conflicts = conflicts.len(), transactional, "confirmed elsewhere first");
+            for &i in &conflicts {
+                slots[i].duplicate(DuplicateTier::Confirm, None);
+            }
+            if transactional {
+                // Their effects are in our transaction: roll everything back and run the
+                // part again without them.
+                self.rollback(tx).await;
+                return PartEnd::Again { without: conflicts, failed: Vec::new() };
+            }
+            succeeded.retain(|i| !conflicts.contains(i));
+        }
+
+        if transactional {
+            // ClickHouse before the commit (see the module docs for why).
+            match self.write_rows(&staged, &succeeded, slots).await {
+                Ok(rejected) if rejected.is_empty() => {}
+                Ok(rejected) => {
+                    // Their Postgres effects are in the transaction: roll back and run
+                    // the part again without them (their rows are not written).
+                    self.rollback(tx).await;
+                    return PartEnd::Again { without: rejected.iter().map(|(i, _)| *i).collect(), failed: rejected };
+                }
+                Err(e) => {
+                    self.rollback(tx).await;
+                    return PartEnd::Stopped { error: e.to_string(), failed };
+                }
+            }
+        }
+
+        let committed = tx.commit().await;
+        self.count_postgres(tx.round_trips);
+        match committed {
+            Ok(()) => {
+                for &i in &succeeded {
+                    slots[i].outcome = Some(Outcome::Processed);
+                }
+                PartEnd::Done { failed }
+            }
+            Err(e) => PartEnd::Stopped { error: format!("Postgres: commit failed: {e}"), failed },
+        }
+    }
+
+    /// Rolls the batch transaction back (if one began) and counts its round trips.
+    async fn rollback(&self, tx: &mut LazyTx) {
+        tx.rollback().await;
+        self.count_postgres(tx.round_trips);
     }
 
     /// Writes the rows of the `events` (slot indexes) that staged any. When ClickHouse
@@ -739,7 +632,7 @@ impl Guard {
     /// whose rows it rejects are found (the other halves are written as they go; a
     /// repeat of them collapses); those come back as permanent failures. Any other
     /// error (the server unavailable) ends it: the caller retries the whole part.
-    async fn write_isolating(
+    async fn write_rows(
         &self,
         staged: &SinkBatch,
         events: &[usize],
@@ -912,9 +805,10 @@ impl Guard {
                             error = %slot.failure.as_ref().map(|e| e.to_string()).unwrap_or_default(),
                             "handler failed after its lease expired; not counted (the event may be another consumer's now)"
                         );
+                        // The lease flags stay: release is a compare-and-delete, so it
+                        // frees what is still ours (in the transition one of the two
+                        // leases may be) and leaves the rest alone.
                         slot.failure = None;
-                        slot.leased = false;
-                        slot.shadow_leased = false;
                         slot.outcome = Some(Outcome::InFlight);
                     }
                 }
@@ -1014,98 +908,31 @@ impl Guard {
             tracing::warn!(function = %self.ns, error = %e, "could not store payload mismatches in the dead letters");
         }
     }
-
-    /// Metrics (added up per batch: one update per label set, not per event), one
-    /// span per event, and the report.
-    fn report(&self, slots: Vec<Slot<'_>>) -> BatchReport {
-        let ns = self.ns.as_str();
-        let mut processed = 0u64;
-        let mut duplicates: HashMap<&'static str, u64> = HashMap::new();
-        let mut contention = 0u64;
-        let mut failed: HashMap<&'static str, u64> = HashMap::new();
-        let mut dead: HashMap<String, u64> = HashMap::new();
-        let mut mismatches = 0u64;
-        let outcomes = slots
-            .into_iter()
-            .map(|s| {
-                let outcome = s
-                    .outcome
-                    .unwrap_or(Outcome::Failed { kind: FailureKind::Unavailable, error: "not handled".into(), attempts: None });
-                match &outcome {
-                    Outcome::Processed => processed += 1,
-                    Outcome::Duplicate { tier, payload_mismatch } => {
-                        *duplicates.entry(tier.as_str()).or_default() += 1;
-                        if *payload_mismatch {
-                            mismatches += 1;
-                            tracing::warn!(function = ns, event_id = %s.id, position = %s.event.position(), "duplicate id with a different payload than the confirmed event");
-                        }
-                    }
-                    Outcome::InFlight => contention += 1,
-                    Outcome::Failed { kind, error, .. } => {
-                        *failed.entry(kind.as_str()).or_default() += 1;
-                        tracing::debug!(function = ns, event_id = %s.id, %error, "event failed");
-                    }
-                    Outcome::DeadLettered { reason } => *dead.entry(reason.clone()).or_default() += 1,
-                }
-                // One span per event: its id, function, position and outcome.
-                let span = tracing::info_span!(
-                    "event",
-                    function = ns,
-                    event_id = %s.id,
-                    topic = %s.event.topic,
-                    partition = s.event.partition,
-                    offset = s.event.offset,
-                    outcome = outcome.label(),
-                );
-                span.in_scope(|| tracing::debug!(detail = %outcome, "event finished"));
-                EventOutcome::new(s.event, s.invalid.is_none().then_some(s.id), outcome)
-            })
-            .collect();
-        let m = metrics();
-        if processed > 0 {
-            m.processed.with_label_values(&[ns]).inc_by(processed);
-        }
-        let all_duplicates: u64 = duplicates.values().sum();
-        if all_duplicates > 0 {
-            m.deduplicated.with_label_values(&[ns]).inc_by(all_duplicates);
-        }
-        for (tier, n) in duplicates {
-            m.duplicates.with_label_values(&[ns, tier]).inc_by(n);
-        }
-        if mismatches > 0 {
-            m.payload_mismatch.with_label_values(&[ns]).inc_by(mismatches);
-        }
-        if contention > 0 {
-            m.lease_contention.with_label_values(&[ns]).inc_by(contention);
-        }
-        for (kind, n) in failed {
-            m.failed.with_label_values(&[ns, kind]).inc_by(n);
-        }
-        for (reason, n) in dead {
-            m.dead_lettered.with_label_values(&[ns, &reason]).inc_by(n);
-        }
-        BatchReport { outcomes }
-    }
 }
 
-fn fail_all(slots: &mut [Slot<'_>], work: &[usize], kind: FailureKind, msg: &str) {
-    for &i in work {
-        slots[i].fail(kind, msg, None);
-    }
+/// One part of the batch after step 4.
+struct Handled {
+    /// How many events from the start of `work` the part holds.
+    len: usize,
+    /// The ClickHouse rows of its events, each tagged with its event (slot index).
+    staged: SinkBatch,
+    /// Events whose handler succeeded (slot indexes).
+    succeeded: Vec<usize>,
+    /// Events whose handler (or its staging) failed, with the error.
+    failed: Vec<(usize, HandlerError)>,
 }
 
-/// The events left in `work` cannot be confirmed now (`msg`: a dependency failed); those
-/// in `failed` keep their own errors.
-fn unconfirmed(slots: &mut [Slot<'_>], work: &[usize], failed: Vec<(usize, HandlerError)>, msg: &str) {
-    let failed_ids: HashSet<usize> = failed.iter().map(|(i, _)| *i).collect();
-    for &i in work {
-        if !failed_ids.contains(&i) && slots[i].outcome.is_none() {
-            slots[i].fail(FailureKind::Unavailable, msg, None);
-        }
-    }
-    for (i, e) in failed {
-        slots[i].failure = Some(e);
-    }
+/// How step 5 ended for a part.
+enum PartEnd {
+    /// Settled: its successes are processed (or duplicates); `failed` goes on to be
+    /// counted or dead-lettered.
+    Done { failed: Vec<(usize, HandlerError)> },
+    /// Rolled back: run the part again `without` these events, whose fate is settled
+    /// (duplicates, or the permanent failures in `failed`). The part's other failures
+    /// are not kept: the rerun meets them again.
+    Again { without: Vec<usize>, failed: Vec<(usize, HandlerError)> },
+    /// A dependency failed (`error`): nothing more of the batch is confirmed now.
+    Stopped { error: String, failed: Vec<(usize, HandlerError)> },
 }
 
 /// The text of a caught panic (`panic!` with a literal or a formatted message).

@@ -97,7 +97,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 /// Constant-time comparison, so the token cannot be guessed byte by byte from timings.
-fn same(a: &[u8], b: &[u8]) -> bool {
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -109,7 +109,7 @@ async fn invoke(State(s): State<AppState>, Path(function): Path<String>, headers
             None => {
                 return error(StatusCode::UNAUTHORIZED, "missing bearer token (Authorization: Bearer <INVOKE_TOKEN>)")
             }
-            Some(t) if !same(t.as_bytes(), token.expose().as_bytes()) => {
+            Some(t) if !constant_time_eq(t.as_bytes(), token.expose().as_bytes()) => {
                 return error(StatusCode::FORBIDDEN, "wrong bearer token")
             }
             Some(_) => {}
@@ -136,8 +136,8 @@ async fn invoke(State(s): State<AppState>, Path(function): Path<String>, headers
 mod tests {
     #[test]
     fn token_comparison() {
-        assert!(super::same(b"abc", b"abc"));
-        assert!(!super::same(b"abc", b"abd"));
-        assert!(!super::same(b"abc", b"abcd"));
+        assert!(super::constant_time_eq(b"abc", b"abc"));
+        assert!(!super::constant_time_eq(b"abc", b"abd"));
+        assert!(!super::constant_time_eq(b"abc", b"abcd"));
     }
 }

@@ -56,7 +56,7 @@ use crate::kafka_client::KafkaContext;
 use crate::metrics::metrics;
 use crate::outcome::{FailureKind, Outcome};
 
-type Key = (String, i32);
+type TopicPartition = (String, i32);
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -71,12 +71,12 @@ pub enum WorkerError {
 /// One in-flight slot: a permit of the `MAX_IN_FLIGHT_MESSAGES` bound and one unit of
 /// the function's in-flight gauge, both given back when the slot is dropped (finished,
 /// abandoned on revoke, or dropped at shutdown), so neither can drift.
-struct Slot {
+struct InFlightPermit {
     _permit: OwnedSemaphorePermit,
     gauge: prometheus::IntGauge,
 }
 
-impl Slot {
+impl InFlightPermit {
     fn new(permit: OwnedSemaphorePermit, function: &str) -> Self {
         let gauge = metrics().worker_in_flight.with_label_values(&[function]);
         gauge.inc();
@@ -84,7 +84,7 @@ impl Slot {
     }
 }
 
-impl Drop for Slot {
+impl Drop for InFlightPermit {
     fn drop(&mut self) {
         self.gauge.dec();
     }
@@ -93,7 +93,7 @@ impl Drop for Slot {
 /// A record waiting in its partition's queue, holding one in-flight slot.
 struct Item {
     event: Event,
-    slot: Slot,
+    permit: InFlightPermit,
 }
 
 struct PartitionHandle {
@@ -109,7 +109,7 @@ struct PartitionHandle {
 /// The partition is paused in the consumer while it holds its cap of records or waits
 /// for the ClickHouse breaker, and resumed when neither holds.
 struct Flow {
-    key: Key,
+    key: TopicPartition,
     /// Records handed to the task and not finished yet.
     queued: AtomicUsize,
     /// (at its cap, waiting for the ClickHouse breaker)
@@ -120,7 +120,7 @@ struct Flow {
 }
 
 impl Flow {
-    fn new(key: Key) -> Self {
+    fn new(key: TopicPartition) -> Self {
         Self { key, queued: AtomicUsize::new(0), reasons: Mutex::new((false, false)), fenced: AtomicBool::new(false) }
     }
 
@@ -155,11 +155,11 @@ impl Flow {
 
 struct Shared {
     /// Partitions this member owns now.
-    assigned: Mutex<HashSet<Key>>,
+    assigned: Mutex<HashSet<TopicPartition>>,
     /// The task of each partition that has received records.
-    partitions: Mutex<HashMap<Key, PartitionHandle>>,
+    partitions: Mutex<HashMap<TopicPartition, PartitionHandle>>,
     /// Next offset to commit per partition: one past the highest contiguous finished.
-    finished: Mutex<HashMap<Key, i64>>,
+    finished: Mutex<HashMap<TopicPartition, i64>>,
     /// Set by `abort`: commit nothing more, as a crash would.
     aborted: AtomicBool,
     /// One permit per record that may be in flight.
@@ -197,7 +197,7 @@ impl Shared {
     }
 
     /// The commit list for `keys` (all when `None`) from what is finished.
-    fn finished_list(&self, keys: Option<&[Key]>) -> TopicPartitionList {
+    fn finished_list(&self, keys: Option<&[TopicPartition]>) -> TopicPartitionList {
         let finished = lock(&self.finished);
         let mut tpl = TopicPartitionList::new();
         for ((topic, partition), offset) in finished.iter() {
@@ -228,7 +228,7 @@ impl ClientContext for RebalanceContext {
 impl ConsumerContext for RebalanceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Rebalance::Revoke(tpl) = rebalance else { return };
-        let keys: Vec<Key> = tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
+        let keys: Vec<TopicPartition> = tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
         {
             let mut assigned = lock(&self.shared.assigned);
             let mut partitions = lock(&self.shared.partitions);
@@ -268,7 +268,8 @@ impl ConsumerContext for RebalanceContext {
             if let Err(e) = consumer.resume(tpl) {
                 tracing::warn!(error = %e, "could not resume newly assigned partitions");
             }
-            let keys: Vec<Key> = tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
+            let keys: Vec<TopicPartition> =
+                tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
             lock(&self.shared.assigned).extend(keys.iter().cloned());
             tracing::info!(?keys, "partitions assigned");
         }
@@ -439,12 +440,12 @@ async fn consume(
                 continue;
             }
         };
-        let slot = tokio::select! {
+        let permit = tokio::select! {
             biased;
             _ = stop.changed() => break,
             s = shared.in_flight.clone().acquire_owned() => s.expect("semaphore never closed"),
         };
-        let key: Key = (event.topic.clone(), event.partition);
+        let key: TopicPartition = (event.topic.clone(), event.partition);
         if !lock(&shared.assigned).contains(&key) {
             // Delivered after its partition was revoked: its new owner reads it again.
             continue;
@@ -453,7 +454,7 @@ async fn consume(
             tracing::error!(topic = %event.topic, "record from a topic no function consumes; not committing past it");
             continue;
         };
-        let slot = Slot::new(slot, function.spec.name);
+        let permit = InFlightPermit::new(permit, function.spec.name);
         let cap = shared.partition_cap(config.max_partition_in_flight);
         let offset = event.offset;
         let sent = {
@@ -465,20 +466,22 @@ async fn consume(
                     let (tx, rx) = mpsc::unbounded_channel();
                     let flow = Arc::new(Flow::new(key.clone()));
                     let task = tokio::spawn(run_partition(
-                        key.clone(),
+                        PartitionTask {
+                            key: key.clone(),
+                            function,
+                            consumer: consumer.clone(),
+                            shared: shared.clone(),
+                            flow: flow.clone(),
+                            config: config.clone(),
+                            clients: clients.clone(),
+                        },
                         rx,
-                        function,
-                        consumer.clone(),
-                        shared.clone(),
-                        flow.clone(),
                         stop.clone(),
-                        config.clone(),
-                        clients.clone(),
                     ));
                     PartitionHandle { tx, flow, task, first: offset }
                 });
                 let flow = handle.flow.clone();
-                handle.tx.send(Item { event, slot }).ok().map(|()| flow)
+                handle.tx.send(Item { event, permit }).ok().map(|()| flow)
             }
         };
         match sent {
@@ -526,9 +529,9 @@ fn recover_dead_tasks(consumer: &KafkaConsumer, shared: &Shared, functions: &Fun
     if shared.aborted.load(Ordering::SeqCst) {
         return;
     }
-    let dead: Vec<(Key, i64)> = {
+    let dead: Vec<(TopicPartition, i64)> = {
         let mut partitions = lock(&shared.partitions);
-        let keys: Vec<Key> = partitions
+        let keys: Vec<TopicPartition> = partitions
             .iter()
             .filter(|(_, h)| h.task.is_finished() && !h.flow.is_fenced())
             .map(|(k, _)| k.clone())
@@ -559,20 +562,21 @@ fn recover_dead_tasks(consumer: &KafkaConsumer, shared: &Shared, functions: &Fun
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn run_partition(
-    key: Key,
-    mut rx: mpsc::UnboundedReceiver<Item>,
+/// What a partition's task works with (besides its queue and the stop signal).
+struct PartitionTask {
+    key: TopicPartition,
     function: Arc<Function>,
     consumer: Arc<KafkaConsumer>,
     shared: Arc<Shared>,
     flow: Arc<Flow>,
-    mut stop: watch::Receiver<bool>,
     config: WorkerConfig,
     clients: Clients,
-) {
+}
+
+async fn run_partition(task: PartitionTask, mut rx: mpsc::UnboundedReceiver<Item>, mut stop: watch::Receiver<bool>) {
+    let PartitionTask { key, function, consumer, shared, flow, config, clients } = task;
     let mut events: VecDeque<Event> = VecDeque::new();
-    let mut slots: VecDeque<Slot> = VecDeque::new();
+    let mut permits: VecDeque<InFlightPermit> = VecDeque::new();
     let mut backoff = config.retry_backoff;
     let commit_list = |offset: i64| {
         let mut tpl = TopicPartitionList::new();
@@ -588,13 +592,13 @@ async fn run_partition(
             // still handled, then `recv` ends the task.
             let Some(item) = rx.recv().await else { return };
             events.push_back(item.event);
-            slots.push_back(item.slot);
+            permits.push_back(item.permit);
         }
         while events.len() < config.batch_size {
             match rx.try_recv() {
                 Ok(item) => {
                     events.push_back(item.event);
-                    slots.push_back(item.slot);
+                    permits.push_back(item.permit);
                 }
                 Err(_) => break,
             }
@@ -629,7 +633,7 @@ async fn run_partition(
             }
         }
         events.drain(..done);
-        slots.drain(..done);
+        permits.drain(..done);
         let left = flow.queued.fetch_sub(done, Ordering::SeqCst).saturating_sub(done);
         if left <= shared.partition_cap(config.max_partition_in_flight) / 2 {
             flow.set(&consumer, Some(false), None);
