@@ -1040,3 +1040,54 @@ async fn ids_of_different_kinds_never_collide_under_v2() {
     let again = v1.run_batch(&composite, &[fields(4, "x:y", "z")], None).await;
     assert!(matches!(only(&again), Outcome::Duplicate { .. }), "v1 takes another event for a duplicate: {again:?}");
 }
+
+/// `auto` must not write ids in a format it guessed: until the ledger has answered once,
+/// batches handle nothing (unavailable, retried) instead of going on in the transition
+/// and switching to v2 a moment later (the rows ClickHouse collapses by id would then
+/// be written under two ids). Once answered, a failed recheck keeps the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_id_format_handles_nothing_until_the_ledger_answers() {
+    let proxy = ToggleProxy::start("127.0.0.1:5432").await;
+    let addr = proxy.addr.to_string();
+    let env = TestEnv::with(|c| {
+        let url = c.postgres.url.expose().replace("127.0.0.1:5432", &addr).replace("localhost:5432", &addr);
+        c.postgres.url = exactly_once::config::Secret::new(url);
+        c.postgres.connect_timeout = Duration::from_secs(1);
+    })
+    .await;
+    assert!(env.clients.config.postgres.url.expose().contains(&addr), "Postgres goes through the proxy");
+    let probe = Probe::default();
+    let config = GuardConfig { id_format_recheck: Duration::from_secs(1), ..GuardConfig::default() };
+    let g = guard(&env, &probe, config);
+
+    proxy.take_down().await;
+    let report = g.run_batch(&probe, &[event("u-1", 0)], None).await;
+    assert!(
+        matches!(only(&report), Outcome::Failed { kind: FailureKind::Unavailable, error, .. } if error.contains("id format")),
+        "{report:?}"
+    );
+    assert_eq!(probe.calls.load(Ordering::SeqCst), 0, "nothing handled in a guessed format");
+
+    proxy.bring_up();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let report = g.run_batch(&probe, &[event("u-1", 1)], None).await;
+    assert_eq!(only(&report), &Outcome::Processed);
+    assert_eq!(g.id_formats(), exactly_once::event_id::IdFormats::V2);
+    assert_eq!(env.count("SELECT count(*) FROM processed_events WHERE event_id = 'h:u-1'").await, 1);
+    assert_eq!(env.count("SELECT count(*) FROM processed_events").await, 1, "one id, one row");
+
+    // Decided: a recheck that fails keeps v2 (the batch itself fails on Postgres, not on
+    // the format), and no batch runs in the transition afterwards.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    proxy.take_down().await;
+    let report = g.run_batch(&probe, &[event("u-2", 2)], None).await;
+    assert!(
+        matches!(only(&report), Outcome::Failed { kind: FailureKind::Unavailable, error, .. } if !error.contains("id format")),
+        "{report:?}"
+    );
+    assert_eq!(g.id_formats(), exactly_once::event_id::IdFormats::V2);
+    proxy.bring_up();
+    let report = g.run_batch(&probe, &[event("u-2", 3)], None).await;
+    assert_eq!(only(&report), &Outcome::Processed);
+    assert_eq!(env.count("SELECT count(*) FROM processed_events").await, 2);
+}

@@ -59,7 +59,7 @@ use tracing::Instrument;
 use crate::clients::Clients;
 use crate::config::GuardConfig;
 use crate::event::{Event, Record};
-use crate::event_id::{EventId, IdError, IdFormatSetting, IdFormats, IdStrategy, Namespace};
+use crate::event_id::{EventId, IdError, IdFormats, IdStrategy, Namespace};
 use crate::handler::{Handler, HandlerContext, HandlerError};
 use crate::metrics::metrics;
 use crate::outcome::{BatchReport, DuplicateTier, FailureKind, Outcome};
@@ -97,9 +97,8 @@ pub struct Guard {
     sink: Arc<ClickHouseSink>,
     cache: LocalCache,
     round_trips: RoundTrips,
-    /// The id formats in use, and when `auto` last asked the ledger (`None`: never, or
-    /// the last check failed).
-    formats: Mutex<(IdFormats, Option<Instant>)>,
+    /// The id formats in use (see `id_formats.rs`).
+    formats: Mutex<id_formats::FormatState>,
     /// Held while `auto` asks the ledger, so one batch asks and the others wait for its
     /// answer (the first time) or go on with the last one (later).
     format_check: tokio::sync::Mutex<()>,
@@ -118,11 +117,7 @@ impl Guard {
             sink: clients.sink.clone(),
             round_trips: RoundTrips::default(),
             format_check: tokio::sync::Mutex::new(()),
-            formats: Mutex::new(match id_format {
-                IdFormatSetting::Fixed(f) => (f, None),
-                // Until the ledger has been asked: the transition fences against both.
-                IdFormatSetting::Auto => (IdFormats::V1AndV2, None),
-            }),
+            formats: Mutex::new(id_formats::FormatState::new(id_format)),
         })
     }
 
@@ -188,10 +183,20 @@ impl Guard {
     ) -> BatchReport {
         let span = tracing::info_span!("guard.batch", function = %self.ns, size = items.len());
         async move {
-            let formats = self.batch_id_formats().await;
+            let (formats, undecided) = match self.batch_id_formats().await {
+                Ok(formats) => (formats, None),
+                Err(e) => (IdFormats::V2, Some(e)),
+            };
             // Rows of every format but v1 are known by their v2 id too.
             let v2_known = formats != IdFormats::V1;
             let mut slots = self.derive_ids(items, formats);
+            if let Some(e) = undecided {
+                // Not knowing which ids to write, write none: the batch is retried.
+                for slot in &mut slots {
+                    slot.fail(FailureKind::Unavailable, format!("Postgres: cannot tell the id format yet: {e}"), None);
+                }
+                return self.report(slots);
+            }
             self.check_local_cache(&mut slots);
             let token = uuid::Uuid::new_v4().to_string();
             let conn = self.check_stores(&mut slots, &token, deadline).await;
