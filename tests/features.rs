@@ -1,4 +1,4 @@
-//! Guard and library features from the seed documents, against the real services:
+//! Guard and library features beyond the core protocol, against the real services:
 //! oversized values, per-function attempts, payload validation, retention, the Redis
 //! outage fallback, ClickHouse endpoint rotation, the in-memory tier, fail-fast start-up
 //! and the producer's idempotency keys.

@@ -48,7 +48,7 @@ pub fn draw(report: &Report, path: &Path) -> anyhow::Result<()> {
     chart.draw_series(guard.iter().map(|p| Circle::new(*p, 4, BLUE.filled())))?;
     chart
         .draw_series(LineSeries::new(vec![(0.8, baseline), (max_batch * 1.3, baseline)], BLACK.stroke_width(2)))?
-        .label("baseline: seed library, 2 statements per event")
+        .label("baseline: common per-event design, 2 statements per event")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.stroke_width(2)));
     chart
         .configure_series_labels()

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(about = "Benchmark the guard against the seed library's design and the bare round trips")]
+#[command(about = "Benchmark the guard against the common per-event design and the bare round trips")]
 struct Args {
     /// Events in the stream (25% duplicate ids).
     #[arg(long, default_value_t = 100_000)]
@@ -29,7 +29,7 @@ struct Args {
     #[arg(long, default_value_t = 1_000_000)]
     cache_ids: usize,
     /// Round-trip time (microseconds) to add through delay proxies for a second run of
-    /// baseline, guard and floor: the stores across a network, as in the seed (0 skips).
+    /// baseline, guard and floor: the stores across a network, as in a deployment (0 skips).
     #[arg(long, default_value_t = 500)]
     added_rtt_us: u64,
     /// Where results.json and throughput.png go.

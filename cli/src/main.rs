@@ -193,6 +193,8 @@ async fn clients() -> Result<exactly_once::Clients, Failure> {
 async fn operate(command: Command) -> Result<u8, Failure> {
     match command {
         Command::Inspect { function, event_id } => {
+            // A name no function can have is a usage error, before any connection.
+            exactly_once::Namespace::new(function.as_str()).map_err(Failure::usage)?;
             let clients = clients().await?;
             let found =
                 exactly_once_cli::ops::inspect(&clients, &function, &event_id).await.map_err(Failure::failed)?;

@@ -39,7 +39,7 @@ async fn help_usage_errors_and_exit_codes() {
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("kafka://<topic> or file://<directory>"), "{text}");
     let (code, text) = eo(&env, &["inspect", "Not A Function", "x"]);
-    assert_eq!(code, 1, "{text}");
+    assert_eq!(code, 2, "a function name that cannot exist is a usage error: {text}");
     assert!(text.contains("invalid namespace"), "{text}");
 
     let (code, text) = eo(&env, &["inspect", "user-events", "not-yet"]);

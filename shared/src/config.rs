@@ -741,7 +741,7 @@ mod tests {
     }
 
     #[test]
-    fn defaults_match_the_seed_breaker_thresholds() {
+    fn breaker_defaults_are_the_documented_thresholds() {
         let b = BreakersConfig::default();
         assert_eq!(
             (b.clickhouse.failure_threshold, b.clickhouse.open_for.as_secs(), b.clickhouse.success_threshold),

@@ -1,4 +1,4 @@
-//! Retention (seeds 001 and 003): confirmed ids older than `RETENTION_DAYS` are deleted
+//! Retention (the ledger must not grow without bound): confirmed ids older than `RETENTION_DAYS` are deleted
 //! in bounded batches (`CLEANUP_BATCH_SIZE` rows per statement, each its own short
 //! transaction), so the cleanup never holds long locks on the ledger the guard writes
 //! to. Stale failure counters go the same way, and so do outbox messages published

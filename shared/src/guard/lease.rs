@@ -198,13 +198,8 @@ impl Leases {
         }
         inv.arg(token).arg(ttl.as_millis().max(1) as u64);
         let replies: Vec<String> = self.call(|mut conn| async move { inv.invoke_async(&mut conn).await }).await?;
-        if replies.len() != ids.len() {
-            return Err(LeaseError::Redis {
-                url: self.url.clone(),
-                message: format!("acquire script answered {} replies for {} ids", replies.len(), ids.len()),
-            });
-        }
-        Ok(replies
+        Ok(self
+            .one_per_id("acquire", replies, ids.len())?
             .into_iter()
             .map(|r| match r.as_bytes().first() {
                 Some(b'D') => LeaseReply::Done(PayloadHash::from_hex(&r[1..])),
@@ -257,13 +252,19 @@ impl Leases {
         }
         inv.arg(token).arg(ttl.as_millis().max(1) as u64);
         let held: Vec<i64> = self.call(|mut conn| async move { inv.invoke_async(&mut conn).await }).await?;
-        if held.len() != ids.len() {
+        Ok(self.one_per_id("hold", held, ids.len())?.into_iter().map(|h| h == 1).collect())
+    }
+
+    /// A script's replies, checked to be one per id (a short answer must not be read as
+    /// "the rest are fine").
+    fn one_per_id<T>(&self, script: &str, replies: Vec<T>, ids: usize) -> Result<Vec<T>, LeaseError> {
+        if replies.len() != ids {
             return Err(LeaseError::Redis {
                 url: self.url.clone(),
-                message: format!("hold script answered {} replies for {} ids", held.len(), ids.len()),
+                message: format!("{script} script answered {} replies for {ids} ids", replies.len()),
             });
         }
-        Ok(held.into_iter().map(|h| h == 1).collect())
+        Ok(replies)
     }
 
     /// What Redis holds for one id: the lease (token, ms left) and the done marker.
