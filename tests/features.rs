@@ -3,6 +3,7 @@
 //! outage fallback, ClickHouse endpoint rotation, the in-memory tier, fail-fast start-up
 //! and the producer's idempotency keys.
 
+use exactly_once::DeadLetterReason;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -80,7 +81,7 @@ async fn an_oversized_value_is_dead_lettered_with_its_reason() {
     let g = guard(&env, "features", GuardConfig { max_value_bytes: 64, ..GuardConfig::default() });
     let big = Event::new("features", 0, 1).with_header("idempotency_key", "big").with_value(vec![b'x'; 65]);
     let report = g.run_batch(&h, &[big, ev("small", 2)], None).await;
-    assert_eq!(report.outcomes[0].outcome, Outcome::DeadLettered { reason: "value_too_large".into() });
+    assert_eq!(report.outcomes[0].outcome, Outcome::DeadLettered { reason: DeadLetterReason::ValueTooLarge });
     assert_eq!(report.outcomes[1].outcome, Outcome::Processed);
     assert_eq!(h.calls.load(Ordering::SeqCst), 1, "the handler never sees the oversized record");
     assert_eq!(
@@ -100,7 +101,7 @@ async fn a_function_sets_its_own_max_attempts() {
     let r = f.guard.run_batch(f.handler.as_ref(), &[ev("once", 0)], None).await;
     assert_eq!(
         r.outcomes[0].outcome,
-        Outcome::DeadLettered { reason: "max_attempts".into() },
+        Outcome::DeadLettered { reason: DeadLetterReason::MaxAttempts },
         "one attempt is all it gets"
     );
     let f = functions.by_name("lenient").unwrap();
@@ -344,6 +345,9 @@ async fn undecodable_records_go_to_the_dead_letters_through_the_guard() {
         error: "value is not base64".into(),
     };
     let r = g.run_records(&h, &[bad, Record::Ok(ev("ok", 10))], None).await;
-    assert_eq!(r.outcomes[0].outcome, Outcome::DeadLettered { reason: "record_value_base64".into() });
+    assert_eq!(
+        r.outcomes[0].outcome,
+        Outcome::DeadLettered { reason: DeadLetterReason::Undecodable("record_value_base64") }
+    );
     assert_eq!(r.outcomes[1].outcome, Outcome::Processed);
 }

@@ -1,5 +1,6 @@
 //! The CDC and notifications functions and the outbox relay, against the real services.
 
+use exactly_once::DeadLetterReason;
 use exactly_once::OutcomeKind;
 use std::sync::Arc;
 use std::time::Duration;
@@ -125,9 +126,9 @@ async fn cdc_change_without_its_row_image_is_dead_lettered() {
     // With an `idempotency_key` header it has an id, and the handler rejects it.
     let keyed = broken(2).with_header("idempotency_key", "k-2");
     let r = g.run_batch(&cdc::Cdc, &[broken(0), broken(1), keyed], None).await;
-    assert_eq!(r.outcomes[0].outcome, Outcome::DeadLettered { reason: "id_missing".into() });
-    assert_eq!(r.outcomes[1].outcome, Outcome::DeadLettered { reason: "id_missing".into() });
-    assert_eq!(r.outcomes[2].outcome, Outcome::DeadLettered { reason: "payload_invalid".into() });
+    assert_eq!(r.outcomes[0].outcome, Outcome::DeadLettered { reason: DeadLetterReason::NoId("id_missing") });
+    assert_eq!(r.outcomes[1].outcome, Outcome::DeadLettered { reason: DeadLetterReason::NoId("id_missing") });
+    assert_eq!(r.outcomes[2].outcome, Outcome::DeadLettered { reason: DeadLetterReason::Refused("payload_invalid") });
     assert_eq!(env.count("SELECT count(*) FROM dead_letters WHERE error LIKE '%/after/id%/before/id%'").await, 2);
 }
 

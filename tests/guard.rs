@@ -1,6 +1,7 @@
 //! The guard protocol against the real services: duplicates, restarts, failures, lease
 //! expiry, round trips per batch, and the ClickHouse breaker.
 
+use exactly_once::DeadLetterReason;
 use exactly_once::OutcomeKind;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -217,7 +218,7 @@ async fn event_is_dead_lettered_after_max_attempts_and_then_skipped() {
         Outcome::Failed { attempts: Some(1), .. }
     ));
     let second = g.run_batch(&probe, &[event("e-poison", 9)], None).await;
-    assert_eq!(only(&second), &Outcome::DeadLettered { reason: "max_attempts".into() });
+    assert_eq!(only(&second), &Outcome::DeadLettered { reason: DeadLetterReason::MaxAttempts });
     assert!(second.all_finished(), "a dead-lettered event lets the offset move");
     assert_eq!(
         env.count("SELECT count(*) FROM dead_letters WHERE event_id = 'h:e-poison' AND attempts = 2 AND record_value IS NOT NULL AND error LIKE '%probe failure%'").await,
@@ -234,7 +235,7 @@ async fn permanent_failure_is_dead_lettered_at_once() {
     let probe = Probe { fail_permanently: true, ..Default::default() };
     let g = guard(&env, &probe, GuardConfig::default());
     let report = g.run_batch(&probe, &[event("e-bad", 1)], None).await;
-    assert_eq!(only(&report), &Outcome::DeadLettered { reason: "payload_invalid".into() });
+    assert_eq!(only(&report), &Outcome::DeadLettered { reason: DeadLetterReason::Refused("payload_invalid") });
     assert_eq!(env.count("SELECT count(*) FROM dead_letters WHERE reason = 'payload_invalid'").await, 1);
 }
 
@@ -432,7 +433,10 @@ async fn record_without_a_usable_id_is_dead_lettered_with_its_reason() {
     let g = guard(&env, &probe, GuardConfig::default());
     let no_header = Event::new("probe", 2, 77).with_value("{}");
     let report = g.run_batch(&probe, &[no_header, event("fine", 78)], None).await;
-    assert_eq!(report.outcomes[0].outcome, Outcome::DeadLettered { reason: "id_header_missing".into() });
+    assert_eq!(
+        report.outcomes[0].outcome,
+        Outcome::DeadLettered { reason: DeadLetterReason::NoId("id_header_missing") }
+    );
     assert_eq!(report.outcomes[0].event_id, None);
     assert_eq!(report.outcomes[1].outcome, Outcome::Processed);
     assert_eq!(probe.calls.load(Ordering::SeqCst), 1, "the handler never sees a record without an id");
@@ -742,7 +746,7 @@ async fn a_row_clickhouse_rejects_is_dead_lettered_alone_and_the_breaker_stays_c
             for (i, o) in report.outcomes.iter().enumerate() {
                 if i == 4 {
                     assert!(
-                        matches!(&o.outcome, Outcome::DeadLettered { reason } if reason == "clickhouse_rejected")
+                        matches!(&o.outcome, Outcome::DeadLettered { reason } if *reason == DeadLetterReason::ClickHouseRejected)
                             || (round > 0 && matches!(o.outcome, Outcome::Duplicate { .. })),
                         "effect={effect} round {round}: {report:?}"
                     );
@@ -792,7 +796,7 @@ async fn an_event_whose_rows_cannot_be_staged_keeps_no_postgres_effects() {
     let report = g.run_batch(&handler, &batch, None).await;
     assert_eq!(report.outcomes[0].outcome, Outcome::Processed, "{report:?}");
     assert!(
-        matches!(&report.outcomes[1].outcome, Outcome::DeadLettered { reason } if reason == "row_type"),
+        matches!(&report.outcomes[1].outcome, Outcome::DeadLettered { reason } if reason.as_str() == "row_type"),
         "{report:?}"
     );
     assert_eq!(report.outcomes[2].outcome, Outcome::Processed, "{report:?}");

@@ -1,6 +1,7 @@
 //! Operations: alert rules and dashboard are valid and name real metrics; the operator
 //! functions behind `eo` (inspect, dead letters, replay).
 
+use exactly_once::DeadLetterReason;
 use std::sync::Arc;
 
 use exactly_once::runtime::Functions;
@@ -120,7 +121,7 @@ async fn dead_letters_are_listed_and_replayed_once_the_cause_is_fixed() {
         .with_header("idempotency_key", "fixable")
         .with_value(r#"{"user_id":"zoe","type":"suspended"}"#);
     let r = f.guard.run_batch(f.handler.as_ref(), &[rejected], None).await;
-    assert_eq!(r.outcomes[0].outcome, Outcome::DeadLettered { reason: "payload_invalid".into() });
+    assert_eq!(r.outcomes[0].outcome, Outcome::DeadLettered { reason: DeadLetterReason::Refused("payload_invalid") });
     let listed = exactly_once_cli::ops::list_dead_letters(&env.clients, Some("user-events"), 10).await.unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!((listed[0].event_id.as_str(), listed[0].reason.as_str()), ("h:fixable", "payload_invalid"));
@@ -128,7 +129,7 @@ async fn dead_letters_are_listed_and_replayed_once_the_cause_is_fixed() {
     // ...replayed as is, it is dead-lettered again: the same entry, brought up to date
     // and still open.
     let again = exactly_once_cli::ops::replay(&env.clients, &fns, &[listed[0].id]).await.unwrap();
-    assert_eq!(again[0].1, Outcome::DeadLettered { reason: "payload_invalid".into() });
+    assert_eq!(again[0].1, Outcome::DeadLettered { reason: DeadLetterReason::Refused("payload_invalid") });
     let listed2 = exactly_once_cli::ops::list_dead_letters(&env.clients, None, 10).await.unwrap();
     assert_eq!(listed2.len(), 1);
     assert_eq!(listed2[0].id, listed[0].id);
@@ -169,7 +170,7 @@ async fn a_replay_that_cannot_finish_leaves_the_dead_letter_open() {
         .with_header("idempotency_key", "stuck")
         .with_value(r#"{"user_id":"zoe","type":"suspended"}"#);
     let r = f.guard.run_batch(f.handler.as_ref(), &[rejected], None).await;
-    assert_eq!(r.outcomes[0].outcome, Outcome::DeadLettered { reason: "payload_invalid".into() });
+    assert_eq!(r.outcomes[0].outcome, Outcome::DeadLettered { reason: DeadLetterReason::Refused("payload_invalid") });
     let listed = exactly_once_cli::ops::list_dead_letters(&env.clients, None, 10).await.unwrap();
     sqlx::query("UPDATE dead_letters SET record_value = convert_to($1, 'UTF8') WHERE id = $2")
         .bind(r#"{"user_id":"zoe","type":"updated"}"#)
@@ -223,7 +224,10 @@ async fn dead_letters_replay_across_an_id_format_change() {
     for (fns, key, offset) in [(&v1, "old", 1), (&both, "mid", 2)] {
         let f = fns.by_name("user-events").unwrap();
         let r = f.guard.run_batch(f.handler.as_ref(), &[bad(key, offset)], None).await;
-        assert_eq!(r.outcomes[0].outcome, Outcome::DeadLettered { reason: "payload_invalid".into() });
+        assert_eq!(
+            r.outcomes[0].outcome,
+            Outcome::DeadLettered { reason: DeadLetterReason::Refused("payload_invalid") }
+        );
     }
     assert_eq!(
         env.count("SELECT count(*) FROM processed_events WHERE status = 'dead_lettered' AND event_id IN ('old', 'mid', 'h:mid')")
@@ -238,7 +242,7 @@ async fn dead_letters_replay_across_an_id_format_change() {
     // Replayed on v2 before the cause is fixed: dead-lettered again under its v2 id, and
     // the old entry is closed for the new one.
     let again = exactly_once_cli::ops::replay(&env.clients, &v2, &[entry("old")]).await.unwrap();
-    assert_eq!(again[0].1, Outcome::DeadLettered { reason: "payload_invalid".into() });
+    assert_eq!(again[0].1, Outcome::DeadLettered { reason: DeadLetterReason::Refused("payload_invalid") });
     let open = exactly_once_cli::ops::list_dead_letters(&env.clients, None, 10).await.unwrap();
     let mut keys: Vec<&str> = open.iter().map(|d| d.event_id.as_str()).collect();
     keys.sort();

@@ -1,6 +1,7 @@
 //! The `user-events` function through the guard, into the real ClickHouse.
 
 use exactly_once::config::GuardConfig;
+use exactly_once::DeadLetterReason;
 use exactly_once::OutcomeKind;
 use exactly_once::{Event, Guard, Handler, Outcome};
 use integration_tests::{user_event, TestEnv};
@@ -75,7 +76,7 @@ async fn invalid_payload_is_dead_lettered_not_retried() {
         .with_value(r#"{"user_id":"x","type":"exploded"}"#);
     let report = g.run_batch(&UserEvents, &[not_json, unknown_kind], None).await;
     for o in &report.outcomes {
-        assert_eq!(o.outcome, Outcome::DeadLettered { reason: "payload_invalid".into() });
+        assert_eq!(o.outcome, Outcome::DeadLettered { reason: DeadLetterReason::Refused("payload_invalid") });
     }
     assert_eq!(env.count("SELECT count(*) FROM dead_letters WHERE reason = 'payload_invalid'").await, 2);
     assert_eq!(env.clickhouse_count("SELECT count() FROM user_events").await, 0);

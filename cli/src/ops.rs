@@ -197,7 +197,7 @@ pub async fn replay(clients: &Clients, functions: &Arc<Functions>, ids: &[i64]) 
             return Err(format!("no open dead letter #{dl} (see `eo dead-letters list`)"));
         };
         let ledger::StoredDeadLetter { function, event_id, reason, event } = stored;
-        if reason == "payload_mismatch" {
+        if reason == exactly_once::DeadLetterReason::PayloadMismatch.as_str() {
             let _ = tx.rollback().await;
             return Err(format!(
                 "dead letter #{dl} is a copy of a mismatching duplicate, kept for inspection; nothing to replay"

@@ -33,7 +33,7 @@ pub use event::{Event, Header, PayloadHash, Record};
 pub use event_id::{EventId, IdError, IdStrategy, Namespace};
 pub use guard::Guard;
 pub use handler::{FunctionSpec, Handler, HandlerContext, HandlerError};
-pub use outcome::{BatchReport, DuplicateTier, EventOutcome, FailureKind, Outcome, OutcomeKind};
+pub use outcome::{BatchReport, DeadLetterReason, DuplicateTier, EventOutcome, FailureKind, Outcome, OutcomeKind};
 
 pub use async_trait::async_trait;
 /// Re-exported so function crates derive rows against the same version.

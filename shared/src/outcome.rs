@@ -66,7 +66,58 @@ pub enum Outcome {
     /// Not confirmed; retry later, do not commit past it.
     Failed { kind: FailureKind, error: String, attempts: Option<u32> },
     /// Stored in the dead-letter table and confirmed as such.
-    DeadLettered { reason: String },
+    DeadLettered { reason: DeadLetterReason },
+}
+
+/// Why an event was dead-lettered. Stored, exported as a metric label and shown to
+/// operators as [`DeadLetterReason::as_str`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeadLetterReason {
+    /// Failed `GUARD_MAX_ATTEMPTS` times (retryable failures, panics included).
+    MaxAttempts,
+    /// Its value is over `GUARD_MAX_VALUE_BYTES`.
+    ValueTooLarge,
+    /// ClickHouse rejected its rows as invalid data (not the server being unavailable).
+    ClickHouseRejected,
+    /// A copy of a duplicate whose payload differs from the confirmed event's, kept for
+    /// inspection (`GUARD_DEAD_LETTER_PAYLOAD_MISMATCH`); nothing to replay.
+    PayloadMismatch,
+    /// No usable id: the id error's label (`id_header_missing`, `id_missing`, ...).
+    NoId(&'static str),
+    /// The record could not be decoded (`record_key_base64`, `record_value_base64`).
+    Undecodable(&'static str),
+    /// The handler refused it for good, with its own label (`payload_invalid`, ...).
+    Refused(&'static str),
+}
+
+impl DeadLetterReason {
+    /// The reason as stored in `dead_letters.reason` and in the metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterReason::MaxAttempts => "max_attempts",
+            DeadLetterReason::ValueTooLarge => "value_too_large",
+            DeadLetterReason::ClickHouseRejected => "clickhouse_rejected",
+            DeadLetterReason::PayloadMismatch => "payload_mismatch",
+            DeadLetterReason::NoId(label) | DeadLetterReason::Undecodable(label) | DeadLetterReason::Refused(label) => {
+                label
+            }
+        }
+    }
+
+    /// The reason for a handler's permanent error: its label, or the variant the guard
+    /// knows it by.
+    pub fn refused(label: &'static str) -> Self {
+        match label {
+            "clickhouse_rejected" => DeadLetterReason::ClickHouseRejected,
+            other => DeadLetterReason::Refused(other),
+        }
+    }
+}
+
+impl fmt::Display for DeadLetterReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// What kind of outcome an [`Outcome`] is, without its details (for counting).

@@ -349,32 +349,25 @@ async fn invoke_endpoint_and_lambda_give_the_same_outcomes_and_rows() {
     );
 }
 
+/// Runs a process that must fail to start; returns what it wrote on stderr.
+async fn fails(cmd: &mut Command) -> String {
+    let output = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).output().await.expect("run the binary");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(!output.status.success(), "expected a failed start, it succeeded: {stderr}");
+    stderr
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn init_fails_fast_naming_the_unreachable_dependency() {
     let env = TestEnv::new().await;
     let api = RuntimeApi::start().await;
-    let output = lambda(&env, &api)
-        .env("REDIS_URL", "redis://:hunter2@127.0.0.1:1")
-        .env("STARTUP_TIMEOUT_SECS", "1")
-        .stderr(Stdio::piped())
-        .output()
-        .await
-        .expect("run lambda");
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr =
+        fails(lambda(&env, &api).env("REDIS_URL", "redis://:hunter2@127.0.0.1:1").env("STARTUP_TIMEOUT_SECS", "1"))
+            .await;
     assert!(stderr.contains("Redis at redis://:***@127.0.0.1:1") && stderr.contains("REDIS_URL"), "{stderr}");
     assert!(!stderr.contains("hunter2"), "the password never reaches the logs");
 
-    let output = binary(&env)
-        .env("CLICKHOUSE_URL", "http://127.0.0.1:1")
-        .env("STARTUP_TIMEOUT_SECS", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .await
-        .expect("run worker");
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = fails(binary(&env).env("CLICKHOUSE_URL", "http://127.0.0.1:1").env("STARTUP_TIMEOUT_SECS", "1")).await;
     assert!(stderr.contains("ClickHouse at http://127.0.0.1:1") && stderr.contains("CLICKHOUSE_URL"), "{stderr}");
 }
 
@@ -384,22 +377,16 @@ async fn init_fails_fast_naming_the_unreachable_dependency() {
 async fn lambda_init_fails_naming_what_is_not_migrated() {
     let env = TestEnv::new().await;
     let api = RuntimeApi::start().await;
-    let run = |cmd: &mut Command| cmd.env("STARTUP_TIMEOUT_SECS", "30").stderr(Stdio::piped()).output();
     // ClickHouse: Postgres is migrated (TestEnv did it), the function's table is not there.
     let started = std::time::Instant::now();
-    let output = run(&mut lambda(&env, &api)).await.expect("run lambda");
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = fails(lambda(&env, &api).env("STARTUP_TIMEOUT_SECS", "30")).await;
     assert!(stderr.contains("user_events") && stderr.contains("eo migrate"), "{stderr}");
     assert!(started.elapsed() < Duration::from_secs(10), "not retried until the start-up timeout");
 
     // Postgres: a schema nobody migrated.
     migrate(&env).await;
-    let output = run(lambda(&env, &api).env("DATABASE_SCHEMA", integration_tests::unique("unmigrated")))
-        .await
-        .expect("run lambda");
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let unmigrated = integration_tests::unique("unmigrated");
+    let stderr = fails(lambda(&env, &api).env("STARTUP_TIMEOUT_SECS", "30").env("DATABASE_SCHEMA", unmigrated)).await;
     assert!(stderr.contains("migrations not applied: 20261122000001") && stderr.contains("eo migrate"), "{stderr}");
 
     // Migrated: init succeeds and the function asks for work (it answers an invocation).
@@ -458,17 +445,13 @@ async fn sigterm_mid_stream_exits_zero_without_committing_past_unfinished_record
 #[tokio::test(flavor = "multi_thread")]
 async fn worker_start_fails_fast_when_kafka_is_unreachable() {
     let env = TestEnv::new().await;
-    let output = binary(&env)
-        .env("KAFKA_BROKERS", "127.0.0.1:1")
-        .env("STARTUP_TIMEOUT_SECS", "2")
-        .env("HTTP_BIND", "127.0.0.1:0")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .await
-        .expect("run worker");
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = fails(
+        binary(&env)
+            .env("KAFKA_BROKERS", "127.0.0.1:1")
+            .env("STARTUP_TIMEOUT_SECS", "2")
+            .env("HTTP_BIND", "127.0.0.1:0"),
+    )
+    .await;
     assert!(stderr.contains("Kafka at 127.0.0.1:1") && stderr.contains("KAFKA_BROKERS"), "{stderr}");
 }
 

@@ -133,7 +133,7 @@ pub struct DeadLetterRow<'a> {
     /// with `id`, so processes on v2 know the event is settled.
     pub shadow: Option<&'a EventId>,
     pub event: &'a Event,
-    pub reason: String,
+    pub reason: crate::outcome::DeadLetterReason,
     pub error: String,
     /// Attempts taken; 0: this one plus those counted before.
     pub attempts: u32,

@@ -62,7 +62,7 @@ use crate::event::{Event, Record};
 use crate::event_id::{EventId, IdError, IdFormats, IdStrategy, Namespace};
 use crate::handler::{Handler, HandlerContext, HandlerError};
 use crate::metrics::metrics;
-use crate::outcome::{BatchReport, DuplicateTier, FailureKind, Outcome};
+use crate::outcome::{BatchReport, DeadLetterReason, DuplicateTier, FailureKind, Outcome};
 use crate::sink::{ClickHouseSink, SinkBatch, SinkError};
 
 use self::lease::{LeaseError, LeaseReply, Leases, Release};
@@ -168,7 +168,7 @@ impl Guard {
             .map(|r| match r {
                 Record::Ok(e) => (e, None),
                 Record::Invalid { event, reason, error } => {
-                    (event, Some(Rejection { reason: (*reason).to_owned(), error: error.clone() }))
+                    (event, Some(Rejection { reason: DeadLetterReason::Undecodable(reason), error: error.clone() }))
                 }
             })
             .collect();
@@ -223,7 +223,7 @@ impl Guard {
             let too_large = event.value_bytes().len() > self.config.max_value_bytes;
             let rejected = rejected.or_else(|| {
                 too_large.then(|| Rejection {
-                    reason: "value_too_large".into(),
+                    reason: DeadLetterReason::ValueTooLarge,
                     error: format!(
                         "value is {} bytes, over GUARD_MAX_VALUE_BYTES={}",
                         event.value_bytes().len(),
@@ -239,9 +239,11 @@ impl Guard {
                         let shadow = shadow.filter(|s| *s != id);
                         (id, shadow, None)
                     }
-                    Err(e) => {
-                        (stand_in(), None, Some(Rejection { reason: e.reason().to_owned(), error: e.to_string() }))
-                    }
+                    Err(e) => (
+                        stand_in(),
+                        None,
+                        Some(Rejection { reason: DeadLetterReason::NoId(e.reason()), error: e.to_string() }),
+                    ),
                 },
             };
             let leader = if invalid.is_none() {
@@ -685,13 +687,13 @@ impl Guard {
     async fn settle_failures(&self, slots: &mut [Slot<'_>], token: &str, v2_known: bool) {
         self.drop_lost_leases(slots, token).await;
         let mut to_count: Vec<usize> = Vec::new();
-        let mut to_dead_letter: Vec<(usize, String, String, u32)> = Vec::new();
+        let mut to_dead_letter: Vec<(usize, DeadLetterReason, String, u32)> = Vec::new();
         for (i, slot) in slots.iter_mut().enumerate() {
             if slot.outcome.is_some() {
                 continue;
             }
             if let Some(r) = &slot.invalid {
-                to_dead_letter.push((i, r.reason.clone(), r.error.clone(), 1));
+                to_dead_letter.push((i, r.reason, r.error.clone(), 1));
                 continue;
             }
             match slot.failure.take() {
@@ -699,7 +701,7 @@ impl Guard {
                 Some(HandlerError::Unavailable(msg)) => slot.fail(FailureKind::Unavailable, msg, None),
                 Some(HandlerError::Permanent { reason, message }) => {
                     // 0: the ledger adds the failures counted before.
-                    to_dead_letter.push((i, reason.to_owned(), message, 0))
+                    to_dead_letter.push((i, DeadLetterReason::refused(reason), message, 0))
                 }
                 Some(e @ HandlerError::Retryable(_)) => {
                     slot.failure = Some(e);
@@ -722,7 +724,7 @@ impl Guard {
                     Ok(map) => {
                         let attempts = map.get(slots[i].id.as_str()).copied().unwrap_or(1);
                         if attempts >= self.config.max_attempts {
-                            to_dead_letter.push((i, "max_attempts".to_owned(), msg, attempts));
+                            to_dead_letter.push((i, DeadLetterReason::MaxAttempts, msg, attempts));
                         } else {
                             slots[i].fail(FailureKind::Retryable, msg, Some(attempts));
                         }
@@ -741,7 +743,7 @@ impl Guard {
                 id: &slots[*i].id,
                 shadow: slots[*i].shadow.as_ref(),
                 event: slots[*i].event,
-                reason: reason.clone(),
+                reason: *reason,
                 error: error.clone(),
                 attempts: *attempts,
             })
@@ -903,7 +905,7 @@ impl Guard {
                 id,
                 shadow: None,
                 event: s.event,
-                reason: "payload_mismatch".into(),
+                reason: DeadLetterReason::PayloadMismatch,
                 error: format!("event {} was confirmed with another payload", s.id),
                 attempts: 1,
             })

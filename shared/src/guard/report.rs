@@ -17,7 +17,7 @@ impl Guard {
         let mut duplicates: HashMap<&'static str, u64> = HashMap::new();
         let mut contention = 0u64;
         let mut failed: HashMap<&'static str, u64> = HashMap::new();
-        let mut dead: HashMap<String, u64> = HashMap::new();
+        let mut dead: HashMap<&'static str, u64> = HashMap::new();
         let mut mismatches = 0u64;
         let outcomes = slots
             .into_iter()
@@ -39,7 +39,7 @@ impl Guard {
                         *failed.entry(kind.as_str()).or_default() += 1;
                         tracing::debug!(function = ns, event_id = %s.id, %error, "event failed");
                     }
-                    Outcome::DeadLettered { reason } => *dead.entry(reason.clone()).or_default() += 1,
+                    Outcome::DeadLettered { reason } => *dead.entry(reason.as_str()).or_default() += 1,
                 }
                 // One span per event: its id, function, position and outcome.
                 let span = tracing::info_span!(
@@ -76,7 +76,7 @@ impl Guard {
             m.failed.with_label_values(&[ns, kind]).inc_by(n);
         }
         for (reason, n) in dead {
-            m.dead_lettered.with_label_values(&[ns, &reason]).inc_by(n);
+            m.dead_lettered.with_label_values(&[ns, reason]).inc_by(n);
         }
         BatchReport { outcomes }
     }

@@ -6,11 +6,11 @@ use std::collections::HashSet;
 use crate::event::{Event, PayloadHash};
 use crate::event_id::EventId;
 use crate::handler::HandlerError;
-use crate::outcome::{DuplicateTier, FailureKind, Outcome};
+use crate::outcome::{DeadLetterReason, DuplicateTier, FailureKind, Outcome};
 
 /// A record rejected before any handler saw it.
 pub(super) struct Rejection {
-    pub(super) reason: String,
+    pub(super) reason: DeadLetterReason,
     pub(super) error: String,
 }
 

@@ -362,7 +362,7 @@ pub fn outcome_json(o: &EventOutcome) -> Value {
             v["error"] = error.clone().into();
             v["attempts"] = (*attempts).into();
         }
-        crate::Outcome::DeadLettered { reason } => v["reason"] = reason.clone().into(),
+        crate::Outcome::DeadLettered { reason } => v["reason"] = reason.as_str().into(),
         crate::Outcome::Duplicate { tier, payload_mismatch } => {
             v["tier"] = tier.as_str().into();
             v["payloadMismatch"] = (*payload_mismatch).into();
