@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The test command: starts (installing if needed) every local service, validates the
 # deployment templates offline, checks Cargo.lock against known advisories
-# (scripts/audit.sh), checks the lints, runs every test of the workspace against them, makes
-# the shortened fault-injection run, then builds the fuzz targets. Each test creates and drops its own Postgres
+# (scripts/audit.sh), checks the lints, runs every test of the workspace against them,
+# checks that `eo new` makes a working function, makes the shortened fault-injection
+# runs, then builds the fuzz targets. Each test creates and drops its own Postgres
 # schema, ClickHouse database and Redis key prefix, so tests run in parallel.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,18 +28,22 @@ else
 fi
 echo "[test] cargo test --workspace"
 cargo test --workspace "$@"
+# The binaries the next steps drive: eo (and chaos-faults for the Lambda fault run).
+cargo build --quiet -p exactly-once-cli --bins
+# `eo new` makes a function that builds, passes its own test and keeps the deployment
+# parity tests green (in a copy of the repository).
+./scripts/new-function-check.sh
 # The shortened fault-injection runs: real consumers under kill -9, Redis FLUSHALL and
 # outages, a ClickHouse outage, terminated Postgres backends and a rebalance; exact
 # counts at the end. They stop and start services, so they run after the tests, alone.
-echo "[test] eo chaos --short (worker)"
-cargo run --quiet -p exactly-once-cli -- chaos --short --seed 7
+echo "[test] eo-faults chaos --short (worker)"
+cargo run --quiet -p exactly-once-faults -- chaos --short --seed 7
 # The same schedule against the Lambda path: each function's binary in Lambda mode
 # behind the local MSK event source mapping (eo esm), plus a stalled invocation past
 # its timeout and a poller restart.
-echo "[test] eo chaos --short --runtime lambda"
+echo "[test] eo-faults chaos --short --runtime lambda"
 cargo build --quiet -p user-events -p notifications
-cargo build --quiet -p exactly-once-cli --bin chaos-faults
-cargo run --quiet -p exactly-once-cli -- chaos --short --seed 7 --runtime lambda
+cargo run --quiet -p exactly-once-faults -- chaos --short --seed 7 --runtime lambda
 # The fuzz targets must keep building (running them is scripts/fuzz.sh run). They need
 # a nightly toolchain; without one this step says so and is skipped.
 if rustup run nightly rustc --version >/dev/null 2>&1; then

@@ -7,6 +7,18 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_norway::Value;
 
+/// What each MSK trigger sets from a template parameter of the same name (the
+/// mapping's error handling and batching), and what `eo esm` takes as options.
+const TRIGGER_SETTINGS: &[&str] = &[
+    "StartingPosition",
+    "BatchSize",
+    "MaximumBatchingWindowInSeconds",
+    "MaximumRetryAttempts",
+    "MaximumRecordAgeInSeconds",
+    "BisectBatchOnFunctionError",
+    "FunctionResponseTypes",
+];
+
 fn root(path: &str) -> String {
     format!("{}/../{path}", env!("CARGO_MANIFEST_DIR"))
 }
@@ -126,15 +138,7 @@ fn template_declares_each_function_with_its_msk_trigger_and_least_privilege() {
             .collect();
         assert_eq!(trigger_topics, topics, "{name}: the MSK trigger reads the function's topics");
         assert!(text(&p["ConsumerGroupId"]).contains(&format!("-{name}")), "{name}: own consumer group");
-        for key in [
-            "StartingPosition",
-            "BatchSize",
-            "MaximumBatchingWindowInSeconds",
-            "MaximumRetryAttempts",
-            "MaximumRecordAgeInSeconds",
-            "BisectBatchOnFunctionError",
-            "FunctionResponseTypes",
-        ] {
+        for key in TRIGGER_SETTINGS {
             assert!(!p[key].is_null(), "{name}: MSK trigger sets {key}");
         }
         // Error-handling controls of Kafka mappings work in provisioned mode only.
@@ -276,18 +280,7 @@ fn the_local_mapping_defaults_are_the_templates() {
         assert_eq!(ours, vec![theirs], "eo esm --{kebab} must default to template.yaml's {param}");
         checked.push(param.to_owned());
     }
-    for p in [
-        "ConsumerGroupPrefix",
-        "StartingPosition",
-        "BatchSize",
-        "MaximumBatchingWindowInSeconds",
-        "MaximumRetryAttempts",
-        "MaximumRecordAgeInSeconds",
-        "BisectBatchOnFunctionError",
-        "FunctionResponseTypes",
-        "Timeout",
-        "MemorySize",
-    ] {
+    for p in TRIGGER_SETTINGS.iter().chain(&["ConsumerGroupPrefix", "Timeout", "MemorySize"]) {
         assert!(checked.iter().any(|c| c == p), "eo esm has no option for template parameter {p}");
     }
 }

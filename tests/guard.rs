@@ -36,6 +36,24 @@ struct Probe {
     panic_on: Option<&'static str>,
 }
 
+/// The spec of every test handler here: namespace `NS`, topic `probe`, ids from the
+/// `idempotency_key` header.
+fn probe_spec() -> FunctionSpec {
+    FunctionSpec::new(NS, &["probe"], IdStrategy::Header("idempotency_key".into()))
+}
+
+/// Writes the event's effect row in the batch transaction, tagged with `writer`;
+/// returns the event id.
+async fn write_effect(ctx: &mut HandlerContext<'_>, writer: &str) -> Result<String, HandlerError> {
+    let id = ctx.event_id().to_string();
+    sqlx::query("INSERT INTO effects (event_id, writer) VALUES ($1, $2)")
+        .bind(&id)
+        .bind(writer)
+        .execute(ctx.postgres().await?)
+        .await?;
+    Ok(id)
+}
+
 #[async_trait]
 impl Handler for Probe {
     fn spec(&self) -> FunctionSpec {
@@ -49,12 +67,7 @@ impl Handler for Probe {
     async fn handle(&self, event: &Event, ctx: &mut HandlerContext<'_>) -> Result<(), HandlerError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         if let Some(tag) = self.effect_tag {
-            let id = ctx.event_id().to_string();
-            sqlx::query("INSERT INTO effects (event_id, writer) VALUES ($1, $2)")
-                .bind(id)
-                .bind(tag)
-                .execute(ctx.postgres().await?)
-                .await?;
+            write_effect(ctx, tag).await?;
         }
         // After its Postgres effect: that effect must be rolled back with the event.
         if self.panic_on == Some(ctx.event_id().as_str()) {
@@ -341,14 +354,10 @@ async fn handler_effects_and_confirm_commit_together_per_event() {
     #[async_trait]
     impl Handler for Picky {
         fn spec(&self) -> FunctionSpec {
-            FunctionSpec::new(NS, &["probe"], IdStrategy::Header("idempotency_key".into()))
+            probe_spec()
         }
         async fn handle(&self, _event: &Event, ctx: &mut HandlerContext<'_>) -> Result<(), HandlerError> {
-            let id = ctx.event_id().to_string();
-            sqlx::query("INSERT INTO effects (event_id, writer) VALUES ($1, 'picky')")
-                .bind(&id)
-                .execute(ctx.postgres().await?)
-                .await?;
+            let id = write_effect(ctx, "picky").await?;
             if id == "h:e-no" {
                 return Err(HandlerError::retryable("refused after writing"));
             }
@@ -459,7 +468,7 @@ struct TtlSpy {
 #[async_trait]
 impl Handler for TtlSpy {
     fn spec(&self) -> FunctionSpec {
-        FunctionSpec::new(NS, &["probe"], IdStrategy::Header("idempotency_key".into()))
+        probe_spec()
     }
     async fn handle(&self, _event: &Event, _ctx: &mut HandlerContext<'_>) -> Result<(), HandlerError> {
         let mut conn = self.pool.get().await.map_err(HandlerError::retryable)?;
@@ -475,7 +484,7 @@ async fn lease_ttl_is_capped_by_the_deadline() {
     let env = TestEnv::new().await;
     let ns = exactly_once::Namespace::new(NS).unwrap();
     let spy = |id: &str| TtlSpy {
-        pool: env.clients.leases.pool().clone(),
+        pool: env.clients.redis.pool().clone(),
         key: env.clients.leases.key(&ns, "lease", &exactly_once::EventId::new(format!("h:{id}")).unwrap()),
         seen: Default::default(),
     };
@@ -635,14 +644,10 @@ async fn a_handler_that_swallows_a_postgres_error_fails_only_its_own_event() {
     #[async_trait]
     impl Handler for Swallower {
         fn spec(&self) -> FunctionSpec {
-            FunctionSpec::new(NS, &["probe"], IdStrategy::Header("idempotency_key".into()))
+            probe_spec()
         }
         async fn handle(&self, _event: &Event, ctx: &mut HandlerContext<'_>) -> Result<(), HandlerError> {
-            let id = ctx.event_id().to_string();
-            sqlx::query("INSERT INTO effects (event_id, writer) VALUES ($1, 'swallower')")
-                .bind(&id)
-                .execute(ctx.postgres().await?)
-                .await?;
+            let id = write_effect(ctx, "swallower").await?;
             if id == "h:s-2" {
                 // Fails (no such table); the handler ignores it.
                 let _ = sqlx::query("INSERT INTO no_such_table VALUES (1)").execute(ctx.postgres().await?).await;
@@ -690,16 +695,10 @@ struct Dated {
 #[async_trait]
 impl Handler for Dated {
     fn spec(&self) -> FunctionSpec {
-        FunctionSpec::new(NS, &["probe"], IdStrategy::Header("idempotency_key".into()))
+        probe_spec()
     }
     async fn handle(&self, event: &Event, ctx: &mut HandlerContext<'_>) -> Result<(), HandlerError> {
-        let id = ctx.event_id().to_string();
-        if self.effect {
-            sqlx::query("INSERT INTO effects (event_id, writer) VALUES ($1, 'dated')")
-                .bind(&id)
-                .execute(ctx.postgres().await?)
-                .await?;
-        }
+        let id = if self.effect { write_effect(ctx, "dated").await? } else { ctx.event_id().to_string() };
         if self.other_type == Some(id.as_str()) {
             return ctx.clickhouse(DATED, OtherRow { id });
         }

@@ -59,13 +59,13 @@ async fn measure(env: &crate::Env, binary: &Path, runs: usize) -> anyhow::Result
     let spec = FunctionSpec {
         binary: binary.to_owned(),
         name: "user-events".into(),
-        env: vec![
-            ("DATABASE_SCHEMA".into(), env.name.clone()),
-            ("CLICKHOUSE_DATABASE".into(), env.name.clone()),
-            ("REDIS_KEY_PREFIX".into(), env.name.clone()),
-            ("KAFKA_TOPIC_PREFIX".into(), String::new()),
-            ("RUST_LOG".into(), "warn".into()),
-        ],
+        env: env
+            .slice
+            .env()
+            .into_iter()
+            .filter(|(k, _)| !k.starts_with("KAFKA_"))
+            .chain([("KAFKA_TOPIC_PREFIX".into(), String::new()), ("RUST_LOG".into(), "warn".into())])
+            .collect(),
         timeout: Duration::from_secs(30),
         init_timeout: Duration::from_secs(10),
         memory_size: 256,

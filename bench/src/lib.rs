@@ -18,6 +18,7 @@ pub mod cold_start;
 pub mod delay;
 pub mod stats;
 
+use exactly_once::isolation::Slice;
 use exactly_once::OutcomeKind;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -153,7 +154,8 @@ fn rss_bytes(field: &str) -> u64 {
 /// The isolated environment of one run: its own schema, database and key prefix.
 struct Env {
     clients: Clients,
-    name: String,
+    config: Config,
+    slice: Slice,
 }
 
 impl Env {
@@ -179,28 +181,19 @@ impl Env {
     }
 
     async fn with(tweak: impl FnOnce(&mut Config) -> anyhow::Result<()>) -> anyhow::Result<Self> {
-        let name = format!("bench_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let slice = Slice::new("bench");
         let mut config = Config::load()?;
+        // Cleanup goes straight to the services, not through the delay proxies.
+        let cleanup = config.clone();
         tweak(&mut config)?;
-        config.postgres.schema = Some(name.clone());
-        config.clickhouse.database = name.clone();
-        config.redis.key_prefix = name.clone();
+        slice.apply(&mut config);
         config.postgres.max_connections = 8;
         let clients = Clients::connect(config).await.context("services unreachable: run scripts/services.sh")?;
-        Ok(Self { clients, name })
+        Ok(Self { clients, config: cleanup, slice })
     }
 
     async fn cleanup(&self) {
-        let _ =
-            sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{}\" CASCADE", self.name)).execute(&self.clients.pg).await;
-        let _ = self.clients.sink.client().query(&format!("DROP DATABASE IF EXISTS {}", self.name)).execute().await;
-        if let Ok(mut c) = self.clients.leases.pool().get().await {
-            let keys: Vec<String> =
-                redis::cmd("KEYS").arg(format!("{}:*", self.name)).query_async(&mut c).await.unwrap_or_default();
-            for chunk in keys.chunks(1000) {
-                let _: Result<i64, _> = redis::cmd("DEL").arg(chunk).query_async(&mut c).await;
-            }
-        }
+        self.slice.remove(&self.config, Duration::from_secs(60)).await;
     }
 }
 
@@ -292,13 +285,13 @@ async fn floor(env: &Env, namespace: &str, events: &[Event], batch: usize) -> an
         let mut pipe = redis::pipe();
         for id in &ids {
             pipe.cmd("SET")
-                .arg(format!("{}:{{{namespace}}}:lease:{id}", env.name))
+                .arg(format!("{}:{{{namespace}}}:lease:{id}", env.slice.name()))
                 .arg("t")
                 .arg("NX")
                 .arg("PX")
                 .arg(30_000);
         }
-        let mut conn = env.clients.leases.pool().get().await?;
+        let mut conn = env.clients.redis.pool().get().await?;
         let _: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
         drop(conn);
         sqlx::query(
@@ -479,7 +472,7 @@ async fn run_in(env: &Env, opts: &Options) -> anyhow::Result<Report> {
     }
 
     if opts.e2e_events > 0 {
-        let (with, without) = e2e::compare(&env.clients, &env.name, opts.e2e_events, opts.seed).await?;
+        let (with, without) = e2e::compare(&env.clients, env.slice.name(), opts.e2e_events, opts.seed).await?;
         let cost = without.events_per_sec / with.events_per_sec;
         targets.push(Target {
             name: "end to end: cost per event with the guard vs without".into(),

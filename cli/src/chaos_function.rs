@@ -1,4 +1,4 @@
-//! `chaos-faults`: a function that exists only for the fault run (`eo chaos`), never
+//! `chaos-faults`: a function that exists only for the fault run (`eo-faults chaos`), never
 //! deployed. Its records ask for the failures a real handler or a real table can make,
 //! so the run can count exactly what became of each:
 //!

@@ -1,12 +1,11 @@
 //! The functions this repository ships, in one list: the local worker runs them all, and
 //! the deployment templates are checked against it.
 
-pub mod chaos;
 pub mod chaos_function;
 pub mod custom_resource;
 pub mod migrate;
+pub mod new_function;
 pub mod ops;
-pub mod soak;
 
 use std::sync::Arc;
 
@@ -42,5 +41,10 @@ pub fn runnable_functions() -> Vec<Arc<dyn Handler>> {
 
 /// Every function crate under `functions/`.
 pub fn all_functions() -> Vec<Arc<dyn Handler>> {
-    vec![Arc::new(user_events::UserEvents), Arc::new(notifications::Notifications), Arc::new(cdc::Cdc)]
+    vec![
+        Arc::new(user_events::UserEvents),
+        Arc::new(notifications::Notifications),
+        Arc::new(cdc::Cdc),
+        // `eo new` adds a function above this line.
+    ]
 }

@@ -12,7 +12,6 @@ use clap::{Parser, Subcommand};
 use exactly_once::config::{KafkaConfig, ProcessEnv};
 use exactly_once::producer::{idempotency_key, Producer};
 use exactly_once::runtime::{run_worker, RunError, WorkerOptions};
-use exactly_once_cli::chaos::ChaosOptions;
 use exactly_once_cli::{all_functions, runnable_functions};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
@@ -24,6 +23,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run every function as one local worker (creates missing topics; configuration
@@ -55,6 +56,16 @@ enum Command {
     /// Delete confirmed ids older than RETENTION_DAYS, and outbox messages published
     /// more than OUTBOX_RETENTION_HOURS ago, now, in bounded batches.
     Cleanup,
+    /// Make a new function: its crate under functions/ (handler, binary, a test), its
+    /// ClickHouse table, and its place in the local worker, template.yaml and
+    /// infra/functions.json. Run from the repository.
+    New {
+        /// The function's name, kebab-case (`order-events`): crate, binary, namespace.
+        name: String,
+        /// The Kafka topic it reads (before KAFKA_TOPIC_PREFIX).
+        #[arg(long)]
+        topic: String,
+    },
     /// Print the functions this build contains (name, topics), as JSON with `--json`.
     Functions {
         #[arg(long)]
@@ -72,62 +83,23 @@ enum Command {
         #[arg(long, default_value_t = 0.25)]
         duplicate_rate: f64,
     },
-    /// The fault-injection run: workers consume while they are killed and the services
-    /// fail under them; then every store is checked against what was produced (exit 0:
-    /// exact). Stops and starts the local services: run it alone.
-    Chaos {
-        /// Seed of the stream and of the fault schedule (printed; random when absent).
-        #[arg(long)]
-        seed: Option<u64>,
-        /// The shortened run (what the test command makes).
-        #[arg(long)]
-        short: bool,
-        /// Who consumes: `worker` (`eo run`) or `lambda` (each function's binary behind
-        /// `eo esm`, which must be built: cargo build -p user-events -p notifications).
-        #[arg(long, value_enum, default_value = "worker")]
-        runtime: exactly_once_cli::chaos::Runtime,
-        /// Messages per function (overrides the preset).
-        #[arg(long)]
-        events: Option<usize>,
-        /// Seconds the production (and the faults) are spread over (overrides the preset).
-        #[arg(long)]
-        duration_secs: Option<u64>,
-        /// Also write the summary as JSON here.
-        #[arg(long)]
-        json: Option<std::path::PathBuf>,
-    },
-    /// The soak run: one worker under a steady stream, its memory and connections
-    /// sampled; exit 0 when both stay flat and every event landed once.
-    Soak {
-        /// How long to produce, in seconds.
-        #[arg(long, default_value_t = 600)]
-        duration_secs: u64,
-        /// Messages per second (25% of them repeats).
-        #[arg(long, default_value_t = 200)]
-        rate: u64,
-        /// Seconds between samples.
-        #[arg(long, default_value_t = 10)]
-        every_secs: u64,
-        /// The worker's local cache bound (GUARD_LOCAL_CACHE_MAX_BYTES): small, so the
-        /// cache is full before the comparison and its designed growth is not mistaken
-        /// for a leak.
-        #[arg(long, default_value_t = 4 << 20)]
-        cache_bytes: u64,
-        /// Also write the report (with every sample) as JSON here.
-        #[arg(long)]
-        json: Option<std::path::PathBuf>,
-    },
+}
+
+/// Which entries a `list` shows.
+#[derive(clap::Args)]
+struct ListArgs {
+    /// Only this function's.
+    #[arg(long)]
+    function: Option<String>,
+    /// At most this many.
+    #[arg(long, default_value_t = 50)]
+    limit: i64,
 }
 
 #[derive(Subcommand)]
 enum DeadLetters {
     /// Open dead letters, oldest first.
-    List {
-        #[arg(long)]
-        function: Option<String>,
-        #[arg(long, default_value_t = 50)]
-        limit: i64,
-    },
+    List(ListArgs),
     /// Run dead letters through their function again (after fixing the cause).
     Replay {
         /// Dead-letter numbers from `eo dead-letters list`.
@@ -139,12 +111,7 @@ enum DeadLetters {
 #[derive(Subcommand)]
 enum Outbox {
     /// Dead-lettered outbox messages, oldest first.
-    List {
-        #[arg(long)]
-        function: Option<String>,
-        #[arg(long, default_value_t = 50)]
-        limit: i64,
-    },
+    List(ListArgs),
     /// Put dead-lettered messages back in the queue (after fixing the cause); the relay
     /// sends them again under their original idempotency keys.
     Replay {
@@ -201,7 +168,7 @@ async fn operate(command: Command) -> Result<u8, Failure> {
             print!("{}", found.render(&function, &event_id));
             Ok(if found.is_confirmed() { 0 } else { 3 })
         }
-        Command::DeadLetters(DeadLetters::List { function, limit }) => {
+        Command::DeadLetters(DeadLetters::List(ListArgs { function, limit })) => {
             let clients = clients().await?;
             let rows = exactly_once_cli::ops::list_dead_letters(&clients, function.as_deref(), limit)
                 .await
@@ -233,7 +200,7 @@ async fn operate(command: Command) -> Result<u8, Failure> {
             }
             Ok(if all_ok { 0 } else { 4 })
         }
-        Command::Outbox(Outbox::List { function, limit }) => {
+        Command::Outbox(Outbox::List(ListArgs { function, limit })) => {
             let clients = clients().await?;
             let rows = exactly_once_cli::ops::list_outbox_dead_letters(&clients, function.as_deref(), limit)
                 .await
@@ -287,12 +254,7 @@ async fn operate(command: Command) -> Result<u8, Failure> {
             );
             Ok(0)
         }
-        Command::Run
-        | Command::Esm(_)
-        | Command::Produce { .. }
-        | Command::Functions { .. }
-        | Command::Chaos { .. }
-        | Command::Soak { .. } => {
+        Command::Run | Command::Esm(_) | Command::Produce { .. } | Command::Functions { .. } | Command::New { .. } => {
             unreachable!("handled in main")
         }
     }
@@ -301,6 +263,10 @@ async fn operate(command: Command) -> Result<u8, Failure> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::New { name, topic } => match new_function(&name, &topic) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(failure) => failure.report(),
+        },
         Command::Functions { json } => {
             let list = exactly_once_cli::functions_json();
             if json {
@@ -350,87 +316,6 @@ fn main() -> ExitCode {
             match rt.block_on(operate(command)) {
                 Ok(code) => ExitCode::from(code),
                 Err(failure) => failure.report(),
-            }
-        }
-        Command::Chaos { seed, short, runtime, events, duration_secs, json } => {
-            let seed = seed.unwrap_or_else(|| rand::rng().random_range(0..1_000_000));
-            let mut opts = if short { ChaosOptions::short(seed) } else { ChaosOptions::full(seed) };
-            opts.runtime = runtime;
-            let replay = format!(
-                "eo chaos --seed {seed}{} --runtime {}",
-                if short { " --short" } else { "" },
-                if runtime == exactly_once_cli::chaos::Runtime::Lambda { "lambda" } else { "worker" }
-            );
-            if let Some(e) = events {
-                opts.events = e;
-            }
-            if let Some(d) = duration_secs {
-                opts.duration = Duration::from_secs(d.max(10));
-            }
-            let exe = match std::env::current_exe() {
-                Ok(exe) => exe,
-                Err(e) => {
-                    eprintln!("error: cannot find the eo binary to run workers with: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-            match rt.block_on(exactly_once_cli::chaos::run(&exe, &opts)) {
-                Ok(summary) => {
-                    println!("{}", summary.line());
-                    if let Some(path) = json {
-                        if let Err(e) = std::fs::write(&path, serde_json::to_string_pretty(&summary).expect("JSON")) {
-                            eprintln!("error: cannot write {}: {e}", path.display());
-                        }
-                    }
-                    if summary.pass {
-                        ExitCode::SUCCESS
-                    } else {
-                        eprintln!("replay this schedule with: {replay}");
-                        ExitCode::FAILURE
-                    }
-                }
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    eprintln!("replay this schedule with: {replay}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
-        Command::Soak { duration_secs, rate, every_secs, cache_bytes, json } => {
-            let exe = match std::env::current_exe() {
-                Ok(exe) => exe,
-                Err(e) => {
-                    eprintln!("error: cannot find the eo binary to run a worker with: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-            let run = exactly_once_cli::soak::run(
-                &exe,
-                Duration::from_secs(duration_secs.max(10)),
-                rate.max(1),
-                Duration::from_secs(every_secs.max(1)),
-                cache_bytes,
-            );
-            match rt.block_on(run) {
-                Ok(report) => {
-                    println!("{}", report.line());
-                    if let Some(path) = json {
-                        if let Err(e) = std::fs::write(&path, serde_json::to_string_pretty(&report).expect("JSON")) {
-                            eprintln!("error: cannot write {}: {e}", path.display());
-                        }
-                    }
-                    if report.flat && report.exact {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::FAILURE
-                    }
-                }
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::FAILURE
-                }
             }
         }
         Command::Produce { function, count, duplicate_rate } => {
@@ -546,5 +431,29 @@ async fn produce(function: &str, count: u64, duplicate_rate: f64) -> Result<(), 
     }
     bar.finish_with_message("done");
     println!("published {count} messages to `{topic}`: {} unique events, {duplicates} duplicates", sent.len());
+    Ok(())
+}
+
+/// `eo new`: generates the function in the repository around the current directory.
+fn new_function(name: &str, topic: &str) -> Result<(), Failure> {
+    use exactly_once_cli::new_function::{generate, Names, NewError};
+    let names = Names::new(name, topic).map_err(Failure::usage)?;
+    let cwd = std::env::current_dir().map_err(|e| Failure::failed(format!("current directory: {e}")))?;
+    let root = cwd.ancestors().find(|d| d.join("template.yaml").is_file() && d.join("functions").is_dir()).ok_or_else(
+        || Failure::usage("run `eo new` inside the repository (no template.yaml and functions/ above here)"),
+    )?;
+    let known: Vec<&'static str> = all_functions().iter().map(|f| f.spec().name).collect();
+    let written = generate(root, &names, &known).map_err(|e| match e {
+        NewError::Io { .. } => Failure::failed(e),
+        _ => Failure::usage(e),
+    })?;
+    println!("made function `{}` (reads `{}`):", names.name, names.topic);
+    for path in written {
+        println!("  {}", path.display());
+    }
+    println!(
+        "next: edit functions/{0}/src/lib.rs and migrations/clickhouse/{1}.sql, then `cargo test -p {0}` (services up: scripts/services.sh)",
+        names.name, names.snake
+    );
     Ok(())
 }

@@ -10,20 +10,30 @@ use sha2::{Digest, Sha256};
 /// One Kafka record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
+    /// The topic the record was read from.
     pub topic: String,
+    /// The partition within the topic (-1 in an [`Record::Invalid`] whose partition could
+    /// not be read).
     pub partition: i32,
+    /// The record's offset within its partition (-1 in an [`Record::Invalid`] whose
+    /// offset could not be read).
     pub offset: i64,
     /// Milliseconds since the Unix epoch, when the broker reported one.
     pub timestamp_ms: Option<i64>,
+    /// The record's key, raw; `None` for a null key.
     pub key: Option<Bytes>,
+    /// The record's headers, in the order they arrived.
     pub headers: Vec<Header>,
+    /// The record's value, raw; `None` for a null value (a tombstone).
     pub value: Option<Bytes>,
 }
 
 /// A record header. Kafka allows repeated names and null values; both are kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {
+    /// The header's name.
     pub name: String,
+    /// The header's value, raw; `None` for a header without a value.
     pub value: Option<Bytes>,
 }
 
@@ -33,21 +43,25 @@ impl Event {
         Self { topic: topic.into(), partition, offset, timestamp_ms: None, key: None, headers: Vec::new(), value: None }
     }
 
+    /// Sets the value.
     pub fn with_value(mut self, value: impl Into<Bytes>) -> Self {
         self.value = Some(value.into());
         self
     }
 
+    /// Sets the key.
     pub fn with_key(mut self, key: impl Into<Bytes>) -> Self {
         self.key = Some(key.into());
         self
     }
 
+    /// Adds a header with a value, after the ones already there.
     pub fn with_header(mut self, name: impl Into<String>, value: impl Into<Bytes>) -> Self {
         self.headers.push(Header { name: name.into(), value: Some(value.into()) });
         self
     }
 
+    /// Sets the broker timestamp, in ms since the Unix epoch.
     pub fn with_timestamp_ms(mut self, ts: i64) -> Self {
         self.timestamp_ms = Some(ts);
         self
@@ -80,16 +94,19 @@ impl Event {
 pub struct PayloadHash(pub [u8; 32]);
 
 impl PayloadHash {
+    /// The hash as 64 lowercase hex digits, as stored in the ledger.
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
     }
 
+    /// A hash from 64 hex digits; `None` if `s` is not exactly that.
     pub fn from_hex(s: &str) -> Option<Self> {
         let mut out = [0u8; 32];
         hex::decode_to_slice(s, &mut out).ok()?;
         Some(Self(out))
     }
 
+    /// A hash from its 32 raw bytes; `None` for any other length.
     pub fn from_slice(b: &[u8]) -> Option<Self> {
         Some(Self(b.try_into().ok()?))
     }
@@ -106,11 +123,22 @@ impl std::fmt::Debug for PayloadHash {
 /// letter can be inspected and replayed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
+    /// A record that decoded: the guard runs it.
     Ok(Event),
-    Invalid { event: Event, reason: &'static str, error: String },
+    /// A record that could not be decoded: the guard dead-letters it.
+    Invalid {
+        /// What could be read of the record; the value holds the raw text when it was not
+        /// base64 or not a string.
+        event: Event,
+        /// A stable label for metrics and dead letters (`record_value_base64`, ...).
+        reason: &'static str,
+        /// What was wrong, for people.
+        error: String,
+    },
 }
 
 impl Record {
+    /// The event, whether it decoded or not (what could be read of an invalid one).
     pub fn event(&self) -> &Event {
         match self {
             Record::Ok(e) | Record::Invalid { event: e, .. } => e,

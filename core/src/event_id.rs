@@ -77,6 +77,7 @@ impl EventId {
         }
     }
 
+    /// The id's text, as stored and as keys are built from it.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -101,6 +102,8 @@ impl fmt::Debug for EventId {
 pub struct Namespace(String);
 
 impl Namespace {
+    /// A namespace from a function's name, or [`IdError::InvalidNamespace`] if the name
+    /// breaks the rules above.
     pub fn new(name: impl Into<String>) -> Result<Self, IdError> {
         let name = name.into();
         let valid = !name.is_empty()
@@ -114,6 +117,7 @@ impl Namespace {
         }
     }
 
+    /// The name as it is.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -408,22 +412,33 @@ fn field_text(json: &Value, pointer: &str) -> Result<String, IdError> {
 /// Why an event has no usable id. Never retryable: the same record fails the same way.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdError {
+    /// The id would be empty: an empty header value or field, or empty text given to
+    /// [`EventId::new`].
     #[error("event id is empty")]
     Empty,
+    /// The header (named) is absent, or present without a value.
     #[error("header `{0}` is missing or null")]
     MissingHeader(String),
+    /// The header's (named) value is not UTF-8.
     #[error("header `{0}` is not valid UTF-8")]
     HeaderNotUtf8(String),
+    /// The record has a null value, so no payload to read.
     #[error("record has no value to read an id from")]
     MissingPayload,
+    /// The value is not JSON; holds the parser's message.
     #[error("payload is not JSON: {0}")]
     PayloadNotJson(String),
+    /// Nothing, or a JSON `null`, at the JSON pointer (named).
     #[error("payload field `{0}` is missing or null")]
     MissingField(String),
+    /// An object or an array at the JSON pointer (named).
     #[error("payload field `{0}` is not a string, number or boolean")]
     FieldNotScalar(String),
+    /// Every strategy of a [`IdStrategy::FirstOf`] failed; holds each one's error, in
+    /// order.
     #[error("no id strategy matched: {}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
     NoneMatched(Vec<IdError>),
+    /// The name is not a valid [`Namespace`]; holds the name as given.
     #[error("invalid namespace `{0}`: use lowercase letters, digits, `-` and `_`, starting with a letter, at most 63 characters")]
     InvalidNamespace(String),
 }

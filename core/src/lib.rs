@@ -5,6 +5,8 @@
 //! Invariant for everything here: hostile input gets a classified error or an
 //! [`event::Record::Invalid`], never a panic, and nothing is dropped.
 
+#![warn(missing_docs)]
+
 pub mod event;
 pub mod event_id;
 pub mod msk;

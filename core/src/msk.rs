@@ -29,10 +29,13 @@ use crate::event::{Event, Header, Record};
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MskEvent {
+    /// `aws:kafka` from Lambda; optional, like every envelope field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_source: Option<String>,
+    /// The ARN of the MSK cluster the records came from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_source_arn: Option<String>,
+    /// The brokers the records were read from, comma-separated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bootstrap_servers: Option<String>,
     /// `"<topic>-<partition>"` to that partition's records, each still raw JSON.
@@ -45,6 +48,7 @@ impl MskEvent {
         self.records.values().map(Vec::len).sum()
     }
 
+    /// Whether the event holds no records at all.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -56,6 +60,7 @@ impl MskEvent {
 pub struct MskError {
     /// `body_not_json` or `body_not_msk_event`.
     pub reason: &'static str,
+    /// What was wrong, for logs and the caller (serde_json's message).
     pub message: String,
 }
 
@@ -239,7 +244,10 @@ fn short_str(s: &str) -> String {
     format!("{}...", &s[..end])
 }
 
-/// Builds an MSK event from records (the producer side: tests, the CLI, the fuzzers).
+/// Builds an MSK event from records: the producer side, which a deployed function never
+/// needs. The local event source mapping (`eo esm`), the tests and the fuzzers use it;
+/// it is built only with the `encode` feature.
+#[cfg(any(test, feature = "encode"))]
 pub fn encode(events: &[Event]) -> serde_json::Value {
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut groups: serde_json::Map<String, serde_json::Value> = serde_json::Map::new();

@@ -24,6 +24,7 @@ pub type PartitionKey = (String, i32);
 /// The batch-shaping settings (the template's names).
 #[derive(Debug, Clone, Copy)]
 pub struct BatchRules {
+    /// Most records in one invocation (`BatchSize`).
     pub batch_size: usize,
     /// Most bytes of record values and keys in one invocation (Lambda's 6 MB payload
     /// limit, with room for the JSON around them).
@@ -32,6 +33,8 @@ pub struct BatchRules {
     pub maximum_retry_attempts: i64,
     /// `None`: records never age out.
     pub maximum_record_age: Option<Duration>,
+    /// Whether a failed batch is halved before it is retried
+    /// (`BisectBatchOnFunctionError`).
     pub bisect_batch_on_function_error: bool,
 }
 
@@ -57,25 +60,32 @@ pub struct Pending {
 /// One invocation's records, partition by partition.
 #[derive(Debug, Clone)]
 pub struct Batch {
+    /// The partitions in the batch, each with its records.
     pub parts: Vec<BatchPart>,
 }
 
+/// One partition's share of a batch: consecutive records from the front of its queue.
 #[derive(Debug, Clone)]
 pub struct BatchPart {
+    /// The partition.
     pub key: PartitionKey,
     epoch: u64,
+    /// Its records, in offset order.
     pub records: Vec<Event>,
 }
 
 impl Batch {
+    /// Records in the batch, over every partition.
     pub fn len(&self) -> usize {
         self.parts.iter().map(|p| p.records.len()).sum()
     }
 
+    /// Whether the batch holds no records.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    /// Every record of the batch, partition after partition.
     pub fn events(&self) -> Vec<Event> {
         self.parts.iter().flat_map(|p| p.records.iter().cloned()).collect()
     }
@@ -96,7 +106,9 @@ pub enum Verdict {
 /// Why records were discarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DiscardReason {
+    /// A batch failed more than `MaximumRetryAttempts` times.
     RetryAttemptsExhausted,
+    /// A failed record was older than `MaximumRecordAgeInSeconds`.
     RecordAgeExceeded,
 }
 
@@ -115,6 +127,8 @@ impl DiscardReason {
 pub struct Settled {
     /// Per partition, the next offset to read (what Kafka's commit stores).
     pub commits: Vec<(PartitionKey, i64)>,
+    /// Records given up on, with why: they go to the destination before their offsets are
+    /// committed.
     pub discarded: Vec<(DiscardReason, Vec<Event>)>,
     /// Records that succeeded and left their queues.
     pub succeeded: usize,
@@ -152,10 +166,12 @@ impl Pending {
         true
     }
 
+    /// Records waiting, over every partition.
     pub fn len(&self) -> usize {
         self.queues.values().map(|q| q.records.len()).sum()
     }
 
+    /// Whether no partition holds a record.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -15,25 +15,45 @@ use serde_json::json;
 
 use crate::batch::DiscardReason;
 
+/// Why the destination could not be set up, or could not take records.
 #[derive(Debug, thiserror::Error)]
 pub enum DestinationError {
+    /// The `--on-failure-destination` value is neither `kafka://<topic>` nor
+    /// `file://<directory>`.
     #[error("--on-failure-destination {0:?}: use kafka://<topic> or file://<directory>")]
     Invalid(String),
-    #[error("on-failure destination {target}: {message}")]
-    Write { target: String, message: String },
+    /// The destination could not be set up or could not take the records.
+    #[error("on-failure destination {target}: {source}")]
+    Write {
+        /// The destination as given.
+        target: String,
+        /// What the producer or the file system said.
+        #[source]
+        source: exactly_once::BoxError,
+    },
 }
 
+/// Lambda's on-failure destination: where discarded records go
+/// (`--on-failure-destination`).
 pub enum Destination {
     /// Discarded records are logged, and lost.
     None,
+    /// `kafka://<topic>`: the records themselves, re-produced to a topic with headers
+    /// naming why.
     Kafka {
+        /// The topic the records go to.
         topic: String,
+        /// An idempotent producer (`acks=all`).
         producer: FutureProducer<KafkaContext>,
     },
+    /// `file://<directory>`: a JSON failure record per discarded batch, as an S3
+    /// destination gets.
     Directory(PathBuf),
 }
 
 impl Destination {
+    /// The destination named by `spec` (empty: none); a `file://` directory is created if
+    /// missing.
     pub fn parse(spec: &str, kafka: &KafkaConfig) -> Result<Self, DestinationError> {
         if spec.is_empty() {
             return Ok(Self::None);
@@ -43,12 +63,12 @@ impl Destination {
                 .set("enable.idempotence", "true")
                 .set("acks", "all")
                 .create_with_context(KafkaContext::new(kafka))
-                .map_err(|e| DestinationError::Write { target: spec.into(), message: e.to_string() })?;
+                .map_err(|e| DestinationError::Write { target: spec.into(), source: e.into() })?;
             return Ok(Self::Kafka { topic: topic.to_owned(), producer });
         }
         if let Some(dir) = spec.strip_prefix("file://").filter(|d| !d.is_empty()) {
             std::fs::create_dir_all(dir)
-                .map_err(|e| DestinationError::Write { target: spec.into(), message: e.to_string() })?;
+                .map_err(|e| DestinationError::Write { target: spec.into(), source: e.into() })?;
             return Ok(Self::Directory(dir.into()));
         }
         Err(DestinationError::Invalid(spec.into()))
@@ -92,7 +112,7 @@ impl Destination {
                         record = record.payload(v.as_ref());
                     }
                     producer.send(record, Duration::from_secs(30)).await.map_err(|(err, _)| {
-                        DestinationError::Write { target: format!("kafka://{topic}"), message: err.to_string() }
+                        DestinationError::Write { target: format!("kafka://{topic}"), source: err.into() }
                     })?;
                 }
                 tracing::warn!(function, condition = reason.condition(), records = records.len(), %topic, "records sent to the on-failure destination");
@@ -113,7 +133,7 @@ impl Destination {
                 let path =
                     dir.join(format!("{}-{}.json", first.replace(['/', '@'], "_"), uuid::Uuid::new_v4().simple()));
                 tokio::fs::write(&path, serde_json::to_vec_pretty(&record).unwrap_or_default()).await.map_err(|e| {
-                    DestinationError::Write { target: format!("file://{}", dir.display()), message: e.to_string() }
+                    DestinationError::Write { target: format!("file://{}", dir.display()), source: e.into() }
                 })?;
                 tracing::warn!(function, condition = reason.condition(), records = records.len(), path = %path.display(), "records written to the on-failure destination");
                 Ok(())

@@ -31,6 +31,7 @@ use tokio::time::Instant;
 /// How to start the function.
 #[derive(Debug, Clone)]
 pub struct FunctionSpec {
+    /// The function's binary, run in Lambda mode.
     pub binary: PathBuf,
     /// `AWS_LAMBDA_FUNCTION_NAME`.
     pub name: String,
@@ -40,6 +41,7 @@ pub struct FunctionSpec {
     pub timeout: Duration,
     /// How long start-up may take before the first request for work (Lambda: 10 s).
     pub init_timeout: Duration,
+    /// `AWS_LAMBDA_FUNCTION_MEMORY_SIZE` (not enforced).
     pub memory_size: u32,
     /// Where the function's output goes: a file (appended), or our stderr when `None`.
     pub log: Option<PathBuf>,
@@ -51,14 +53,29 @@ pub enum Answer {
     /// `/response`: the body the function returned.
     Response(Bytes),
     /// `/error`: the function reported an error.
-    Error { error_type: String, message: String },
+    Error {
+        /// `errorType` (`Unhandled` when the function gave none).
+        error_type: String,
+        /// `errorMessage`, or the whole body when it has none.
+        message: String,
+    },
     /// No answer within the timeout; the process was killed.
     Timeout,
     /// The process exited during the invocation.
-    Crashed { status: String, output: String },
+    Crashed {
+        /// How it exited (its exit status), or what ended the invocation otherwise.
+        status: String,
+        /// The process's last lines of output, joined with ` | `.
+        output: String,
+    },
     /// The process exited, reported an init error or took too long before asking for
     /// work.
-    InitFailed { message: String, output: String },
+    InitFailed {
+        /// What went wrong.
+        message: String,
+        /// The process's last lines of output, joined with ` | ` (empty if it never ran).
+        output: String,
+    },
 }
 
 impl Answer {
@@ -115,9 +132,14 @@ impl Drop for Instance {
 /// Counters of what happened to the function.
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
 pub struct FunctionStats {
+    /// Processes started.
     pub cold_starts: u64,
+    /// Processes that failed their init (exited, reported an init error, or were too slow
+    /// to ask for work).
     pub init_failures: u64,
+    /// Invocations that timed out (the process was killed).
     pub timeouts: u64,
+    /// Processes that exited during an invocation.
     pub crashes: u64,
 }
 
@@ -126,6 +148,7 @@ pub struct Function {
     spec: FunctionSpec,
     instance: Option<Instance>,
     pid: Arc<Mutex<Option<u32>>>,
+    /// What has happened to the function so far.
     pub stats: FunctionStats,
     /// The last cold start's init: from spawning the process to its first request for
     /// work (what Lambda reports as Init Duration).
@@ -145,10 +168,12 @@ fn now_ms() -> u128 {
 }
 
 impl Function {
+    /// The function, not started yet: its first invocation starts it (a cold start).
     pub fn new(spec: FunctionSpec) -> Self {
         Self { spec, instance: None, pid: Arc::default(), stats: FunctionStats::default(), last_init: None }
     }
 
+    /// How the function is started.
     pub fn spec(&self) -> &FunctionSpec {
         &self.spec
     }

@@ -25,6 +25,8 @@
 //! - a function that cannot start `--max-init-failures` times in a row stops the
 //!   mapping with its exit status and last output, rather than retrying in silence.
 
+#![warn(missing_docs)]
+
 pub mod batch;
 pub mod destination;
 pub mod function;
@@ -40,7 +42,7 @@ use bytes::Bytes;
 use exactly_once::config::KafkaConfig;
 use exactly_once::kafka_client::{client_config, KafkaContext};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
@@ -50,16 +52,30 @@ pub use destination::Destination;
 pub use function::{Answer, Function, FunctionSpec, FunctionStats};
 pub use settings::MappingSettings;
 
+/// Why the mapping could not start, or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum EsmError {
+    /// The Kafka consumer could not be created or could not subscribe.
     #[error("Kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
-    #[error("Kafka at {brokers} did not answer: {message}; start it with scripts/services.sh or set KAFKA_BROKERS")]
-    Unreachable { brokers: String, message: String },
+    /// No broker answered the start-up probe.
+    #[error(transparent)]
+    Unreachable(#[from] exactly_once::runtime::worker::WorkerError),
+    /// The on-failure destination is invalid, could not be set up, or failed a write.
     #[error("{0}")]
     Destination(#[from] destination::DestinationError),
+    /// The function failed to start `--max-init-failures` times in a row.
     #[error("the function {binary} failed to start {count} times in a row; last: {last}")]
-    Init { binary: String, count: u32, last: String },
+    Init {
+        /// The function's binary.
+        binary: String,
+        /// Failed starts in a row.
+        count: u32,
+        /// How the last start failed, with the process's last output.
+        last: String,
+    },
+    /// A setting or the command line is wrong, or the mapping cannot go on (no binary,
+    /// the Kafka receiver stopped).
     #[error("{0}")]
     Usage(String),
 }
@@ -67,16 +83,26 @@ pub enum EsmError {
 /// What the mapping did, for its summary line and for tests.
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct Report {
+    /// Invocations made, whatever their answer.
     pub invocations: u64,
+    /// Invocations whose every record succeeded.
     pub succeeded: u64,
+    /// Invocations whose whole batch failed (an error, a timeout, a crash, an unreadable
+    /// answer).
     pub failed: u64,
+    /// Invocations that reported some records failed (`batchItemFailures`).
     pub partial: u64,
+    /// Records that succeeded.
     pub records_succeeded: u64,
+    /// Records given up on (retries or age exhausted) and handed to the destination, or
+    /// logged as lost.
     pub records_discarded: u64,
+    /// What happened to the function process.
     pub function: FunctionStats,
 }
 
 impl Report {
+    /// The summary line the mapping logs when it stops.
     pub fn line(&self) -> String {
         format!(
             "esm: {} invocations ({} ok, {} failed, {} partial), {} records succeeded, {} discarded; {} cold starts, {} timeouts, {} crashes, {} init failures",
@@ -99,6 +125,7 @@ impl Report {
 pub struct Invoked {
     /// (topic, partition, offset) of every record given to the function, in order.
     pub records: Vec<(String, i32, i64)>,
+    /// What the answer meant for the batch.
     pub verdict: Verdict,
     /// What went wrong, when something did.
     pub error: Option<String>,
@@ -121,16 +148,7 @@ struct Context {
     kafka: KafkaContext,
 }
 
-impl ClientContext for Context {
-    const ENABLE_REFRESH_OAUTH_TOKEN: bool = true;
-
-    fn generate_oauth_token(
-        &self,
-        config: Option<&str>,
-    ) -> Result<rdkafka::client::OAuthToken, Box<dyn std::error::Error>> {
-        self.kafka.generate_oauth_token(config)
-    }
-}
+exactly_once::client_context_serving_iam_tokens!(Context);
 
 impl ConsumerContext for Context {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -328,9 +346,7 @@ impl Mapping {
         topics: &[String],
         spec: FunctionSpec,
     ) -> Result<Self, EsmError> {
-        exactly_once::runtime::worker::check_reachable(kafka, Duration::from_secs(10))
-            .await
-            .map_err(|e| EsmError::Unreachable { brokers: kafka.brokers.clone(), message: e.to_string() })?;
+        exactly_once::runtime::worker::check_reachable(kafka, Duration::from_secs(10)).await?;
         let destination = Destination::parse(&settings.on_failure_destination, kafka)?;
         let shared =
             Arc::new(Shared { pending: Mutex::default(), arrived: Notify::new(), reassigned: AtomicBool::new(false) });

@@ -11,6 +11,7 @@ use crate::batch::BatchRules;
 /// Lambda's invocation payload limit (synchronous invocations): 6 MB.
 pub const MAX_PAYLOAD_BYTES: usize = 6 * 1024 * 1024;
 
+/// The `eo esm` options: the mapping's and the function's settings.
 #[derive(Debug, Clone, clap::Args)]
 pub struct MappingSettings {
     /// The function (as `eo functions` lists it): its topics and consumer group.
@@ -83,6 +84,7 @@ impl MappingSettings {
         Wrap::parse_from(["esm", "--function", function]).s
     }
 
+    /// The batch-shaping rules these settings give.
     pub fn rules(&self) -> BatchRules {
         BatchRules {
             batch_size: self.batch_size as usize,
@@ -93,14 +95,17 @@ impl MappingSettings {
         }
     }
 
+    /// Whether the function's answer may name failed records (`ReportBatchItemFailures`).
     pub fn report_batch_item_failures(&self) -> bool {
         self.function_response_types == "ReportBatchItemFailures"
     }
 
+    /// `MaximumBatchingWindowInSeconds` as a duration.
     pub fn batching_window(&self) -> Duration {
         Duration::from_secs(u64::from(self.maximum_batching_window_in_seconds))
     }
 
+    /// The consumer group, `<consumer-group-prefix>-<function>`, as in the template.
     pub fn group_id(&self) -> String {
         format!("{}-{}", self.consumer_group_prefix, self.function)
     }

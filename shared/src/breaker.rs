@@ -24,10 +24,15 @@ use tokio::time::Instant;
 use crate::config::BreakerConfig;
 use crate::metrics::metrics;
 
+/// Where a breaker stands (the `circuit_breaker_state` gauge: 0 closed, 1 half-open,
+/// 2 open).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BreakerState {
+    /// Calls pass; consecutive failures are counted.
     Closed,
+    /// Probes only, at most `half_open_max_calls` at a time.
     HalfOpen,
+    /// Calls fail fast with [`BreakerOpen`] until `open_for` has passed.
     Open,
 }
 
@@ -40,6 +45,8 @@ impl BreakerState {
         }
     }
 
+    /// `closed`, `half_open` or `open`: the `to` label of breaker transitions, and what logs
+    /// show.
     pub fn as_str(self) -> &'static str {
         match self {
             BreakerState::Closed => "closed",
@@ -59,6 +66,7 @@ impl fmt::Display for BreakerState {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{dependency} circuit breaker is open; next probe in {} ms", retry_in.as_millis())]
 pub struct BreakerOpen {
+    /// The dependency behind the breaker: `redis`, `clickhouse` or `kafka`.
     pub dependency: &'static str,
     /// Time until a probe may pass; zero when a probe is already under way.
     pub retry_in: Duration,
@@ -67,8 +75,10 @@ pub struct BreakerOpen {
 /// The result of [`CircuitBreaker::call`].
 #[derive(Debug, thiserror::Error)]
 pub enum BreakerError<E> {
+    /// The breaker refused the call; `f` was not run.
     #[error(transparent)]
     Open(#[from] BreakerOpen),
+    /// The call ran and failed with this error (and counted as a failure).
     #[error(transparent)]
     Inner(E),
 }
@@ -81,6 +91,7 @@ struct Inner {
     opened_at: Instant,
 }
 
+/// A circuit breaker in front of one dependency; shared by every call to it.
 pub struct CircuitBreaker {
     dependency: &'static str,
     config: BreakerConfig,
@@ -104,11 +115,13 @@ pub struct Permit<'a> {
 }
 
 impl Permit<'_> {
+    /// The call succeeded.
     pub fn success(mut self) {
         self.reported = true;
         self.breaker.on_success(self.probe);
     }
 
+    /// The call failed: it counts towards opening the breaker.
     pub fn failure(mut self) {
         self.reported = true;
         self.breaker.on_failure(self.probe);
@@ -125,6 +138,7 @@ impl Drop for Permit<'_> {
 }
 
 impl CircuitBreaker {
+    /// A closed breaker for `dependency` (its label in metrics and errors).
     pub fn new(dependency: &'static str, config: BreakerConfig) -> Self {
         metrics().breaker_state.with_label_values(&[dependency]).set(0);
         Self {
@@ -140,10 +154,12 @@ impl CircuitBreaker {
         }
     }
 
+    /// The dependency's name, as given to [`CircuitBreaker::new`].
     pub fn dependency(&self) -> &'static str {
         self.dependency
     }
 
+    /// The thresholds it was built with.
     pub fn config(&self) -> &BreakerConfig {
         &self.config
     }

@@ -8,26 +8,39 @@ use sqlx::PgPool;
 
 use crate::breaker::CircuitBreaker;
 use crate::config::Config;
-use crate::guard::lease::{Leases, RedisConnectError};
+use crate::guard::lease::Leases;
 use crate::postgres::{self, PostgresError};
+use crate::redis_client::{RedisClient, RedisConnectError};
 use crate::sink::{ClickHouseSink, SinkError};
 
+/// Every client a process needs, built once; cheap to clone (everything in it is shared).
 #[derive(Clone)]
 pub struct Clients {
+    /// The configuration the clients were built from.
     pub config: Arc<Config>,
+    /// The Postgres pool (the ledger, dead letters, the handlers' own tables).
     pub pg: PgPool,
+    /// The Redis pool (PINGs, tools); the guard goes through `leases`.
+    pub redis: RedisClient,
+    /// Done markers and leases in Redis, for the guard.
     pub leases: Arc<Leases>,
+    /// The batched ClickHouse sink.
     pub sink: Arc<ClickHouseSink>,
+    /// The breaker in front of Kafka (the outbox relay, the worker's produces).
     pub kafka_breaker: Arc<CircuitBreaker>,
 }
 
 /// Start-up failed: which dependency, and how to fix it.
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
+    /// Postgres could not be used: a bad URL, unreachable, migrations failed or not
+    /// applied.
     #[error(transparent)]
     Postgres(#[from] PostgresError),
+    /// Redis is unreachable, or refused the guard's scripts.
     #[error(transparent)]
     Redis(#[from] RedisConnectError),
+    /// ClickHouse is unreachable, DDL failed, or tables are missing.
     #[error(transparent)]
     ClickHouse(#[from] SinkError),
 }
@@ -62,8 +75,9 @@ impl Clients {
             Schema::Migrate => postgres::migrate(&pg, &config.postgres).await?,
             Schema::Check => postgres::check_migrations(&pg, &config.postgres).await?,
         }
-        let leases = Leases::connect(&config.redis, redis_breaker).await?;
+        let redis = RedisClient::connect(&config.redis).await?;
+        let leases = Leases::connect(redis.clone(), &config.redis.key_prefix, redis_breaker).await?;
         let sink = ClickHouseSink::connect(&config.clickhouse, clickhouse_breaker).await?;
-        Ok(Self { config: Arc::new(config), pg, leases: Arc::new(leases), sink: Arc::new(sink), kafka_breaker })
+        Ok(Self { config: Arc::new(config), pg, redis, leases: Arc::new(leases), sink: Arc::new(sink), kafka_breaker })
     }
 }

@@ -13,10 +13,13 @@ use std::time::Duration;
 /// One documented environment variable.
 #[derive(Debug, Clone, Copy)]
 pub struct Var {
+    /// The variable's name, e.g. `DATABASE_URL`.
     pub name: &'static str,
+    /// The value used when the variable is unset (empty for none).
     pub default: &'static str,
     /// Secrets (or URLs that may carry one) are never echoed back.
     pub secret: bool,
+    /// What the variable does: its row's text in docs/CONFIGURATION.md.
     pub doc: &'static str,
 }
 
@@ -157,6 +160,7 @@ pub const VARIABLES: &[Var] = &[
 
 /// Where values come from: the process environment, or a map in tests.
 pub trait Env {
+    /// The variable's value, or `None` when it is unset.
     fn get(&self, name: &str) -> Option<String>;
 }
 
@@ -181,13 +185,23 @@ impl Env for HashMap<&str, &str> {
     }
 }
 
+/// A configuration value that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// A variable's value is malformed or out of range.
     #[error("{var}={shown}: {reason}")]
-    Invalid { var: &'static str, shown: String, reason: String },
+    Invalid {
+        /// The variable's name.
+        var: &'static str,
+        /// The value as it may be shown: quoted, or `<hidden>` for a secret.
+        shown: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
 }
 
 impl ConfigError {
+    /// The variable at fault.
     pub fn variable(&self) -> &'static str {
         match self {
             ConfigError::Invalid { var, .. } => var,
@@ -245,9 +259,11 @@ fn secs(env: &dyn Env, name: &str) -> Result<Duration, ConfigError> {
 pub struct Secret(String);
 
 impl Secret {
+    /// Wraps a secret value.
     pub fn new(s: impl Into<String>) -> Self {
         Self(s.into())
     }
+    /// The value itself, to hand to the client that needs it; never log it.
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -288,17 +304,23 @@ fn strip_query(path: &str) -> &str {
     path.split('?').next().unwrap_or("")
 }
 
+/// Postgres: the connection and the pool.
 #[derive(Debug, Clone)]
 pub struct PostgresConfig {
+    /// `DATABASE_URL`.
     pub url: Secret,
     /// `None`: the server's default search path.
     pub schema: Option<String>,
+    /// `DATABASE_MAX_CONNECTIONS`: the pool size.
     pub max_connections: u32,
+    /// `DATABASE_CONNECT_TIMEOUT_MS`: how long to wait for a connection.
     pub connect_timeout: Duration,
+    /// `DATABASE_GENERIC_PLANS`: sessions set `plan_cache_mode=force_generic_plan`.
     pub generic_plans: bool,
 }
 
 impl PostgresConfig {
+    /// Reads `DATABASE_*`; a schema that is not a plain lowercase identifier is an error.
     pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
         let schema: String = read(env, "DATABASE_SCHEMA")?;
         let schema = match schema.as_str() {
@@ -330,15 +352,22 @@ pub fn is_identifier(s: &str) -> bool {
         && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
+/// Redis: the connection pool and the key prefix.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
+    /// `REDIS_URL`.
     pub url: Secret,
+    /// `REDIS_POOL_SIZE`.
     pub pool_size: usize,
+    /// `REDIS_KEY_PREFIX`: the first part of every key; non-empty, without spaces or
+    /// braces.
     pub key_prefix: String,
+    /// `REDIS_TIMEOUT_MS`: the limit on one call.
     pub timeout: Duration,
 }
 
 impl RedisConfig {
+    /// Reads `REDIS_*`.
     pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
         let key_prefix: String = read(env, "REDIS_KEY_PREFIX")?;
         if key_prefix.is_empty() || key_prefix.contains(['{', '}', ' ']) {
@@ -357,19 +386,28 @@ impl RedisConfig {
     }
 }
 
+/// ClickHouse: the endpoints, the credentials and how writes are retried.
 #[derive(Debug, Clone)]
 pub struct ClickHouseConfig {
     /// One or more endpoints; the first is used for DDL and reads.
     pub urls: Vec<String>,
+    /// `CLICKHOUSE_DATABASE`: holds the function tables; a plain lowercase identifier.
     pub database: String,
+    /// `CLICKHOUSE_USER`.
     pub user: String,
+    /// `CLICKHOUSE_PASSWORD`.
     pub password: Secret,
+    /// `CLICKHOUSE_TIMEOUT_MS`: the limit on one write, all its attempts included.
     pub timeout: Duration,
+    /// `CLICKHOUSE_WRITE_ATTEMPTS`: attempts of one write, each on the next endpoint.
     pub write_attempts: u32,
+    /// `CLICKHOUSE_RETRY_BACKOFF_MS`: the wait before the second attempt; doubles for
+    /// each further one.
     pub retry_backoff: Duration,
 }
 
 impl ClickHouseConfig {
+    /// Reads `CLICKHOUSE_*`; the URLs must be `http://` or `https://`.
     pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
         let database: String = read(env, "CLICKHOUSE_DATABASE")?;
         if !is_identifier(&database) {
@@ -405,15 +443,26 @@ impl ClickHouseConfig {
     }
 }
 
+/// The guard: lease and marker lifetimes, the in-process cache, attempts and limits.
 #[derive(Debug, Clone)]
 pub struct GuardConfig {
+    /// `GUARD_LEASE_TTL_MS`: how long a Redis lease lives, capped by the caller's
+    /// deadline.
     pub lease_ttl: Duration,
+    /// `GUARD_DONE_TTL_SECS`: how long Redis remembers a confirmed id.
     pub done_ttl: Duration,
     /// Zero disables the in-process cache.
     pub local_cache_ttl: Duration,
+    /// `GUARD_LOCAL_CACHE_MAX_BYTES`: the memory bound of the in-process cache.
     pub local_cache_max_bytes: u64,
+    /// `GUARD_MAX_ATTEMPTS`: failed attempts before an event is dead-lettered, unless its
+    /// function sets its own.
     pub max_attempts: u32,
+    /// `GUARD_MAX_VALUE_BYTES`: larger record values are dead-lettered as
+    /// `value_too_large`.
     pub max_value_bytes: usize,
+    /// `GUARD_DEAD_LETTER_PAYLOAD_MISMATCH`: also dead-letter a copy of a duplicate whose
+    /// payload differs.
     pub dead_letter_payload_mismatch: bool,
     /// Handler savepoints per transaction, at most [`GuardConfig::SUBTRANSACTION_CACHE`].
     pub max_subtransactions: usize,
@@ -424,6 +473,7 @@ pub struct GuardConfig {
 }
 
 impl GuardConfig {
+    /// Reads `GUARD_*`, `KAFKA_DEDUP_TTL_SECONDS` and `EVENT_ID_FORMAT*`.
     pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
         Ok(Self {
             lease_ttl: millis(env, "GUARD_LEASE_TTL_MS")?,
@@ -490,14 +540,19 @@ impl BreakerConfig {
     }
 }
 
+/// The three circuit breakers' thresholds.
 #[derive(Debug, Clone)]
 pub struct BreakersConfig {
+    /// In front of ClickHouse (`CLICKHOUSE_BREAKER_*`).
     pub clickhouse: BreakerConfig,
+    /// In front of Kafka (`KAFKA_BREAKER_*`).
     pub kafka: BreakerConfig,
+    /// In front of Redis (`REDIS_BREAKER_*`).
     pub redis: BreakerConfig,
 }
 
 impl BreakersConfig {
+    /// Reads `CLICKHOUSE_BREAKER_*`, `KAFKA_BREAKER_*` and `REDIS_BREAKER_*`.
     pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
         Ok(Self {
             clickhouse: BreakerConfig::from_env(env, "CLICKHOUSE")?,
@@ -516,15 +571,18 @@ impl Default for BreakersConfig {
 /// Retention of the ledger and of published outbox messages.
 #[derive(Debug, Clone)]
 pub struct RetentionConfig {
+    /// `RETENTION_DAYS`: confirmed ids older than this are deleted.
     pub retention: Duration,
     /// Published outbox messages older than this are deleted.
     pub outbox_retention: Duration,
+    /// `CLEANUP_BATCH_SIZE`: rows deleted per statement.
     pub batch_size: i64,
     /// Zero: the worker does not run the cleanup itself.
     pub interval: Duration,
 }
 
 impl RetentionConfig {
+    /// Reads `RETENTION_DAYS`, `OUTBOX_RETENTION_HOURS` and `CLEANUP_*`.
     pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
         Ok(Self {
             retention: Duration::from_secs(positive::<u64>(env, "RETENTION_DAYS")? * 86_400),
@@ -538,13 +596,23 @@ impl RetentionConfig {
 /// How clients authenticate to Kafka.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KafkaAuth {
+    /// No encryption, no authentication (local use).
     Plaintext,
+    /// TLS, without authentication.
     Tls,
-    Scram { username: String, password: Secret },
+    /// SASL/SCRAM-SHA-512 over TLS.
+    Scram {
+        /// `KAFKA_SASL_USERNAME`.
+        username: String,
+        /// `KAFKA_SASL_PASSWORD`.
+        password: Secret,
+    },
+    /// SASL/OAUTHBEARER with MSK IAM tokens, over TLS.
     Iam,
 }
 
 impl KafkaAuth {
+    /// `plaintext`, `tls`, `scram` or `iam`, as `KAFKA_AUTH` spells them.
     pub fn name(&self) -> &'static str {
         match self {
             KafkaAuth::Plaintext => "plaintext",
@@ -558,23 +626,37 @@ impl KafkaAuth {
 /// Kafka: where the brokers are, how to authenticate, and the worker's consumer.
 #[derive(Debug, Clone)]
 pub struct KafkaConfig {
+    /// `KAFKA_BROKERS`: bootstrap servers, comma-separated (unused when `cluster_arn` is
+    /// set).
     pub brokers: String,
+    /// `MSK_CLUSTER_ARN`: the brokers are looked up from this cluster; `None`: `brokers`
+    /// is used.
     pub cluster_arn: Option<String>,
+    /// `KAFKA_AUTH`.
     pub auth: KafkaAuth,
-    /// IAM tokens, once `kafka_client::prepare` has started the refresher.
-    pub oauth: Option<std::sync::Arc<crate::kafka_client::TokenCache>>,
+    /// `KAFKA_GROUP_ID`: the worker's consumer group.
     pub group_id: String,
+    /// `KAFKA_TOPIC_PREFIX`: put before every function's topic names (see
+    /// [`KafkaConfig::topic`]).
     pub topic_prefix: String,
+    /// `KAFKA_SESSION_TIMEOUT_MS`: the consumer group session timeout.
     pub session_timeout: Duration,
+    /// `KAFKA_CREATE_TOPICS`: the worker creates missing topics at start.
     pub create_topics: bool,
+    /// `KAFKA_TOPIC_PARTITIONS`: partitions of the topics the worker creates.
     pub topic_partitions: i32,
+    /// `KAFKA_PRODUCE_TIMEOUT_MS`: how long a publish may take before it counts as
+    /// failed.
     pub produce_timeout: Duration,
+    /// `OUTBOX_RELAY_INTERVAL_MS`: how often the outbox relay looks for messages.
     pub relay_interval: Duration,
     /// Refusals of one outbox message before it is dead-lettered.
     pub outbox_max_attempts: u32,
 }
 
 impl KafkaConfig {
+    /// Reads `KAFKA_*`, `MSK_CLUSTER_ARN` and `OUTBOX_*`; `scram` needs a user name and a
+    /// password.
     pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
         let auth: String = read(env, "KAFKA_AUTH")?;
         let auth = match auth.as_str() {
@@ -605,7 +687,6 @@ impl KafkaConfig {
         Ok(Self {
             cluster_arn: (!arn.is_empty()).then_some(arn),
             auth,
-            oauth: None,
             brokers: read(env, "KAFKA_BROKERS")?,
             group_id: read(env, "KAFKA_GROUP_ID")?,
             topic_prefix: read(env, "KAFKA_TOPIC_PREFIX")?,
@@ -627,16 +708,23 @@ impl KafkaConfig {
 /// How the worker schedules records.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
+    /// `WORKER_BATCH_SIZE`: most records of one partition guarded as one batch.
     pub batch_size: usize,
+    /// `MAX_IN_FLIGHT_MESSAGES`: received, unfinished records across all partitions.
     pub max_in_flight: usize,
     /// Most records one partition may hold; 0: a fair share (see `WORKER_MAX_PARTITION_IN_FLIGHT`).
     pub max_partition_in_flight: usize,
+    /// `WORKER_RETRY_BACKOFF_MS`: the first wait before retrying an unfinished record.
     pub retry_backoff: Duration,
+    /// The longest wait between retries (5 s; not configurable).
     pub retry_backoff_max: Duration,
+    /// `WORKER_SHUTDOWN_TIMEOUT_SECS`: how long a graceful shutdown waits for in-flight
+    /// batches.
     pub shutdown_timeout: Duration,
 }
 
 impl WorkerConfig {
+    /// Reads `WORKER_*` and `MAX_IN_FLIGHT_MESSAGES`.
     pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
         Ok(Self {
             batch_size: positive(env, "WORKER_BATCH_SIZE")?,
@@ -652,12 +740,18 @@ impl WorkerConfig {
 /// The worker's HTTP server.
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
+    /// `HTTP_BIND`: the address to listen on.
     pub bind: std::net::SocketAddr,
+    /// `INVOKE_TOKEN`: the bearer token `POST /invoke` requires; `None`: no token
+    /// (loopback only).
     pub invoke_token: Option<Secret>,
+    /// `HTTP_MAX_BODY_BYTES`: the largest request body accepted.
     pub max_body_bytes: usize,
 }
 
 impl HttpConfig {
+    /// Reads `HTTP_*` and `INVOKE_TOKEN`; a non-loopback address without a token is an
+    /// error.
     pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
         let bind: std::net::SocketAddr = read(env, "HTTP_BIND")?;
         let token: String = read(env, "INVOKE_TOKEN")?;
@@ -676,12 +770,18 @@ impl HttpConfig {
 /// How start-up and the process behave, whatever the runtime.
 #[derive(Debug, Clone)]
 pub struct ProcessConfig {
+    /// `STARTUP_TIMEOUT_SECS`: how long start-up waits for the services.
     pub startup_timeout: Duration,
+    /// `LAMBDA_REPORT_BATCH_ITEM_FAILURES`: answer a partly failed batch with
+    /// `batchItemFailures`.
     pub report_batch_item_failures: bool,
+    /// Whether logs are JSON (`LOG_FORMAT=json`).
     pub log_json: bool,
 }
 
 impl ProcessConfig {
+    /// Reads `STARTUP_TIMEOUT_SECS`, `LAMBDA_REPORT_BATCH_ITEM_FAILURES` and
+    /// `LOG_FORMAT`.
     pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
         let format: String = read(env, "LOG_FORMAT")?;
         let log_json = match format.as_str() {
@@ -706,15 +806,22 @@ impl ProcessConfig {
 /// Everything the library needs to build its clients.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Postgres.
     pub postgres: PostgresConfig,
+    /// Redis.
     pub redis: RedisConfig,
+    /// ClickHouse.
     pub clickhouse: ClickHouseConfig,
+    /// The guard.
     pub guard: GuardConfig,
+    /// The circuit breakers.
     pub breakers: BreakersConfig,
+    /// Retention and the cleanup.
     pub retention: RetentionConfig,
 }
 
 impl Config {
+    /// Reads every part from `env`; the first invalid value is the error.
     pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
         Ok(Self {
             postgres: PostgresConfig::from_env(env)?,

@@ -5,16 +5,19 @@ use sqlx::PgConnection;
 
 use crate::event::Event;
 use crate::event_id::{EventId, IdStrategy, Namespace};
-use crate::guard::transaction::LazyTx;
 use crate::outcome::FailureKind;
 use crate::sink::{ClickHouseSink, SinkBatch, SinkError, SinkRow};
+use crate::transaction::LazyTx;
 
 /// What a function is: its name (the guard's namespace), the topics it consumes, how
 /// its event ids are derived, and the ClickHouse DDL of its tables.
 #[derive(Debug, Clone)]
 pub struct FunctionSpec {
+    /// The function's name: the guard's namespace, the label of its metrics.
     pub name: &'static str,
+    /// The topics it consumes, without `KAFKA_TOPIC_PREFIX`.
     pub topics: &'static [&'static str],
+    /// How its event ids are derived.
     pub id_strategy: IdStrategy,
     /// `CREATE TABLE IF NOT EXISTS ...` statements, separated by `;`.
     pub clickhouse_ddl: &'static str,
@@ -25,20 +28,24 @@ pub struct FunctionSpec {
 }
 
 impl FunctionSpec {
+    /// A function with no ClickHouse tables, no outbox topics and the default attempts.
     pub fn new(name: &'static str, topics: &'static [&'static str], id_strategy: IdStrategy) -> Self {
         Self { name, topics, id_strategy, clickhouse_ddl: "", max_attempts: None, output_topics: &[] }
     }
 
+    /// Sets the ClickHouse DDL of its tables.
     pub fn clickhouse_ddl(mut self, ddl: &'static str) -> Self {
         self.clickhouse_ddl = ddl;
         self
     }
 
+    /// Sets the topics it publishes to through the outbox.
     pub fn publishes(mut self, topics: &'static [&'static str]) -> Self {
         self.output_topics = topics;
         self
     }
 
+    /// Sets its own limit of failed attempts before dead-lettering.
     pub fn max_attempts(mut self, n: u32) -> Self {
         self.max_attempts = Some(n);
         self
@@ -51,8 +58,11 @@ impl FunctionSpec {
 /// [`HandlerContext::clickhouse`]) are written before that commit.
 #[async_trait]
 pub trait Handler: Send + Sync + 'static {
+    /// What the function is; read once, when the function is registered.
     fn spec(&self) -> FunctionSpec;
 
+    /// Handles one event the guard has not seen confirmed. `Ok` confirms it; an error
+    /// fails the attempt, as its kind says.
     async fn handle(&self, event: &Event, ctx: &mut HandlerContext<'_>) -> Result<(), HandlerError>;
 
     /// A valid sample payload (the `n`-th), for the producer command and tests.
@@ -70,21 +80,29 @@ pub enum HandlerError {
     Retryable(String),
     /// The event can never succeed (invalid payload). Dead-lettered at once with `reason`.
     #[error("{reason}: {message}")]
-    Permanent { reason: &'static str, message: String },
+    Permanent {
+        /// A short, stable label for metrics and the dead letter (`payload_invalid`, ...).
+        reason: &'static str,
+        /// What was wrong, for people.
+        message: String,
+    },
     /// A dependency is unavailable; retried later and not counted against the event.
     #[error("{0}")]
     Unavailable(String),
 }
 
 impl HandlerError {
+    /// A retryable failure, with `e` as its message.
     pub fn retryable(e: impl std::fmt::Display) -> Self {
         HandlerError::Retryable(e.to_string())
     }
 
+    /// A permanent failure: the event is dead-lettered at once under `reason`.
     pub fn permanent(reason: &'static str, e: impl std::fmt::Display) -> Self {
         HandlerError::Permanent { reason, message: e.to_string() }
     }
 
+    /// The class of failure, which decides what the guard does with the event.
     pub fn kind(&self) -> FailureKind {
         match self {
             HandlerError::Retryable(_) => FailureKind::Retryable,
@@ -152,6 +170,7 @@ impl<'a> HandlerContext<'a> {
         self.event_id
     }
 
+    /// The function's namespace.
     pub fn namespace(&self) -> &Namespace {
         self.namespace
     }

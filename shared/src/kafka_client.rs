@@ -10,10 +10,13 @@
 //!   only reads it. A token is refreshed once 80% of its lifetime has passed (MSK tokens
 //!   live 15 minutes, so about 3 minutes before expiry), and start-up waits for the first
 //!   one, failing fast when credentials are missing.
+//! - The token cache belongs to the process, not to the configuration: a process signs
+//!   with one set of AWS credentials for one cluster, so [`prepare`] installs one cache
+//!   and every client context made afterwards reads it. `KafkaConfig` stays plain data.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rdkafka::client::OAuthToken;
@@ -21,16 +24,53 @@ use rdkafka::config::ClientConfig;
 use rdkafka::ClientContext;
 
 use crate::config::{KafkaAuth, KafkaConfig};
+use crate::BoxError;
 
+/// Kafka could not be prepared at start-up.
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaClientError {
-    #[error("MSK cluster {arn}: GetBootstrapBrokers failed: {message}; check MSK_CLUSTER_ARN, AWS_REGION and the kafka:GetBootstrapBrokers permission")]
-    Discovery { arn: String, message: String },
+    /// The MSK API did not give the cluster's brokers.
+    #[error("MSK cluster {arn}: GetBootstrapBrokers failed: {}; check MSK_CLUSTER_ARN, AWS_REGION and the kafka:GetBootstrapBrokers permission", DisplaySdkError(.source))]
+    Discovery {
+        /// The cluster asked about.
+        arn: String,
+        /// What the MSK API (or the SDK) said.
+        #[source]
+        source: BoxError,
+    },
+    /// The cluster has no listener for the configured authentication.
     #[error("MSK cluster {arn} has no {listener} listener for KAFKA_AUTH={auth}; enable it on the cluster or pick another KAFKA_AUTH")]
-    NoListener { arn: String, listener: &'static str, auth: &'static str },
+    NoListener {
+        /// The cluster.
+        arn: String,
+        /// The listener `KAFKA_AUTH` needs.
+        listener: &'static str,
+        /// `KAFKA_AUTH`.
+        auth: &'static str,
+    },
+    /// No IAM token could be made.
     #[error("MSK IAM authentication: cannot sign a token: {0}; check the AWS credentials (role, AWS_* variables) and AWS_REGION")]
     Token(String),
 }
+
+/// Shows an SDK error with its whole context (the SDK's own `Display` says only
+/// "service error").
+struct DisplaySdkError<'a>(&'a BoxError);
+
+impl std::fmt::Display for DisplaySdkError<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut next = self.0.source();
+        while let Some(e) = next {
+            write!(f, ": {e}")?;
+            next = e.source();
+        }
+        Ok(())
+    }
+}
+
+/// The process's IAM token cache, once [`prepare`] has made the first token.
+static TOKENS: OnceLock<Arc<TokenCache>> = OnceLock::new();
 
 /// The rdkafka settings for the configured brokers and security.
 pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
@@ -71,12 +111,12 @@ pub fn listener(
 /// Resolves `kafka.brokers` from `kafka.cluster_arn` (when set) through the MSK API.
 pub async fn resolve_brokers(kafka: &mut KafkaConfig, sdk: &aws_types::SdkConfig) -> Result<(), KafkaClientError> {
     let Some(arn) = kafka.cluster_arn.clone() else { return Ok(()) };
-    let out = aws_sdk_kafka::Client::new(sdk).get_bootstrap_brokers().cluster_arn(&arn).send().await.map_err(|e| {
-        KafkaClientError::Discovery {
-            arn: arn.clone(),
-            message: aws_sdk_kafka::error::DisplayErrorContext(e).to_string(),
-        }
-    })?;
+    let out = aws_sdk_kafka::Client::new(sdk)
+        .get_bootstrap_brokers()
+        .cluster_arn(&arn)
+        .send()
+        .await
+        .map_err(|e| KafkaClientError::Discovery { arn: arn.clone(), source: e.into() })?;
     let (name, brokers) = listener(&out, &kafka.auth);
     kafka.brokers =
         brokers.ok_or(KafkaClientError::NoListener { arn: arn.clone(), listener: name, auth: kafka.auth.name() })?;
@@ -84,8 +124,9 @@ pub async fn resolve_brokers(kafka: &mut KafkaConfig, sdk: &aws_types::SdkConfig
     Ok(())
 }
 
-/// Prepares `kafka` for use: resolves MSK brokers and, for IAM, starts the token
-/// refresher and waits for the first token. Call once at start-up.
+/// Prepares `kafka` for use: resolves MSK brokers and, for IAM, starts the process's
+/// token refresher and waits for the first token. Call at start-up; a second call
+/// keeps the refresher the first one started.
 pub async fn prepare(kafka: &mut KafkaConfig) -> Result<(), KafkaClientError> {
     let needs_aws = kafka.cluster_arn.is_some() || kafka.auth == KafkaAuth::Iam;
     if !needs_aws {
@@ -93,15 +134,16 @@ pub async fn prepare(kafka: &mut KafkaConfig) -> Result<(), KafkaClientError> {
     }
     let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
     resolve_brokers(kafka, &sdk).await?;
-    if kafka.auth == KafkaAuth::Iam {
+    if kafka.auth == KafkaAuth::Iam && TOKENS.get().is_none() {
         let region =
             sdk.region().cloned().ok_or_else(|| KafkaClientError::Token("no AWS region (set AWS_REGION)".into()))?;
         let credentials =
             sdk.credentials_provider().ok_or_else(|| KafkaClientError::Token("no credentials provider".into()))?;
         let cache = Arc::new(TokenCache::new(Arc::new(IamTokenSource { region, credentials })));
         cache.refresh().await.map_err(KafkaClientError::Token)?;
-        cache.clone().spawn_refresher();
-        kafka.oauth = Some(cache);
+        if TOKENS.set(cache.clone()).is_ok() {
+            cache.spawn_refresher();
+        }
     }
     Ok(())
 }
@@ -109,7 +151,9 @@ pub async fn prepare(kafka: &mut KafkaConfig) -> Result<(), KafkaClientError> {
 /// A signed token and when it expires (ms since the Unix epoch).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Token {
+    /// The token itself, a bearer credential: never logged.
     pub value: String,
+    /// When it expires (ms since the Unix epoch).
     pub expires_ms: i64,
     /// When it was made (ms since the Unix epoch).
     pub issued_ms: i64,
@@ -139,7 +183,9 @@ pub trait TokenSource: Send + Sync {
 
 /// SigV4-signed `kafka-cluster:Connect` tokens (aws-msk-iam-sasl-signer).
 pub struct IamTokenSource {
+    /// The region the cluster is in.
     pub region: aws_types::region::Region,
+    /// Where the signing credentials come from.
     pub credentials: aws_types::sdk_config::SharedCredentialsProvider,
 }
 
@@ -156,6 +202,7 @@ impl TokenSource for IamTokenSource {
     }
 }
 
+/// Now, in ms since the Unix epoch (0 if the clock is before it).
 pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
@@ -173,10 +220,12 @@ impl std::fmt::Debug for TokenCache {
 }
 
 impl TokenCache {
+    /// An empty cache over `source`: the first [`TokenCache::refresh`] makes a token.
     pub fn new(source: Arc<dyn TokenSource>) -> Self {
         Self { source, current: Mutex::new(None) }
     }
 
+    /// The token held now, if any (it may be past its refresh time).
     pub fn current(&self) -> Option<Token> {
         self.current.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -229,12 +278,15 @@ impl TokenCache {
 /// The rdkafka client context of producers and admin clients: serves IAM tokens.
 #[derive(Clone, Default)]
 pub struct KafkaContext {
-    pub oauth: Option<Arc<TokenCache>>,
+    oauth: Option<Arc<TokenCache>>,
 }
 
 impl KafkaContext {
+    /// The context for clients of `kafka`: with `KAFKA_AUTH=iam`, the process's token
+    /// cache (none before [`prepare`], and librdkafka then reports the missing token).
     pub fn new(kafka: &KafkaConfig) -> Self {
-        Self { oauth: kafka.oauth.clone() }
+        let oauth = if kafka.auth == KafkaAuth::Iam { TOKENS.get().cloned() } else { None };
+        Self { oauth }
     }
 }
 
@@ -247,6 +299,25 @@ impl ClientContext for KafkaContext {
             None => Err("KAFKA_AUTH is not iam: no OAUTHBEARER token to give".into()),
         }
     }
+}
+
+/// Implements rdkafka's `ClientContext` for a consumer context that has its own
+/// rebalance handling and a `kafka: KafkaContext` field: the field serves the IAM tokens.
+/// (The worker's and the local event source mapping's consumers.)
+#[macro_export]
+macro_rules! client_context_serving_iam_tokens {
+    ($context:ty) => {
+        impl ::rdkafka::ClientContext for $context {
+            const ENABLE_REFRESH_OAUTH_TOKEN: bool = true;
+
+            fn generate_oauth_token(
+                &self,
+                config: Option<&str>,
+            ) -> Result<::rdkafka::client::OAuthToken, Box<dyn std::error::Error>> {
+                ::rdkafka::ClientContext::generate_oauth_token(&self.kafka, config)
+            }
+        }
+    };
 }
 
 /// Plain consumers (the start-up probe, tools) need no rebalance handling.

@@ -9,6 +9,8 @@
 //! `guard` (cache, Redis lease, Postgres check, handler, confirm, release) →
 //! `outcome` (what happened, and whether the offset may move).
 
+#![warn(missing_docs)]
+
 pub use exactly_once_core::{event, event_id};
 
 pub mod breaker;
@@ -16,15 +18,19 @@ pub mod clients;
 pub mod config;
 pub mod guard;
 pub mod handler;
+#[cfg(feature = "isolation")]
+pub mod isolation;
 pub mod kafka_client;
 pub mod metrics;
 pub mod outbox;
 pub mod outcome;
 pub mod postgres;
 pub mod producer;
+pub mod redis_client;
 pub mod retention;
 pub mod runtime;
 pub mod sink;
+mod transaction;
 
 pub use breaker::{BreakerState, CircuitBreaker};
 pub use clients::{Clients, InitError, Schema};
@@ -34,6 +40,9 @@ pub use event_id::{EventId, IdError, IdStrategy, Namespace};
 pub use guard::Guard;
 pub use handler::{FunctionSpec, Handler, HandlerContext, HandlerError};
 pub use outcome::{BatchReport, DeadLetterReason, DuplicateTier, EventOutcome, FailureKind, Outcome, OutcomeKind};
+
+/// An error kept as the source of ours: what a dependency said, for the error chain.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 pub use async_trait::async_trait;
 /// Re-exported so function crates derive rows against the same version.

@@ -9,25 +9,45 @@ use std::sync::LazyLock;
 
 use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
+/// The name of [`Metrics::processed`].
 pub const EVENTS_PROCESSED: &str = "kafka_events_processed_total";
+/// The name of [`Metrics::duplicates`].
 pub const EVENTS_DUPLICATES: &str = "kafka_events_duplicates_total";
+/// The name of [`Metrics::deduplicated`].
 pub const EVENT_DEDUPLICATED: &str = "kafka_event_deduplicated_total";
+/// The name of [`Metrics::lease_contention`].
 pub const EVENTS_IN_FLIGHT_SKIPPED: &str = "kafka_events_lease_contention_total";
+/// The name of [`Metrics::failed`].
 pub const EVENTS_FAILED: &str = "kafka_events_failed_total";
+/// The name of [`Metrics::dead_lettered`].
 pub const EVENTS_DEAD_LETTERED: &str = "kafka_events_dead_lettered_total";
+/// The name of [`Metrics::payload_mismatch`].
 pub const PAYLOAD_MISMATCH: &str = "kafka_events_payload_mismatch_total";
+/// The name of [`Metrics::breaker_state`].
 pub const BREAKER_STATE: &str = "circuit_breaker_state";
+/// The name of [`Metrics::breaker_transitions`].
 pub const BREAKER_TRANSITIONS: &str = "circuit_breaker_transitions_total";
+/// The name of [`Metrics::round_trips`].
 pub const GUARD_ROUND_TRIPS: &str = "guard_round_trips_total";
+/// The name of [`Metrics::worker_in_flight`].
 pub const WORKER_IN_FLIGHT: &str = "kafka_events_in_flight";
+/// The name of [`Metrics::partition_pauses`].
 pub const PARTITION_PAUSES: &str = "kafka_partition_pauses_total";
+/// The name of [`Metrics::partition_restarts`].
 pub const PARTITION_RESTARTS: &str = "kafka_partition_task_restarts_total";
+/// The name of [`Metrics::clickhouse_rejected`].
 pub const CLICKHOUSE_REJECTED: &str = "clickhouse_rejected_events_total";
+/// The name of [`Metrics::table_size`].
 pub const TABLE_SIZE: &str = "processed_events_table_size";
+/// The name of [`Metrics::cleanup_deleted`].
 pub const CLEANUP_DELETED: &str = "processed_events_cleanup_deleted_total";
+/// The name of [`Metrics::outbox_published`].
 pub const OUTBOX_PUBLISHED: &str = "outbox_messages_published_total";
+/// The name of [`Metrics::outbox_failed`].
 pub const OUTBOX_FAILED: &str = "outbox_publish_failures_total";
+/// The name of [`Metrics::outbox_dead_lettered`].
 pub const OUTBOX_DEAD_LETTERED: &str = "outbox_messages_dead_lettered_total";
+/// The name of [`Metrics::outbox_cleanup_deleted`].
 pub const OUTBOX_CLEANUP_DELETED: &str = "outbox_cleanup_deleted_total";
 
 /// Every metric this library exports (alert rules and dashboards are checked against it).
@@ -54,7 +74,9 @@ pub const ALL: &[&str] = &[
     OUTBOX_CLEANUP_DELETED,
 ];
 
+/// The process's metrics, registered once in one registry (see `metrics()`).
 pub struct Metrics {
+    /// The registry every metric below is registered in; `/metrics` exports it.
     pub registry: Registry,
     /// `{function}`: handled and confirmed.
     pub processed: IntCounterVec,

@@ -62,8 +62,10 @@ pub(crate) async fn enqueue(
     Ok(())
 }
 
+/// What one [`Relay::drain_once`] did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RelayReport {
+    /// Messages Kafka acknowledged, now marked published.
     pub published: u64,
     /// Messages attempted and not published (for any reason), dead-lettered ones included.
     pub failed: u64,
@@ -77,10 +79,13 @@ pub struct RelayReport {
     pub full: bool,
 }
 
+/// Why the relay could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
+    /// Reading or updating the outbox table failed.
     #[error("outbox: Postgres: {0}")]
     Postgres(#[from] sqlx::Error),
+    /// The Kafka producer could not be made.
     #[error("outbox: {0}")]
     Producer(#[from] ProduceError),
 }
@@ -106,6 +111,7 @@ pub struct Relay {
 }
 
 impl Relay {
+    /// A relay publishing through its own producer, under the Kafka breaker.
     pub fn new(pg: PgPool, kafka: &KafkaConfig, breaker: Arc<CircuitBreaker>) -> Result<Self, RelayError> {
         Ok(Self { pg, producer: Producer::new(kafka)?, breaker, kafka: kafka.clone(), batch_size: 500 })
     }
@@ -304,15 +310,26 @@ pub async fn pending(pool: &PgPool) -> Result<i64, sqlx::Error> {
 /// One dead-lettered outbox message (`eo outbox list`).
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
+    /// The outbox row's id (`eo outbox replay <id>`).
     pub id: i64,
+    /// The function (namespace) that queued it.
     pub function: String,
+    /// The event whose handler queued it.
     pub event_id: String,
+    /// The topic it was to be published to.
     pub topic: String,
+    /// The key Kafka's `idempotency_key` header carries: `<event id>:<n>`, n counting the
+    /// event's messages.
     pub idempotency_key: String,
+    /// Why it was dead-lettered (the refusal's label, e.g. `message_too_large`).
     pub reason: String,
+    /// The last error Kafka gave.
     pub error: String,
+    /// Times Kafka refused it.
     pub rejections: i32,
+    /// The size of its payload in bytes.
     pub payload_bytes: i64,
+    /// When it was dead-lettered, as Postgres prints a `timestamptz`.
     pub dead_lettered_at: String,
 }
 

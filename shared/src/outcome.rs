@@ -21,6 +21,7 @@ pub enum DuplicateTier {
 }
 
 impl DuplicateTier {
+    /// The tier as a metric label: `local`, `redis`, `postgres`, `confirm` or `batch`.
     pub fn as_str(self) -> &'static str {
         match self {
             DuplicateTier::Local => "local",
@@ -45,6 +46,7 @@ pub enum FailureKind {
 }
 
 impl FailureKind {
+    /// The kind as a metric label: `retryable`, `permanent` or `unavailable`.
     pub fn as_str(self) -> &'static str {
         match self {
             FailureKind::Retryable => "retryable",
@@ -54,19 +56,36 @@ impl FailureKind {
     }
 }
 
+/// What happened to one event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Handled and confirmed now.
     Processed,
     /// Confirmed before; skipped. `payload_mismatch`: the confirmed event's payload
     /// differs from this one's (flagged, not silently skipped).
-    Duplicate { tier: DuplicateTier, payload_mismatch: bool },
+    Duplicate {
+        /// Where it was caught.
+        tier: DuplicateTier,
+        /// Whether the payload differs from the confirmed one.
+        payload_mismatch: bool,
+    },
     /// Someone else holds the lease; retry later, do not commit past it.
     InFlight,
     /// Not confirmed; retry later, do not commit past it.
-    Failed { kind: FailureKind, error: String, attempts: Option<u32> },
+    Failed {
+        /// What kind of failure, which decides what happens next.
+        kind: FailureKind,
+        /// What went wrong.
+        error: String,
+        /// Failed attempts counted so far, this one included; `None` when this one was
+        /// not counted.
+        attempts: Option<u32>,
+    },
     /// Stored in the dead-letter table and confirmed as such.
-    DeadLettered { reason: DeadLetterReason },
+    DeadLettered {
+        /// Why.
+        reason: DeadLetterReason,
+    },
 }
 
 /// Why an event was dead-lettered. Stored, exported as a metric label and shown to
@@ -123,10 +142,15 @@ impl fmt::Display for DeadLetterReason {
 /// What kind of outcome an [`Outcome`] is, without its details (for counting).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum OutcomeKind {
+    /// [`Outcome::Processed`]: handled and confirmed now.
     Processed,
+    /// [`Outcome::Duplicate`]: confirmed before, skipped.
     Duplicate,
+    /// [`Outcome::InFlight`]: leased by someone else.
     InFlight,
+    /// [`Outcome::Failed`]: not confirmed, to be retried.
     Failed,
+    /// [`Outcome::DeadLettered`]: stored as a dead letter and confirmed as such.
     DeadLettered,
 }
 
@@ -144,6 +168,7 @@ impl OutcomeKind {
 }
 
 impl Outcome {
+    /// The kind of outcome, without its details.
     pub fn kind(&self) -> OutcomeKind {
         match self {
             Outcome::Processed => OutcomeKind::Processed,
@@ -159,6 +184,8 @@ impl Outcome {
         matches!(self, Outcome::Processed | Outcome::Duplicate { .. } | Outcome::DeadLettered { .. })
     }
 
+    /// The outcome's label: `processed`, `duplicate`, `in_flight`, `failed` or
+    /// `dead_lettered`.
     pub fn label(&self) -> &'static str {
         self.kind().label()
     }
@@ -178,15 +205,20 @@ impl fmt::Display for Outcome {
 /// The outcome of one record, with where it came from.
 #[derive(Debug, Clone)]
 pub struct EventOutcome {
+    /// The record's topic.
     pub topic: String,
+    /// The record's partition.
     pub partition: i32,
+    /// The record's offset.
     pub offset: i64,
     /// `None` when no id could be derived (the record was dead-lettered for it).
     pub event_id: Option<EventId>,
+    /// What happened to it.
     pub outcome: Outcome,
 }
 
 impl EventOutcome {
+    /// The outcome of `event`, with its position copied from it.
     pub fn new(event: &Event, event_id: Option<EventId>, outcome: Outcome) -> Self {
         Self { topic: event.topic.clone(), partition: event.partition, offset: event.offset, event_id, outcome }
     }
@@ -195,6 +227,7 @@ impl EventOutcome {
 /// The outcomes of a batch, in the order the records were given.
 #[derive(Debug, Clone, Default)]
 pub struct BatchReport {
+    /// One outcome per record.
     pub outcomes: Vec<EventOutcome>,
 }
 

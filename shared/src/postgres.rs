@@ -12,22 +12,51 @@ use crate::config::{redact_url, PostgresConfig};
 /// `migrations/clickhouse/`).
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 
+/// Postgres could not be used at start-up. `url` is the address with any password
+/// replaced by `***`.
 #[derive(Debug, thiserror::Error)]
 pub enum PostgresError {
-    #[error("DATABASE_URL is not a valid Postgres URL ({url}): {message}")]
-    BadUrl { url: String, message: String },
-    #[error("Postgres at {url}: {message}; start it with scripts/services.sh or set DATABASE_URL")]
-    Unreachable { url: String, message: String },
-    #[error("Postgres at {url}: migrations failed: {message}")]
-    Migrate { url: String, message: String },
+    /// `DATABASE_URL` does not parse.
+    #[error("DATABASE_URL is not a valid Postgres URL ({url}): {source}")]
+    BadUrl {
+        /// The address, with any password replaced by `***`.
+        url: String,
+        /// What sqlx said about the URL.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// No connection, or the first statements failed.
+    #[error("Postgres at {url}: {source}; start it with scripts/services.sh or set DATABASE_URL")]
+    Unreachable {
+        /// The address, with any password replaced by `***`.
+        url: String,
+        /// What went wrong.
+        #[source]
+        source: crate::BoxError,
+    },
+    /// A migration failed.
+    #[error("Postgres at {url}: migrations failed: {source}")]
+    Migrate {
+        /// The address, with any password replaced by `***`.
+        url: String,
+        /// What the migrator said.
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+    /// Start-up without migrating found migrations not applied.
     #[error("Postgres at {url}: migrations not applied: {missing}; run `eo migrate` against this database (the deploy's migrate step does)")]
-    NotMigrated { url: String, missing: String },
+    NotMigrated {
+        /// The address, with any password replaced by `***`.
+        url: String,
+        /// The missing migrations, comma-separated.
+        missing: String,
+    },
 }
 
 fn options(config: &PostgresConfig) -> Result<PgConnectOptions, PostgresError> {
     let url = redact_url(config.url.expose());
     let opts = PgConnectOptions::from_str(config.url.expose())
-        .map_err(|e| PostgresError::BadUrl { url, message: e.to_string() })?
+        .map_err(|source| PostgresError::BadUrl { url, source })?
         // Statement logging would print parameters (payloads) at info level.
         .disable_statement_logging();
     let opts = match &config.schema {
@@ -44,13 +73,13 @@ fn options(config: &PostgresConfig) -> Result<PgConnectOptions, PostgresError> {
 /// Lambda init skips that round trip: `eo migrate` made it).
 pub async fn connect(config: &PostgresConfig, create_schema: bool) -> Result<PgPool, PostgresError> {
     let url = redact_url(config.url.expose());
-    let unreachable = |e: sqlx::Error| PostgresError::Unreachable { url: url.clone(), message: e.to_string() };
+    let unreachable = |e: sqlx::Error| PostgresError::Unreachable { url: url.clone(), source: e.into() };
     let opts = options(config)?;
     if let Some(schema) = config.schema.as_ref().filter(|_| create_schema) {
         // The schema name was validated as a plain identifier by the config loader.
         let mut conn = tokio::time::timeout(config.connect_timeout, opts.connect())
             .await
-            .map_err(|_| PostgresError::Unreachable { url: url.clone(), message: "connect timed out".into() })?
+            .map_err(|_| PostgresError::Unreachable { url: url.clone(), source: "connect timed out".into() })?
             .map_err(unreachable)?;
         sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
             .execute(&mut conn)
@@ -73,10 +102,7 @@ pub async fn connect(config: &PostgresConfig, create_schema: bool) -> Result<PgP
 
 /// Applies pending migrations (idempotent).
 pub async fn migrate(pool: &PgPool, config: &PostgresConfig) -> Result<(), PostgresError> {
-    MIGRATOR
-        .run(pool)
-        .await
-        .map_err(|e| PostgresError::Migrate { url: redact_url(config.url.expose()), message: e.to_string() })
+    MIGRATOR.run(pool).await.map_err(|source| PostgresError::Migrate { url: redact_url(config.url.expose()), source })
 }
 
 /// The fast start-up check of a process that does not migrate (Lambda): one query, and
@@ -88,7 +114,7 @@ pub async fn check_migrations(pool: &PgPool, config: &PostgresConfig) -> Result<
             Ok(v) => v,
             // No migration table: nothing applied.
             Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Vec::new(),
-            Err(e) => return Err(PostgresError::Unreachable { url, message: e.to_string() }),
+            Err(e) => return Err(PostgresError::Unreachable { url, source: e.into() }),
         };
     let missing: Vec<String> = MIGRATOR
         .iter()

@@ -12,12 +12,29 @@ use crate::config::KafkaConfig;
 use crate::event_id::IDEMPOTENCY_KEY_HEADER;
 use crate::kafka_client::KafkaContext;
 
+/// A message was not published.
 #[derive(Debug, thiserror::Error)]
 pub enum ProduceError {
-    #[error("Kafka producer for {brokers}: {message}")]
-    Create { brokers: String, message: String },
-    #[error("Kafka: publishing to `{topic}` failed ({}): {message}", kind.label())]
-    Send { topic: String, kind: SendFailure, message: String },
+    /// The producer could not be made.
+    #[error("Kafka producer for {brokers}: {source}")]
+    Create {
+        /// The bootstrap servers it was given.
+        brokers: String,
+        /// What rdkafka said.
+        #[source]
+        source: Box<KafkaError>,
+    },
+    /// The broker did not take the message; `kind` says whether it is the message's fault.
+    #[error("Kafka: publishing to `{topic}` failed ({}): {source}", kind.label())]
+    Send {
+        /// The topic it was sent to.
+        topic: String,
+        /// Whether the message or Kafka is at fault.
+        kind: SendFailure,
+        /// What rdkafka said.
+        #[source]
+        source: Box<KafkaError>,
+    },
 }
 
 impl ProduceError {
@@ -53,6 +70,8 @@ pub enum SendFailure {
 }
 
 impl SendFailure {
+    /// The label used in metrics and logs: the refusal's reason, `unavailable` or
+    /// `retry`.
     pub fn label(&self) -> &'static str {
         match self {
             SendFailure::Rejected(reason) => reason,
@@ -124,6 +143,7 @@ pub fn idempotency_key() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
+/// Publishes messages to Kafka (the outbox relay, `eo produce`).
 pub struct Producer {
     inner: FutureProducer<KafkaContext>,
 }
@@ -137,7 +157,7 @@ impl Producer {
             .set("linger.ms", "5")
             .set("message.timeout.ms", kafka.produce_timeout.as_millis().to_string())
             .create_with_context(KafkaContext::new(kafka))
-            .map_err(|e| ProduceError::Create { brokers: kafka.brokers.clone(), message: e.to_string() })?;
+            .map_err(|e| ProduceError::Create { brokers: kafka.brokers.clone(), source: Box::new(e) })?;
         Ok(Self { inner })
     }
 
@@ -168,7 +188,7 @@ impl Producer {
         delivery.map(|d| (d.partition, d.offset)).map_err(|(e, _)| ProduceError::Send {
             topic: topic.to_owned(),
             kind: SendFailure::of(&e),
-            message: e.to_string(),
+            source: Box::new(e),
         })
     }
 }

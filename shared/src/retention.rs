@@ -17,10 +17,15 @@ use sqlx::PgPool;
 use crate::config::RetentionConfig;
 use crate::metrics::metrics;
 
+/// What one cleanup deleted.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct CleanupReport {
+    /// Rows deleted from `processed_events` (confirmed ids past `RETENTION_DAYS`).
     pub processed_events_deleted: u64,
+    /// Rows deleted from `event_attempts` (failure counters not updated for
+    /// `RETENTION_DAYS`).
     pub attempts_deleted: u64,
+    /// Published outbox messages deleted (past `OUTBOX_RETENTION_HOURS`).
     pub outbox_deleted: u64,
     /// Delete statements run.
     pub batches: u64,

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use exactly_once::config::{KafkaConfig, ProcessEnv};
+use exactly_once::isolation::{delete_keys, Slice};
 use exactly_once::producer::Producer;
 use exactly_once::{Clients, Config, Event};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -27,6 +28,7 @@ pub struct TestEnv {
     pub kafka: KafkaConfig,
     /// The configuration before the test's tweaks (used for cleanup).
     config: Config,
+    slice: Slice,
     pub schema: String,
     pub clickhouse_db: String,
     pub key_prefix: String,
@@ -39,12 +41,11 @@ impl TestEnv {
 
     /// Like `new`, with a chance to adjust the configuration first.
     pub async fn with(tweak: impl FnOnce(&mut Config)) -> Self {
-        let name = unique("t");
+        let slice = Slice::new("t");
+        let name = slice.name().to_owned();
         let mut config = Config::load().expect("configuration from the environment");
-        config.postgres.schema = Some(name.clone());
+        slice.apply(&mut config);
         config.postgres.max_connections = 8;
-        config.clickhouse.database = name.clone();
-        config.redis.key_prefix = name.clone();
         // Cleanup goes straight to the services, even if the test pointed a client
         // elsewhere (a proxy that dies with the test's runtime).
         let cleanup = config.clone();
@@ -53,14 +54,14 @@ impl TestEnv {
             .await
             .unwrap_or_else(|e| panic!("test services unreachable ({e}); run scripts/services.sh first"));
         let mut kafka = KafkaConfig::from_env(&ProcessEnv).expect("Kafka configuration");
-        kafka.topic_prefix = format!("{name}.");
-        kafka.group_id = name.clone();
+        slice.apply_kafka(&mut kafka);
         kafka.session_timeout = Duration::from_secs(10);
         Self {
             clients,
             kafka,
             config: cleanup,
-            schema: name.clone(),
+            slice,
+            schema: name,
             clickhouse_db: config.clickhouse.database.clone(),
             key_prefix: config.redis.key_prefix.clone(),
         }
@@ -71,7 +72,7 @@ impl TestEnv {
     }
 
     pub async fn redis(&self) -> deadpool_redis::Connection {
-        self.clients.leases.pool().get().await.expect("redis connection")
+        self.clients.redis.pool().get().await.expect("redis connection")
     }
 
     pub async fn redis_exists(&self, key: &str) -> bool {
@@ -82,7 +83,7 @@ impl TestEnv {
 
     /// Deletes this test's Redis keys (what a Redis restart or FLUSHALL would do to it).
     pub async fn flush_redis(&self) {
-        flush_prefix(&mut self.redis().await, &self.key_prefix).await;
+        delete_keys(&mut self.redis().await, &self.key_prefix).await;
     }
 
     pub async fn count(&self, sql: &str) -> i64 {
@@ -94,40 +95,14 @@ impl TestEnv {
     }
 }
 
-async fn flush_prefix(conn: &mut impl redis::aio::ConnectionLike, prefix: &str) {
-    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(conn).await.expect("KEYS");
-    if !keys.is_empty() {
-        let _: i64 = redis::cmd("DEL").arg(&keys).query_async(conn).await.expect("DEL");
-    }
-}
-
 impl Drop for TestEnv {
     fn drop(&mut self) {
         // Async cleanup from a sync Drop, so it also runs when the test panicked: fresh
         // connections on a fresh runtime (the test's pools are bound to its runtime).
-        let config = self.config.clone();
-        let (schema, db, prefix) = (self.schema.clone(), self.clickhouse_db.clone(), self.key_prefix.clone());
+        let (config, slice) = (self.config.clone(), self.slice.clone());
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            let work = async move {
-                use sqlx::Connection;
-                if let Ok(mut pg) = sqlx::PgConnection::connect(config.postgres.url.expose()).await {
-                    let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE")).execute(&mut pg).await;
-                }
-                let ch = exactly_once::clickhouse::Client::default()
-                    .with_url(config.clickhouse.url())
-                    .with_user(&config.clickhouse.user)
-                    .with_password(config.clickhouse.password.expose())
-                    .with_validation(false)
-                    .with_compression(exactly_once::clickhouse::Compression::None);
-                let _ = ch.query(&format!("DROP DATABASE IF EXISTS {db}")).execute().await;
-                if let Ok(client) = redis::Client::open(config.redis.url.expose()) {
-                    if let Ok(mut c) = client.get_multiplexed_async_connection().await {
-                        flush_prefix(&mut c, &prefix).await;
-                    }
-                }
-            };
-            let _ = rt.block_on(async { tokio::time::timeout(std::time::Duration::from_secs(10), work).await });
+            rt.block_on(slice.remove(&config, Duration::from_secs(10)));
         })
         .join();
     }

@@ -226,17 +226,7 @@ async fn lambda_processes_a_batch_skips_its_repeat_and_dead_letters_poison() {
 
 /// What an EventBridge rule's schedule delivers (AWS's documented example).
 fn scheduled_event() -> Value {
-    serde_json::json!({
-        "version": "0",
-        "id": "53dc4d37-cffa-4f76-80c9-8b7d4a4d2eaa",
-        "detail-type": "Scheduled Event",
-        "source": "aws.events",
-        "account": "123456789012",
-        "time": "2015-10-08T16:53:06Z",
-        "region": "us-east-1",
-        "resources": ["arn:aws:events:us-east-1:123456789012:rule/outbox-drain"],
-        "detail": {}
-    })
+    serde_json::from_str(include_str!("../../../shared/src/runtime/fixtures/scheduled_event.json")).expect("JSON")
 }
 
 /// Every function binary shares the Lambda runtime and its outbox relay; the deployment

@@ -14,13 +14,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_redis::{Pool, Runtime};
 use redis::Script;
 
 use crate::breaker::{BreakerOpen, CircuitBreaker};
-use crate::config::{redact_url, RedisConfig};
 use crate::event::PayloadHash;
 use crate::event_id::{EventId, Namespace};
+use crate::redis_client::{RedisClient, RedisConnectError};
+use crate::BoxError;
 
 /// KEYS: n done keys, then the n matching lease keys; ARGV: token, ttl (ms).
 /// One MGET reads every done marker; ids without one try `SET NX PX` for the lease.
@@ -98,85 +98,78 @@ pub enum LeaseReply {
 
 /// What to do with one id on release.
 pub struct Release<'a> {
+    /// The id whose lease is released.
     pub id: &'a EventId,
     /// `Some`: the event is confirmed; write its done marker with this hash.
     pub done: Option<PayloadHash>,
 }
 
+/// Why a Redis call failed; the guard falls back to Postgres for the batch.
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
+    /// The Redis breaker is open: no call was made.
     #[error(transparent)]
     BreakerOpen(#[from] BreakerOpen),
-    #[error("Redis at {url}: {message}")]
-    Redis { url: String, message: String },
+    /// Redis answered with an error, or the connection failed.
+    #[error("Redis at {url}: {source}")]
+    Redis {
+        /// The address, with any password replaced by `***`.
+        url: String,
+        /// What the client said.
+        #[source]
+        source: BoxError,
+    },
+    /// Redis did not answer within `REDIS_TIMEOUT_MS`.
     #[error("Redis at {url}: no answer within {} ms", timeout.as_millis())]
-    Timeout { url: String, timeout: Duration },
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("Redis at {url}: {message}; start it with scripts/services.sh or set REDIS_URL")]
-pub struct RedisConnectError {
-    pub url: String,
-    pub message: String,
+    Timeout {
+        /// The address, with any password replaced by `***`.
+        url: String,
+        /// How long the call waited.
+        timeout: Duration,
+    },
 }
 
 /// The Redis side of the guard, shared by every function in a process.
 pub struct Leases {
-    pool: Pool,
+    redis: RedisClient,
     breaker: Arc<CircuitBreaker>,
     prefix: String,
-    timeout: Duration,
-    url: String,
     acquire: Script,
     release: Script,
     hold: Script,
 }
 
 impl Leases {
-    /// Builds the pool and checks that Redis answers (fail fast at start-up).
-    pub async fn connect(config: &RedisConfig, breaker: Arc<CircuitBreaker>) -> Result<Self, RedisConnectError> {
-        let url = redact_url(config.url.expose());
-        let err = |message: String| RedisConnectError { url: url.clone(), message };
-        let pool = deadpool_redis::Config::from_url(config.url.expose())
-            .builder()
-            .map_err(|e| err(e.to_string()))?
-            .max_size(config.pool_size)
-            .wait_timeout(Some(config.timeout))
-            .create_timeout(Some(config.timeout))
-            .recycle_timeout(Some(config.timeout))
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(|e| err(e.to_string()))?;
+    /// Leases over `redis`, keys under `prefix`. Loads the scripts now: it saves the
+    /// first batch a NOSCRIPT round trip, and a Redis that refuses scripts fails start-up.
+    pub async fn connect(
+        redis: RedisClient,
+        prefix: &str,
+        breaker: Arc<CircuitBreaker>,
+    ) -> Result<Self, RedisConnectError> {
         let leases = Self {
-            pool,
+            redis,
             breaker,
-            prefix: config.key_prefix.clone(),
-            timeout: config.timeout,
-            url: url.clone(),
+            prefix: prefix.to_owned(),
             acquire: Script::new(ACQUIRE),
             release: Script::new(RELEASE),
             hold: Script::new(HOLD),
         };
-        // Loading the scripts proves Redis answers and saves the first batch a NOSCRIPT
-        // round trip.
-        let mut conn = tokio::time::timeout(config.timeout, leases.pool.get())
-            .await
-            .map_err(|_| err(format!("no connection within {} ms", config.timeout.as_millis())))?
-            .map_err(|e| err(e.to_string()))?;
+        let err = |source: BoxError| RedisConnectError { url: leases.redis.url().to_owned(), source };
+        let mut conn = leases.redis.connection().await.map_err(err)?;
         for script in [&leases.acquire, &leases.release, &leases.hold] {
-            script.load_async(&mut conn).await.map_err(|e| err(e.to_string()))?;
+            script.load_async(&mut conn).await.map_err(|e| err(e.into()))?;
         }
         Ok(leases)
     }
 
+    /// The breaker in front of Redis.
     pub fn breaker(&self) -> &Arc<CircuitBreaker> {
         &self.breaker
     }
 
-    pub fn pool(&self) -> &Pool {
-        &self.pool
-    }
-
+    /// The Redis key of `kind` (`done` or `lease`) for `id`:
+    /// `<prefix>:{<namespace>}:<kind>:<id>`.
     pub fn key(&self, ns: &Namespace, kind: &str, id: &EventId) -> String {
         format!("{}:{{{}}}:{}:{}", self.prefix, ns, kind, id)
     }
@@ -260,8 +253,8 @@ impl Leases {
     fn one_per_id<T>(&self, script: &str, replies: Vec<T>, ids: usize) -> Result<Vec<T>, LeaseError> {
         if replies.len() != ids {
             return Err(LeaseError::Redis {
-                url: self.url.clone(),
-                message: format!("{script} script answered {} replies for {ids} ids", replies.len()),
+                url: self.redis.url().to_owned(),
+                source: format!("{script} script answered {} replies for {ids} ids", replies.len()).into(),
             });
         }
         Ok(replies)
@@ -297,21 +290,21 @@ impl Leases {
     {
         let permit = self.breaker.try_acquire()?;
         let work = async {
-            let conn = self.pool.get().await.map_err(|e| e.to_string())?;
-            f(conn).await.map_err(|e| e.to_string())
+            let conn = self.redis.pool().get().await.map_err(BoxError::from)?;
+            f(conn).await.map_err(BoxError::from)
         };
-        match tokio::time::timeout(self.timeout, work).await {
+        match tokio::time::timeout(self.redis.timeout(), work).await {
             Ok(Ok(v)) => {
                 permit.success();
                 Ok(v)
             }
-            Ok(Err(message)) => {
+            Ok(Err(source)) => {
                 permit.failure();
-                Err(LeaseError::Redis { url: self.url.clone(), message })
+                Err(LeaseError::Redis { url: self.redis.url().to_owned(), source })
             }
             Err(_) => {
                 permit.failure();
-                Err(LeaseError::Timeout { url: self.url.clone(), timeout: self.timeout })
+                Err(LeaseError::Timeout { url: self.redis.url().to_owned(), timeout: self.redis.timeout() })
             }
         }
     }

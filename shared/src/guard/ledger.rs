@@ -44,8 +44,12 @@ pub async fn has_v1_only_rows(pool: &PgPool, ns: &Namespace) -> Result<bool, sql
 
 /// One id to confirm (an event in the transition between id formats has two).
 pub struct ConfirmRow<'a> {
+    /// The id to confirm under.
     pub id: &'a EventId,
+    /// The event, for its position.
     pub event: &'a Event,
+    /// Its payload hash, kept to tell a true duplicate from a different payload under the
+    /// same id.
     pub hash: PayloadHash,
 }
 
@@ -128,12 +132,16 @@ pub async fn record_failures(
 
 /// One event to dead-letter.
 pub struct DeadLetterRow<'a> {
+    /// The id the dead letter is stored and confirmed under.
     pub id: &'a EventId,
     /// Its v2 id, in the transition between formats: confirmed (dead-lettered) along
     /// with `id`, so processes on v2 know the event is settled.
     pub shadow: Option<&'a EventId>,
+    /// The record as received, stored whole for inspection and replay.
     pub event: &'a Event,
+    /// Why it is dead-lettered.
     pub reason: crate::outcome::DeadLetterReason,
+    /// The last error, for people.
     pub error: String,
     /// Attempts taken; 0: this one plus those counted before.
     pub attempts: u32,
@@ -263,6 +271,7 @@ pub struct IdHistory {
     pub dead_letters: Vec<(i64, String, String, bool)>,
 }
 
+/// Everything the ledger holds about `id` in `ns` (`eo inspect`).
 pub async fn history(pool: &PgPool, ns: &Namespace, id: &EventId) -> Result<IdHistory, sqlx::Error> {
     use sqlx::Row;
     let confirmed = sqlx::query(
@@ -299,13 +308,22 @@ pub async fn history(pool: &PgPool, ns: &Namespace, id: &EventId) -> Result<IdHi
 /// One open dead-letter entry (`eo dead-letters list`).
 #[derive(Debug, Clone)]
 pub struct DeadLetterEntry {
+    /// The entry's id (`eo dead-letters replay <id>`).
     pub id: i64,
+    /// The function (namespace) it belongs to.
     pub function: String,
+    /// The event id it was dead-lettered under.
     pub event_id: String,
+    /// `topic-partition@offset` of the record.
     pub position: String,
+    /// The [`DeadLetterReason`](crate::outcome::DeadLetterReason) label, e.g.
+    /// `max_attempts`.
     pub reason: String,
+    /// The last error.
     pub error: String,
+    /// Attempts taken.
     pub attempts: i32,
+    /// When it was dead-lettered, as Postgres prints a `timestamptz`.
     pub created_at: String,
 }
 
@@ -343,9 +361,13 @@ pub async fn open_dead_letters(
 
 /// An open dead letter, with the record as it was stored.
 pub struct StoredDeadLetter {
+    /// The function (namespace) it belongs to.
     pub function: String,
+    /// The event id it was dead-lettered under.
     pub event_id: String,
+    /// The [`DeadLetterReason`](crate::outcome::DeadLetterReason) label.
     pub reason: String,
+    /// The record, rebuilt from the stored key, value and headers.
     pub event: Event,
 }
 

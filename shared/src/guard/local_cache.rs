@@ -18,9 +18,12 @@ use crate::event_id::EventId;
 /// growth with the weighed size (docs/BENCHMARKS.md); 300 keeps RSS within the bound.
 pub const ENTRY_OVERHEAD_BYTES: u32 = 300;
 
+/// The in-process cache of confirmed ids, with the payload hash each was confirmed with.
 pub struct LocalCache(Option<Cache<EventId, PayloadHash>>);
 
 impl LocalCache {
+    /// A cache of at most `max_bytes` whose entries live `ttl`; disabled when either is
+    /// zero.
     pub fn new(ttl: Duration, max_bytes: u64) -> Self {
         if ttl.is_zero() || max_bytes == 0 {
             return Self(None);
@@ -36,22 +39,26 @@ impl LocalCache {
         ))
     }
 
+    /// The confirmed payload hash of `id`, if cached.
     pub fn get(&self, id: &EventId) -> Option<PayloadHash> {
         self.0.as_ref()?.get(id)
     }
 
+    /// Remembers a confirmed id; call only after Postgres confirmed it.
     pub fn insert(&self, id: EventId, hash: PayloadHash) {
         if let Some(c) = &self.0 {
             c.insert(id, hash);
         }
     }
 
+    /// Forgets `id` (a dead letter about to be replayed).
     pub fn remove(&self, id: &EventId) {
         if let Some(c) = &self.0 {
             c.invalidate(id);
         }
     }
 
+    /// Whether the cache is on (a TTL and a size above zero).
     pub fn is_enabled(&self) -> bool {
         self.0.is_some()
     }
@@ -64,6 +71,7 @@ impl LocalCache {
         })
     }
 
+    /// Entries held, after pending maintenance.
     pub fn entry_count(&self) -> u64 {
         self.0.as_ref().map_or(0, |c| {
             c.run_pending_tasks();

@@ -41,7 +41,6 @@ pub mod ledger;
 pub mod local_cache;
 mod report;
 mod slot;
-pub(crate) mod transaction;
 
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
@@ -69,7 +68,7 @@ use self::lease::{LeaseError, LeaseReply, Leases, Release};
 use self::ledger::{ConfirmRow, DeadLetterRow};
 use self::local_cache::LocalCache;
 use self::slot::{fail_all, unconfirmed, Rejection, Slot};
-use self::transaction::LazyTx;
+use crate::transaction::LazyTx;
 
 /// Round trips made by one guard, for tests and the benchmark.
 #[derive(Debug, Default)]
@@ -79,9 +78,11 @@ pub struct RoundTrips {
 }
 
 impl RoundTrips {
+    /// Round trips to Redis so far.
     pub fn redis(&self) -> u64 {
         self.redis.load(Ordering::Relaxed)
     }
+    /// Round trips to Postgres so far.
     pub fn postgres(&self) -> u64 {
         self.postgres.load(Ordering::Relaxed)
     }
@@ -105,6 +106,8 @@ pub struct Guard {
 }
 
 impl Guard {
+    /// The guard of the function `namespace`; fails if the name is not a valid
+    /// [`Namespace`].
     pub fn new(clients: &Clients, namespace: &str, ids: IdStrategy, config: GuardConfig) -> Result<Self, IdError> {
         let id_format = config.id_format;
         Ok(Self {
@@ -121,14 +124,17 @@ impl Guard {
         })
     }
 
+    /// The function's namespace.
     pub fn namespace(&self) -> &Namespace {
         &self.ns
     }
 
+    /// The round trips this guard has made.
     pub fn round_trips(&self) -> &RoundTrips {
         &self.round_trips
     }
 
+    /// This guard's in-process cache of confirmed ids.
     pub fn local_cache(&self) -> &LocalCache {
         &self.cache
     }

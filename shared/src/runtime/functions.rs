@@ -14,27 +14,45 @@ use crate::handler::{FunctionSpec, Handler};
 use crate::outcome::{EventOutcome, FailureKind, Outcome};
 use crate::sink::SinkError;
 
+/// One function as a process runs it: its spec, its handler and its guard.
 pub struct Function {
+    /// What the function is.
     pub spec: FunctionSpec,
+    /// Its handler.
     pub handler: Arc<dyn Handler>,
+    /// Its guard, built from the process's clients with the function's own attempt limit.
     pub guard: Arc<Guard>,
     /// The topics it reads, with the configured prefix.
     pub topics: Vec<String>,
 }
 
+/// The functions of one process, found by name or by topic.
 pub struct Functions {
     list: Vec<Arc<Function>>,
     by_topic: HashMap<String, usize>,
 }
 
+/// Why the functions could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum FunctionsError {
+    /// The function's name is not a valid namespace: (function, why).
     #[error("function `{0}`: {1}")]
     Invalid(String, String),
+    /// Two functions read the same topic.
     #[error("topic `{topic}` is claimed by both `{first}` and `{second}`")]
-    TopicClash { topic: String, first: String, second: String },
+    TopicClash {
+        /// The topic, with the configured prefix.
+        topic: String,
+        /// The function that claimed it first.
+        first: String,
+        /// The function that claimed it second.
+        second: String,
+    },
+    /// Applying a function's ClickHouse DDL failed: (function, error).
     #[error("function `{0}`: {1}")]
     Ddl(String, SinkError),
+    /// The ClickHouse tables a function needs are missing (a process that does not apply
+    /// DDL).
     #[error("{0}")]
     NotMigrated(SinkError),
 }
@@ -99,10 +117,12 @@ impl Functions {
         Ok(Self { list, by_topic })
     }
 
+    /// Every function, in the order they were given.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Function>> {
         self.list.iter()
     }
 
+    /// The function named `name`.
     pub fn by_name(&self, name: &str) -> Option<&Arc<Function>> {
         self.list.iter().find(|f| f.spec.name == name)
     }
@@ -117,6 +137,7 @@ impl Functions {
         }
     }
 
+    /// Every function's topics, with the configured prefix.
     pub fn topics(&self) -> Vec<String> {
         self.list.iter().flat_map(|f| f.topics.iter().cloned()).collect()
     }

@@ -69,11 +69,7 @@ async fn readyz(State(s): State<AppState>) -> Response {
     const PROBE: Duration = Duration::from_secs(2);
     let postgres =
         matches!(tokio::time::timeout(PROBE, sqlx::query("SELECT 1").execute(&s.clients.pg)).await, Ok(Ok(_)));
-    let redis = async {
-        let mut conn = s.clients.leases.pool().get().await.ok()?;
-        redis::cmd("PING").query_async::<String>(&mut conn).await.ok()
-    };
-    let redis = matches!(tokio::time::timeout(PROBE, redis).await, Ok(Some(_)));
+    let redis = s.clients.redis.ping(PROBE).await;
     let clickhouse = matches!(
         tokio::time::timeout(PROBE, s.clients.sink.client().query("SELECT 1").fetch_one::<u8>()).await,
         Ok(Ok(1))

@@ -55,11 +55,17 @@ const MIN_PROBE_WAIT: Duration = Duration::from_millis(100);
 /// invocation, retried for ever.
 const MAX_OUTCOMES_IN_ANSWER: usize = 100;
 
+/// Records of a batch left unfinished: the invocation fails so that Lambda retries the
+/// batch.
 #[derive(Debug, thiserror::Error)]
 #[error("{unfinished} of {total} records not finished, the batch will be retried: {detail}")]
 pub struct UnfinishedBatch {
+    /// Records not finished.
     pub unfinished: usize,
+    /// Records in the batch.
     pub total: usize,
+    /// The first unfinished records (at most 20), `topic-partition@offset (outcome)`,
+    /// joined with `; `.
     pub detail: String,
 }
 
@@ -70,7 +76,10 @@ pub enum Invocation {
     Msk(MskEvent),
     /// An EventBridge rule's scheduled event (`"source": "aws.events"`,
     /// `"detail-type": "Scheduled Event"`): drain the outbox. `rule` is the rule's ARN.
-    Scheduled { rule: Option<String> },
+    Scheduled {
+        /// The rule's ARN (the event's first resource), if given.
+        rule: Option<String>,
+    },
 }
 
 /// A payload that is neither an MSK event nor a scheduled event.
@@ -113,8 +122,10 @@ impl Invocation {
 /// Why an invocation failed (the `errorType` Lambda records is the variant's name).
 #[derive(Debug, thiserror::Error)]
 pub enum InvocationError {
+    /// Records were left unfinished and `batchItemFailures` is off.
     #[error(transparent)]
     Unfinished(#[from] UnfinishedBatch),
+    /// The payload is neither an MSK event nor a scheduled event.
     #[error(transparent)]
     Unrecognised(#[from] UnrecognisedEvent),
     /// The scheduled drain could not run (Postgres unreachable); the next schedule
@@ -136,13 +147,21 @@ impl From<InvocationError> for lambda_runtime::Diagnostic {
 
 /// Everything an invocation needs, built once at init and shared by every invocation.
 pub struct LambdaApp {
+    /// The process's functions, each with its guard.
     pub functions: Arc<Functions>,
+    /// The outbox relay, drained after a batch and on a schedule.
     pub relay: Arc<Relay>,
+    /// The ClickHouse breaker: a batch stopped by it waits for a probe before running
+    /// records again.
     pub clickhouse: Arc<CircuitBreaker>,
+    /// The Postgres pool (the scheduled outbox cleanup).
     pub pg: PgPool,
+    /// How long published outbox messages are kept.
     pub retention: RetentionConfig,
     /// Time a ClickHouse probe may take (its write timeout).
     pub probe_budget: Duration,
+    /// `LAMBDA_REPORT_BATCH_ITEM_FAILURES`: answer a partly failed batch with
+    /// `batchItemFailures`.
     pub report_batch_item_failures: bool,
 }
 
@@ -348,6 +367,7 @@ pub fn summary(outcomes: &[EventOutcome]) -> Value {
     })
 }
 
+/// One record's outcome as JSON, as the invocation's answer and `POST /invoke` give it.
 pub fn outcome_json(o: &EventOutcome) -> Value {
     let mut v = json!({
         "topic": o.topic,
@@ -382,25 +402,16 @@ impl From<UnfinishedBatch> for lambda_runtime::Diagnostic {
 mod tests {
     use super::*;
 
-    /// AWS's documented example of what an EventBridge rule's schedule delivers.
-    const SCHEDULED: &str = r#"{
-        "version": "0",
-        "id": "53dc4d37-cffa-4f76-80c9-8b7d4a4d2eaa",
-        "detail-type": "Scheduled Event",
-        "source": "aws.events",
-        "account": "123456789012",
-        "time": "2015-10-08T16:53:06Z",
-        "region": "us-east-1",
-        "resources": ["arn:aws:events:us-east-1:123456789012:rule/my-scheduled-rule"],
-        "detail": {}
-    }"#;
+    /// AWS's documented example of what an EventBridge rule's schedule delivers (the
+    /// binary's tests send the same one).
+    const SCHEDULED: &str = include_str!("fixtures/scheduled_event.json");
 
     #[test]
     fn a_scheduled_event_and_an_msk_event_are_told_apart() {
         let scheduled = Invocation::classify(serde_json::from_str(SCHEDULED).unwrap()).unwrap();
         assert_eq!(
             scheduled,
-            Invocation::Scheduled { rule: Some("arn:aws:events:us-east-1:123456789012:rule/my-scheduled-rule".into()) }
+            Invocation::Scheduled { rule: Some("arn:aws:events:us-east-1:123456789012:rule/outbox-drain".into()) }
         );
         let msk =
             json!({"eventSource": "aws:kafka", "records": {"t-0": [{"topic": "t", "partition": 0, "offset": 1}]}});

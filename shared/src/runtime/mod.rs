@@ -56,20 +56,34 @@ pub fn main(handlers: Vec<Arc<dyn Handler>>) -> ExitCode {
 /// Why a process could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    /// A configuration value is invalid.
     #[error("configuration: {0}")]
     Config(#[from] ConfigError),
+    /// A dependency could not be reached at start-up.
     #[error("start-up: {0}")]
     Init(#[from] InitError),
+    /// The functions could not be set up.
     #[error("start-up: {0}")]
     Functions(#[from] functions::FunctionsError),
+    /// Kafka could not be reached, or its consumer or topics could not be set up.
     #[error("start-up: {0}")]
     Worker(#[from] worker::WorkerError),
-    #[error("HTTP server on {bind}: {message}")]
-    Http { bind: String, message: String },
+    /// The HTTP server could not bind its address.
+    #[error("HTTP server on {bind}: {source}")]
+    Http {
+        /// The address it tried.
+        bind: String,
+        /// What the system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The Lambda runtime stopped with an error.
     #[error("Lambda runtime: {0}")]
     Lambda(String),
+    /// The outbox relay's producer could not be made.
     #[error("start-up: {0}")]
     Outbox(#[from] crate::outbox::RelayError),
+    /// The Kafka client could not be prepared (MSK brokers, IAM tokens).
     #[error("start-up: {0}")]
     Kafka(#[from] crate::kafka_client::KafkaClientError),
 }
@@ -158,7 +172,7 @@ pub async fn run_worker(handlers: Vec<Arc<dyn Handler>>, options: WorkerOptions)
         let _ = http_stopped.await;
     })
     .await
-    .map_err(|e| RunError::Http { bind: http.bind.to_string(), message: e.to_string() })?;
+    .map_err(|source| RunError::Http { bind: http.bind.to_string(), source })?;
     let worker = Worker::start(&clients, functions.clone(), &kafka, &worker_config).await?;
     let retention = crate::retention::spawn(clients.pg.clone(), config.retention.clone());
     let relay = crate::outbox::Relay::new(clients.pg.clone(), &kafka, clients.kafka_breaker.clone())?

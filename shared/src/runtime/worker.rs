@@ -43,7 +43,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
@@ -58,14 +58,30 @@ use crate::outcome::{FailureKind, Outcome};
 
 type TopicPartition = (String, i32);
 
+/// The worker could not start consuming.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    #[error("Kafka at {brokers}: {message}; start it with scripts/services.sh or set KAFKA_BROKERS")]
-    Unreachable { brokers: String, message: String },
+    /// No broker answered the start-up probe.
+    #[error("Kafka at {brokers}: {source}; start it with scripts/services.sh or set KAFKA_BROKERS")]
+    Unreachable {
+        /// The brokers tried.
+        brokers: String,
+        /// What the client said.
+        #[source]
+        source: crate::BoxError,
+    },
+    /// A client could not be made or a call failed.
     #[error("Kafka: {0}")]
     Kafka(#[from] KafkaError),
-    #[error("Kafka: cannot create topic `{topic}`: {message}")]
-    CreateTopic { topic: String, message: String },
+    /// The broker refused to create a topic.
+    #[error("Kafka: cannot create topic `{topic}`: {code}")]
+    CreateTopic {
+        /// The topic.
+        topic: String,
+        /// The broker's error code.
+        #[source]
+        code: RDKafkaErrorCode,
+    },
 }
 
 /// One in-flight slot: a permit of the `MAX_IN_FLIGHT_MESSAGES` bound and one unit of
@@ -209,21 +225,14 @@ impl Shared {
     }
 }
 
+/// The worker's consumer context: commits what revoked partitions finished, fences their
+/// tasks, and supplies IAM tokens.
 pub struct RebalanceContext {
     shared: Arc<Shared>,
     kafka: KafkaContext,
 }
 
-impl ClientContext for RebalanceContext {
-    const ENABLE_REFRESH_OAUTH_TOKEN: bool = true;
-
-    fn generate_oauth_token(
-        &self,
-        config: Option<&str>,
-    ) -> Result<rdkafka::client::OAuthToken, Box<dyn std::error::Error>> {
-        self.kafka.generate_oauth_token(config)
-    }
-}
+crate::client_context_serving_iam_tokens!(RebalanceContext);
 
 impl ConsumerContext for RebalanceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -298,7 +307,7 @@ pub async fn create_topics(kafka: &KafkaConfig, topics: &[String]) -> Result<(),
         match result {
             Ok(topic) => tracing::info!(%topic, partitions = kafka.topic_partitions, "created topic"),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => return Err(WorkerError::CreateTopic { topic, message: code.to_string() }),
+            Err((topic, code)) => return Err(WorkerError::CreateTopic { topic, code }),
         }
     }
     Ok(())
@@ -306,13 +315,13 @@ pub async fn create_topics(kafka: &KafkaConfig, topics: &[String]) -> Result<(),
 
 /// Fails fast when no broker answers within `timeout`.
 pub async fn check_reachable(kafka: &KafkaConfig, timeout: Duration) -> Result<(), WorkerError> {
-    let unreachable = |message: String| WorkerError::Unreachable { brokers: kafka.brokers.clone(), message };
+    let unreachable = |source: crate::BoxError| WorkerError::Unreachable { brokers: kafka.brokers.clone(), source };
     let probe: BaseConsumer<KafkaContext> =
-        client_config(kafka).create_with_context(KafkaContext::new(kafka)).map_err(|e| unreachable(e.to_string()))?;
+        client_config(kafka).create_with_context(KafkaContext::new(kafka)).map_err(|e| unreachable(e.into()))?;
     tokio::task::spawn_blocking(move || probe.fetch_metadata(None, timeout).map(|_| ()))
         .await
-        .map_err(|e| unreachable(e.to_string()))?
-        .map_err(|e| unreachable(e.to_string()))
+        .map_err(|e| unreachable(e.into()))?
+        .map_err(|e| unreachable(e.into()))
 }
 
 impl Worker {
@@ -367,7 +376,7 @@ impl Worker {
         let _ = self.main.await;
     }
 
-    /// Fault injection (tests, `eo chaos`): ends the task of one partition as a bug in
+    /// Fault injection (tests, `eo-faults chaos`): ends the task of one partition as a bug in
     /// it would, without fencing it. The worker must notice and recover. Returns whether
     /// the partition had a task.
     #[doc(hidden)]

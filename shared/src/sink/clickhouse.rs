@@ -26,11 +26,15 @@ use crate::config::{is_identifier, ClickHouseConfig};
 /// `major.minor` of the server, from `SELECT version()`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ServerVersion {
+    /// The major version, e.g. 24.
     pub major: u32,
+    /// The minor version, e.g. 3.
     pub minor: u32,
 }
 
 impl ServerVersion {
+    /// The version from `SELECT version()`'s answer (`24.3.1.2672`); `None` if it does
+    /// not start with `major.minor`.
     pub fn parse(s: &str) -> Option<Self> {
         let mut parts = s.trim().split('.');
         Some(Self { major: parts.next()?.parse().ok()?, minor: parts.next()?.parse().ok()? })
@@ -59,26 +63,78 @@ impl std::fmt::Display for ServerVersion {
     }
 }
 
+/// Why ClickHouse could not be used, or refused a write.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     /// The breaker is open: fail fast, retry later.
     #[error("ClickHouse unavailable: {0}")]
     BreakerOpen(#[from] BreakerOpen),
-    #[error("ClickHouse at {url}: insert into `{table}` failed: {message} (breaker {breaker})")]
-    Write { url: String, table: String, message: String, breaker: BreakerState },
+    /// Every attempt of a write failed (the server is unwell or unreachable).
+    #[error("ClickHouse at {url}: insert into `{table}` failed: {source} (breaker {breaker})")]
+    Write {
+        /// The endpoint of the last attempt.
+        url: String,
+        /// The table written to.
+        table: String,
+        /// What the last attempt's client said.
+        #[source]
+        source: clickhouse::error::Error,
+        /// The breaker's state after this failure.
+        breaker: BreakerState,
+    },
+    /// A write took longer than `CLICKHOUSE_TIMEOUT_MS`, all its attempts together.
     #[error("ClickHouse at {url}: no answer within {} ms (breaker {breaker})", timeout.as_millis())]
-    Timeout { url: String, timeout: Duration, breaker: BreakerState },
-    #[error("ClickHouse at {url}: {message}; start it with scripts/services.sh or set CLICKHOUSE_URL")]
-    Unreachable { url: String, message: String },
-    #[error("ClickHouse at {url}: DDL failed: {message}")]
-    Ddl { url: String, message: String },
+    Timeout {
+        /// Every configured endpoint, comma-separated.
+        url: String,
+        /// The time the write was given.
+        timeout: Duration,
+        /// The breaker's state after this failure.
+        breaker: BreakerState,
+    },
+    /// No endpoint answered at start-up, or the answer made no sense.
+    #[error("ClickHouse at {url}: {source}; start it with scripts/services.sh or set CLICKHOUSE_URL")]
+    Unreachable {
+        /// The endpoints tried, comma-separated.
+        url: String,
+        /// What went wrong, per endpoint.
+        #[source]
+        source: crate::BoxError,
+    },
+    /// A DDL statement failed.
+    #[error("ClickHouse at {url}: DDL failed: {source}")]
+    Ddl {
+        /// The endpoint the statement ran on.
+        url: String,
+        /// What the server or the client said.
+        #[source]
+        source: crate::BoxError,
+    },
+    /// Tables the function needs are missing (a process that does not apply DDL).
     #[error("ClickHouse at {url}: table(s) {tables} missing in database `{database}`; run `eo migrate` (the deploy's migrate step does)")]
-    NotMigrated { url: String, database: String, tables: String },
+    NotMigrated {
+        /// The endpoint that was asked.
+        url: String,
+        /// The database looked in.
+        database: String,
+        /// The missing tables, comma-separated.
+        tables: String,
+    },
     /// The server answered and refused the rows themselves (a value it cannot parse or
     /// convert, out of range, a failed check): the same rows fail the same way on every
     /// retry and every endpoint. Not an availability problem: it never feeds the breaker.
     #[error("ClickHouse at {url}: insert into `{table}` rejected the data (code {code}): {message}")]
-    Rejected { url: String, table: String, code: u32, message: String },
+    Rejected {
+        /// The endpoint that refused the rows.
+        url: String,
+        /// The table written to.
+        table: String,
+        /// The server's error code (one of the data rejection codes).
+        code: u32,
+        /// The server's message.
+        message: String,
+    },
+    /// Rows of two types were staged for one table (a programming error).
     #[error(transparent)]
     RowType(#[from] super::RowTypeMismatch),
 }
@@ -129,10 +185,12 @@ enum AttemptError {
     },
     Failed {
         table: String,
-        message: String,
+        source: clickhouse::error::Error,
     },
 }
 
+/// Batched inserts into ClickHouse over one or more endpoints, under the ClickHouse
+/// breaker.
 pub struct ClickHouseSink {
     /// One client per endpoint, in configuration order.
     clients: Vec<Client>,
@@ -171,7 +229,7 @@ impl ClickHouseSink {
             }
         }
         let Some((primary, raw)) = answered else {
-            return Err(SinkError::Unreachable { url: config.urls.join(","), message: failures.join("; ") });
+            return Err(SinkError::Unreachable { url: config.urls.join(","), source: failures.join("; ").into() });
         };
         if !failures.is_empty() {
             tracing::warn!(failed = ?failures, "some ClickHouse endpoints did not answer at start-up");
@@ -179,19 +237,19 @@ impl ClickHouseSink {
         let base = base_for(&config.urls[primary]);
         let version = ServerVersion::parse(&raw).ok_or_else(|| SinkError::Unreachable {
             url: config.urls[primary].clone(),
-            message: format!("unexpected version string {raw:?}"),
+            source: format!("unexpected version string {raw:?}").into(),
         })?;
 
         if !is_identifier(&config.database) {
             return Err(SinkError::Ddl {
                 url: config.urls[primary].clone(),
-                message: format!("invalid database name {:?}", config.database),
+                source: format!("invalid database name {:?}", config.database).into(),
             });
         }
         base.query(&format!("CREATE DATABASE IF NOT EXISTS {}", config.database))
             .execute()
             .await
-            .map_err(|e| SinkError::Ddl { url: config.urls[primary].clone(), message: e.to_string() })?;
+            .map_err(|e| SinkError::Ddl { url: config.urls[primary].clone(), source: e.into() })?;
 
         // Every endpoint is expected to be a replica of the same server version.
         let clients = config
@@ -210,10 +268,12 @@ impl ClickHouseSink {
         Ok(Self { clients, primary, next: AtomicUsize::new(0), breaker, version, config: config.clone() })
     }
 
+    /// The server version detected at connect.
     pub fn version(&self) -> ServerVersion {
         self.version
     }
 
+    /// The breaker in front of ClickHouse.
     pub fn breaker(&self) -> &Arc<CircuitBreaker> {
         &self.breaker
     }
@@ -223,10 +283,12 @@ impl ClickHouseSink {
         &self.clients[self.primary]
     }
 
+    /// Every configured endpoint (`CLICKHOUSE_URL`), in order.
     pub fn endpoints(&self) -> &[String] {
         &self.config.urls
     }
 
+    /// The database holding the function tables (`CLICKHOUSE_DATABASE`).
     pub fn database(&self) -> &str {
         &self.config.database
     }
@@ -253,7 +315,7 @@ impl ClickHouseSink {
                 .query_raw(statement)
                 .execute()
                 .await
-                .map_err(|e| SinkError::Ddl { url: self.config.urls[self.primary].clone(), message: e.to_string() })?;
+                .map_err(|e| SinkError::Ddl { url: self.config.urls[self.primary].clone(), source: e.into() })?;
         }
         Ok(())
     }
@@ -272,7 +334,7 @@ impl ClickHouseSink {
             .query("SELECT name FROM system.tables WHERE database = currentDatabase()")
             .fetch_all::<String>()
             .await
-            .map_err(|e| SinkError::Unreachable { url: url.clone(), message: e.to_string() })?;
+            .map_err(|e| SinkError::Unreachable { url: url.clone(), source: e.into() })?;
         let missing: Vec<String> = wanted.into_iter().filter(|t| !present.contains(t)).collect();
         if missing.is_empty() {
             Ok(())
@@ -315,14 +377,14 @@ impl ClickHouseSink {
                     Err(AttemptError::Rejected { table, code, message }) => {
                         return Err(SinkError::Rejected { url: self.config.urls[i].clone(), table, code, message });
                     }
-                    Err(AttemptError::Failed { table, message }) => {
-                        tracing::debug!(url = %self.config.urls[i], attempt, %table, %message, "ClickHouse write attempt failed");
-                        last = Some((self.config.urls[i].clone(), table, message));
+                    Err(AttemptError::Failed { table, source }) => {
+                        tracing::debug!(url = %self.config.urls[i], attempt, %table, error = %source, "ClickHouse write attempt failed");
+                        last = Some((self.config.urls[i].clone(), table, source));
                     }
                 }
             }
-            let (url, table, message) = last.expect("at least one attempt");
-            Err(SinkError::Write { url, table, message, breaker: BreakerState::Closed })
+            let (url, table, source) = last.expect("at least one attempt");
+            Err(SinkError::Write { url, table, source, breaker: BreakerState::Closed })
         };
         match tokio::time::timeout(self.config.timeout, attempts).await {
             Ok(Ok(())) => {
@@ -333,9 +395,9 @@ impl ClickHouseSink {
                 permit.success();
                 Err(e)
             }
-            Ok(Err(SinkError::Write { url, table, message, .. })) => {
+            Ok(Err(SinkError::Write { url, table, source, .. })) => {
                 permit.failure();
-                Err(SinkError::Write { url, table, message, breaker: self.breaker.state() })
+                Err(SinkError::Write { url, table, source, breaker: self.breaker.state() })
             }
             Ok(Err(other)) => {
                 permit.failure();
@@ -370,7 +432,7 @@ impl ClickHouseSink {
                     (clickhouse::error::Error::BadResponse(_), Some(code)) => {
                         AttemptError::Rejected { table: table.to_string(), code, message }
                     }
-                    _ => AttemptError::Failed { table: table.to_string(), message },
+                    _ => AttemptError::Failed { table: table.to_string(), source: e },
                 });
             }
         }

@@ -107,11 +107,14 @@ pub struct SinkBatch {
 #[derive(Debug, thiserror::Error)]
 #[error("table `{table}` already holds rows of another type than {row_type}")]
 pub struct RowTypeMismatch {
+    /// The table.
     pub table: &'static str,
+    /// The Rust type of the rows that did not fit.
     pub row_type: &'static str,
 }
 
 impl SinkBatch {
+    /// Stages `row` for `table`; a table takes rows of one type only.
     pub fn push<T: SinkRow>(&mut self, table: &'static str, row: T) -> Result<(), RowTypeMismatch> {
         match self.tables.iter_mut().find(|(t, _)| *t == table) {
             Some((_, rows)) => match rows.as_any_mut().downcast_mut::<Rows<T>>() {
@@ -154,6 +157,7 @@ impl SinkBatch {
         Ok(())
     }
 
+    /// Whether no table holds a row.
     pub fn is_empty(&self) -> bool {
         self.tables.iter().all(|(_, r)| r.len() == 0)
     }

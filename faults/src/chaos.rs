@@ -1,4 +1,4 @@
-//! `eo chaos`: the fault-injection run. Real consumers read a stream with 25% duplicate
+//! `eo-faults chaos`: the fault-injection run. Real consumers read a stream with 25% duplicate
 //! ids and a few poison records while faults hit at seeded random moments: kill -9 of a
 //! consumer, Redis FLUSHALL, Redis and ClickHouse stopped and started again, Postgres
 //! backends terminated, a second consumer joining and leaving the group. At the end every
@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use exactly_once::config::{KafkaConfig, ProcessEnv};
+use exactly_once::isolation::Slice;
 use exactly_once::producer::Producer;
 use exactly_once::{Clients, Config};
 use rand::rngs::StdRng;
@@ -195,7 +196,7 @@ impl Summary {
     pub fn line(&self) -> String {
         let ue = self.unique.get("user-events").copied().unwrap_or(0);
         let no = self.unique.get("notifications").copied().unwrap_or(0);
-        let cf = self.unique.get(crate::chaos_function::NAME).copied().unwrap_or(0);
+        let cf = self.unique.get(exactly_once_cli::chaos_function::NAME).copied().unwrap_or(0);
         format!(
             "chaos seed={} runtime={:?} {}: {} produced ({} unique user-events, {} unique notifications, {} poison); \
              ClickHouse FINAL {}/{ue} ({} raw rows); processed_events {}/{ue} + {}/{no}; notifications {}/{no}; \
@@ -214,7 +215,7 @@ impl Summary {
             self.processed.get("notifications").copied().unwrap_or(0),
             self.notifications,
             self.chaos_rows,
-            self.processed.get(crate::chaos_function::NAME).copied().unwrap_or(0),
+            self.processed.get(exactly_once_cli::chaos_function::NAME).copied().unwrap_or(0),
             self.panics_dead_lettered,
             self.panics,
             self.rejects_dead_lettered,
@@ -236,16 +237,16 @@ impl Summary {
     }
 }
 
-/// One worker slot, restarted whenever its process ends (as a supervisor would) until
-/// told to stop.
-pub(crate) struct Slot {
+/// One supervised process (a worker, a mapping), restarted whenever it ends (as a
+/// supervisor would) until told to stop.
+pub(crate) struct Supervised {
     child: Arc<Mutex<Option<Child>>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     restarts: Arc<std::sync::atomic::AtomicU32>,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl Slot {
+impl Supervised {
     /// The running process's pid, if one is running.
     pub(crate) async fn pid(&self) -> Option<u32> {
         self.child.lock().await.as_ref().and_then(|c| c.id())
@@ -318,10 +319,10 @@ impl Slot {
 }
 
 /// The consumers of one run: one worker, or one mapping per function (each with its
-/// function process as a child), every process restarted by its [`Slot`] when it ends.
+/// function process as a child), every process restarted by its [`Supervised`] when it ends.
 struct Fleet {
     /// (function, slot); the function is `None` for the worker.
-    slots: Vec<(Option<&'static str>, Slot)>,
+    slots: Vec<(Option<&'static str>, Supervised)>,
 }
 
 impl Fleet {
@@ -337,7 +338,7 @@ impl Fleet {
         let log = |what: &str| opts.log_dir.join(format!("{run}-{label}-{what}.log"));
         let slots = match runtime {
             Runtime::Worker => {
-                vec![(None, Slot::start(exe.to_path_buf(), vec!["run".into()], env.to_vec(), log("worker")))]
+                vec![(None, Supervised::start(exe.to_path_buf(), vec!["run".into()], env.to_vec(), log("worker")))]
             }
             Runtime::Lambda => functions
                 .iter()
@@ -359,7 +360,7 @@ impl Fleet {
                     ]
                     .map(str::to_owned)
                     .to_vec();
-                    (Some(f), Slot::start(exe.to_path_buf(), args, env.to_vec(), log(f)))
+                    (Some(f), Supervised::start(exe.to_path_buf(), args, env.to_vec(), log(f)))
                 })
                 .collect(),
         };
@@ -371,7 +372,7 @@ impl Fleet {
     }
 
     /// A seeded choice of slot.
-    fn pick(&self, rng: &mut StdRng) -> &(Option<&'static str>, Slot) {
+    fn pick(&self, rng: &mut StdRng) -> &(Option<&'static str>, Supervised) {
         &self.slots[rng.random_range(0..self.slots.len())]
     }
 
@@ -459,7 +460,7 @@ async fn signal(pid: u32, sig: &str) -> bool {
 }
 
 /// The function process a mapping runs (its child), waiting up to 10 s for one.
-async fn function_pid(slot: &Slot) -> Option<u32> {
+async fn function_pid(slot: &Supervised) -> Option<u32> {
     for _ in 0..100 {
         if let Some(parent) = slot.pid().await {
             let tasks = std::fs::read_dir(format!("/proc/{parent}/task")).ok()?;
@@ -497,10 +498,7 @@ async fn services_answer(clients: &Clients) -> (bool, bool) {
     let ch = tokio::time::timeout(Duration::from_secs(5), clients.sink.client().query("SELECT 1").execute())
         .await
         .is_ok_and(|r| r.is_ok());
-    let redis = match tokio::time::timeout(Duration::from_secs(5), clients.leases.pool().get()).await {
-        Ok(Ok(mut c)) => redis::cmd("PING").query_async::<String>(&mut c).await.is_ok(),
-        _ => false,
-    };
+    let redis = clients.redis.ping(Duration::from_secs(5)).await;
     (ch, redis)
 }
 
@@ -508,6 +506,7 @@ async fn services_answer(clients: &Clients) -> (bool, bool) {
 /// prefix, topics and a consumer group, all named `<prefix>_<random>`), the controller's
 /// clients on it, and the environment its workers get. Every function's topics exist.
 pub(crate) struct Isolated {
+    pub slice: Slice,
     pub name: String,
     /// The controller's configuration (a small pool of its own).
     pub config: Config,
@@ -521,22 +520,20 @@ pub(crate) struct Isolated {
 impl Isolated {
     pub(crate) async fn new(prefix: &str, tweak: impl FnOnce(&mut Config)) -> anyhow::Result<Self> {
         // Random apart from any seed, so a replay never meets an earlier run's leftovers.
-        let name = format!("{prefix}_{}", uuid_like(&mut StdRng::from_os_rng()));
+        let slice = Slice::new(prefix);
+        let name = slice.name().to_owned();
         let mut config = Config::load()?;
         let worker_pool_size = config.postgres.max_connections;
-        config.postgres.schema = Some(name.clone());
-        config.clickhouse.database = name.clone();
-        config.redis.key_prefix = name.clone();
+        slice.apply(&mut config);
         config.postgres.max_connections = 2;
         tweak(&mut config);
         let clients =
             Clients::connect(config.clone()).await.context("services unreachable: run scripts/services.sh")?;
         let mut kafka = KafkaConfig::from_env(&ProcessEnv)?;
-        kafka.topic_prefix = format!("{name}.");
-        kafka.group_id = name.clone();
+        slice.apply_kafka(&mut kafka);
         let with_chaos = || {
-            let mut f = crate::all_functions();
-            f.push(std::sync::Arc::new(crate::chaos_function::ChaosFaults));
+            let mut f = exactly_once_cli::all_functions();
+            f.push(std::sync::Arc::new(exactly_once_cli::chaos_function::ChaosFaults));
             f
         };
         let topics: Vec<String> = with_chaos()
@@ -554,18 +551,10 @@ impl Isolated {
         // The workers connect with the run's name, so its Postgres backends can be found.
         let url = config.postgres.url.expose();
         let sep = if url.contains('?') { '&' } else { '?' };
-        let worker_env = [
-            ("DATABASE_URL", format!("{url}{sep}application_name={name}")),
-            ("DATABASE_SCHEMA", name.clone()),
-            ("CLICKHOUSE_DATABASE", name.clone()),
-            ("REDIS_KEY_PREFIX", name.clone()),
-            ("KAFKA_TOPIC_PREFIX", kafka.topic_prefix.clone()),
-            ("KAFKA_GROUP_ID", name.clone()),
-            ("HTTP_BIND", "127.0.0.1:0".into()),
-        ]
-        .map(|(k, v)| (k.to_owned(), v))
-        .to_vec();
-        Ok(Self { name, config, clients, kafka, worker_env, worker_pool_size })
+        let mut worker_env = slice.env();
+        worker_env.push(("DATABASE_URL".into(), format!("{url}{sep}application_name={name}")));
+        worker_env.push(("HTTP_BIND".into(), "127.0.0.1:0".into()));
+        Ok(Self { slice, name, config, clients, kafka, worker_env, worker_pool_size })
     }
 }
 
@@ -589,18 +578,18 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
             ("REDIS_BREAKER_OPEN_SECS", "2".into()),
             ("CLEANUP_INTERVAL_SECS", "0".into()),
             ("STARTUP_TIMEOUT_SECS", "5".into()),
-            (crate::chaos_function::ENABLE_VAR, "1".into()),
+            (exactly_once_cli::chaos_function::ENABLE_VAR, "1".into()),
             ("RUST_LOG", std::env::var("CHAOS_WORKER_LOG").unwrap_or_else(|_| "warn".into())),
         ]
         .map(|(k, v)| (k.to_owned(), v)),
     );
 
-    let functions = crate::all_functions();
+    let functions = exactly_once_cli::all_functions();
     let producing: Vec<_> =
         functions.iter().filter(|f| ["user-events", "notifications"].contains(&f.spec().name)).cloned().collect();
     let topics: Vec<String> = producing.iter().map(|f| kafka.topic(f.spec().topics[0])).collect();
 
-    let chaos_topic = kafka.topic(crate::chaos_function::TOPICS[0]);
+    let chaos_topic = kafka.topic(exactly_once_cli::chaos_function::TOPICS[0]);
     let (stream, expected) = plan_stream(opts, &mut rng, &producing, &topics, &chaos_topic)?;
     let mut topics = topics;
     topics.push(chaos_topic);
@@ -608,7 +597,7 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
 
     let exe = exe.to_path_buf();
     let mut names: Vec<&'static str> = producing.iter().map(|f| f.spec().name).collect();
-    names.push(crate::chaos_function::NAME);
+    names.push(exactly_once_cli::chaos_function::NAME);
     if opts.runtime == Runtime::Lambda {
         std::fs::create_dir_all(discarded_dir(opts, &name))?;
         for f in &names {
@@ -743,7 +732,7 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
         && notifications == no as i64
         && letters.len() == expected_letters.len()
         && chaos_rows == chaos_ok as u64
-        && processed.get(crate::chaos_function::NAME).copied().unwrap_or(0) == chaos_ok as i64
+        && processed.get(exactly_once_cli::chaos_function::NAME).copied().unwrap_or(0) == chaos_ok as i64
         && panics_dead_lettered == panic_ids.len()
         && rejects_dead_lettered == reject_ids.len()
         && outbox_dead_lettered == unpublishable_ids.len()
@@ -781,7 +770,7 @@ pub async fn run(exe: &Path, opts: &ChaosOptions) -> anyhow::Result<Summary> {
         pass,
     };
     if pass {
-        cleanup(&clients, &name).await;
+        run.slice.remove(&run.config, Duration::from_secs(30)).await;
     } else {
         eprintln!("[chaos] kept schema, database and key prefix `{name}` for inspection");
     }
@@ -828,14 +817,14 @@ impl FaultRun<'_> {
                 Fault::StallPastTimeout => main.stall(rng, opts.lambda_timeout).await,
                 Fault::PollerRestart => main.restart_poller(rng).await,
                 Fault::FlushAll => {
-                    let mut c = clients.leases.pool().get().await.context("Redis for FLUSHALL")?;
+                    let mut c = clients.redis.pool().get().await.context("Redis for FLUSHALL")?;
                     let _: () = redis::cmd("FLUSHALL").query_async(&mut c).await.context("FLUSHALL")?;
                     "Redis FLUSHALL".to_string()
                 }
                 Fault::RedisDown => {
                     let down = Duration::from_millis(rng.random_range(3000..6000));
                     let stopped = Instant::now();
-                    if let Ok(mut c) = clients.leases.pool().get().await {
+                    if let Ok(mut c) = clients.redis.pool().get().await {
                         let _: Result<(), _> = redis::cmd("SHUTDOWN").arg("NOSAVE").query_async(&mut c).await;
                     }
                     tokio::time::sleep(down).await;
@@ -973,7 +962,7 @@ fn plan_stream(
     let mut unpublishable_ids: HashSet<String> = HashSet::new();
     let chaos_ok = opts.handler_faults * 10;
     {
-        use crate::chaos_function::{ChaosFaults, Kind};
+        use exactly_once_cli::chaos_function::{ChaosFaults, Kind};
         let mut list = Vec::new();
         for i in 0..chaos_ok {
             let id = format!("chaos-ok-{i}-{}", uuid_like(rng));
@@ -995,7 +984,7 @@ fn plan_stream(
     }
     // An unpublishable message's event is itself confirmed: its row lands.
     let chaos_ok = chaos_ok + opts.handler_faults;
-    unique.insert(crate::chaos_function::NAME.to_owned(), chaos_ok);
+    unique.insert(exactly_once_cli::chaos_function::NAME.to_owned(), chaos_ok);
 
     let mut stream = Vec::new();
     let mut its: Vec<_> = messages.into_iter().map(|l| l.into_iter()).collect();
@@ -1064,11 +1053,6 @@ fn discarded_records(dir: &Path) -> usize {
                 .map_or(1, |r| r.values().filter_map(|l| l.as_array()).map(Vec::len).sum())
         })
         .sum()
-}
-
-pub(crate) async fn cleanup(clients: &Clients, name: &str) {
-    let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE")).execute(&clients.pg).await;
-    let _ = clients.sink.client().query(&format!("DROP DATABASE IF EXISTS {name}")).execute().await;
 }
 
 pub(crate) fn uuid_like(rng: &mut StdRng) -> String {

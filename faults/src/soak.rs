@@ -1,4 +1,4 @@
-//! `eo soak`: one worker (`eo run`) under a steady stream for a long time, its memory
+//! `eo-faults soak`: one worker (`eo run`) under a steady stream for a long time, its memory
 //! and open connections sampled. Both must stay flat: growth after the warm-up means a
 //! leak. Every event must still land exactly once.
 
@@ -11,7 +11,7 @@ use exactly_once::producer::Producer;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::chaos::{cleanup, Isolated, Slot};
+use crate::chaos::{Isolated, Supervised};
 
 /// One sample of the worker.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -101,7 +101,7 @@ pub async fn run(
 ) -> anyhow::Result<SoakReport> {
     let run = Isolated::new("soak", |_| {}).await?;
     let (name, clients, kafka) = (&run.name, &run.clients, &run.kafka);
-    let functions = crate::all_functions();
+    let functions = exactly_once_cli::all_functions();
     let handler = functions.iter().find(|f| f.spec().name == "user-events").context("user-events")?.clone();
     let topic = kafka.topic(handler.spec().topics[0]);
     let mut env = run.worker_env.clone();
@@ -109,7 +109,7 @@ pub async fn run(
     env.push(("GUARD_LOCAL_CACHE_MAX_BYTES".into(), cache_bytes.to_string()));
     std::fs::create_dir_all("target/soak")?;
     let worker =
-        Slot::start(exe.to_path_buf(), vec!["run".into()], env, format!("target/soak/{name}-worker.log").into());
+        Supervised::start(exe.to_path_buf(), vec!["run".into()], env, format!("target/soak/{name}-worker.log").into());
     eprintln!("[soak] {name}: {} s at {rate} messages/s, sampled every {} s", duration.as_secs(), every.as_secs());
 
     let produced = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -230,7 +230,7 @@ pub async fn run(
         exact,
     };
     if flat && exact {
-        cleanup(clients, name).await;
+        run.slice.remove(&run.config, Duration::from_secs(30)).await;
     }
     Ok(report)
 }

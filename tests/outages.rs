@@ -1,0 +1,129 @@
+//! A dependency down: Redis (the guard goes on with Postgres alone, and comes back),
+//! a ClickHouse endpoint (writes rotate past it; the breaker counts calls, not
+//! attempts), Postgres at start-up (a clear message without the password).
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use exactly_once::config::GuardConfig;
+use exactly_once::{BreakerState, DuplicateTier, Guard, Handler, Outcome};
+use integration_tests::{user_event, TestEnv, ToggleProxy};
+
+use crate::effects::{effects_table, ev, guard, Effects};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_outage_falls_back_to_postgres_and_recovers() {
+    let proxy = ToggleProxy::start("127.0.0.1:6379").await;
+    let redis_url = format!("redis://{}", proxy.addr);
+    let env = TestEnv::with(|c| {
+        c.redis.url = exactly_once::config::Secret::new(redis_url);
+        c.redis.timeout = Duration::from_millis(300);
+        c.breakers.redis.failure_threshold = 1;
+        c.breakers.redis.open_for = Duration::from_secs(1);
+        c.breakers.redis.success_threshold = 1;
+    })
+    .await;
+    effects_table(&env).await;
+    let h = Arc::new(Effects::new("features"));
+    let no_cache = GuardConfig { local_cache_ttl: Duration::ZERO, ..GuardConfig::default() };
+    let g = guard(&env, "features", no_cache.clone());
+    assert_eq!(g.run_batch(&*h, &[ev("before", 0)], None).await.outcomes[0].outcome, Outcome::Processed);
+
+    proxy.take_down().await;
+    // Redis is gone: the first call fails (opening the breaker), the guard goes on alone.
+    let r = g.run_batch(&*h, &[ev("before", 0), ev("during", 1)], None).await;
+    assert!(matches!(r.outcomes[0].outcome, Outcome::Duplicate { tier: DuplicateTier::Postgres, .. }), "{r:?}");
+    assert_eq!(r.outcomes[1].outcome, Outcome::Processed);
+    let breaker = env.clients.leases.breaker().clone();
+    assert_eq!(breaker.state(), BreakerState::Open);
+
+    // Without leases, several consumers may run the handler, but Postgres lets one
+    // confirm, so the effect lands once.
+    let guards: Vec<Arc<Guard>> = (0..5).map(|_| Arc::new(guard(&env, "features", no_cache.clone()))).collect();
+    let attempts_before = proxy.connections.load(Ordering::SeqCst);
+    let runs: Vec<_> = guards
+        .iter()
+        .map(|g| {
+            let (g, h) = (g.clone(), h.clone());
+            tokio::spawn(async move { g.run_batch(&*h, &[ev("contended", 2)], None).await })
+        })
+        .collect();
+    let mut processed = 0;
+    for run in runs {
+        match &run.await.unwrap().outcomes[0].outcome {
+            Outcome::Processed => processed += 1,
+            Outcome::Duplicate { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(processed, 1);
+    assert_eq!(env.count("SELECT count(*) FROM effects WHERE event_id = 'h:contended'").await, 1);
+    assert_eq!(proxy.connections.load(Ordering::SeqCst), attempts_before, "an open breaker keeps Redis calls away");
+
+    // Redis is back: after the open time a probe closes the breaker and markers return.
+    proxy.bring_up();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let redis_before = g.round_trips().redis();
+    assert_eq!(g.run_batch(&*h, &[ev("after", 3)], None).await.outcomes[0].outcome, Outcome::Processed);
+    assert!(g.round_trips().redis() > redis_before, "Redis is used again");
+    assert_eq!(breaker.state(), BreakerState::Closed);
+    let r = guard(&env, "features", no_cache).run_batch(&*h, &[ev("after", 3)], None).await;
+    assert!(matches!(r.outcomes[0].outcome, Outcome::Duplicate { tier: DuplicateTier::Redis, .. }), "{r:?}");
+    assert_eq!(env.count("SELECT count(*) FROM effects").await, 4, "before, during, contended, after: once each");
+}
+
+#[tokio::test]
+async fn clickhouse_writes_rotate_past_a_dead_endpoint() {
+    let dead = ToggleProxy::start("127.0.0.1:8123").await;
+    dead.take_down().await;
+    let dead_url = dead.url();
+    // The dead endpoint first: start-up must use the next one that answers.
+    let env = TestEnv::with(|c| c.clickhouse.urls = vec![dead_url, "http://127.0.0.1:8123".into()]).await;
+    env.clients.sink.apply_ddl(user_events::CLICKHOUSE_DDL).await.unwrap();
+    let g = Guard::new(&env.clients, "user-events", user_events::UserEvents.spec().id_strategy, GuardConfig::default())
+        .unwrap();
+    for i in 0..6 {
+        let r = g
+            .run_batch(&user_events::UserEvents, &[user_event("user-events", 0, i, &format!("rot-{i}"), "u")], None)
+            .await;
+        assert_eq!(r.outcomes[0].outcome, Outcome::Processed, "write {i}");
+    }
+    assert!(dead.connections.load(Ordering::SeqCst) >= 3, "round-robin tried the dead endpoint");
+    assert_eq!(
+        env.clients.sink.breaker().state(),
+        BreakerState::Closed,
+        "retries on the next endpoint hide the failures"
+    );
+    assert_eq!(env.clickhouse_count("SELECT count() FROM user_events FINAL").await, 6);
+}
+
+#[tokio::test]
+async fn every_attempt_failing_counts_once_against_the_breaker() {
+    let a = ToggleProxy::start("127.0.0.1:8123").await;
+    let b = ToggleProxy::start("127.0.0.1:8123").await;
+    let (ua, ub) = (a.url(), b.url());
+    let env = TestEnv::with(|c| c.clickhouse.urls = vec![ua, ub]).await;
+    env.clients.sink.apply_ddl(user_events::CLICKHOUSE_DDL).await.unwrap();
+    a.take_down().await;
+    b.take_down().await;
+    let g = Guard::new(&env.clients, "user-events", user_events::UserEvents.spec().id_strategy, GuardConfig::default())
+        .unwrap();
+    let started = std::time::Instant::now();
+    let r = g.run_batch(&user_events::UserEvents, &[user_event("user-events", 0, 0, "x", "u")], None).await;
+    assert!(matches!(r.outcomes[0].outcome, Outcome::Failed { .. }));
+    let tried = a.connections.load(Ordering::SeqCst) + b.connections.load(Ordering::SeqCst);
+    assert!(tried >= 3, "three attempts across the endpoints, saw {tried}");
+    assert!(started.elapsed() >= Duration::from_millis(30), "10 + 20 ms of backoff between the attempts");
+    assert_eq!(env.clients.sink.breaker().state(), BreakerState::Closed, "one failed call, not three");
+}
+
+#[tokio::test]
+async fn unreachable_postgres_fails_start_up_with_a_clear_message() {
+    let mut config = exactly_once::Config::load().unwrap();
+    config.postgres.url = exactly_once::config::Secret::new("postgres://app:hunter2@127.0.0.1:1/app");
+    config.postgres.connect_timeout = Duration::from_secs(1);
+    let err = exactly_once::Clients::connect(config).await.err().expect("no Postgres on port 1");
+    let text = err.to_string();
+    assert!(text.contains("Postgres at postgres://app:***@127.0.0.1:1/app") && text.contains("DATABASE_URL"), "{text}");
+    assert!(!text.contains("hunter2"));
+}
