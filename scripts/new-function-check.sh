@@ -10,7 +10,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-target="${CARGO_TARGET_DIR:-$PWD/target}"
+# Absolute: the steps below run in the copy.
+target="$(realpath -m "${CARGO_TARGET_DIR:-target}")"
 eo="$target/debug/eo"
 if [ ! -x "$eo" ]; then
   echo "[new-function] no $eo: run cargo build -p exactly-once-cli --bins first" >&2

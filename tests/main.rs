@@ -76,7 +76,8 @@ pub mod capture {
                     .with_span_list(true)
                     .with_writer(|| Buffer)
                     .with_filter(filter_fn(|m| OPEN.load(Ordering::SeqCst) > 0 && *m.level() <= tracing::Level::DEBUG));
-                tracing_subscriber::registry().with(layer).init();
+                // `try_init`: a subscriber set elsewhere first must not fail every capture.
+                let _ = tracing_subscriber::registry().with(layer).try_init();
             });
             OPEN.fetch_add(1, Ordering::SeqCst);
             Self { from: LINES.lock().unwrap_or_else(|p| p.into_inner()).len() }

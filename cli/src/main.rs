@@ -442,7 +442,8 @@ fn new_function(name: &str, topic: &str) -> Result<(), Failure> {
     let root = cwd.ancestors().find(|d| d.join("template.yaml").is_file() && d.join("functions").is_dir()).ok_or_else(
         || Failure::usage("run `eo new` inside the repository (no template.yaml and functions/ above here)"),
     )?;
-    let known: Vec<&'static str> = all_functions().iter().map(|f| f.spec().name).collect();
+    let specs: Vec<_> = exactly_once_cli::runnable_functions().iter().map(|f| f.spec()).collect();
+    let known: Vec<(&str, &[&str])> = specs.iter().map(|s| (s.name, s.topics)).collect();
     let written = generate(root, &names, &known).map_err(|e| match e {
         NewError::Io { .. } => Failure::failed(e),
         _ => Failure::usage(e),

@@ -106,62 +106,147 @@ const PARAMETER_MARKER: &str = "`eo new` adds a function's topic parameter above
 const RESOURCES_MARKER: &str = "`eo new` adds a function's resources above this line.";
 const OUTPUT_MARKER: &str = "`eo new` adds a function's output above this line.";
 
-/// One file to write (new) or replace (registered in).
+/// One file to write (new) or replace (registered in; `old` is what it held).
 struct Change {
     path: PathBuf,
     text: String,
-    new: bool,
+    old: Option<String>,
 }
 
-/// Makes the function `names` in the repository at `root`. Returns the files written,
-/// relative to `root`, new ones first.
-pub fn generate(root: &Path, names: &Names, known: &[&str]) -> Result<Vec<PathBuf>, NewError> {
-    if known.contains(&names.name.as_str()) {
-        return Err(NewError::Exists(format!("function `{}`", names.name)));
+/// Names a new function may not take: Rust keywords and crates it would shadow (its
+/// crate name becomes a Rust path), and the binaries the workspace builds already
+/// (its binary lands beside them).
+const RESERVED: &[&str] = &[
+    "abstract",
+    "alloc",
+    "as",
+    "async",
+    "await",
+    "become",
+    "box",
+    "break",
+    "const",
+    "continue",
+    "core",
+    "crate",
+    "do",
+    "dyn",
+    "else",
+    "enum",
+    "extern",
+    "false",
+    "final",
+    "fn",
+    "for",
+    "gen",
+    "if",
+    "impl",
+    "in",
+    "let",
+    "loop",
+    "macro",
+    "match",
+    "mod",
+    "move",
+    "mut",
+    "override",
+    "priv",
+    "proc_macro",
+    "pub",
+    "ref",
+    "return",
+    "self",
+    "static",
+    "std",
+    "struct",
+    "super",
+    "test",
+    "trait",
+    "true",
+    "try",
+    "type",
+    "typeof",
+    "unsafe",
+    "unsized",
+    "use",
+    "virtual",
+    "where",
+    "while",
+    "yield",
+    "eo",
+    "eo-faults",
+    "migrate",
+    "chaos-faults",
+    "cold-start",
+    "bench",
+];
+
+/// Makes the function `names` in the repository at `root`; `known` are the functions
+/// there are, with their topics. Returns the files written, relative to `root`, new
+/// ones first. On any failure nothing is left changed.
+pub fn generate(root: &Path, names: &Names, known: &[(&str, &[&str])]) -> Result<Vec<PathBuf>, NewError> {
+    if known.iter().any(|(name, _)| *name == names.name) || RESERVED.contains(&names.name.as_str()) {
+        return Err(NewError::Exists(format!("function or name `{}`", names.name)));
+    }
+    if let Some((other, _)) = known.iter().find(|(_, topics)| topics.contains(&names.topic.as_str())) {
+        // Two functions on one topic would share its consumer group's offsets: the
+        // worker refuses to start with them.
+        return Err(NewError::Exists(format!("topic `{}` (read by `{other}`)", names.topic)));
     }
     let dir = Path::new("functions").join(&names.name);
     let table = Path::new("migrations/clickhouse").join(format!("{}.sql", names.snake));
-    for path in [&dir, &table] {
+    // A top-level directory of that name is a workspace crate (`core`, `faults`...).
+    for path in [&dir, &table, &PathBuf::from(&names.name)] {
         if root.join(path).exists() {
             return Err(NewError::Exists(path.display().to_string()));
         }
     }
     let mut changes = vec![
-        Change { path: dir.join("Cargo.toml"), text: names.render(CARGO_TOML), new: true },
-        Change { path: dir.join("src/lib.rs"), text: names.render(LIB_RS), new: true },
-        Change { path: dir.join("src/main.rs"), text: names.render(MAIN_RS), new: true },
-        Change { path: dir.join(format!("tests/{}.rs", names.snake)), text: names.render(TEST_RS), new: true },
-        Change { path: table, text: names.render(CLICKHOUSE_SQL), new: true },
+        Change { path: dir.join("Cargo.toml"), text: names.render(CARGO_TOML), old: None },
+        Change { path: dir.join("src/lib.rs"), text: names.render(LIB_RS), old: None },
+        Change { path: dir.join("src/main.rs"), text: names.render(MAIN_RS), old: None },
+        Change { path: dir.join(format!("tests/{}.rs", names.snake)), text: names.render(TEST_RS), old: None },
+        Change { path: table, text: names.render(CLICKHOUSE_SQL), old: None },
     ];
 
-    let worker = read(root, "cli/src/lib.rs")?;
+    let original = read(root, "cli/src/lib.rs")?;
     let worker = insert_above(
-        &worker,
+        &original,
         WORKER_MARKER,
         &format!("Arc::new({}::{}),", names.snake, names.pascal),
         "cli/src/lib.rs",
     )?;
-    changes.push(Change { path: "cli/src/lib.rs".into(), text: worker, new: false });
+    changes.push(Change { path: "cli/src/lib.rs".into(), text: worker, old: Some(original) });
 
-    let cargo = read(root, "cli/Cargo.toml")?;
+    let original = read(root, "cli/Cargo.toml")?;
+    // A dependency of the same name (`redis = ...`) would make the manifest invalid.
+    let taken = original.lines().any(|l| {
+        let key = l.split(['=', '.', ' ']).next().unwrap_or_default();
+        key == names.name || key == names.snake
+    });
+    if taken {
+        return Err(NewError::Exists(format!("a dependency named `{}` in cli/Cargo.toml", names.name)));
+    }
     let cargo = insert_above(
-        &cargo,
+        &original,
         CARGO_MARKER,
         &format!("{} = {{ path = \"../functions/{}\" }}", names.name, names.name),
         "cli/Cargo.toml",
     )?;
-    changes.push(Change { path: "cli/Cargo.toml".into(), text: cargo, new: false });
+    changes.push(Change { path: "cli/Cargo.toml".into(), text: cargo, old: Some(original) });
 
-    let template = read(root, "template.yaml")?;
-    let parameter = format!("{}Topic:\n  Type: String\n  Default: {}", names.pascal, names.topic);
-    let template = insert_above(&template, PARAMETER_MARKER, &parameter, "template.yaml")?;
+    let original = read(root, "template.yaml")?;
+    // Quoted: a topic like `1.10` or `null` must stay a string.
+    let parameter = format!("{}Topic:\n  Type: String\n  Default: \"{}\"", names.pascal, names.topic);
+    let template = insert_above(&original, PARAMETER_MARKER, &parameter, "template.yaml")?;
     let resources = names.render(TEMPLATE_RESOURCES);
     let template = insert_block_above(&template, RESOURCES_MARKER, &resources, "template.yaml")?;
     let output = format!("{0}FunctionArn:\n  Value: !GetAtt {0}Function.Arn", names.pascal);
     let template = insert_above(&template, OUTPUT_MARKER, &output, "template.yaml")?;
-    changes.push(Change { path: "template.yaml".into(), text: template, new: false });
+    changes.push(Change { path: "template.yaml".into(), text: template, old: Some(original) });
 
     let json = read(root, "infra/functions.json")?;
+    let original = json.clone();
     let mut list: Vec<serde_json::Value> =
         serde_json::from_str(&json).map_err(|e| NewError::FunctionsJson(e.to_string()))?;
     if list.iter().any(|f| f["name"] == names.name.as_str()) {
@@ -174,21 +259,33 @@ pub fn generate(root: &Path, names: &Names, known: &[&str]) -> Result<Vec<PathBu
         "outputTopics": [],
     }));
     let json = serde_json::to_string_pretty(&list).map_err(|e| NewError::FunctionsJson(e.to_string()))? + "\n";
-    changes.push(Change { path: "infra/functions.json".into(), text: json, new: false });
+    changes.push(Change { path: "infra/functions.json".into(), text: json, old: Some(original) });
 
-    // Every check passed: write.
-    let mut written = Vec::new();
-    for change in changes {
+    // Every check passed: write, and undo it all if a write fails.
+    let mut written: Vec<&Change> = Vec::new();
+    for change in &changes {
         let path = root.join(&change.path);
-        if change.new {
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| io(&change.path, e))?;
+        let write = || {
+            if change.old.is_none() {
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
             }
+            std::fs::write(&path, &change.text)
+        };
+        if let Err(e) = write() {
+            for done in written.iter().rev() {
+                match &done.old {
+                    Some(old) => drop(std::fs::write(root.join(&done.path), old)),
+                    None => drop(std::fs::remove_file(root.join(&done.path))),
+                }
+            }
+            let _ = std::fs::remove_dir_all(root.join(&dir));
+            return Err(io(&change.path, e));
         }
-        std::fs::write(&path, change.text).map_err(|e| io(&change.path, e))?;
-        written.push(change.path);
+        written.push(change);
     }
-    Ok(written)
+    Ok(changes.into_iter().map(|c| c.path).collect())
 }
 
 fn io(path: &Path, source: std::io::Error) -> NewError {
@@ -251,7 +348,7 @@ mod tests {
     fn a_new_function_is_registered_like_the_existing_ones() {
         let root = scratch("registered");
         let names = Names::new("order-events", "orders").unwrap();
-        let written = generate(&root, &names, &["user-events"]).expect("generated");
+        let written = generate(&root, &names, &[("user-events", &["user-events"])]).expect("generated");
         assert_eq!(written.len(), 9, "{written:?}");
         let text = |p: &str| std::fs::read_to_string(root.join(p)).expect(p);
 
@@ -284,8 +381,17 @@ mod tests {
 
         // Nothing twice, and an existing function's name is refused.
         assert!(matches!(generate(&root, &names, &[]), Err(NewError::Exists(_))));
-        let taken = Names::new("user-events", "x").unwrap();
-        assert!(matches!(generate(&root, &taken, &["user-events"]), Err(NewError::Exists(_))));
+        let user_events: &[(&str, &[&str])] = &[("user-events", &["user-events"])];
+        for (name, topic) in
+            [("user-events", "x"), ("other", "user-events"), ("type", "x"), ("redis", "x"), ("eo", "x")]
+        {
+            let taken = Names::new(name, topic).unwrap();
+            assert!(matches!(generate(&root, &taken, user_events), Err(NewError::Exists(_))), "{name} on {topic}");
+        }
+        // A topic that YAML would read as a number stays a string.
+        generate(&root, &Names::new("numeric-topic", "1.10").unwrap(), &[]).expect("generated");
+        let yaml: serde_norway::Value = serde_norway::from_str(&text("template.yaml")).expect("valid YAML");
+        assert_eq!(yaml["Parameters"]["NumericTopicTopic"]["Default"].as_str(), Some("1.10"));
         let _ = std::fs::remove_dir_all(&root);
     }
 

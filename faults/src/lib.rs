@@ -20,6 +20,18 @@ pub fn eo_binary() -> anyhow::Result<PathBuf> {
     let me = std::env::current_exe()?;
     let eo = me.with_file_name(format!("eo{}", std::env::consts::EXE_SUFFIX));
     if eo.is_file() {
+        // `cargo run -p exactly-once-faults` does not rebuild `eo`: say which one runs,
+        // and warn when it is older than this binary (a library change not in it).
+        let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        eprintln!("[eo-faults] driving {}", eo.display());
+        if let (Some(eo_time), Some(my_time)) = (modified(&eo), modified(&me)) {
+            if eo_time < my_time {
+                eprintln!(
+                    "[eo-faults] WARNING: {} is older than eo-faults; rebuild it (cargo build -p exactly-once-cli --bins) if the library changed",
+                    eo.display()
+                );
+            }
+        }
         Ok(eo)
     } else {
         anyhow::bail!(

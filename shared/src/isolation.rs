@@ -15,10 +15,11 @@ pub struct Slice {
 }
 
 impl Slice {
-    /// A new slice; `prefix` must be a plain identifier (letters, digits, `_`).
+    /// A new slice; `prefix` must be a plain lowercase identifier (`a-z`, `0-9`, `_`),
+    /// as the Postgres schema and ClickHouse database checks want.
     pub fn new(prefix: &str) -> Self {
         assert!(
-            !prefix.is_empty() && prefix.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            !prefix.is_empty() && prefix.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
             "slice prefix {prefix:?} is not a plain identifier"
         );
         Self { name: format!("{prefix}_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]) }

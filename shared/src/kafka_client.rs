@@ -254,8 +254,8 @@ impl TokenCache {
         Ok(())
     }
 
-    /// Keeps the token fresh for the life of the process; failures are retried every
-    /// 5 s while the old token is still valid.
+    /// Keeps the token fresh for the life of the process; a failed refresh is logged
+    /// and retried every 5 s (librdkafka keeps using the last token until it expires).
     pub fn spawn_refresher(self: Arc<Self>) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             loop {
@@ -296,7 +296,10 @@ impl ClientContext for KafkaContext {
     fn generate_oauth_token(&self, _config: Option<&str>) -> Result<OAuthToken, Box<dyn std::error::Error>> {
         match &self.oauth {
             Some(cache) => cache.oauth_token(),
-            None => Err("KAFKA_AUTH is not iam: no OAUTHBEARER token to give".into()),
+            None => {
+                Err("no MSK IAM token: KAFKA_AUTH is not iam, or the client was made before kafka_client::prepare"
+                    .into())
+            }
         }
     }
 }
