@@ -4,9 +4,11 @@
 # then builds it and runs its own test against the local services. Part of the test
 # command; needs `cargo build -p exactly-once-cli --bins` and scripts/services.sh first.
 #
-# The copy builds into the same target directory: its workspace crates live at another
-# path, so cargo keeps their artifacts apart (the dependencies are shared, which keeps
-# this to a few minutes), and only the new function's binary is written beside `eo`.
+# The copy builds into the same target directory, so the dependencies are shared and
+# this takes a few minutes. Its workspace crates may replace the main tree's builds of
+# the same crates; the main tree then rebuilds them on its next cargo command (a cost
+# in time only). The copy builds no binary but the new function's, so `eo` and the
+# function binaries beside it stay the main tree's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
