@@ -82,8 +82,14 @@ impl TestEnv {
     }
 
     /// Deletes this test's Redis keys (what a Redis restart or FLUSHALL would do to it).
+    /// Panics when keys are left: a test that meant to lose Redis state must not go on
+    /// with it (the shared `delete_keys` is best effort).
     pub async fn flush_redis(&self) {
-        delete_keys(&mut self.redis().await, &self.key_prefix).await;
+        let mut conn = self.redis().await;
+        delete_keys(&mut conn, &self.key_prefix).await;
+        let left: Vec<String> =
+            redis::cmd("KEYS").arg(format!("{}:*", self.key_prefix)).query_async(&mut conn).await.expect("KEYS");
+        assert!(left.is_empty(), "flush_redis left {} keys", left.len());
     }
 
     pub async fn count(&self, sql: &str) -> i64 {
