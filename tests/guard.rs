@@ -460,7 +460,7 @@ async fn record_without_a_usable_id_is_dead_lettered_with_its_reason() {
 
 /// Reads the PTTL of its own lease while it runs.
 struct TtlSpy {
-    pool: deadpool_redis::Pool,
+    redis: exactly_once::redis_client::RedisClient,
     key: String,
     seen: std::sync::Mutex<Option<i64>>,
 }
@@ -471,7 +471,7 @@ impl Handler for TtlSpy {
         probe_spec()
     }
     async fn handle(&self, _event: &Event, _ctx: &mut HandlerContext<'_>) -> Result<(), HandlerError> {
-        let mut conn = self.pool.get().await.map_err(HandlerError::retryable)?;
+        let mut conn = self.redis.connection().await.map_err(HandlerError::retryable)?;
         let pttl: i64 =
             redis::cmd("PTTL").arg(&self.key).query_async(&mut conn).await.map_err(HandlerError::retryable)?;
         *self.seen.lock().unwrap() = Some(pttl);
@@ -484,7 +484,7 @@ async fn lease_ttl_is_capped_by_the_deadline() {
     let env = TestEnv::new().await;
     let ns = exactly_once::Namespace::new(NS).unwrap();
     let spy = |id: &str| TtlSpy {
-        pool: env.clients.redis.pool().clone(),
+        redis: env.clients.redis.clone(),
         key: env.clients.leases.key(&ns, "lease", &exactly_once::EventId::new(format!("h:{id}")).unwrap()),
         seen: Default::default(),
     };

@@ -6,6 +6,7 @@
 //! Every test isolates itself (its own Postgres schema, ClickHouse database, Redis key
 //! prefix, topics and consumer group: `tests/src/lib.rs`), so they run in parallel.
 
+mod cluster;
 mod dead_letters;
 mod deploy;
 mod docs;

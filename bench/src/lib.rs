@@ -291,7 +291,7 @@ async fn floor(env: &Env, namespace: &str, events: &[Event], batch: usize) -> an
                 .arg("PX")
                 .arg(30_000);
         }
-        let mut conn = env.clients.redis.pool().get().await?;
+        let mut conn = env.clients.redis.connection().await.map_err(|e| anyhow::anyhow!(e))?;
         let _: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
         drop(conn);
         sqlx::query(

@@ -817,14 +817,14 @@ impl FaultRun<'_> {
                 Fault::StallPastTimeout => main.stall(rng, opts.lambda_timeout).await,
                 Fault::PollerRestart => main.restart_poller(rng).await,
                 Fault::FlushAll => {
-                    let mut c = clients.redis.pool().get().await.context("Redis for FLUSHALL")?;
+                    let mut c = clients.redis.connection().await.map_err(|e| anyhow::anyhow!(e)).context("Redis for FLUSHALL")?;
                     let _: () = redis::cmd("FLUSHALL").query_async(&mut c).await.context("FLUSHALL")?;
                     "Redis FLUSHALL".to_string()
                 }
                 Fault::RedisDown => {
                     let down = Duration::from_millis(rng.random_range(3000..6000));
                     let stopped = Instant::now();
-                    if let Ok(mut c) = clients.redis.pool().get().await {
+                    if let Ok(mut c) = clients.redis.connection().await {
                         let _: Result<(), _> = redis::cmd("SHUTDOWN").arg("NOSAVE").query_async(&mut c).await;
                     }
                     tokio::time::sleep(down).await;

@@ -35,6 +35,10 @@ interface Settings {
   databaseSecretArn: string;
   clickhouseSecretArn: string;
   redisUrl: string;
+  /** `standalone` or `cluster` (ElastiCache cluster mode, Serverless, Valkey Serverless). */
+  redisMode: "standalone" | "cluster";
+  /** Optional: a secret whose JSON `url` is the REDIS_URL with the AUTH token; "" for none. */
+  redisSecretArn: string;
   clickhouseUrl: string;
   clickhouseUser: string;
   consumerGroupPrefix: string;
@@ -63,7 +67,7 @@ function settings(app: App): Settings {
   };
   const keys: (keyof Settings)[] = [
     "mskClusterArn", "vpcId", "availabilityZones", "subnetIds", "securityGroupIds", "databaseSecretArn",
-    "clickhouseSecretArn", "redisUrl", "clickhouseUrl", "clickhouseUser", "consumerGroupPrefix", "startingPosition",
+    "clickhouseSecretArn", "redisUrl", "redisMode", "redisSecretArn", "clickhouseUrl", "clickhouseUser", "consumerGroupPrefix", "startingPosition",
     "batchSize", "maxBatchingWindowSeconds", "maxRetryAttempts", "maxRecordAgeSeconds", "bisectOnError",
     "reportBatchItemFailures", "minimumPollers", "maximumPollers", "architecture", "memorySize", "timeoutSeconds", "logRetentionDays", "outboxDrainSchedule", "artifactsDir",
   ];
@@ -74,6 +78,12 @@ function settings(app: App): Settings {
   }
   s.bisectOnError = String(s.bisectOnError) === "true";
   s.reportBatchItemFailures = String(s.reportBatchItemFailures) === "true";
+  if (s.redisMode !== "standalone" && s.redisMode !== "cluster") {
+    throw new Error(`redisMode must be standalone or cluster, not ${s.redisMode}`);
+  }
+  if (s.redisSecretArn !== "" && !/^arn:aws[a-z-]*:secretsmanager:/.test(s.redisSecretArn)) {
+    throw new Error(`redisSecretArn is not a Secrets Manager ARN: ${s.redisSecretArn}`);
+  }
   if (!/^arn:aws[a-z-]*:kafka:[a-z0-9-]+:\d{12}:cluster\/[^/]+\/[^/]+$/.test(s.mskClusterArn)) {
     throw new Error(`mskClusterArn is not an MSK cluster ARN: ${s.mskClusterArn}`);
   }
@@ -111,7 +121,9 @@ export class ExactlyOnceStack extends Stack {
     const environment = {
       // Resolved by CloudFormation at deploy time: the template never holds a secret.
       DATABASE_URL: `{{resolve:secretsmanager:${s.databaseSecretArn}:SecretString:url}}`,
-      REDIS_URL: s.redisUrl,
+      // An AUTH token stays in Secrets Manager, resolved at deploy time like the others.
+      REDIS_URL: s.redisSecretArn ? `{{resolve:secretsmanager:${s.redisSecretArn}:SecretString:url}}` : s.redisUrl,
+      REDIS_MODE: s.redisMode,
       CLICKHOUSE_URL: s.clickhouseUrl,
       CLICKHOUSE_USER: s.clickhouseUser,
       CLICKHOUSE_PASSWORD: `{{resolve:secretsmanager:${s.clickhouseSecretArn}:SecretString:password}}`,

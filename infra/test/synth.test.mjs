@@ -109,3 +109,19 @@ test("a schedule drains the outbox of each function that publishes, and of no ot
     assert.ok(permission, `EventBridge may invoke ${f.name}`);
   }
 });
+
+test("Redis mode and address reach every function, with no secret in the template", () => {
+  let checked = 0;
+  for (const [, fn] of ofType("AWS::Lambda::Function")) {
+    const vars = fn.Properties.Environment?.Variables ?? {};
+    if (!("REDIS_URL" in vars)) continue;
+    checked += 1;
+    assert.equal(vars.REDIS_MODE, context.redisMode);
+    if (context.redisSecretArn === "") {
+      assert.equal(vars.REDIS_URL, context.redisUrl);
+    } else {
+      assert.ok(json(vars.REDIS_URL).includes("resolve:secretsmanager"), "the AUTH token is resolved at deploy time");
+    }
+  }
+  assert.ok(checked >= functions.length, `only ${checked} functions carry REDIS_URL`);
+});

@@ -47,9 +47,12 @@ pub const VARIABLES: &[Var] = &[
     var("DATABASE_MAX_CONNECTIONS", "10", "Postgres pool size."),
     var("DATABASE_CONNECT_TIMEOUT_MS", "5000", "How long to wait for a Postgres connection before failing."),
     var("DATABASE_GENERIC_PLANS", "true", "Sessions use `plan_cache_mode=force_generic_plan`: the guard's array statements are planned once per connection instead of on every execution (about 0.3 ms saved per statement)."),
-    secret("REDIS_URL", "redis://127.0.0.1:6379", "Redis URL for leases and done markers."),
-    var("REDIS_POOL_SIZE", "16", "Redis connection pool size."),
-    var("REDIS_KEY_PREFIX", "eo", "Prefix of every Redis key (`<prefix>:{<function>}:lease:<id>`)."),
+    secret("REDIS_URL", "redis://127.0.0.1:6379", "Redis URL for leases and done markers; `rediss://` for TLS, `redis://:<token>@host` or `redis://<user>:<token>@host` for AUTH. With `REDIS_MODE=cluster`, one or more seed nodes, comma-separated (ElastiCache: the configuration endpoint)."),
+    var("REDIS_MODE", "standalone", "`standalone` (one Redis, or a primary with replicas behind one address) or `cluster` (Redis Cluster, Valkey cluster, ElastiCache cluster mode and Serverless): redirections and failovers are followed by the client."),
+    var("REDIS_TLS_CA_FILE", "", "PEM file of the CA that signed the Redis servers' certificates, for `rediss://` with a private CA; empty means the system's roots (ElastiCache's certificates chain to them)."),
+    var("REDIS_POOL_SIZE", "16", "Redis connection pool size (standalone; a cluster connection multiplexes one connection per node)."),
+    var("REDIS_KEY_PREFIX", "eo", "Prefix of every Redis key (`<prefix>:{<function>}:lease:<id>`, or `<prefix>:{<function>:<bucket>}:lease:<id>` with more than one bucket)."),
+    var("REDIS_KEY_BUCKETS", "auto", "How many hash slots a function's keys are spread over: `auto` (1 standalone, 16 cluster) or 1 to 1024. A batch sends one script per bucket it touches, concurrently. Changing it changes every key: done markers are forgotten (Postgres answers instead) and, while old and new processes overlap, their leases do not see each other."),
     var("REDIS_TIMEOUT_MS", "1000", "Per-call Redis timeout; a slow Redis counts as a failure for its breaker."),
     var("CLICKHOUSE_URL", "http://127.0.0.1:8123", "ClickHouse HTTP endpoint; several, comma-separated, are used round-robin and a failed write moves to the next."),
     var("CLICKHOUSE_DATABASE", "default", "ClickHouse database holding the function tables."),
@@ -283,6 +286,10 @@ impl fmt::Display for Secret {
 
 /// `scheme://user:***@host/...`: a URL safe to print. Anything unparsable is hidden whole.
 pub fn redact_url(url: &str) -> String {
+    // A list of addresses (Redis Cluster seed nodes) is redacted one address at a time.
+    if url.contains(',') {
+        return url.split(',').map(|u| redact_url(u.trim())).collect::<Vec<_>>().join(",");
+    }
     let Some((scheme, rest)) = url.split_once("://") else {
         return "<unparsable url>".into();
     };
@@ -352,11 +359,40 @@ pub fn is_identifier(s: &str) -> bool {
         && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
+/// How Redis is deployed (`REDIS_MODE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisMode {
+    /// One server, or a primary with replicas behind one address.
+    Standalone,
+    /// Redis Cluster (or Valkey, ElastiCache cluster mode and Serverless): keys live on
+    /// shards by hash slot, and the client follows `MOVED`/`ASK` redirections.
+    Cluster,
+}
+
+impl FromStr for RedisMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "standalone" => Ok(Self::Standalone),
+            "cluster" => Ok(Self::Cluster),
+            other => Err(format!("{other:?} is not standalone or cluster")),
+        }
+    }
+}
+
 /// Redis: the connection pool and the key prefix.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
-    /// `REDIS_URL`.
+    /// `REDIS_URL`: one address, or with [`RedisMode::Cluster`] one or more seed nodes,
+    /// comma-separated.
     pub url: Secret,
+    /// `REDIS_MODE`.
+    pub mode: RedisMode,
+    /// `REDIS_KEY_BUCKETS`, resolved: how many hash slots a function's keys spread over.
+    pub key_buckets: u32,
+    /// `REDIS_TLS_CA_FILE`: `None` means the system's roots.
+    pub tls_ca_file: Option<std::path::PathBuf>,
     /// `REDIS_POOL_SIZE`.
     pub pool_size: usize,
     /// `REDIS_KEY_PREFIX`: the first part of every key; non-empty, without spaces or
@@ -377,8 +413,29 @@ impl RedisConfig {
                 reason: "must be non-empty, without spaces or braces".into(),
             });
         }
+        let mode: RedisMode = read(env, "REDIS_MODE")?;
+        let buckets: String = read(env, "REDIS_KEY_BUCKETS")?;
+        let key_buckets = match (buckets.as_str(), mode) {
+            ("auto", RedisMode::Standalone) => 1,
+            ("auto", RedisMode::Cluster) => 16,
+            (n, _) => match n.parse::<u32>() {
+                Ok(n @ 1..=1024) => n,
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        var: "REDIS_KEY_BUCKETS",
+                        shown: format!("{buckets:?}"),
+                        reason: "must be auto or a whole number from 1 to 1024".into(),
+                    })
+                }
+            },
+        };
         Ok(Self {
             url: Secret::new(read::<String>(env, "REDIS_URL")?),
+            mode,
+            key_buckets,
+            tls_ca_file: Some(read::<String>(env, "REDIS_TLS_CA_FILE")?)
+                .filter(|p| !p.is_empty())
+                .map(std::path::PathBuf::from),
             pool_size: positive(env, "REDIS_POOL_SIZE")?,
             key_prefix,
             timeout: millis(env, "REDIS_TIMEOUT_MS")?,
@@ -859,6 +916,22 @@ mod tests {
     }
 
     #[test]
+    fn redis_mode_picks_the_bucket_default_and_bounds_an_explicit_one() {
+        let standalone = RedisConfig::from_env(&env(&[])).unwrap();
+        assert_eq!((standalone.mode, standalone.key_buckets, standalone.tls_ca_file), (RedisMode::Standalone, 1, None));
+        let cluster = RedisConfig::from_env(&env(&[("REDIS_MODE", "cluster")])).unwrap();
+        assert_eq!((cluster.mode, cluster.key_buckets), (RedisMode::Cluster, 16));
+        let fixed = RedisConfig::from_env(&env(&[("REDIS_KEY_BUCKETS", "64")])).unwrap();
+        assert_eq!(fixed.key_buckets, 64);
+        for bad in ["0", "1025", "many"] {
+            let err = RedisConfig::from_env(&env(&[("REDIS_KEY_BUCKETS", bad)])).unwrap_err();
+            assert_eq!(err.variable(), "REDIS_KEY_BUCKETS", "{bad}");
+        }
+        let err = RedisConfig::from_env(&env(&[("REDIS_MODE", "sentinel")])).unwrap_err();
+        assert!(err.to_string().contains("standalone or cluster"), "{err}");
+    }
+
+    #[test]
     fn invalid_value_names_the_variable() {
         let err = GuardConfig::from_env(&env(&[("GUARD_LEASE_TTL_MS", "soon")])).unwrap_err();
         assert_eq!(err.variable(), "GUARD_LEASE_TTL_MS");
@@ -882,6 +955,10 @@ mod tests {
         assert_eq!(redact_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
         assert_eq!(redact_url("redis://:pw@h:6379/0"), "redis://:***@h:6379/0");
         assert_eq!(redact_url("garbage"), "<unparsable url>");
+        assert_eq!(
+            redact_url("rediss://:pw@a:7000, rediss://u:pw@b:7001/?x=pw"),
+            "rediss://:***@a:7000,rediss://u:***@b:7001/"
+        );
     }
 
     #[test]

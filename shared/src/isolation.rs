@@ -78,8 +78,8 @@ impl Slice {
                 .with_validation(false)
                 .with_compression(clickhouse::Compression::None);
             let _ = ch.query(&format!("DROP DATABASE IF EXISTS {name}")).execute().await;
-            if let Ok(client) = redis::Client::open(config.redis.url.expose()) {
-                if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+            if let Ok(client) = crate::redis_client::RedisClient::connect(&config.redis).await {
+                if let Ok(mut c) = client.connection().await {
                     delete_keys(&mut c, &name).await;
                 }
             }

@@ -1,12 +1,36 @@
-//! The Redis connection pool of a process, apart from what is done with it: the guard's
-//! leases ([`Leases`](crate::guard::lease::Leases)) use it, and so do `/readyz` (a PING)
+//! The Redis connections of a process, apart from what is done with them: the guard's
+//! leases ([`Leases`](crate::guard::lease::Leases)) use them, and so do `/readyz` (a PING)
 //! and the operator's tools (the fault run's FLUSHALL).
+//!
+//! Two deployments, one interface ([`RedisConnection`]):
+//! - **standalone** (`REDIS_MODE=standalone`): a pool of multiplexed connections to one
+//!   address;
+//! - **cluster** (`REDIS_MODE=cluster`): one multiplexed connection per node, found from
+//!   the seed nodes in `REDIS_URL`. The client routes each command by the hash slot of its
+//!   first key, follows `MOVED` and `ASK` redirections, retries `TRYAGAIN` and
+//!   `CLUSTERDOWN` with a short backoff, and refreshes the slot map after a failover or a
+//!   resharding. Every call stays bounded by `REDIS_TIMEOUT_MS` on top of that.
+//!
+//!   One gap is closed here: the client refreshes its slot map when a server redirects
+//!   it, but a primary that died answers nothing, so requests for its slots would go on
+//!   failing against its address after its replica took over. So after a failed call
+//!   [`RedisClient::recover`] builds a fresh cluster connection from the seed nodes (at
+//!   most once per second, in the background) and swaps it in.
+//!
+//! `rediss://` addresses use TLS (rustls, the system's roots, or `REDIS_TLS_CA_FILE`);
+//! AUTH comes from the address (`redis://:<token>@host`, or `<user>:<token>@` for ACLs).
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
-use deadpool_redis::{Connection, Pool, Runtime};
+use deadpool_redis::{Pool, Runtime};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
 
-use crate::config::{redact_url, RedisConfig};
+use crate::config::{redact_url, RedisConfig, RedisMode};
 use crate::BoxError;
 
 /// Redis could not be reached at start-up.
@@ -20,62 +44,198 @@ pub struct RedisConnectError {
     pub source: BoxError,
 }
 
-/// A pool of Redis connections, and where they go (for messages, without the password).
+#[derive(Clone)]
+enum Backend {
+    Pool(Pool),
+    Cluster(Arc<Cluster>),
+}
+
+/// The cluster connection in use, and what is needed to build a fresh one.
+struct Cluster {
+    client: ClusterClient,
+    conn: RwLock<ClusterConnection>,
+    rebuilding: AtomicBool,
+    last_rebuild: Mutex<Option<Instant>>,
+    timeout: Duration,
+}
+
+/// How often a failing cluster connection may be rebuilt.
+const REBUILD_EVERY: Duration = Duration::from_secs(1);
+
+/// The Redis connections of a process, and where they go (for messages, without the
+/// password).
 #[derive(Clone)]
 pub struct RedisClient {
-    pool: Pool,
+    backend: Backend,
     url: String,
     timeout: Duration,
 }
 
 impl std::fmt::Debug for RedisClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisClient").field("url", &self.url).field("timeout", &self.timeout).finish()
+        let mode = match self.backend {
+            Backend::Pool(_) => "standalone",
+            Backend::Cluster(_) => "cluster",
+        };
+        f.debug_struct("RedisClient").field("url", &self.url).field("mode", &mode).field("timeout", &self.timeout).finish()
+    }
+}
+
+/// One connection: pooled (standalone) or to the whole cluster. Cheap to clone; clones
+/// share the underlying sockets, so concurrent calls on clones are pipelined. A pooled
+/// connection goes back to the pool when its last clone is dropped, so the pool still
+/// spreads concurrent callers over its connections.
+#[derive(Clone)]
+pub struct RedisConnection(Inner);
+
+#[derive(Clone)]
+enum Inner {
+    Standalone { conn: MultiplexedConnection, _checked_out: Arc<deadpool_redis::Connection> },
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match &mut self.0 {
+            Inner::Standalone { conn, .. } => conn.req_packed_command(cmd),
+            Inner::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match &mut self.0 {
+            Inner::Standalone { conn, .. } => conn.req_packed_commands(pipeline, offset, count),
+            Inner::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match &self.0 {
+            Inner::Standalone { conn, .. } => conn.get_db(),
+            Inner::Cluster(c) => c.get_db(),
+        }
     }
 }
 
 impl RedisClient {
-    /// Builds the pool and takes one connection, so an unreachable Redis fails start-up
-    /// with its address instead of the first batch.
+    /// Connects (standalone: builds the pool and takes one connection; cluster: reads the
+    /// slot map from the seed nodes and connects to every node), so an unreachable Redis
+    /// fails start-up with its address instead of the first batch.
     pub async fn connect(config: &RedisConfig) -> Result<Self, RedisConnectError> {
         let url = redact_url(config.url.expose());
         let err = |source: BoxError| RedisConnectError { url: url.clone(), source };
-        let pool = deadpool_redis::Config::from_url(config.url.expose())
-            .builder()
-            .map_err(|e| err(e.into()))?
-            .max_size(config.pool_size)
-            .wait_timeout(Some(config.timeout))
-            .create_timeout(Some(config.timeout))
-            .recycle_timeout(Some(config.timeout))
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(|e| err(e.into()))?;
-        let client = Self { pool, url: url.clone(), timeout: config.timeout };
+        let certificates = tls_certificates(config).map_err(err)?;
+        let backend = match config.mode {
+            RedisMode::Standalone => {
+                let info = match &certificates {
+                    Some(certs) => redis::Client::build_with_tls(config.url.expose(), certs.clone())
+                        .map_err(|e| err(e.into()))?
+                        .get_connection_info()
+                        .clone(),
+                    None => redis::IntoConnectionInfo::into_connection_info(config.url.expose())
+                        .map_err(|e| err(e.into()))?,
+                };
+                let manager = deadpool_redis::Manager::new(info).map_err(|e| err(e.into()))?;
+                let pool = Pool::builder(manager)
+                    .max_size(config.pool_size)
+                    .wait_timeout(Some(config.timeout))
+                    .create_timeout(Some(config.timeout))
+                    .recycle_timeout(Some(config.timeout))
+                    .runtime(Runtime::Tokio1)
+                    .build()
+                    .map_err(|e| err(e.into()))?;
+                Backend::Pool(pool)
+            }
+            RedisMode::Cluster => {
+                let seeds: Vec<&str> = config.url.expose().split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+                let mut builder = redis::cluster::ClusterClientBuilder::new(seeds)
+                    .connection_timeout(config.timeout)
+                    .response_timeout(config.timeout)
+                    // Redirections and TRYAGAIN during a slot migration are retried with a
+                    // short backoff; REDIS_TIMEOUT_MS still bounds the whole call.
+                    .retries(8)
+                    .min_retry_wait(5)
+                    .max_retry_wait(200);
+                if let Some(certs) = certificates {
+                    builder = builder.certs(certs);
+                }
+                let client = builder.build().map_err(|e| err(e.into()))?;
+                let conn = cluster_connection(&client, config.timeout).await.map_err(err)?;
+                Backend::Cluster(Arc::new(Cluster {
+                    client,
+                    conn: RwLock::new(conn),
+                    rebuilding: AtomicBool::new(false),
+                    last_rebuild: Mutex::new(None),
+                    timeout: config.timeout,
+                }))
+            }
+        };
+        let client = Self { backend, url: url.clone(), timeout: config.timeout };
         client.connection().await.map_err(err)?;
         Ok(client)
     }
 
-    /// A connection from the pool, within the configured timeout.
-    pub async fn connection(&self) -> Result<Connection, BoxError> {
-        match tokio::time::timeout(self.timeout, self.pool.get()).await {
-            Ok(Ok(conn)) => Ok(conn),
-            Ok(Err(e)) => Err(e.into()),
-            Err(_) => Err(format!("no connection within {} ms", self.timeout.as_millis()).into()),
+    /// A connection, within the configured timeout.
+    pub async fn connection(&self) -> Result<RedisConnection, BoxError> {
+        match &self.backend {
+            Backend::Cluster(cluster) => {
+                let conn = cluster.conn.read().unwrap_or_else(|p| p.into_inner()).clone();
+                Ok(RedisConnection(Inner::Cluster(conn)))
+            }
+            Backend::Pool(pool) => match tokio::time::timeout(self.timeout, pool.get()).await {
+                Ok(Ok(pooled)) => {
+                    let conn = (*pooled).clone();
+                    Ok(RedisConnection(Inner::Standalone { conn, _checked_out: Arc::new(pooled) }))
+                }
+                Ok(Err(e)) => Err(e.into()),
+                Err(_) => Err(format!("no connection within {} ms", self.timeout.as_millis()).into()),
+            },
         }
     }
 
-    /// True when Redis answers a PING within `within`.
+    /// Called after a failed call. In cluster mode, builds a fresh connection (a new slot
+    /// map read from the seed nodes) in the background and swaps it in: at most one
+    /// rebuild at a time and one per second. Calls in flight finish on the old one.
+    /// Nothing to do in standalone mode, where the pool replaces broken connections.
+    pub fn recover(&self) {
+        let Backend::Cluster(cluster) = &self.backend else { return };
+        {
+            let mut last = cluster.last_rebuild.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < REBUILD_EVERY) || cluster.rebuilding.swap(true, Ordering::SeqCst) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let (cluster, url) = (cluster.clone(), self.url.clone());
+        tokio::spawn(async move {
+            match cluster_connection(&cluster.client, cluster.timeout).await {
+                Ok(conn) => {
+                    *cluster.conn.write().unwrap_or_else(|p| p.into_inner()) = conn;
+                    tracing::info!(redis = %url, "rebuilt the Redis cluster connection after a failed call (fresh slot map)");
+                }
+                Err(e) => tracing::warn!(redis = %url, error = %e, "could not rebuild the Redis cluster connection; retrying after the next failure"),
+            }
+            cluster.rebuilding.store(false, Ordering::SeqCst);
+        });
+    }
+
+    /// True when Redis (in a cluster: every node) answers a PING within `within`.
     pub async fn ping(&self, within: Duration) -> bool {
         let ping = async {
-            let mut conn = self.pool.get().await.ok()?;
+            let mut conn = self.connection().await.ok()?;
             redis::cmd("PING").query_async::<String>(&mut conn).await.ok()
         };
         matches!(tokio::time::timeout(within, ping).await, Ok(Some(_)))
     }
 
-    /// The pool itself.
-    pub fn pool(&self) -> &Pool {
-        &self.pool
+    /// True for a cluster connection.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.backend, Backend::Cluster(_))
     }
 
     /// The address, with any password replaced by `***`.
@@ -87,4 +247,22 @@ impl RedisClient {
     pub fn timeout(&self) -> Duration {
         self.timeout
     }
+}
+
+/// A cluster connection: the slot map read from the seed nodes and a connection to every
+/// node, within `timeout`.
+async fn cluster_connection(client: &ClusterClient, timeout: Duration) -> Result<ClusterConnection, BoxError> {
+    match tokio::time::timeout(timeout, client.get_async_connection()).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(format!("no cluster connection within {} ms", timeout.as_millis()).into()),
+    }
+}
+
+/// `REDIS_TLS_CA_FILE`, read: `None` means the system's roots (which honour
+/// `SSL_CERT_FILE`).
+fn tls_certificates(config: &RedisConfig) -> Result<Option<redis::TlsCertificates>, BoxError> {
+    let Some(path) = &config.tls_ca_file else { return Ok(None) };
+    let pem = std::fs::read(path).map_err(|e| format!("REDIS_TLS_CA_FILE {}: {e}", path.display()))?;
+    Ok(Some(redis::TlsCertificates { client_tls: None, root_cert: Some(pem) }))
 }

@@ -16,6 +16,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::TopicPartitionList;
 use tokio::net::{TcpListener, TcpStream};
 
+pub mod cluster;
+
 /// A unique, identifier-safe suffix.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
@@ -71,8 +73,8 @@ impl TestEnv {
         &self.clients.pg
     }
 
-    pub async fn redis(&self) -> deadpool_redis::Connection {
-        self.clients.redis.pool().get().await.expect("redis connection")
+    pub async fn redis(&self) -> exactly_once::redis_client::RedisConnection {
+        self.clients.redis.connection().await.expect("redis connection")
     }
 
     pub async fn redis_exists(&self, key: &str) -> bool {

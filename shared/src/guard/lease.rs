@@ -1,9 +1,15 @@
 //! Redis: done markers and leases, one round trip per batch in each direction.
 //!
-//! Keys: `<prefix>:{<namespace>}:done:<id>` holds the payload hash of a confirmed event;
-//! `<prefix>:{<namespace>}:lease:<id>` holds the token of the batch working on it. The
-//! namespace is a hash tag, so a batch's keys share one cluster slot and a multi-key
-//! script stays legal on Redis Cluster.
+//! Keys: `<prefix>:{<tag>}:done:<id>` holds the payload hash of a confirmed event;
+//! `<prefix>:{<tag>}:lease:<id>` holds the token of the batch working on it. The tag is
+//! the namespace, or with `REDIS_KEY_BUCKETS` above one `<namespace>:<bucket>`, the bucket
+//! being a fixed hash (FNV-1a) of the id. The tag is a Redis hash tag: every key with the
+//! same tag sits in one cluster slot, so a script over one bucket's keys is legal on Redis
+//! Cluster, and the buckets spread a function's keys over slots and so over shards.
+//!
+//! A batch sends one script per bucket it touches, all at once, and waits for the last:
+//! about one round trip per step whatever the number of buckets. In standalone mode the
+//! default is one bucket, which is one script per step, as before buckets existed.
 //!
 //! Invariants:
 //! - a lease is only ever deleted by the holder of its token (compare-and-delete inside
@@ -14,12 +20,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::Script;
+use futures::future::try_join_all;
+use redis::{Script, ScriptInvocation};
 
 use crate::breaker::{BreakerOpen, CircuitBreaker};
 use crate::event::PayloadHash;
 use crate::event_id::{EventId, Namespace};
-use crate::redis_client::{RedisClient, RedisConnectError};
+use crate::redis_client::{RedisClient, RedisConnectError, RedisConnection};
 use crate::BoxError;
 
 /// KEYS: n done keys, then the n matching lease keys; ARGV: token, ttl (ms).
@@ -134,23 +141,28 @@ pub struct Leases {
     redis: RedisClient,
     breaker: Arc<CircuitBreaker>,
     prefix: String,
+    buckets: u32,
     acquire: Script,
     release: Script,
     hold: Script,
 }
 
 impl Leases {
-    /// Leases over `redis`, keys under `prefix`. Loads the scripts now: it saves the
-    /// first batch a NOSCRIPT round trip, and a Redis that refuses scripts fails start-up.
+    /// Leases over `redis`, keys under `prefix`, spread over `buckets` hash slots per
+    /// namespace (at least one). Loads the scripts now (on every node of a cluster): it
+    /// saves the first batch a NOSCRIPT round trip, and a Redis that refuses scripts fails
+    /// start-up.
     pub async fn connect(
         redis: RedisClient,
         prefix: &str,
+        buckets: u32,
         breaker: Arc<CircuitBreaker>,
     ) -> Result<Self, RedisConnectError> {
         let leases = Self {
             redis,
             breaker,
             prefix: prefix.to_owned(),
+            buckets: buckets.max(1),
             acquire: Script::new(ACQUIRE),
             release: Script::new(RELEASE),
             hold: Script::new(HOLD),
@@ -169,9 +181,47 @@ impl Leases {
     }
 
     /// The Redis key of `kind` (`done` or `lease`) for `id`:
-    /// `<prefix>:{<namespace>}:<kind>:<id>`.
+    /// `<prefix>:{<namespace>}:<kind>:<id>` with one bucket,
+    /// `<prefix>:{<namespace>:<bucket>}:<kind>:<id>` with more.
     pub fn key(&self, ns: &Namespace, kind: &str, id: &EventId) -> String {
-        format!("{}:{{{}}}:{}:{}", self.prefix, ns, kind, id)
+        if self.buckets == 1 {
+            format!("{}:{{{}}}:{}:{}", self.prefix, ns, kind, id)
+        } else {
+            format!("{}:{{{}:{}}}:{}:{}", self.prefix, ns, self.bucket(id), kind, id)
+        }
+    }
+
+    /// The bucket of `id`: FNV-1a (64 bits) of its text, modulo the bucket count. Part of
+    /// the key layout: every process of a function must agree on it.
+    pub fn bucket(&self, id: &EventId) -> u32 {
+        if self.buckets == 1 {
+            return 0;
+        }
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in id.as_str().bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        (h % u64::from(self.buckets)) as u32
+    }
+
+    /// How many buckets a namespace's keys spread over.
+    pub fn buckets(&self) -> u32 {
+        self.buckets
+    }
+
+    /// Positions `0..n` of `ids`, grouped by bucket: one script per group keeps every
+    /// script inside one hash slot.
+    fn groups<'i>(&self, ids: impl Iterator<Item = &'i EventId>) -> Vec<Vec<usize>> {
+        if self.buckets == 1 {
+            return vec![(0..ids.count()).collect()];
+        }
+        let mut by_bucket: Vec<Vec<usize>> = vec![Vec::new(); self.buckets as usize];
+        for (i, id) in ids.enumerate() {
+            by_bucket[self.bucket(id) as usize].push(i);
+        }
+        by_bucket.retain(|g| !g.is_empty());
+        by_bucket
     }
 
     /// One round trip: done markers and leases for `ids`, in order.
@@ -182,24 +232,34 @@ impl Leases {
         token: &str,
         ttl: Duration,
     ) -> Result<Vec<LeaseReply>, LeaseError> {
-        let mut inv = self.acquire.prepare_invoke();
-        for id in ids {
-            inv.key(self.key(ns, "done", id));
-        }
-        for id in ids {
-            inv.key(self.key(ns, "lease", id));
-        }
-        inv.arg(token).arg(ttl.as_millis().max(1) as u64);
-        let replies: Vec<String> = self.call(|mut conn| async move { inv.invoke_async(&mut conn).await }).await?;
-        Ok(self
-            .one_per_id("acquire", replies, ids.len())?
-            .into_iter()
-            .map(|r| match r.as_bytes().first() {
-                Some(b'D') => LeaseReply::Done(PayloadHash::from_hex(&r[1..])),
-                Some(b'L') => LeaseReply::Acquired,
-                _ => LeaseReply::Busy,
+        let groups = self.groups(ids.iter().copied());
+        let ttl = ttl.as_millis().max(1) as u64;
+        let invocations: Vec<ScriptInvocation<'_>> = groups
+            .iter()
+            .map(|group| {
+                let mut inv = self.acquire.prepare_invoke();
+                for &i in group {
+                    inv.key(self.key(ns, "done", ids[i]));
+                }
+                for &i in group {
+                    inv.key(self.key(ns, "lease", ids[i]));
+                }
+                inv.arg(token).arg(ttl);
+                inv
             })
-            .collect())
+            .collect();
+        let replies: Vec<Vec<String>> = self.call(|conn| run_all(conn, invocations)).await?;
+        let mut out = vec![LeaseReply::Busy; ids.len()];
+        for (group, replies) in groups.iter().zip(replies) {
+            for (&i, r) in group.iter().zip(self.one_per_id("acquire", replies, group.len())?) {
+                out[i] = match r.as_bytes().first() {
+                    Some(b'D') => LeaseReply::Done(PayloadHash::from_hex(&r[1..])),
+                    Some(b'L') => LeaseReply::Acquired,
+                    _ => LeaseReply::Busy,
+                };
+            }
+        }
+        Ok(out)
     }
 
     /// One round trip: writes done markers and frees the leases our token still holds.
@@ -213,16 +273,25 @@ impl Leases {
         if items.is_empty() {
             return Ok(0);
         }
-        let mut inv = self.release.prepare_invoke();
-        inv.arg(token).arg(done_ttl.as_millis().max(1) as u64);
-        for item in items {
-            inv.key(self.key(ns, "lease", item.id));
-            inv.arg(item.done.map(|h| h.to_hex()).unwrap_or_default());
-        }
-        for item in items {
-            inv.key(self.key(ns, "done", item.id));
-        }
-        self.call(|mut conn| async move { inv.invoke_async(&mut conn).await }).await
+        let done_ttl = done_ttl.as_millis().max(1) as u64;
+        let invocations: Vec<ScriptInvocation<'_>> = self
+            .groups(items.iter().map(|item| item.id))
+            .iter()
+            .map(|group| {
+                let mut inv = self.release.prepare_invoke();
+                inv.arg(token).arg(done_ttl);
+                for &i in group {
+                    inv.key(self.key(ns, "lease", items[i].id));
+                    inv.arg(items[i].done.map(|h| h.to_hex()).unwrap_or_default());
+                }
+                for &i in group {
+                    inv.key(self.key(ns, "done", items[i].id));
+                }
+                inv
+            })
+            .collect();
+        let freed: Vec<u64> = self.call(|conn| run_all(conn, invocations)).await?;
+        Ok(freed.into_iter().sum())
     }
 
     /// One round trip: which of `ids` our token still leases; those are extended by
@@ -239,13 +308,27 @@ impl Leases {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut inv = self.hold.prepare_invoke();
-        for id in ids {
-            inv.key(self.key(ns, "lease", id));
+        let groups = self.groups(ids.iter().copied());
+        let ttl = ttl.as_millis().max(1) as u64;
+        let invocations: Vec<ScriptInvocation<'_>> = groups
+            .iter()
+            .map(|group| {
+                let mut inv = self.hold.prepare_invoke();
+                for &i in group {
+                    inv.key(self.key(ns, "lease", ids[i]));
+                }
+                inv.arg(token).arg(ttl);
+                inv
+            })
+            .collect();
+        let held: Vec<Vec<i64>> = self.call(|conn| run_all(conn, invocations)).await?;
+        let mut out = vec![false; ids.len()];
+        for (group, held) in groups.iter().zip(held) {
+            for (&i, h) in group.iter().zip(self.one_per_id("hold", held, group.len())?) {
+                out[i] = h == 1;
+            }
         }
-        inv.arg(token).arg(ttl.as_millis().max(1) as u64);
-        let held: Vec<i64> = self.call(|mut conn| async move { inv.invoke_async(&mut conn).await }).await?;
-        Ok(self.one_per_id("hold", held, ids.len())?.into_iter().map(|h| h == 1).collect())
+        Ok(out)
     }
 
     /// A script's replies, checked to be one per id (a short answer must not be read as
@@ -282,15 +365,16 @@ impl Leases {
         Ok(())
     }
 
-    /// Runs one Redis call under the breaker and the timeout.
+    /// Runs one Redis step under the breaker and the timeout: one permit and one time
+    /// limit for all of the step's scripts, so a step is one call to the breaker.
     async fn call<T, F, Fut>(&self, f: F) -> Result<T, LeaseError>
     where
-        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        F: FnOnce(RedisConnection) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         let permit = self.breaker.try_acquire()?;
         let work = async {
-            let conn = self.redis.pool().get().await.map_err(BoxError::from)?;
+            let conn = self.redis.connection().await?;
             f(conn).await.map_err(BoxError::from)
         };
         match tokio::time::timeout(self.redis.timeout(), work).await {
@@ -300,12 +384,27 @@ impl Leases {
             }
             Ok(Err(source)) => {
                 permit.failure();
+                self.redis.recover();
                 Err(LeaseError::Redis { url: self.redis.url().to_owned(), source })
             }
             Err(_) => {
                 permit.failure();
+                self.redis.recover();
                 Err(LeaseError::Timeout { url: self.redis.url().to_owned(), timeout: self.redis.timeout() })
             }
         }
     }
+}
+
+/// Sends every invocation at once (each on a clone of `conn`: the same sockets, pipelined)
+/// and collects the answers in order; the first error fails the step.
+async fn run_all<T: redis::FromRedisValue>(
+    conn: RedisConnection,
+    invocations: Vec<ScriptInvocation<'_>>,
+) -> redis::RedisResult<Vec<T>> {
+    try_join_all(invocations.iter().map(|inv| {
+        let mut conn = conn.clone();
+        async move { inv.invoke_async(&mut conn).await }
+    }))
+    .await
 }

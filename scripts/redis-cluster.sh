@@ -1,0 +1,181 @@
+#!/usr/bin/env bash
+# A local Redis Cluster: three primaries and three replicas from Debian's redis-server,
+# on ports of their own (base port .. base port + 5, cluster bus ports 10000 above).
+#
+#   scripts/redis-cluster.sh start [--dir DIR] [--port BASE] [--password PW] [--tls]
+#   scripts/redis-cluster.sh stop  [--dir DIR]
+#   scripts/redis-cluster.sh nodes [--dir DIR]     # port, pid and role of each node
+#
+# Defaults: DIR ~/.cache/exactly-once/redis-cluster, BASE 7100. `start` is idempotent:
+# a cluster already running in DIR and answering `cluster_state:ok` is left alone.
+# With --tls, DIR/tls holds a CA (ca.crt) and a certificate for 127.0.0.1 and localhost;
+# clients connect with rediss:// and REDIS_TLS_CA_FILE=DIR/tls/ca.crt. With --password,
+# every node requires AUTH (as ElastiCache with an AUTH token does).
+#
+# Try the worker against it:
+#   scripts/redis-cluster.sh start
+#   REDIS_MODE=cluster REDIS_URL=redis://127.0.0.1:7100 cargo run -p user-events
+set -euo pipefail
+
+cmd="${1:-}"
+shift || true
+dir="${HOME}/.cache/exactly-once/redis-cluster"
+base=7100
+password=""
+tls=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dir) dir="$2"; shift 2 ;;
+    --port) base="$2"; shift 2 ;;
+    --password) password="$2"; shift 2 ;;
+    --tls) tls=1; shift ;;
+    *) echo "redis-cluster: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+ports=$(seq "$base" $((base + 5)))
+
+log() { echo "[redis-cluster] $*" >&2; }
+
+ensure_installed() {
+  if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+    log "installing redis-server (Debian)"
+    if [ "$(id -u)" -eq 0 ]; then
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    else
+      sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    fi
+  fi
+  if [ "$tls" = 1 ] && ! command -v openssl >/dev/null; then
+    log "installing openssl (Debian)"
+    apt-get install -y -qq openssl >/dev/null
+  fi
+}
+
+# redis-cli with this cluster's auth and TLS options.
+cli() {
+  local args=()
+  [ -n "$password" ] && args+=(--no-auth-warning -a "$password")
+  [ "$tls" = 1 ] && args+=(--tls --cacert "$dir/tls/ca.crt")
+  redis-cli "${args[@]}" "$@"
+}
+
+# Every node sees the cluster ok, and every replica has synced with its primary (a
+# replica that never synced cannot take over).
+healthy() {
+  for p in $ports; do
+    cli -p "$p" cluster info 2>/dev/null | grep -q '^cluster_state:ok' || return 1
+    if cli -p "$p" info replication 2>/dev/null | grep -q '^role:slave'; then
+      cli -p "$p" info replication | grep -q '^master_link_status:up' || return 1
+    fi
+  done
+}
+
+stop() {
+  for p in $ports; do
+    local pidfile="$dir/$p/redis.pid"
+    if [ -f "$pidfile" ]; then
+      kill -9 "$(cat "$pidfile")" 2>/dev/null || true
+      rm -f "$pidfile"
+    fi
+  done
+}
+
+certificates() {
+  local t="$dir/tls"
+  [ -f "$t/server.crt" ] && return 0
+  mkdir -p "$t"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=exactly-once test CA" \
+    -keyout "$t/ca.key" -out "$t/ca.crt" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" -keyout "$t/server.key" -out "$t/server.csr" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n' >"$t/ext.cnf"
+  openssl x509 -req -in "$t/server.csr" -CA "$t/ca.crt" -CAkey "$t/ca.key" -CAcreateserial -days 3650 \
+    -extfile "$t/ext.cnf" -out "$t/server.crt" 2>/dev/null
+  chmod 600 "$t"/*.key
+}
+
+start() {
+  ensure_installed
+  if healthy; then
+    log "running in $dir on ports $base-$((base + 5))"
+    return 0
+  fi
+  stop
+  for p in $ports; do rm -rf "${dir:?}/$p"; done
+  mkdir -p "$dir"
+  [ "$tls" = 1 ] && certificates
+  for p in $ports; do
+    mkdir -p "$dir/$p"
+    {
+      echo "bind 127.0.0.1"
+      echo "protected-mode no"
+      if [ "$tls" = 1 ]; then
+        echo "port 0"
+        echo "tls-port $p"
+        echo "tls-cert-file $dir/tls/server.crt"
+        echo "tls-key-file $dir/tls/server.key"
+        echo "tls-ca-cert-file $dir/tls/ca.crt"
+        echo "tls-auth-clients no"
+        echo "tls-cluster yes"
+        echo "tls-replication yes"
+      else
+        echo "port $p"
+      fi
+      echo "cluster-enabled yes"
+      echo "cluster-config-file $dir/$p/nodes.conf"
+      # Short, so a killed primary's replica takes over within seconds; not so short that
+      # a busy machine (tests in parallel) sees a node as failed when it is only slow.
+      echo "cluster-node-timeout 5000"
+      echo "cluster-require-full-coverage no"
+      # The first full sync starts at once (the default waits 5 s for more replicas): a
+      # replica that never synced refuses to take over from a dead primary.
+      echo "repl-diskless-sync-delay 0"
+      echo "save \"\""
+      echo "appendonly no"
+      echo "dir $dir/$p"
+      echo "pidfile $dir/$p/redis.pid"
+      echo "logfile $dir/$p/redis.log"
+      echo "daemonize yes"
+      if [ -n "$password" ]; then
+        echo "requirepass $password"
+        echo "masterauth $password"
+      fi
+    } >"$dir/$p/redis.conf"
+    chmod 600 "$dir/$p/redis.conf"
+    redis-server "$dir/$p/redis.conf"
+  done
+  for p in $ports; do
+    for _ in $(seq 1 100); do
+      cli -p "$p" ping >/dev/null 2>&1 && break
+      sleep 0.1
+    done
+  done
+  local nodes=()
+  for p in $ports; do nodes+=("127.0.0.1:$p"); done
+  cli --cluster create "${nodes[@]}" --cluster-replicas 1 --cluster-yes >"$dir/create.log" 2>&1 ||
+    { log "cluster create failed:"; cat "$dir/create.log" >&2; exit 1; }
+  for _ in $(seq 1 150); do
+    if healthy; then
+      log "ready in $dir on ports $base-$((base + 5))"
+      return 0
+    fi
+    sleep 0.2
+  done
+  log "the cluster did not reach cluster_state:ok; node logs are in $dir/<port>/redis.log"
+  exit 1
+}
+
+nodes() {
+  for p in $ports; do
+    local pid="-" role="down"
+    [ -f "$dir/$p/redis.pid" ] && pid=$(cat "$dir/$p/redis.pid")
+    role=$(cli -p "$p" role 2>/dev/null | head -1) || true
+    echo "$p $pid ${role:-down}"
+  done
+}
+
+case "$cmd" in
+  start) start ;;
+  stop) stop; log "stopped ($dir)" ;;
+  nodes) nodes ;;
+  *) echo "usage: $0 start|stop|nodes [--dir DIR] [--port BASE] [--password PW] [--tls]" >&2; exit 2 ;;
+esac
