@@ -3,6 +3,7 @@
 # on ports of their own (base port .. base port + 5, cluster bus ports 10000 above).
 #
 #   scripts/redis-cluster.sh start [--dir DIR] [--port BASE] [--password PW] [--tls]
+#                                  [--primaries N --replicas 0]
 #   scripts/redis-cluster.sh stop  [--dir DIR]
 #   scripts/redis-cluster.sh nodes [--dir DIR]     # port, pid and role of each node
 #
@@ -10,7 +11,10 @@
 # a cluster already running in DIR and answering `cluster_state:ok` is left alone.
 # With --tls, DIR/tls holds a CA (ca.crt) and a certificate for 127.0.0.1 and localhost;
 # clients connect with rediss:// and REDIS_TLS_CA_FILE=DIR/tls/ca.crt. With --password,
-# every node requires AUTH (as ElastiCache with an AUTH token does).
+# every node requires AUTH (as ElastiCache with an AUTH token does). --primaries N with
+# --replicas 0 builds a cluster of N primaries only, slots split evenly (the benchmark
+# compares one, two and three); redis-cli refuses fewer than three primaries, so that
+# path assigns the slots itself.
 #
 # Try the worker against it:
 #   scripts/redis-cluster.sh start
@@ -23,16 +27,26 @@ dir="${HOME}/.cache/exactly-once/redis-cluster"
 base=7100
 password=""
 tls=0
+primaries=3
+replicas=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --dir) dir="$2"; shift 2 ;;
     --port) base="$2"; shift 2 ;;
     --password) password="$2"; shift 2 ;;
     --tls) tls=1; shift ;;
+    --primaries) primaries="$2"; shift 2 ;;
+    --replicas) replicas="$2"; shift 2 ;;
     *) echo "redis-cluster: unknown argument $1" >&2; exit 2 ;;
   esac
 done
-ports=$(seq "$base" $((base + 5)))
+nodes_total=$((primaries * (replicas + 1)))
+if [ "$replicas" -gt 0 ] && [ "$primaries" -lt 3 ]; then
+  echo "redis-cluster: replicas need at least three primaries (or use --replicas 0)" >&2
+  exit 2
+fi
+last=$((base + nodes_total - 1))
+ports=$(seq "$base" "$last")
 
 log() { echo "[redis-cluster] $*" >&2; }
 
@@ -96,7 +110,7 @@ certificates() {
 start() {
   ensure_installed
   if healthy; then
-    log "running in $dir on ports $base-$((base + 5))"
+    log "running in $dir on ports $base-$last"
     return 0
   fi
   stop
@@ -149,13 +163,24 @@ start() {
       sleep 0.1
     done
   done
-  local nodes=()
-  for p in $ports; do nodes+=("127.0.0.1:$p"); done
-  cli --cluster create "${nodes[@]}" --cluster-replicas 1 --cluster-yes >"$dir/create.log" 2>&1 ||
-    { log "cluster create failed:"; cat "$dir/create.log" >&2; exit 1; }
+  if [ "$replicas" -gt 0 ]; then
+    local nodes=()
+    for p in $ports; do nodes+=("127.0.0.1:$p"); done
+    cli --cluster create "${nodes[@]}" --cluster-replicas "$replicas" --cluster-yes >"$dir/create.log" 2>&1 ||
+      { log "cluster create failed:"; cat "$dir/create.log" >&2; exit 1; }
+  else
+    # Primaries only: split the 16384 slots evenly, then introduce the nodes.
+    local i=0
+    for p in $ports; do
+      local from=$((i * 16384 / primaries)) to=$(((i + 1) * 16384 / primaries - 1))
+      cli -p "$p" cluster addslotsrange "$from" "$to" >/dev/null
+      [ "$p" != "$base" ] && cli -p "$p" cluster meet 127.0.0.1 "$base" >/dev/null
+      i=$((i + 1))
+    done
+  fi
   for _ in $(seq 1 150); do
     if healthy; then
-      log "ready in $dir on ports $base-$((base + 5))"
+      log "ready in $dir on ports $base-$last"
       return 0
     fi
     sleep 0.2

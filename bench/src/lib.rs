@@ -12,8 +12,11 @@
 //!   UNNEST ... ON CONFLICT DO NOTHING`, nothing around them;
 //! - `e2e`: the worker consuming from the broker into ClickHouse with the guard, against
 //!   the same pipeline without it.
+//!
+//! The Redis Cluster variant is its own binary ([`cluster`]).
 
 pub mod chart;
+pub mod cluster;
 pub mod cold_start;
 pub mod delay;
 pub mod stats;
@@ -484,7 +487,21 @@ async fn run_in(env: &Env, opts: &Options) -> anyhow::Result<Report> {
         rows.push(without);
     }
 
-    let machine = format!(
+    Ok(Report {
+        machine: machine(),
+        options: format!("{opts:?}"),
+        rows,
+        targets,
+        cache_entries: entries,
+        cache_weighted_bytes: weighted,
+        cache_rss_bytes_per_entry: per_entry,
+        peak_rss_bytes: rss_bytes("VmHWM:"),
+    })
+}
+
+/// Cores and CPU model of this machine, for the reports.
+pub fn machine() -> String {
+    format!(
         "{} cores, {}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         std::fs::read_to_string("/proc/cpuinfo")
@@ -496,17 +513,7 @@ async fn run_in(env: &Env, opts: &Options) -> anyhow::Result<Report> {
                 .trim()
                 .to_owned()))
             .unwrap_or_else(|| "unknown CPU".into())
-    );
-    Ok(Report {
-        machine,
-        options: format!("{opts:?}"),
-        rows,
-        targets,
-        cache_entries: entries,
-        cache_weighted_bytes: weighted,
-        cache_rss_bytes_per_entry: per_entry,
-        peak_rss_bytes: rss_bytes("VmHWM:"),
-    })
+    )
 }
 
 /// Median seconds of `SELECT 1` over `n` tries: the round trip as the pool sees it.

@@ -20,6 +20,8 @@ pub mod guard;
 pub mod handler;
 #[cfg(feature = "isolation")]
 pub mod isolation;
+#[cfg(feature = "isolation")]
+pub mod local_cluster;
 pub mod kafka_client;
 pub mod metrics;
 pub mod outbox;

@@ -16,7 +16,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::TopicPartitionList;
 use tokio::net::{TcpListener, TcpStream};
 
-pub mod cluster;
+pub use exactly_once::local_cluster as cluster;
 
 /// A unique, identifier-safe suffix.
 pub fn unique(prefix: &str) -> String {

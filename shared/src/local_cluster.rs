@@ -1,6 +1,7 @@
-//! A private Redis Cluster per test (three primaries, three replicas), started with the
-//! project's own `scripts/redis-cluster.sh` on free ports and a temporary directory, and
-//! stopped when dropped. Private because the tests kill nodes and move slots.
+//! A private local Redis Cluster (by default three primaries and three replicas), started
+//! with the project's own `scripts/redis-cluster.sh` on free ports and a temporary
+//! directory, and stopped when dropped. For tests (which kill nodes and move slots, so
+//! each has its own) and the cluster benchmark. Feature `isolation`.
 
 use std::collections::HashMap;
 use std::net::TcpListener;
@@ -14,33 +15,43 @@ use redis::aio::MultiplexedConnection;
 /// One node, as `CLUSTER NODES` describes it.
 #[derive(Debug, Clone)]
 pub struct Node {
+    /// The node id.
     pub id: String,
+    /// Its port on 127.0.0.1.
     pub port: u16,
+    /// Serves slots.
     pub primary: bool,
     /// Slot ranges this node serves (primaries only; a primary is a master with slots).
     pub slots: Vec<(u16, u16)>,
 }
 
+/// A running local cluster; stopped and removed when dropped.
 pub struct LocalCluster {
     dir: PathBuf,
+    /// The first port; the nodes use the ports from here on.
     pub base: u16,
+    /// AUTH password of every node.
     pub password: Option<String>,
+    /// The nodes serve TLS only.
     pub tls: bool,
+    primaries: u16,
+    replicas: u16,
 }
 
 static NEXT_BASE: AtomicU16 = AtomicU16::new(0);
 
+/// The script, found from where this crate was built (a development tool, not shipped).
 fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/redis-cluster.sh")
 }
 
-/// Six consecutive ports, and their cluster bus ports, that nothing listens on now.
-fn free_base() -> u16 {
+/// `n` consecutive ports, and their cluster bus ports, that nothing listens on now.
+fn free_base(n: u16) -> u16 {
     let offset = (std::process::id() % 200) as u16 * 40;
     loop {
-        let n = NEXT_BASE.fetch_add(1, Ordering::SeqCst);
-        let base = 21000 + (offset + n * 8) % 9000;
-        let free = (base..base + 6).all(|p| {
+        let k = NEXT_BASE.fetch_add(1, Ordering::SeqCst);
+        let base = 21000 + (offset + k * 8) % 9000;
+        let free = (base..base + n).all(|p| {
             TcpListener::bind(("127.0.0.1", p)).is_ok() && TcpListener::bind(("127.0.0.1", p + 10000)).is_ok()
         });
         if free {
@@ -50,11 +61,19 @@ fn free_base() -> u16 {
 }
 
 impl LocalCluster {
-    /// Starts a cluster; `password` makes every node require AUTH, `tls` serves TLS only.
+    /// Starts three primaries with a replica each; `password` makes every node require
+    /// AUTH, `tls` serves TLS only. Panics when the cluster does not come up.
     pub fn start(password: Option<&str>, tls: bool) -> Self {
-        let base = free_base();
-        let dir = std::env::temp_dir().join(crate::unique("eo_cluster"));
-        let cluster = Self { dir, base, password: password.map(str::to_owned), tls };
+        Self::start_with(3, 1, password, tls)
+    }
+
+    /// Starts `primaries` primaries with `replicas` replicas each (replicas need three
+    /// primaries or more).
+    pub fn start_with(primaries: u16, replicas: u16, password: Option<&str>, tls: bool) -> Self {
+        let nodes = primaries * (replicas + 1);
+        let base = free_base(nodes);
+        let dir = std::env::temp_dir().join(format!("eo_cluster_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]));
+        let cluster = Self { dir, base, password: password.map(str::to_owned), tls, primaries, replicas };
         let out = cluster.script("start").output().expect("run scripts/redis-cluster.sh");
         assert!(
             out.status.success(),
@@ -68,6 +87,7 @@ impl LocalCluster {
     fn script(&self, command: &str) -> Command {
         let mut c = Command::new("bash");
         c.arg(script()).arg(command).arg("--dir").arg(&self.dir).arg("--port").arg(self.base.to_string());
+        c.arg("--primaries").arg(self.primaries.to_string()).arg("--replicas").arg(self.replicas.to_string());
         if let Some(pw) = &self.password {
             c.arg("--password").arg(pw);
         }
@@ -81,7 +101,7 @@ impl LocalCluster {
     pub fn url(&self) -> String {
         let scheme = if self.tls { "rediss" } else { "redis" };
         let auth = self.password.as_ref().map(|pw| format!(":{pw}@")).unwrap_or_default();
-        (self.base..self.base + 3).map(|p| format!("{scheme}://{auth}127.0.0.1:{p}")).collect::<Vec<_>>().join(",")
+        (self.base..self.base + self.primaries.min(3)).map(|p| format!("{scheme}://{auth}127.0.0.1:{p}")).collect::<Vec<_>>().join(",")
     }
 
     /// The CA that signed the nodes' certificate (with TLS).
@@ -99,7 +119,7 @@ impl LocalCluster {
 
     /// The cluster as one node (any that answers) sees it.
     pub async fn nodes(&self) -> Vec<Node> {
-        for port in self.base..self.base + 6 {
+        for port in self.base..self.base + self.primaries * (self.replicas + 1) {
             let Ok(Ok(client)) = tokio::time::timeout(Duration::from_secs(1), async {
                 let auth = self.password.as_ref().map(|pw| format!(":{pw}@")).unwrap_or_default();
                 redis::Client::open(format!("redis://{auth}127.0.0.1:{port}"))?.get_multiplexed_async_connection().await
