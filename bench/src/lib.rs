@@ -19,6 +19,7 @@ pub mod chart;
 pub mod cluster;
 pub mod cold_start;
 pub mod delay;
+pub mod ledger;
 pub mod stats;
 
 use exactly_once::isolation::Slice;
@@ -529,6 +530,12 @@ async fn select_one_latency(pg: &sqlx::PgPool, n: usize) -> anyhow::Result<f64> 
 
 /// Puts `rows` confirmed ids of another namespace into `processed_events`, in chunks.
 async fn fill(env: &Env, rows: u64) -> anyhow::Result<()> {
+    fill_range(env, 0, rows).await
+}
+
+/// Puts filler rows `from..from + rows` (ids are md5 of their number) into
+/// `processed_events`, a million per statement, then analyses the table.
+async fn fill_range(env: &Env, from: u64, rows: u64) -> anyhow::Result<()> {
     let chunk = 1_000_000u64;
     let started = Instant::now();
     let mut done = 0;
@@ -539,12 +546,12 @@ async fn fill(env: &Env, rows: u64) -> anyhow::Result<()> {
              SELECT 'filler', md5(g::text), 'processed', decode(md5(g::text), 'hex'), 'filler', g % 12, g
              FROM generate_series($1::bigint, $2::bigint) g",
         )
-        .bind(done as i64)
-        .bind((done + n - 1) as i64)
+        .bind((from + done) as i64)
+        .bind((from + done + n - 1) as i64)
         .execute(&env.clients.pg)
         .await?;
         done += n;
-        eprintln!("[bench] filled {done}/{rows} rows ({:.0} s)", started.elapsed().as_secs_f64());
+        eprintln!("[bench] filled {}/{} rows ({:.0} s)", from + done, from + rows, started.elapsed().as_secs_f64());
     }
     sqlx::query("ANALYZE processed_events").execute(&env.clients.pg).await?;
     Ok(())
