@@ -175,7 +175,11 @@ async fn a_cluster_spreads_a_functions_keys_and_counts_exactly_once() {
     // Every done marker is found again in the cluster.
     let again: Vec<_> = ids.iter().enumerate().map(|(i, id)| ev(id, i as i64)).collect();
     let r = guard(&env, "features", no_cache()).run_batch(&*h, &again, None).await;
-    let redis = r.outcomes.iter().filter(|o| matches!(o.outcome, Outcome::Duplicate { tier: DuplicateTier::Redis, .. })).count();
+    let redis = r
+        .outcomes
+        .iter()
+        .filter(|o| matches!(o.outcome, Outcome::Duplicate { tier: DuplicateTier::Redis, .. }))
+        .count();
     assert_eq!(redis, 300, "{r:?}");
 
     // The keys sit on every primary, in 16 slots.
@@ -261,11 +265,8 @@ async fn a_slot_moved_mid_stream_loses_nothing() {
     assert_eq!(cluster.owner(slot).await.id, to.id, "the slot moved");
     let moved_keys = cluster.node(to.port).await;
     let mut c = moved_keys;
-    let on_target: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}:{{features:0}}:done:*", env.key_prefix))
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    let on_target: Vec<String> =
+        redis::cmd("KEYS").arg(format!("{}:{{features:0}}:done:*", env.key_prefix)).query_async(&mut c).await.unwrap();
     assert!(!on_target.is_empty(), "the bucket's done markers live on the new owner");
     assert_exactly_once(&env, &ids).await;
     // Every id is still known: a full redelivery handles nothing again. Leases whose

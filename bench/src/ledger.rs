@@ -104,11 +104,10 @@ fn fresh_batch(seq: &mut u64, n: usize) -> Vec<exactly_once::Event> {
 }
 
 async fn sizes_of(env: &Env) -> anyhow::Result<(i64, i64, i64)> {
-    let (table, index): (i64, i64) = sqlx::query_as(
-        "SELECT pg_table_size('processed_events'), pg_indexes_size('processed_events')",
-    )
-    .fetch_one(&env.clients.pg)
-    .await?;
+    let (table, index): (i64, i64) =
+        sqlx::query_as("SELECT pg_table_size('processed_events'), pg_indexes_size('processed_events')")
+            .fetch_one(&env.clients.pg)
+            .await?;
     let rows = exactly_once::retention::table_size(&env.clients.pg).await?;
     Ok((rows, table, index))
 }

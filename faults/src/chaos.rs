@@ -817,7 +817,12 @@ impl FaultRun<'_> {
                 Fault::StallPastTimeout => main.stall(rng, opts.lambda_timeout).await,
                 Fault::PollerRestart => main.restart_poller(rng).await,
                 Fault::FlushAll => {
-                    let mut c = clients.redis.connection().await.map_err(|e| anyhow::anyhow!(e)).context("Redis for FLUSHALL")?;
+                    let mut c = clients
+                        .redis
+                        .connection()
+                        .await
+                        .map_err(|e| anyhow::anyhow!(e))
+                        .context("Redis for FLUSHALL")?;
                     let _: () = redis::cmd("FLUSHALL").query_async(&mut c).await.context("FLUSHALL")?;
                     "Redis FLUSHALL".to_string()
                 }

@@ -76,7 +76,8 @@ impl Clients {
             Schema::Check => postgres::check_migrations(&pg, &config.postgres).await?,
         }
         let redis = RedisClient::connect(&config.redis).await?;
-        let leases = Leases::connect(redis.clone(), &config.redis.key_prefix, config.redis.key_buckets, redis_breaker).await?;
+        let leases =
+            Leases::connect(redis.clone(), &config.redis.key_prefix, config.redis.key_buckets, redis_breaker).await?;
         let sink = ClickHouseSink::connect(&config.clickhouse, clickhouse_breaker).await?;
         Ok(Self { config: Arc::new(config), pg, redis, leases: Arc::new(leases), sink: Arc::new(sink), kafka_breaker })
     }

@@ -20,9 +20,9 @@ pub mod guard;
 pub mod handler;
 #[cfg(feature = "isolation")]
 pub mod isolation;
+pub mod kafka_client;
 #[cfg(feature = "isolation")]
 pub mod local_cluster;
-pub mod kafka_client;
 pub mod metrics;
 pub mod outbox;
 pub mod outcome;

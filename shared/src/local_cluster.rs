@@ -101,7 +101,10 @@ impl LocalCluster {
     pub fn url(&self) -> String {
         let scheme = if self.tls { "rediss" } else { "redis" };
         let auth = self.password.as_ref().map(|pw| format!(":{pw}@")).unwrap_or_default();
-        (self.base..self.base + self.primaries.min(3)).map(|p| format!("{scheme}://{auth}127.0.0.1:{p}")).collect::<Vec<_>>().join(",")
+        (self.base..self.base + self.primaries.min(3))
+            .map(|p| format!("{scheme}://{auth}127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// The CA that signed the nodes' certificate (with TLS).
@@ -169,8 +172,13 @@ impl LocalCluster {
         }
         let _: () = setslot("MIGRATING", &to.id).query_async(&mut src).await.expect("MIGRATING");
         loop {
-            let keys: Vec<String> =
-                redis::cmd("CLUSTER").arg("GETKEYSINSLOT").arg(slot).arg(5).query_async(&mut src).await.expect("GETKEYSINSLOT");
+            let keys: Vec<String> = redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                .arg(5)
+                .query_async(&mut src)
+                .await
+                .expect("GETKEYSINSLOT");
             if keys.is_empty() {
                 break;
             }

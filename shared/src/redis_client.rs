@@ -77,7 +77,11 @@ impl std::fmt::Debug for RedisClient {
             Backend::Pool(_) => "standalone",
             Backend::Cluster(_) => "cluster",
         };
-        f.debug_struct("RedisClient").field("url", &self.url).field("mode", &mode).field("timeout", &self.timeout).finish()
+        f.debug_struct("RedisClient")
+            .field("url", &self.url)
+            .field("mode", &mode)
+            .field("timeout", &self.timeout)
+            .finish()
     }
 }
 
@@ -152,7 +156,8 @@ impl RedisClient {
                 Backend::Pool(pool)
             }
             RedisMode::Cluster => {
-                let seeds: Vec<&str> = config.url.expose().split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+                let seeds: Vec<&str> =
+                    config.url.expose().split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
                 let mut builder = redis::cluster::ClusterClientBuilder::new(seeds)
                     .connection_timeout(config.timeout)
                     .response_timeout(config.timeout)
@@ -218,7 +223,9 @@ impl RedisClient {
                     *cluster.conn.write().unwrap_or_else(|p| p.into_inner()) = conn;
                     tracing::info!(redis = %url, "rebuilt the Redis cluster connection after a failed call (fresh slot map)");
                 }
-                Err(e) => tracing::warn!(redis = %url, error = %e, "could not rebuild the Redis cluster connection; retrying after the next failure"),
+                Err(e) => {
+                    tracing::warn!(redis = %url, error = %e, "could not rebuild the Redis cluster connection; retrying after the next failure")
+                }
             }
             cluster.rebuilding.store(false, Ordering::SeqCst);
         });
