@@ -31,6 +31,10 @@ primaries=3
 replicas=1
 while [ $# -gt 0 ]; do
   case "$1" in
+    --dir|--port|--password|--primaries|--replicas)
+      [ $# -ge 2 ] || { echo "redis-cluster: $1 needs a value" >&2; exit 2; } ;;
+  esac
+  case "$1" in
     --dir) dir="$2"; shift 2 ;;
     --port) base="$2"; shift 2 ;;
     --password) password="$2"; shift 2 ;;
@@ -50,47 +54,63 @@ ports=$(seq "$base" "$last")
 
 log() { echo "[redis-cluster] $*" >&2; }
 
+# Debian packages; `sudo -n` so a test never waits on a password prompt.
+apt_install() {
+  local as=()
+  [ "$(id -u)" -eq 0 ] || as=(sudo -n)
+  "${as[@]}" apt-get update -qq &&
+    "${as[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
 ensure_installed() {
   if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
     log "installing redis-server (Debian)"
-    if [ "$(id -u)" -eq 0 ]; then
-      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
-    else
-      sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
-    fi
+    apt_install redis-server
   fi
   if [ "$tls" = 1 ] && ! command -v openssl >/dev/null; then
     log "installing openssl (Debian)"
-    apt-get install -y -qq openssl >/dev/null
+    apt_install openssl
   fi
 }
 
-# redis-cli with this cluster's auth and TLS options.
+# redis-cli with this cluster's auth (from the environment, not the command line that
+# `ps` shows) and TLS options.
 cli() {
   local args=()
-  [ -n "$password" ] && args+=(--no-auth-warning -a "$password")
-  [ "$tls" = 1 ] && args+=(--tls --cacert "$dir/tls/ca.crt")
-  redis-cli "${args[@]}" "$@"
+  if [ "$tls" = 1 ]; then args+=(--tls --cacert "$dir/tls/ca.crt"); fi
+  if [ -n "$password" ]; then
+    REDISCLI_AUTH="$password" redis-cli "${args[@]}" "$@"
+  else
+    redis-cli "${args[@]}" "$@"
+  fi
 }
 
 # Every node sees the cluster ok, and every replica has synced with its primary (a
 # replica that never synced cannot take over).
 healthy() {
   for p in $ports; do
-    cli -p "$p" cluster info 2>/dev/null | grep -q '^cluster_state:ok' || return 1
+    local info
+    info=$(cli -p "$p" cluster info 2>/dev/null) || return 1
+    grep -q '^cluster_state:ok' <<<"$info" || return 1
+    # Exactly the layout asked for (not another cluster left on these ports).
+    grep -q "^cluster_known_nodes:$nodes_total" <<<"$info" || return 1
     if cli -p "$p" info replication 2>/dev/null | grep -q '^role:slave'; then
       cli -p "$p" info replication | grep -q '^master_link_status:up' || return 1
     fi
   done
 }
 
+# Every node this directory started, whatever the layout: only a pid that is still a
+# redis-server is killed (a pid file left by a reboot may name another process now).
 stop() {
-  for p in $ports; do
-    local pidfile="$dir/$p/redis.pid"
-    if [ -f "$pidfile" ]; then
-      kill -9 "$(cat "$pidfile")" 2>/dev/null || true
-      rm -f "$pidfile"
+  local pidfile pid
+  for pidfile in "$dir"/*/redis.pid; do
+    [ -f "$pidfile" ] || continue
+    pid=$(cat "$pidfile")
+    if [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q redis-server; then
+      kill -9 "$pid" 2>/dev/null || true
     fi
+    rm -f "$pidfile"
   done
 }
 
@@ -116,7 +136,7 @@ start() {
   stop
   for p in $ports; do rm -rf "${dir:?}/$p"; done
   mkdir -p "$dir"
-  [ "$tls" = 1 ] && certificates
+  if [ "$tls" = 1 ]; then certificates; fi
   for p in $ports; do
     mkdir -p "$dir/$p"
     {
@@ -174,7 +194,7 @@ start() {
     for p in $ports; do
       local from=$((i * 16384 / primaries)) to=$(((i + 1) * 16384 / primaries - 1))
       cli -p "$p" cluster addslotsrange "$from" "$to" >/dev/null
-      [ "$p" != "$base" ] && cli -p "$p" cluster meet 127.0.0.1 "$base" >/dev/null
+      if [ "$p" != "$base" ]; then cli -p "$p" cluster meet 127.0.0.1 "$base" >/dev/null; fi
       i=$((i + 1))
     done
   fi

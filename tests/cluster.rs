@@ -13,16 +13,23 @@ use integration_tests::{wait_until, TestEnv};
 
 use crate::effects::{effects_table, ev, guard, Effects};
 
-async fn env_on(cluster: &LocalCluster, buckets: u32) -> TestEnv {
+/// A test's services with Redis on `cluster`. `faults`: the test breaks the cluster, so
+/// calls give up fast and the breaker probes again soon; otherwise every Redis step must
+/// succeed, so a busy machine gets generous time.
+async fn env_on(cluster: &LocalCluster, buckets: u32, faults: bool) -> TestEnv {
     let url = cluster.url();
     TestEnv::with(|c| {
         c.redis.mode = RedisMode::Cluster;
         c.redis.url = Secret::new(url);
         c.redis.key_buckets = buckets;
-        c.redis.timeout = Duration::from_millis(800);
-        c.breakers.redis.failure_threshold = 1;
-        c.breakers.redis.open_for = Duration::from_millis(500);
-        c.breakers.redis.success_threshold = 1;
+        if faults {
+            c.redis.timeout = Duration::from_millis(800);
+            c.breakers.redis.failure_threshold = 1;
+            c.breakers.redis.open_for = Duration::from_millis(500);
+            c.breakers.redis.success_threshold = 1;
+        } else {
+            c.redis.timeout = Duration::from_secs(5);
+        }
     })
     .await
 }
@@ -131,7 +138,7 @@ async fn assert_exactly_once(env: &TestEnv, ids: &[String]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cluster_spreads_a_functions_keys_and_counts_exactly_once() {
     let cluster = LocalCluster::start(None, false);
-    let env = env_on(&cluster, 16).await;
+    let env = env_on(&cluster, 16, false).await;
     effects_table(&env).await;
     assert!(env.clients.redis.is_cluster());
     // Our slot arithmetic agrees with the server's.
@@ -194,7 +201,7 @@ async fn a_cluster_spreads_a_functions_keys_and_counts_exactly_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_primary_is_replaced_without_losing_a_confirm() {
     let cluster = LocalCluster::start(None, false);
-    let env = env_on(&cluster, 16).await;
+    let env = env_on(&cluster, 16, true).await;
     effects_table(&env).await;
     let victim = cluster.owner(slot_of(&bucket_key(&env, 0))).await;
 
@@ -230,10 +237,43 @@ async fn a_killed_primary_is_replaced_without_losing_a_confirm() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_step_failing_in_one_bucket_frees_the_leases_it_took_in_the_others() {
+    // Standalone Redis with 16 buckets: the step is split the same way as on a cluster.
+    let env = TestEnv::with(|c| c.redis.key_buckets = 16).await;
+    effects_table(&env).await;
+    let ns = exactly_once::Namespace::new("features").unwrap();
+    // One id's lease key holds a hash (a poisoned key): the script of its bucket fails
+    // with WRONGTYPE, the other 15 buckets' scripts take their leases.
+    // (The id in either format, whichever the guard runs in.)
+    let mut poison_keys: Vec<String> = ["h:f0", "f0"]
+        .iter()
+        .map(|id| env.clients.leases.key(&ns, "lease", &exactly_once::EventId::new(id.to_string()).unwrap()))
+        .collect();
+    let mut c = env.redis().await;
+    for key in &poison_keys {
+        let _: i64 = redis::cmd("HSET").arg(key).arg("x").arg("1").query_async(&mut c).await.unwrap();
+    }
+
+    // Leases of 30 s: if the batch left any behind, they would still be there.
+    let config = GuardConfig { local_cache_ttl: Duration::ZERO, ..GuardConfig::default() };
+    let g = guard(&env, "features", config);
+    let h = Effects::new("features");
+    let batch: Vec<_> = (0..100).map(|i| ev(&format!("f{i}"), i)).collect();
+    let r = g.run_batch(&h, &batch, None).await;
+    assert!(r.outcomes.iter().all(|o| o.outcome == Outcome::Processed), "Postgres alone carries the batch: {r:?}");
+    let mut leases: Vec<String> =
+        redis::cmd("KEYS").arg(format!("{}:*:lease:*", env.key_prefix)).query_async(&mut c).await.unwrap();
+    leases.sort();
+    poison_keys.sort();
+    assert_eq!(leases, poison_keys, "only the poisoned keys are left: every lease the batch took was freed");
+    assert_exactly_once(&env, &(0..100).map(|i| format!("f{i}")).collect::<Vec<_>>()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slot_moved_mid_stream_loses_nothing() {
     let cluster = LocalCluster::start(None, false);
     // Four buckets: a quarter of the ids live in the slot that moves.
-    let env = env_on(&cluster, 4).await;
+    let env = env_on(&cluster, 4, true).await;
     effects_table(&env).await;
     let slot = slot_of(&bucket_key(&env, 0));
     let from = cluster.owner(slot).await;
@@ -327,5 +367,7 @@ async fn tls_and_auth_as_elasticache_uses_them() {
     // Without our CA the servers' certificate is not trusted: TLS is verified.
     config.url = Secret::new(cluster.url());
     config.tls_ca_file = None;
-    assert!(exactly_once::redis_client::RedisClient::connect(&config).await.is_err(), "an unknown CA must be refused");
+    let refused = exactly_once::redis_client::RedisClient::connect(&config).await.unwrap_err();
+    let chain = format!("{refused} / {:?}", std::error::Error::source(&refused));
+    assert!(chain.to_lowercase().contains("certificate"), "refused for its certificate: {chain}");
 }

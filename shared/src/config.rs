@@ -54,6 +54,7 @@ pub const VARIABLES: &[Var] = &[
     var("REDIS_KEY_PREFIX", "eo", "Prefix of every Redis key (`<prefix>:{<function>}:lease:<id>`, or `<prefix>:{<function>:<bucket>}:lease:<id>` with more than one bucket)."),
     var("REDIS_KEY_BUCKETS", "auto", "How many hash slots a function's keys are spread over: `auto` (1 standalone, 16 cluster) or 1 to 1024. A batch sends one script per bucket it touches, concurrently. Changing it changes every key: done markers are forgotten (Postgres answers instead) and, while old and new processes overlap, their leases do not see each other."),
     var("REDIS_TIMEOUT_MS", "1000", "Per-call Redis timeout; a slow Redis counts as a failure for its breaker."),
+    var("REDIS_CONNECT_TIMEOUT_MS", "5000", "How long connecting to Redis may take at start-up, or when the cluster connection is rebuilt: a cluster connection reaches every node, and each that does not answer costs up to `REDIS_TIMEOUT_MS`."),
     var("CLICKHOUSE_URL", "http://127.0.0.1:8123", "ClickHouse HTTP endpoint; several, comma-separated, are used round-robin and a failed write moves to the next."),
     var("CLICKHOUSE_DATABASE", "default", "ClickHouse database holding the function tables."),
     var("CLICKHOUSE_USER", "default", "ClickHouse user."),
@@ -287,9 +288,30 @@ impl fmt::Display for Secret {
 /// `scheme://user:***@host/...`: a URL safe to print. Anything unparsable is hidden whole.
 pub fn redact_url(url: &str) -> String {
     // A list of addresses (Redis Cluster seed nodes) is redacted one address at a time.
-    if url.contains(',') {
-        return url.split(',').map(|u| redact_url(u.trim())).collect::<Vec<_>>().join(",");
+    split_urls(url).iter().map(|u| redact_one(u)).collect::<Vec<_>>().join(",")
+}
+
+/// A comma-separated list of URLs, split. A comma inside a password is not a separator:
+/// a piece without a scheme belongs to the address before it.
+pub fn split_urls(list: &str) -> Vec<String> {
+    let mut parts: Vec<String> = Vec::new();
+    for piece in list.split(',') {
+        match parts.last_mut() {
+            Some(last) if !piece.contains("://") => {
+                last.push(',');
+                last.push_str(piece);
+            }
+            _ => parts.push(piece.trim().to_owned()),
+        }
     }
+    parts.retain(|p| !p.is_empty());
+    if parts.is_empty() {
+        parts.push(String::new());
+    }
+    parts
+}
+
+fn redact_one(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return "<unparsable url>".into();
     };
@@ -400,6 +422,9 @@ pub struct RedisConfig {
     pub key_prefix: String,
     /// `REDIS_TIMEOUT_MS`: the limit on one call.
     pub timeout: Duration,
+    /// `REDIS_CONNECT_TIMEOUT_MS`: the limit on building a connection (a cluster
+    /// connection reaches every node).
+    pub connect_timeout: Duration,
 }
 
 impl RedisConfig {
@@ -439,6 +464,7 @@ impl RedisConfig {
             pool_size: positive(env, "REDIS_POOL_SIZE")?,
             key_prefix,
             timeout: millis(env, "REDIS_TIMEOUT_MS")?,
+            connect_timeout: millis(env, "REDIS_CONNECT_TIMEOUT_MS")?,
         })
     }
 }
@@ -959,6 +985,9 @@ mod tests {
             redact_url("rediss://:pw@a:7000, rediss://u:pw@b:7001/?x=pw"),
             "rediss://:***@a:7000,rediss://u:***@b:7001/"
         );
+        // A comma in a token is part of it, not a list.
+        assert_eq!(redact_url("rediss://:ab,cd@host:6379"), "rediss://:***@host:6379");
+        assert_eq!(redact_url("rediss://:a,b@h1:1,rediss://:a,b@h2:2"), "rediss://:***@h1:1,rediss://:***@h2:2");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
@@ -38,19 +38,21 @@ pub struct LocalCluster {
     replicas: u16,
 }
 
-static NEXT_BASE: AtomicU16 = AtomicU16::new(0);
+static NEXT_BASE: AtomicU32 = AtomicU32::new(0);
 
 /// The script, found from where this crate was built (a development tool, not shipped).
 fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/redis-cluster.sh")
 }
 
-/// `n` consecutive ports, and their cluster bus ports, that nothing listens on now.
+/// `n` (at most 8) consecutive ports, and their cluster bus ports (10000 above), that
+/// nothing listens on now. Ports 21000-22759, so the bus ports stay below Linux's
+/// ephemeral range (32768 and up), where an outgoing socket could take one meanwhile.
 fn free_base(n: u16) -> u16 {
-    let offset = (std::process::id() % 200) as u16 * 40;
+    let offset = std::process::id() % 220;
     loop {
         let k = NEXT_BASE.fetch_add(1, Ordering::SeqCst);
-        let base = 21000 + (offset + k * 8) % 9000;
+        let base = (21000 + ((offset + k) % 220) * 8) as u16;
         let free = (base..base + n).all(|p| {
             TcpListener::bind(("127.0.0.1", p)).is_ok() && TcpListener::bind(("127.0.0.1", p + 10000)).is_ok()
         });
@@ -69,19 +71,28 @@ impl LocalCluster {
 
     /// Starts `primaries` primaries with `replicas` replicas each (replicas need three
     /// primaries or more).
+    /// Ports are checked free, then taken by the script; another process can take one
+    /// in between, so a failed start is tried again on other ports (three times).
     pub fn start_with(primaries: u16, replicas: u16, password: Option<&str>, tls: bool) -> Self {
         let nodes = primaries * (replicas + 1);
-        let base = free_base(nodes);
-        let dir = std::env::temp_dir().join(format!("eo_cluster_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]));
-        let cluster = Self { dir, base, password: password.map(str::to_owned), tls, primaries, replicas };
-        let out = cluster.script("start").output().expect("run scripts/redis-cluster.sh");
-        assert!(
-            out.status.success(),
-            "scripts/redis-cluster.sh start failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        cluster
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            let base = free_base(nodes);
+            let dir =
+                std::env::temp_dir().join(format!("eo_cluster_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]));
+            let cluster = Self { dir, base, password: password.map(str::to_owned), tls, primaries, replicas };
+            let out = cluster.script("start").output().expect("run scripts/redis-cluster.sh");
+            if out.status.success() {
+                return cluster;
+            }
+            failures.push(format!(
+                "ports {base}+: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+            // Dropping `cluster` stops whatever did start.
+        }
+        panic!("scripts/redis-cluster.sh start failed three times:\n{}", failures.join("\n"))
     }
 
     fn script(&self, command: &str) -> Command {
@@ -152,6 +163,8 @@ impl LocalCluster {
         let pid = std::fs::read_to_string(self.dir.join(format!("{port}/redis.pid"))).expect("pid file");
         let status = Command::new("kill").arg("-9").arg(pid.trim()).status().expect("kill");
         assert!(status.success(), "kill -9 {pid}");
+        // The pid is free for reuse now: `stop` must not kill whatever takes it.
+        let _ = std::fs::remove_file(self.dir.join(format!("{port}/redis.pid")));
     }
 
     /// Moves `slot`, with its keys, from its primary to `to`, in small steps (`pause`
@@ -191,7 +204,10 @@ impl LocalCluster {
             let _: String = migrate.query_async(&mut src).await.expect("MIGRATE");
             tokio::time::sleep(pause).await;
         }
-        for node in self.nodes().await.iter().filter(|n| n.primary) {
+        // The new owner first, as Redis recommends: redirections then never bounce back.
+        let mut owners: Vec<Node> = self.nodes().await.into_iter().filter(|n| n.primary).collect();
+        owners.sort_by_key(|n| n.id != to.id);
+        for node in &owners {
             let mut c = self.node(node.port).await;
             if let Err(e) = setslot("NODE", &to.id).query_async::<()>(&mut c).await {
                 let view: String = redis::cmd("CLUSTER").arg("NODES").query_async(&mut c).await.unwrap_or_default();

@@ -56,7 +56,17 @@ struct Cluster {
     conn: RwLock<ClusterConnection>,
     rebuilding: AtomicBool,
     last_rebuild: Mutex<Option<Instant>>,
-    timeout: Duration,
+    connect_timeout: Duration,
+}
+
+/// Clears `rebuilding` however the rebuild ends (done, failed, panicked, or dropped with
+/// its runtime), so a later failure can try again.
+struct Rebuilding(Arc<Cluster>);
+
+impl Drop for Rebuilding {
+    fn drop(&mut self) {
+        self.0.rebuilding.store(false, Ordering::SeqCst);
+    }
 }
 
 /// How often a failing cluster connection may be rebuilt.
@@ -156,8 +166,7 @@ impl RedisClient {
                 Backend::Pool(pool)
             }
             RedisMode::Cluster => {
-                let seeds: Vec<&str> =
-                    config.url.expose().split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+                let seeds = crate::config::split_urls(config.url.expose());
                 let mut builder = redis::cluster::ClusterClientBuilder::new(seeds)
                     .connection_timeout(config.timeout)
                     .response_timeout(config.timeout)
@@ -170,13 +179,13 @@ impl RedisClient {
                     builder = builder.certs(certs);
                 }
                 let client = builder.build().map_err(|e| err(e.into()))?;
-                let conn = cluster_connection(&client, config.timeout).await.map_err(err)?;
+                let conn = cluster_connection(&client, config.connect_timeout).await.map_err(err)?;
                 Backend::Cluster(Arc::new(Cluster {
                     client,
                     conn: RwLock::new(conn),
                     rebuilding: AtomicBool::new(false),
                     last_rebuild: Mutex::new(None),
-                    timeout: config.timeout,
+                    connect_timeout: config.connect_timeout,
                 }))
             }
         };
@@ -209,6 +218,7 @@ impl RedisClient {
     /// Nothing to do in standalone mode, where the pool replaces broken connections.
     pub fn recover(&self) {
         let Backend::Cluster(cluster) = &self.backend else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         {
             let mut last = cluster.last_rebuild.lock().unwrap_or_else(|p| p.into_inner());
             if last.is_some_and(|t| t.elapsed() < REBUILD_EVERY) || cluster.rebuilding.swap(true, Ordering::SeqCst) {
@@ -216,9 +226,10 @@ impl RedisClient {
             }
             *last = Some(Instant::now());
         }
-        let (cluster, url) = (cluster.clone(), self.url.clone());
-        tokio::spawn(async move {
-            match cluster_connection(&cluster.client, cluster.timeout).await {
+        let (guard, url) = (Rebuilding(cluster.clone()), self.url.clone());
+        runtime.spawn(async move {
+            let cluster = &guard.0;
+            match cluster_connection(&cluster.client, cluster.connect_timeout).await {
                 Ok(conn) => {
                     *cluster.conn.write().unwrap_or_else(|p| p.into_inner()) = conn;
                     tracing::info!(redis = %url, "rebuilt the Redis cluster connection after a failed call (fresh slot map)");
@@ -227,17 +238,24 @@ impl RedisClient {
                     tracing::warn!(redis = %url, error = %e, "could not rebuild the Redis cluster connection; retrying after the next failure")
                 }
             }
-            cluster.rebuilding.store(false, Ordering::SeqCst);
+            drop(guard);
         });
     }
 
     /// True when Redis (in a cluster: every node) answers a PING within `within`.
+    ///
+    /// A failed PING rebuilds a cluster connection as a failed call does, so an idle
+    /// process does not stay not-ready on a slot map from before a failover.
     pub async fn ping(&self, within: Duration) -> bool {
         let ping = async {
             let mut conn = self.connection().await.ok()?;
             redis::cmd("PING").query_async::<String>(&mut conn).await.ok()
         };
-        matches!(tokio::time::timeout(within, ping).await, Ok(Some(_)))
+        let ok = matches!(tokio::time::timeout(within, ping).await, Ok(Some(_)));
+        if !ok {
+            self.recover();
+        }
+        ok
     }
 
     /// True for a cluster connection.

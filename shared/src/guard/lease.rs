@@ -20,7 +20,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::try_join_all;
+use futures::future::join_all;
 use redis::{Script, ScriptInvocation};
 
 use crate::breaker::{BreakerOpen, CircuitBreaker};
@@ -31,7 +31,9 @@ use crate::BoxError;
 
 /// KEYS: n done keys, then the n matching lease keys; ARGV: token, ttl (ms).
 /// One MGET reads every done marker; ids without one try `SET NX PX` for the lease.
-/// Replies `D<marker>` (done), `L` (lease taken) or `B` (busy: someone else holds it).
+/// Replies `D<marker>` (done), `L` (lease taken, or already ours: a client that resent the
+/// script after losing its answer must not find its own lease busy) or `B` (busy: someone
+/// else holds it).
 const ACQUIRE: &str = r#"
 local n = #KEYS / 2
 local done = {}
@@ -44,6 +46,9 @@ for i = 1, n do
   if done[i] then
     out[i] = 'D' .. done[i]
   elseif redis.call('SET', KEYS[n + i], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    out[i] = 'L'
+  elseif redis.call('GET', KEYS[n + i]) == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[n + i], ARGV[2])
     out[i] = 'L'
   else
     out[i] = 'B'
@@ -232,6 +237,9 @@ impl Leases {
         token: &str,
         ttl: Duration,
     ) -> Result<Vec<LeaseReply>, LeaseError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
         let groups = self.groups(ids.iter().copied());
         let ttl = ttl.as_millis().max(1) as u64;
         let invocations: Vec<ScriptInvocation<'_>> = groups
@@ -397,14 +405,18 @@ impl Leases {
 }
 
 /// Sends every invocation at once (each on a clone of `conn`: the same sockets, pipelined)
-/// and collects the answers in order; the first error fails the step.
+/// and collects the answers in order. Every script runs to its end even when another
+/// fails (a release on a healthy shard still frees its leases when another shard is
+/// down); then any error fails the step.
 async fn run_all<T: redis::FromRedisValue>(
     conn: RedisConnection,
     invocations: Vec<ScriptInvocation<'_>>,
 ) -> redis::RedisResult<Vec<T>> {
-    try_join_all(invocations.iter().map(|inv| {
+    join_all(invocations.iter().map(|inv| {
         let mut conn = conn.clone();
         async move { inv.invoke_async(&mut conn).await }
     }))
     .await
+    .into_iter()
+    .collect()
 }

@@ -272,6 +272,7 @@ impl Guard {
                 leader,
                 leased: false,
                 shadow_leased: false,
+                lease_unknown: false,
                 confirmed_hash: None,
                 failure: None,
                 outcome: None,
@@ -370,7 +371,10 @@ impl Guard {
             // No lease information: go on without leases; Postgres keeps it exactly once.
             Err(LeaseError::BreakerOpen(_)) => {}
             Err(e) => {
-                tracing::warn!(function = %self.ns, error = %e, "Redis unavailable; continuing on Postgres alone")
+                tracing::warn!(function = %self.ns, error = %e, "Redis unavailable; continuing on Postgres alone");
+                for &i in &open {
+                    slots[i].lease_unknown = true;
+                }
             }
         }
 
@@ -841,8 +845,12 @@ impl Guard {
                     Some(o) if o.is_finished() => Some(s.confirmed_hash.unwrap_or(s.hash)),
                     _ => None,
                 };
-                let shadow = s.shadow.as_ref().filter(|_| s.shadow_leased);
-                s.leased.then_some(&s.id).into_iter().chain(shadow).map(move |id| Release { id, done })
+                let shadow = s.shadow.as_ref().filter(|_| s.shadow_leased || s.lease_unknown);
+                (s.leased || s.lease_unknown)
+                    .then_some(&s.id)
+                    .into_iter()
+                    .chain(shadow)
+                    .map(move |id| Release { id, done })
             })
             .collect();
         if items.is_empty() {
