@@ -52,7 +52,7 @@ pub const VARIABLES: &[Var] = &[
     var("REDIS_TLS_CA_FILE", "", "PEM file of the CA that signed the Redis servers' certificates, for `rediss://` with a private CA; empty means the system's roots (ElastiCache's certificates chain to them)."),
     var("REDIS_POOL_SIZE", "16", "Redis connection pool size (standalone; a cluster connection multiplexes one connection per node)."),
     var("REDIS_KEY_PREFIX", "eo", "Prefix of every Redis key (`<prefix>:{<function>}:lease:<id>`, or `<prefix>:{<function>:<bucket>}:lease:<id>` with more than one bucket)."),
-    var("REDIS_KEY_BUCKETS", "auto", "How many hash slots a function's keys are spread over: `auto` (1 standalone, 16 cluster) or 1 to 1024. A batch sends one script per bucket it touches, concurrently. Changing it changes every key: done markers are forgotten (Postgres answers instead) and, while old and new processes overlap, their leases do not see each other."),
+    var("REDIS_KEY_BUCKETS", "auto", "How many hash slots a function's keys are spread over: `auto` (1 standalone, 64 cluster: with three shards 16 buckets left one shard with a fifth of the keys and another with half, 64 spread them within 15%) or 1 to 1024. A batch sends one script per bucket it touches, concurrently. Changing it changes every key: done markers are forgotten (Postgres answers instead) and, while old and new processes overlap, their leases do not see each other."),
     var("REDIS_TIMEOUT_MS", "1000", "Per-call Redis timeout; a slow Redis counts as a failure for its breaker."),
     var("REDIS_CONNECT_TIMEOUT_MS", "5000", "How long connecting to Redis may take at start-up, or when the cluster connection is rebuilt: a cluster connection reaches every node, and each that does not answer costs up to `REDIS_TIMEOUT_MS`."),
     var("CLICKHOUSE_URL", "http://127.0.0.1:8123", "ClickHouse HTTP endpoint; several, comma-separated, are used round-robin and a failed write moves to the next."),
@@ -442,7 +442,7 @@ impl RedisConfig {
         let buckets: String = read(env, "REDIS_KEY_BUCKETS")?;
         let key_buckets = match (buckets.as_str(), mode) {
             ("auto", RedisMode::Standalone) => 1,
-            ("auto", RedisMode::Cluster) => 16,
+            ("auto", RedisMode::Cluster) => 64,
             (n, _) => match n.parse::<u32>() {
                 Ok(n @ 1..=1024) => n,
                 _ => {
@@ -946,7 +946,7 @@ mod tests {
         let standalone = RedisConfig::from_env(&env(&[])).unwrap();
         assert_eq!((standalone.mode, standalone.key_buckets, standalone.tls_ca_file), (RedisMode::Standalone, 1, None));
         let cluster = RedisConfig::from_env(&env(&[("REDIS_MODE", "cluster")])).unwrap();
-        assert_eq!((cluster.mode, cluster.key_buckets), (RedisMode::Cluster, 16));
+        assert_eq!((cluster.mode, cluster.key_buckets), (RedisMode::Cluster, 64));
         let fixed = RedisConfig::from_env(&env(&[("REDIS_KEY_BUCKETS", "64")])).unwrap();
         assert_eq!(fixed.key_buckets, 64);
         for bad in ["0", "1025", "many"] {

@@ -16,8 +16,8 @@ struct Args {
     /// Events per batch.
     #[arg(long, default_value_t = 500)]
     batch: usize,
-    /// REDIS_KEY_BUCKETS for the cluster runs.
-    #[arg(long, default_value_t = 16)]
+    /// REDIS_KEY_BUCKETS for the cluster runs (the library's default in cluster mode).
+    #[arg(long, default_value_t = 64)]
     buckets: u32,
     /// Primary counts, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
