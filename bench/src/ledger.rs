@@ -40,6 +40,9 @@ pub struct LedgerOptions {
     pub cleanup_batch: i64,
     /// How often the steady run samples the table.
     pub sample_every_secs: u64,
+    /// Reset `processed_events`' autovacuum storage parameters to the server's defaults
+    /// before measuring, to compare against the migration's settings.
+    pub table_defaults: bool,
 }
 
 /// Figures at one ledger size.
@@ -68,6 +71,8 @@ pub struct Sample {
     pub dead_rows: i64,
     pub table_mib: f64,
     pub index_mib: f64,
+    /// Vacuum passes finished on the table so far (autovacuum's and manual ones).
+    pub vacuums: i64,
 }
 
 /// The steady run's verdict.
@@ -88,6 +93,11 @@ pub struct Steady {
 pub struct LedgerReport {
     pub machine: String,
     pub options: String,
+    /// The server's `autovacuum` setting: with it off no table is vacuumed on its own,
+    /// whatever its storage parameters say.
+    pub server_autovacuum: String,
+    /// `processed_events`' storage parameters as measured (the migration's, or none).
+    pub table_options: Vec<String>,
     pub sizes: Vec<SizeRow>,
     pub steady: Option<Steady>,
 }
@@ -110,6 +120,25 @@ async fn sizes_of(env: &Env) -> anyhow::Result<(i64, i64, i64)> {
             .await?;
     let rows = exactly_once::retention::table_size(&env.clients.pg).await?;
     Ok((rows, table, index))
+}
+
+/// Resets the table's autovacuum parameters when asked, and says what is in force.
+async fn prepare_table(env: &Env, opts: &LedgerOptions) -> anyhow::Result<(String, Vec<String>)> {
+    if opts.table_defaults {
+        sqlx::query(
+            "ALTER TABLE processed_events RESET (autovacuum_vacuum_threshold, autovacuum_vacuum_scale_factor, \
+             autovacuum_vacuum_insert_threshold, autovacuum_vacuum_insert_scale_factor, autovacuum_analyze_threshold, \
+             autovacuum_analyze_scale_factor, autovacuum_vacuum_cost_limit)",
+        )
+        .execute(&env.clients.pg)
+        .await?;
+    }
+    let server: String = sqlx::query_scalar("SELECT current_setting('autovacuum')").fetch_one(&env.clients.pg).await?;
+    let table: Option<Vec<String>> =
+        sqlx::query_scalar("SELECT reloptions FROM pg_class WHERE oid = 'processed_events'::regclass")
+            .fetch_one(&env.clients.pg)
+            .await?;
+    Ok((server, table.unwrap_or_default()))
 }
 
 async fn at_size(env: &Env, rows: u64, opts: &LedgerOptions) -> anyhow::Result<SizeRow> {
@@ -162,7 +191,11 @@ async fn at_size(env: &Env, rows: u64, opts: &LedgerOptions) -> anyhow::Result<S
 
 async fn steady(opts: &LedgerOptions) -> anyhow::Result<Steady> {
     let env = Env::new().await?;
-    let result = steady_in(&env, opts).await;
+    let result = async {
+        prepare_table(&env, opts).await?;
+        steady_in(&env, opts).await
+    }
+    .await;
     env.cleanup().await;
     result
 }
@@ -202,8 +235,9 @@ async fn steady_in(env: &Env, opts: &LedgerOptions) -> anyhow::Result<Steady> {
         let now = started.elapsed();
         if now >= next_sample {
             next_sample = now + Duration::from_secs(opts.sample_every_secs.max(1));
-            let (live, dead): (i64, i64) = sqlx::query_as(
-                "SELECT n_live_tup, n_dead_tup FROM pg_stat_user_tables WHERE relid = 'processed_events'::regclass",
+            let (live, dead, vacuums): (i64, i64, i64) = sqlx::query_as(
+                "SELECT n_live_tup, n_dead_tup, autovacuum_count + vacuum_count FROM pg_stat_user_tables \
+                 WHERE relid = 'processed_events'::regclass",
             )
             .fetch_one(&env.clients.pg)
             .await?;
@@ -224,10 +258,11 @@ async fn steady_in(env: &Env, opts: &LedgerOptions) -> anyhow::Result<Steady> {
                 dead_rows: dead,
                 table_mib: table as f64 / 1048576.0,
                 index_mib: index as f64 / 1048576.0,
+                vacuums,
             };
             eprintln!(
-                "[ledger] {:>5.0} s  confirmed {:>9}  {:>7.0}/s  deleted {:>9}  live {:>9}  dead {:>8}  table {:>7.1} MiB  indexes {:>7.1} MiB",
-                s.secs, s.confirmed, s.rate_per_sec, s.deleted, s.live_rows, s.dead_rows, s.table_mib, s.index_mib
+                "[ledger] {:>5.0} s  confirmed {:>9}  {:>7.0}/s  deleted {:>9}  live {:>9}  dead {:>8}  table {:>7.1} MiB  indexes {:>7.1} MiB  vacuums {}",
+                s.secs, s.confirmed, s.rate_per_sec, s.deleted, s.live_rows, s.dead_rows, s.table_mib, s.index_mib, s.vacuums
             );
             samples.push(s);
         }
@@ -261,6 +296,15 @@ async fn steady_in(env: &Env, opts: &LedgerOptions) -> anyhow::Result<Steady> {
 pub async fn run(opts: &LedgerOptions) -> anyhow::Result<LedgerReport> {
     let env = Env::new().await?;
     let result = async {
+        let settings = prepare_table(&env, opts).await?;
+        if settings.0 != "on" {
+            eprintln!(
+                "[ledger] warning: the server's autovacuum is {}: no table is vacuumed on its own, so the steady run \
+                 shows bloat production would not have. A superuser turns it on with \
+                 ALTER SYSTEM SET autovacuum = on; SELECT pg_reload_conf();",
+                settings.0
+            );
+        }
         let mut rows = Vec::new();
         let mut filled = 0u64;
         for &size in &opts.sizes {
@@ -272,18 +316,25 @@ pub async fn run(opts: &LedgerOptions) -> anyhow::Result<LedgerReport> {
             eprintln!("[ledger] measuring at {size} rows");
             rows.push(at_size(&env, size, opts).await?);
         }
-        anyhow::Ok(rows)
+        anyhow::Ok((settings, rows))
     }
     .await;
     env.cleanup().await;
-    let sizes = result?;
+    let ((server_autovacuum, table_options), sizes) = result?;
     let steady = if opts.steady_secs > 0 {
         eprintln!("[ledger] steady run: {} s, window {} s", opts.steady_secs, opts.window_secs);
         Some(steady(opts).await?)
     } else {
         None
     };
-    Ok(LedgerReport { machine: crate::machine(), options: format!("{opts:?}"), sizes, steady })
+    Ok(LedgerReport {
+        machine: crate::machine(),
+        options: format!("{opts:?}"),
+        server_autovacuum,
+        table_options,
+        sizes,
+        steady,
+    })
 }
 
 /// Adds `n` filler rows after the first `from` (numbers `from..from + n`).
@@ -296,7 +347,16 @@ async fn fill_more(env: &Env, from: u64, n: u64) -> anyhow::Result<()> {
 
 /// The tables printed after a run.
 pub fn render(report: &LedgerReport) -> String {
-    let mut out = format!("machine: {}\n\n", report.machine);
+    let mut out = format!(
+        "machine: {}\nserver autovacuum: {}; processed_events options: {}\n\n",
+        report.machine,
+        report.server_autovacuum,
+        if report.table_options.is_empty() {
+            "none (server defaults)".to_owned()
+        } else {
+            report.table_options.join(", ")
+        }
+    );
     out += &format!(
         "{:>12} {:>12} {:>10} {:>10} {:>12} {:>10} {:>10} {:>10}\n",
         "rows", "lookup id/s", "lookup p50", "lookup p99", "confirm ev/s", "batch p50", "table B/id", "index B/id"
@@ -320,13 +380,21 @@ pub fn render(report: &LedgerReport) -> String {
             s.window_secs, s.rate_per_sec, s.live_vs_expected, s.size_end_vs_half, s.kept_up
         );
         out += &format!(
-            "{:>6} {:>10} {:>8} {:>10} {:>10} {:>9} {:>10} {:>10}\n",
-            "secs", "confirmed", "rate/s", "deleted", "live", "dead", "table MiB", "index MiB"
+            "{:>6} {:>10} {:>8} {:>10} {:>10} {:>9} {:>10} {:>10} {:>8}\n",
+            "secs", "confirmed", "rate/s", "deleted", "live", "dead", "table MiB", "index MiB", "vacuums"
         );
         for x in &s.samples {
             out += &format!(
-                "{:>6.0} {:>10} {:>8.0} {:>10} {:>10} {:>9} {:>10.1} {:>10.1}\n",
-                x.secs, x.confirmed, x.rate_per_sec, x.deleted, x.live_rows, x.dead_rows, x.table_mib, x.index_mib
+                "{:>6.0} {:>10} {:>8.0} {:>10} {:>10} {:>9} {:>10.1} {:>10.1} {:>8}\n",
+                x.secs,
+                x.confirmed,
+                x.rate_per_sec,
+                x.deleted,
+                x.live_rows,
+                x.dead_rows,
+                x.table_mib,
+                x.index_mib,
+                x.vacuums
             );
         }
     }
@@ -348,6 +416,7 @@ mod tests {
             cleanup_every_secs: 1,
             cleanup_batch: 1_000,
             sample_every_secs: 1,
+            table_defaults: false,
         };
         let report = super::run(&opts).await.expect("ledger smoke run");
         assert_eq!(report.sizes.len(), 2);
@@ -355,6 +424,13 @@ mod tests {
         assert!(report.sizes[1].table_bytes_per_id > 0.0);
         assert_eq!(report.sizes[0].lookup_found_share, 0.0, "an empty ledger finds nothing");
         assert_eq!(report.sizes[1].lookup_found_share, 0.5, "the present half is found");
+        // The migration's autovacuum settings are on the table, and the run says so.
+        assert!(
+            report.table_options.iter().any(|o| o == "autovacuum_vacuum_cost_limit=2000"),
+            "{:?}",
+            report.table_options
+        );
+        assert!(!report.server_autovacuum.is_empty());
         let steady = report.steady.expect("steady run");
         assert!(steady.samples.last().unwrap().deleted > 0, "retention deleted rows past the window");
         assert!(super::render(&super::LedgerReport { steady: Some(steady), ..report }).contains("steady run"));

@@ -38,19 +38,5 @@ fn main() -> ExitCode {
         primaries: a.primaries,
         seed: a.seed,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-    match rt.block_on(bench::cluster::run(&opts)) {
-        Ok(report) => {
-            print!("{}", bench::cluster::render(&report));
-            if let Err(e) = std::fs::write(&a.out, serde_json::to_string_pretty(&report).expect("JSON")) {
-                eprintln!("error: writing {}: {e}", a.out.display());
-                return ExitCode::FAILURE;
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    bench::report_main(&a.out, bench::cluster::run(&opts), bench::cluster::render)
 }

@@ -23,19 +23,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-    match rt.block_on(bench::cold_start::run(&args.binary, args.runs.max(1))) {
-        Ok(figures) => {
-            println!("{}", figures.table());
-            if let Err(e) = std::fs::write(&args.out, serde_json::to_string_pretty(&figures).expect("JSON")) {
-                eprintln!("error: cannot write {}: {e}", args.out.display());
-                return ExitCode::FAILURE;
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    bench::report_main(&args.out, bench::cold_start::run(&args.binary, args.runs.max(1)), |f| {
+        format!("{}\n", f.table())
+    })
 }

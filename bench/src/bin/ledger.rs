@@ -31,6 +31,10 @@ struct Args {
     /// Rows per delete statement.
     #[arg(long, default_value_t = 10_000)]
     cleanup_batch: i64,
+    /// Reset processed_events' autovacuum settings (from the migrations) to the server's
+    /// defaults first, for a before/after comparison.
+    #[arg(long)]
+    table_defaults: bool,
     /// Where to write the figures as JSON.
     #[arg(long, default_value = "docs/bench/ledger.json")]
     out: PathBuf,
@@ -47,20 +51,7 @@ fn main() -> ExitCode {
         cleanup_every_secs: a.cleanup_every_secs.max(1),
         cleanup_batch: a.cleanup_batch.max(1),
         sample_every_secs: 15,
+        table_defaults: a.table_defaults,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-    match rt.block_on(bench::ledger::run(&opts)) {
-        Ok(report) => {
-            print!("{}", bench::ledger::render(&report));
-            if let Err(e) = std::fs::write(&a.out, serde_json::to_string_pretty(&report).expect("JSON")) {
-                eprintln!("error: writing {}: {e}", a.out.display());
-                return ExitCode::FAILURE;
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    bench::report_main(&a.out, bench::ledger::run(&opts), bench::ledger::render)
 }
