@@ -23,7 +23,8 @@ use user_events::{UserEvent, UserEventRow, UserEvents};
 use crate::stats::Samples;
 use crate::{row, stream, Row};
 
-async fn publish(kafka: &KafkaConfig, topic: &str, events: &[Event]) -> anyhow::Result<()> {
+/// Publishes `events` to `topic` (created if missing), keyed and tagged by their ids.
+pub(crate) async fn publish(kafka: &KafkaConfig, topic: &str, events: &[Event]) -> anyhow::Result<()> {
     create_topics(kafka, &[topic.to_owned()]).await?;
     let producer = Producer::new(kafka)?;
     for chunk in events.chunks(500) {
@@ -46,7 +47,8 @@ fn kafka(name: &str, variant: &str) -> anyhow::Result<KafkaConfig> {
     Ok(k)
 }
 
-fn handled() -> u64 {
+/// Records of `user-events` handled in this process so far (processed or deduplicated).
+pub(crate) fn handled() -> u64 {
     let m = metrics();
     m.processed.with_label_values(&["user-events"]).get() + m.deduplicated.with_label_values(&["user-events"]).get()
 }

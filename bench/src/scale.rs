@@ -13,14 +13,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use exactly_once::config::{KafkaConfig, ProcessEnv, WorkerConfig};
-use exactly_once::metrics::metrics;
-use exactly_once::producer::Producer;
-use exactly_once::runtime::worker::create_topics;
 use exactly_once::runtime::{Functions, Worker};
-use exactly_once::{Clients, Event, Handler};
+use exactly_once::{Clients, Handler};
 use serde::Serialize;
 use user_events::UserEvents;
 
+use crate::e2e::{handled, publish};
 use crate::{stream, Env};
 
 /// What to run.
@@ -58,6 +56,9 @@ pub struct ScaleRow {
     pub redelivered: u64,
     /// Partitions each worker owned at the end.
     pub partitions_per_worker: Vec<usize>,
+    /// Most unfinished records one of its partitions could hold, per worker: the fair
+    /// share of `MAX_IN_FLIGHT_MESSAGES` unless a cap was set. A batch is at most this.
+    pub partition_cap: Vec<usize>,
     /// Confirmed ids in the ledger, and rows in ClickHouse (after merges): both must
     /// equal `distinct_ids`.
     pub confirmed: u64,
@@ -70,34 +71,6 @@ pub struct ScaleReport {
     pub machine: String,
     pub options: String,
     pub rows: Vec<ScaleRow>,
-}
-
-fn handled() -> u64 {
-    let m = metrics();
-    m.processed.with_label_values(&["user-events"]).get() + m.deduplicated.with_label_values(&["user-events"]).get()
-}
-
-async fn publish(kafka: &KafkaConfig, topic: &str, events: &[Event]) -> anyhow::Result<()> {
-    let producer = Producer::new(kafka)?;
-    let started = Instant::now();
-    for (i, chunk) in events.chunks(1000).enumerate() {
-        let sends = chunk.iter().map(|e| {
-            let id = e.header("idempotency_key").and_then(|h| h.value.as_deref()).unwrap_or_default();
-            producer.send(topic, Some(id), e.value_bytes(), Some(std::str::from_utf8(id).unwrap_or_default()))
-        });
-        for r in futures::future::join_all(sends).await {
-            r?;
-        }
-        if (i + 1) % 20 == 0 {
-            eprintln!(
-                "[scale] published {} of {} ({:.0} s)",
-                (i + 1) * 1000,
-                events.len(),
-                started.elapsed().as_secs_f64()
-            );
-        }
-    }
-    Ok(())
 }
 
 async fn ledger_count(clients: &Clients, topic: &str) -> anyhow::Result<u64> {
@@ -121,7 +94,6 @@ async fn one(env: &Env, opts: &ScaleOptions, workers: usize, run: &str) -> anyho
     kafka.group_id = format!("{run}-w{workers}");
     kafka.topic_partitions = opts.partitions;
     let topic = kafka.topic(user_events::TOPICS[0]);
-    create_topics(&kafka, std::slice::from_ref(&topic)).await?;
     eprintln!(
         "[scale] {workers} worker(s): publishing {} records to {topic} ({} partitions)",
         events.len(),
@@ -189,6 +161,13 @@ async fn one(env: &Env, opts: &ScaleOptions, workers: usize, run: &str) -> anyho
     let took = settle_at.elapsed();
     let total = handled() - before;
     let partitions_per_worker: Vec<usize> = running.iter().map(|w| w.assigned().len()).collect();
+    let partition_cap = partitions_per_worker
+        .iter()
+        .map(|&owned| match config.max_partition_in_flight {
+            0 => config.max_in_flight / (owned + 1),
+            cap => cap,
+        })
+        .collect();
     for w in running {
         w.shutdown().await;
     }
@@ -212,6 +191,7 @@ async fn one(env: &Env, opts: &ScaleOptions, workers: usize, run: &str) -> anyho
         measured_records: measured,
         redelivered: total.saturating_sub(events.len() as u64),
         partitions_per_worker,
+        partition_cap,
         confirmed,
         clickhouse_rows,
         exact: confirmed == distinct as u64 && clickhouse_rows == distinct as u64,
@@ -238,13 +218,13 @@ pub async fn run(opts: &ScaleOptions) -> anyhow::Result<ScaleReport> {
 pub fn render(report: &ScaleReport) -> String {
     let mut out = format!("machine: {}\n\n", report.machine);
     out += &format!(
-        "{:>7} {:>8} {:>9} {:>10} {:>8} {:>8} {:>11} {:>10} {:>10} {:>6}  partitions per worker\n",
+        "{:>7} {:>8} {:>9} {:>10} {:>8} {:>8} {:>11} {:>10} {:>10} {:>6}  partitions per worker (cap)\n",
         "workers", "records", "distinct", "records/s", "vs 1", "settle", "redelivered", "confirmed", "ch rows", "exact"
     );
     let one = report.rows.iter().find(|r| r.workers == 1).map(|r| r.records_per_sec);
     for r in &report.rows {
         out += &format!(
-            "{:>7} {:>8} {:>9} {:>10.0} {:>8} {:>7.1}s {:>11} {:>10} {:>10} {:>6}  {:?}\n",
+            "{:>7} {:>8} {:>9} {:>10.0} {:>8} {:>7.1}s {:>11} {:>10} {:>10} {:>6}  {:?} ({:?})\n",
             r.workers,
             r.records,
             r.distinct_ids,
@@ -255,7 +235,8 @@ pub fn render(report: &ScaleReport) -> String {
             r.confirmed,
             r.clickhouse_rows,
             r.exact,
-            r.partitions_per_worker
+            r.partitions_per_worker,
+            r.partition_cap
         );
     }
     out

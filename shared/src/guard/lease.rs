@@ -237,6 +237,33 @@ impl Leases {
         token: &str,
         ttl: Duration,
     ) -> Result<Vec<LeaseReply>, LeaseError> {
+        let replies: Vec<String> =
+            self.per_id("acquire", &self.acquire, ns, ids, &["done", "lease"], token, ttl).await?;
+        Ok(replies
+            .into_iter()
+            .map(|r| match r.as_bytes().first() {
+                Some(b'D') => LeaseReply::Done(PayloadHash::from_hex(&r[1..])),
+                Some(b'L') => LeaseReply::Acquired,
+                _ => LeaseReply::Busy,
+            })
+            .collect())
+    }
+
+    /// One round trip over `ids`: `script` once per bucket, all at once. A bucket's
+    /// script gets the keys of each of `kinds` for its ids (every id's key of the first
+    /// kind, then of the next), then `token` and `ttl` (ms); it answers one reply per
+    /// id. The replies come back in the order of `ids`.
+    #[allow(clippy::too_many_arguments)]
+    async fn per_id<T: redis::FromRedisValue>(
+        &self,
+        name: &str,
+        script: &Script,
+        ns: &Namespace,
+        ids: &[&EventId],
+        kinds: &[&str],
+        token: &str,
+        ttl: Duration,
+    ) -> Result<Vec<T>, LeaseError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -245,29 +272,27 @@ impl Leases {
         let invocations: Vec<ScriptInvocation<'_>> = groups
             .iter()
             .map(|group| {
-                let mut inv = self.acquire.prepare_invoke();
-                for &i in group {
-                    inv.key(self.key(ns, "done", ids[i]));
-                }
-                for &i in group {
-                    inv.key(self.key(ns, "lease", ids[i]));
+                let mut inv = script.prepare_invoke();
+                for kind in kinds {
+                    for &i in group {
+                        inv.key(self.key(ns, kind, ids[i]));
+                    }
                 }
                 inv.arg(token).arg(ttl);
                 inv
             })
             .collect();
-        let replies: Vec<Vec<String>> = self.call(|conn| run_all(conn, invocations)).await?;
-        let mut out = vec![LeaseReply::Busy; ids.len()];
+        let replies: Vec<Vec<T>> = self.call(|conn| run_all(conn, invocations)).await?;
+        let mut out: Vec<Option<T>> = std::iter::repeat_with(|| None).take(ids.len()).collect();
         for (group, replies) in groups.iter().zip(replies) {
-            for (&i, r) in group.iter().zip(self.one_per_id("acquire", replies, group.len())?) {
-                out[i] = match r.as_bytes().first() {
-                    Some(b'D') => LeaseReply::Done(PayloadHash::from_hex(&r[1..])),
-                    Some(b'L') => LeaseReply::Acquired,
-                    _ => LeaseReply::Busy,
-                };
+            for (&i, r) in group.iter().zip(self.one_per_id(name, replies, group.len())?) {
+                out[i] = Some(r);
             }
         }
-        Ok(out)
+        // Every id is in exactly one group and every group answered one reply per id.
+        out.into_iter()
+            .map(|r| r.ok_or_else(|| self.malformed(format!("{name} script left an id without a reply"))))
+            .collect()
     }
 
     /// One round trip: writes done markers and frees the leases our token still holds.
@@ -313,42 +338,21 @@ impl Leases {
         token: &str,
         ttl: Duration,
     ) -> Result<Vec<bool>, LeaseError> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let groups = self.groups(ids.iter().copied());
-        let ttl = ttl.as_millis().max(1) as u64;
-        let invocations: Vec<ScriptInvocation<'_>> = groups
-            .iter()
-            .map(|group| {
-                let mut inv = self.hold.prepare_invoke();
-                for &i in group {
-                    inv.key(self.key(ns, "lease", ids[i]));
-                }
-                inv.arg(token).arg(ttl);
-                inv
-            })
-            .collect();
-        let held: Vec<Vec<i64>> = self.call(|conn| run_all(conn, invocations)).await?;
-        let mut out = vec![false; ids.len()];
-        for (group, held) in groups.iter().zip(held) {
-            for (&i, h) in group.iter().zip(self.one_per_id("hold", held, group.len())?) {
-                out[i] = h == 1;
-            }
-        }
-        Ok(out)
+        let held: Vec<i64> = self.per_id("hold", &self.hold, ns, ids, &["lease"], token, ttl).await?;
+        Ok(held.into_iter().map(|h| h == 1).collect())
     }
 
     /// A script's replies, checked to be one per id (a short answer must not be read as
     /// "the rest are fine").
     fn one_per_id<T>(&self, script: &str, replies: Vec<T>, ids: usize) -> Result<Vec<T>, LeaseError> {
         if replies.len() != ids {
-            return Err(LeaseError::Redis {
-                url: self.redis.url().to_owned(),
-                source: format!("{script} script answered {} replies for {ids} ids", replies.len()).into(),
-            });
+            return Err(self.malformed(format!("{script} script answered {} replies for {ids} ids", replies.len())));
         }
         Ok(replies)
+    }
+
+    fn malformed(&self, what: String) -> LeaseError {
+        LeaseError::Redis { url: self.redis.url().to_owned(), source: what.into() }
     }
 
     /// What Redis holds for one id: the lease (token, ms left) and the done marker.
