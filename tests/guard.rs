@@ -1094,3 +1094,85 @@ async fn auto_id_format_handles_nothing_until_the_ledger_answers() {
     assert_eq!(only(&report), &Outcome::Processed);
     assert_eq!(env.count("SELECT count(*) FROM processed_events").await, 2);
 }
+
+/// The worker's way: a finished batch answers before its release step; the flush waits
+/// for it, and then the done marker is set and the lease gone, in the same two Redis
+/// round trips as an inline release.
+#[tokio::test]
+async fn deferred_release_goes_out_after_the_answer_and_the_flush_waits_for_it() {
+    let env = TestEnv::new().await;
+    let probe = Probe::default();
+    let g = guard(&env, &probe, GuardConfig::default());
+    let report = g.run_batch_deferring_release(&probe, &[event("e-deferred", 0)]).await;
+    assert_eq!(only(&report), &Outcome::Processed);
+    g.flush_releases().await;
+    let ns = exactly_once::Namespace::new(NS).unwrap();
+    let id = exactly_once::EventId::new("h:e-deferred").unwrap();
+    assert!(env.redis_exists(&env.clients.leases.key(&ns, "done", &id)).await, "done marker set");
+    assert!(!env.redis_exists(&env.clients.leases.key(&ns, "lease", &id)).await, "lease released");
+    assert_eq!(g.round_trips().redis(), 2, "lease step and release step");
+    assert_eq!(g.round_trips().postgres(), 2, "durable check and confirm");
+}
+
+/// A batch with a failure releases before it answers, so the retry that follows at
+/// once never meets its own lease; `GUARD_DEFERRED_RELEASES=0` turns deferral off.
+#[tokio::test]
+async fn a_failed_batch_or_no_deferral_releases_before_answering() {
+    let env = TestEnv::new().await;
+    let ns = exactly_once::Namespace::new(NS).unwrap();
+    let lease = |id: &str| env.clients.leases.key(&ns, "lease", &exactly_once::EventId::new(id).unwrap());
+
+    let failing = Probe { fail_first: AtomicU32::new(1), ..Default::default() };
+    let g = guard(&env, &failing, GuardConfig::default());
+    let report = g.run_batch_deferring_release(&failing, &[event("e-def-fail", 0)]).await;
+    assert!(matches!(only(&report), Outcome::Failed { kind: FailureKind::Retryable, .. }), "{report:?}");
+    // No flush: the release went out before the answer.
+    assert!(!env.redis_exists(&lease("h:e-def-fail")).await, "lease released before the answer");
+    let retry = g.run_batch_deferring_release(&failing, &[event("e-def-fail", 0)]).await;
+    assert_eq!(only(&retry), &Outcome::Processed, "the retry is not blocked by our own lease");
+
+    let probe = Probe::default();
+    let inline = guard(&env, &probe, GuardConfig { deferred_releases: 0, ..GuardConfig::default() });
+    let report = inline.run_batch_deferring_release(&probe, &[event("e-def-off", 1)]).await;
+    assert_eq!(only(&report), &Outcome::Processed);
+    let done = env.clients.leases.key(&ns, "done", &exactly_once::EventId::new("h:e-def-off").unwrap());
+    assert!(env.redis_exists(&done).await, "marker set before the answer");
+    assert!(!env.redis_exists(&lease("h:e-def-off")).await, "lease released before the answer");
+}
+
+/// A lease still held over an id the ledger has confirmed (its holder committed; its
+/// release has not landed): a duplicate by the durable check, not an event in flight.
+/// A lease held over an id not confirmed stays in flight.
+#[tokio::test]
+async fn a_busy_lease_over_a_confirmed_id_is_a_duplicate() {
+    let env = TestEnv::new().await;
+    let probe = Probe::default();
+    let no_cache = GuardConfig { local_cache_ttl: Duration::ZERO, ..GuardConfig::default() };
+    let first = guard(&env, &probe, no_cache.clone());
+    assert_eq!(only(&first.run_batch(&probe, &[event("e-busy-done", 0)], None).await), &Outcome::Processed);
+
+    // Another consumer's lease on it, and no done marker (its release still on the way).
+    let ns = exactly_once::Namespace::new(NS).unwrap();
+    let mut c = env.redis().await;
+    for id in ["h:e-busy-done", "h:e-busy-open"] {
+        let id = exactly_once::EventId::new(id).unwrap();
+        let _: () = redis::cmd("DEL").arg(env.clients.leases.key(&ns, "done", &id)).query_async(&mut c).await.unwrap();
+        let _: () = redis::cmd("SET")
+            .arg(env.clients.leases.key(&ns, "lease", &id))
+            .arg("someone-else")
+            .arg("PX")
+            .arg(30_000)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+
+    let second = guard(&env, &probe, no_cache);
+    let report = second.run_batch(&probe, &[event("e-busy-done", 0), event("e-busy-open", 1)], None).await;
+    assert!(
+        matches!(report.outcomes[0].outcome, Outcome::Duplicate { tier: DuplicateTier::Postgres, .. }),
+        "{report:?}"
+    );
+    assert_eq!(report.outcomes[1].outcome, Outcome::InFlight, "{report:?}");
+    assert_eq!(probe.calls.load(Ordering::SeqCst), 1, "the handler ran once, for the first guard");
+}

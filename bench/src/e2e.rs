@@ -1,24 +1,18 @@
 //! End to end: the worker consuming from the broker into ClickHouse with the guard,
-//! against the same consume-decode-insert-commit pipeline with the guard switched off.
-//! Both read the same stream (published to two topics); timing runs from the first
-//! record handled to the last, so the consumer group join is not counted.
+//! against the same worker with a pass-through guard that checks nothing. Both read the
+//! same stream (published to two topics); timing runs from the first record handled to
+//! the last, so the consumer group join is not counted.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use exactly_once::config::{KafkaConfig, ProcessEnv, WorkerConfig};
-use exactly_once::kafka_client::{client_config, KafkaContext};
 use exactly_once::metrics::metrics;
 use exactly_once::producer::Producer;
 use exactly_once::runtime::worker::create_topics;
 use exactly_once::runtime::{Functions, Worker};
-use exactly_once::sink::SinkBatch;
 use exactly_once::{Clients, Event, Handler};
-use futures::StreamExt;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{Headers, Message};
-use rdkafka::{Offset, TopicPartitionList};
-use user_events::{UserEvent, UserEventRow, UserEvents};
+use user_events::UserEvents;
 
 use crate::stats::Samples;
 use crate::{row, stream, Row};
@@ -53,16 +47,27 @@ pub(crate) fn handled() -> u64 {
     m.processed.with_label_values(&["user-events"]).get() + m.deduplicated.with_label_values(&["user-events"]).get()
 }
 
-/// Returns (with the guard, without it).
-pub async fn compare(clients: &Clients, name: &str, n: usize, seed: u64) -> anyhow::Result<(Row, Row)> {
-    let events = stream(n, 0.25, seed + 1);
-
-    // With the guard: the real worker.
-    let k = kafka(name, "with")?;
+/// Runs the worker over `n` records of `user-events` (published first to its own
+/// topic), and returns its row: timed from the first record handled to the last, so the
+/// consumer group's join is not counted.
+async fn worker_run(
+    clients: &Clients,
+    name: &str,
+    variant: &str,
+    events: &[Event],
+    pass_through: bool,
+) -> anyhow::Result<Row> {
+    let n = events.len();
+    let k = kafka(name, &variant.replace(' ', "-"))?;
     let topic = k.topic(user_events::TOPICS[0]);
-    eprintln!("[bench] e2e: publishing {n} messages for the guarded worker");
-    publish(&k, &topic, &events).await?;
-    let functions = Arc::new(Functions::new(clients, vec![Arc::new(UserEvents) as Arc<dyn Handler>], &k).await?);
+    eprintln!("[bench] e2e: publishing {n} messages for the {variant} worker");
+    publish(&k, &topic, events).await?;
+    let handlers = vec![Arc::new(UserEvents) as Arc<dyn Handler>];
+    let functions = Arc::new(if pass_through {
+        Functions::pass_through(clients, handlers, &k).await?
+    } else {
+        Functions::new(clients, handlers, &k).await?
+    });
     let mut config = WorkerConfig::from_env(&ProcessEnv)?;
     config.batch_size = 500;
     let before = handled();
@@ -70,71 +75,26 @@ pub async fn compare(clients: &Clients, name: &str, n: usize, seed: u64) -> anyh
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut first = None;
     while handled() - before < n as u64 {
-        anyhow::ensure!(Instant::now() < deadline, "guarded worker did not finish");
+        anyhow::ensure!(Instant::now() < deadline, "the {variant} worker did not finish");
         if first.is_none() && handled() > before {
             first = Some(Instant::now());
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let with_took = first.map_or(Duration::ZERO, |f| f.elapsed());
+    let took = first.map_or(Duration::ZERO, |f| f.elapsed());
     worker.shutdown().await;
-    let with = row("e2e with guard", 500, n, with_took, &Samples::default(), 0.0, 0.0);
+    Ok(row(&format!("e2e {variant}"), 500, n, took, &Samples::default(), 0.0, 0.0))
+}
 
-    // Without: consume, decode, insert into ClickHouse, commit.
-    let k = kafka(name, "without")?;
-    let topic = k.topic(user_events::TOPICS[0]);
-    eprintln!("[bench] e2e: publishing {n} messages for the unguarded pipeline");
-    publish(&k, &topic, &events).await?;
-    let consumer: StreamConsumer<KafkaContext> = client_config(&k)
-        .set("group.id", &k.group_id)
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000")
-        .create_with_context(KafkaContext::new(&k))?;
-    consumer.subscribe(&[&topic])?;
-    // Batches of what has arrived (at most 500), as the worker takes them.
-    let mut chunks = consumer.stream().ready_chunks(500);
-    let mut done = 0usize;
-    let mut first = None;
-    let mut batch_no = 0u64;
-    while done < n {
-        let chunk = tokio::time::timeout(Duration::from_secs(120), chunks.next())
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("consumer stream ended"))?;
-        first.get_or_insert_with(Instant::now);
-        let mut rows = SinkBatch::default();
-        let mut offsets = TopicPartitionList::new();
-        for m in chunk {
-            let m = m?;
-            let id = m
-                .headers()
-                .and_then(|h| h.iter().find(|h| h.key == "idempotency_key").and_then(|h| h.value))
-                .unwrap_or_default();
-            let e: UserEvent = serde_json::from_slice(m.payload().unwrap_or_default())?;
-            rows.push(
-                user_events::TABLE,
-                UserEventRow {
-                    event_id: String::from_utf8_lossy(id).into_owned(),
-                    user_id: e.user_id,
-                    kind: e.kind,
-                    email: e.email,
-                    name: e.name,
-                    occurred_at: e.occurred_at.unwrap_or(0),
-                    topic: m.topic().to_owned(),
-                    kafka_partition: m.partition(),
-                    kafka_offset: m.offset(),
-                    version: m.offset() as u64,
-                },
-            )?;
-            offsets.add_partition_offset(m.topic(), m.partition(), Offset::Offset(m.offset() + 1))?;
-            done += 1;
-        }
-        batch_no += 1;
-        clients.sink.write(&rows, &format!("unguarded-{batch_no}")).await?;
-        consumer.commit(&offsets, CommitMode::Async)?;
-    }
-    let without_took = first.map_or(Duration::ZERO, |f| f.elapsed());
-    let without = row("e2e without guard", 500, n, without_took, &Samples::default(), 0.0, 0.0);
+/// Returns (with the guard, pass-through): the same worker, concurrency, batch size,
+/// handler and sink over the same stream, once with the guard and once with a guard
+/// that checks nothing ([`Functions::pass_through`]: every record handled, its rows
+/// written, no lease, no ledger). The difference is the guard alone. The pass-through
+/// writes the duplicates' rows again (they collapse in ClickHouse), as a pipeline
+/// without a guard would.
+pub async fn compare(clients: &Clients, name: &str, n: usize, seed: u64) -> anyhow::Result<(Row, Row)> {
+    let events = stream(n, 0.25, seed + 1);
+    let with = worker_run(clients, name, "with guard", &events, false).await?;
+    let without = worker_run(clients, name, "pass-through", &events, true).await?;
     Ok((with, without))
 }

@@ -78,6 +78,7 @@ pub const VARIABLES: &[Var] = &[
     var("GUARD_MAX_SUBTRANSACTIONS", "64", "Most handler savepoints in one Postgres transaction (1 to 64): a batch whose handlers write to Postgres is confirmed in several transactions of at most this many, so no backend goes past the 64 subtransactions Postgres caches per backend (past it, every other session's visibility checks read `pg_subtrans`)."),
     var("EVENT_ID_FORMAT", "auto", "How event ids are written: `v2` (tagged by kind, unambiguous), `v1` (the untagged ids of earlier versions), `v1+v2` (the transition: both checked and confirmed, so processes on v1 and on v2 fence each other), or `auto` (`v1+v2` while the ledger holds ids only known in v1, then `v2`). See docs/RELIABILITY.md, \"Event ids and the move to v2\"."),
     var("EVENT_ID_FORMAT_RECHECK_SECS", "300", "With `EVENT_ID_FORMAT=auto`: how often a process asks the ledger again whether v1-only rows remain (one small index lookup per function)."),
+    var("GUARD_DEFERRED_RELEASES", "64", "In the worker, a batch whose events all finished answers once its confirm has committed, and its release step (done markers, lease release: one Redis round trip) goes out after it, so the next batch does not wait for it. This bounds how many such releases may be in flight; more wait. At most 65536; `0` releases before answering, as Lambda and `POST /invoke` always do."),
     var("GUARD_MAX_VALUE_BYTES", "1048576", "Largest record value handled; larger ones are dead-lettered as `value_too_large`."),
     var("GUARD_DEAD_LETTER_PAYLOAD_MISMATCH", "false", "Also store a copy of a duplicate whose payload differs from the confirmed one in the dead letters (it is always counted and logged)."),
     var("RETENTION_DAYS", "7", "Confirmed ids older than this are deleted by the cleanup (Redis markers expire on their own)."),
@@ -541,6 +542,9 @@ pub struct GuardConfig {
     /// `GUARD_MAX_ATTEMPTS`: failed attempts before an event is dead-lettered, unless its
     /// function sets its own.
     pub max_attempts: u32,
+    /// `GUARD_DEFERRED_RELEASES`: release steps the worker may leave in flight after
+    /// their batches answered (0: release before answering).
+    pub deferred_releases: usize,
     /// `GUARD_MAX_VALUE_BYTES`: larger record values are dead-lettered as
     /// `value_too_large`.
     pub max_value_bytes: usize,
@@ -565,6 +569,17 @@ impl GuardConfig {
             local_cache_max_bytes: read(env, "GUARD_LOCAL_CACHE_MAX_BYTES")?,
             max_attempts: positive(env, "GUARD_MAX_ATTEMPTS")?,
             max_value_bytes: positive(env, "GUARD_MAX_VALUE_BYTES")?,
+            deferred_releases: {
+                let n: usize = read(env, "GUARD_DEFERRED_RELEASES")?;
+                if n > Self::MAX_DEFERRED_RELEASES {
+                    return Err(ConfigError::Invalid {
+                        var: "GUARD_DEFERRED_RELEASES",
+                        shown: n.to_string(),
+                        reason: format!("must be at most {}", Self::MAX_DEFERRED_RELEASES),
+                    });
+                }
+                n
+            },
             dead_letter_payload_mismatch: read(env, "GUARD_DEAD_LETTER_PAYLOAD_MISMATCH")?,
             id_format: read(env, "EVENT_ID_FORMAT")?,
             id_format_recheck: secs(env, "EVENT_ID_FORMAT_RECHECK_SECS")?,
@@ -584,6 +599,9 @@ impl GuardConfig {
             },
         })
     }
+
+    /// The largest `GUARD_DEFERRED_RELEASES`.
+    pub const MAX_DEFERRED_RELEASES: usize = 65_536;
 
     /// `PGPROC_MAX_CACHED_SUBXIDS`: subtransactions Postgres tracks per backend in shared
     /// memory. A transaction with more overflows the cache, and until it ends every

@@ -57,7 +57,7 @@ use tracing::Instrument;
 
 use crate::clients::Clients;
 use crate::config::GuardConfig;
-use crate::event::{Event, Record};
+use crate::event::{Event, PayloadHash, Record};
 use crate::event_id::{EventId, IdError, IdFormats, IdStrategy, Namespace};
 use crate::handler::{Handler, HandlerContext, HandlerError};
 use crate::metrics::metrics;
@@ -97,12 +97,16 @@ pub struct Guard {
     leases: Arc<Leases>,
     sink: Arc<ClickHouseSink>,
     cache: LocalCache,
-    round_trips: RoundTrips,
+    round_trips: Arc<RoundTrips>,
+    /// Deferred release steps in flight hold a permit each (`GUARD_DEFERRED_RELEASES`).
+    deferred: Arc<tokio::sync::Semaphore>,
     /// The id formats in use (see `id_formats.rs`).
     formats: Mutex<id_formats::FormatState>,
     /// Held while `auto` asks the ledger, so one batch asks and the others wait for its
     /// answer (the first time) or go on with the last one (later).
     format_check: tokio::sync::Mutex<()>,
+    /// Check nothing: the benchmark's baseline (feature `pass-through`).
+    pass_through: bool,
 }
 
 impl Guard {
@@ -110,6 +114,7 @@ impl Guard {
     /// [`Namespace`].
     pub fn new(clients: &Clients, namespace: &str, ids: IdStrategy, config: GuardConfig) -> Result<Self, IdError> {
         let id_format = config.id_format;
+        let deferred = config.deferred_releases;
         Ok(Self {
             ns: Namespace::new(namespace)?,
             ids,
@@ -118,10 +123,40 @@ impl Guard {
             pg: clients.pg.clone(),
             leases: clients.leases.clone(),
             sink: clients.sink.clone(),
-            round_trips: RoundTrips::default(),
+            round_trips: Arc::default(),
+            deferred: Arc::new(tokio::sync::Semaphore::new(deferred)),
             format_check: tokio::sync::Mutex::new(()),
             formats: Mutex::new(id_formats::FormatState::new(id_format)),
+            pass_through: false,
         })
+    }
+
+    /// Turns this guard into a pass-through that checks nothing: every record is
+    /// handled and its rows written, with no lease, no ledger lookup or confirm, no
+    /// cache and no dedup within a batch. What is left is the pipeline the guard sits
+    /// in, so a benchmark can measure the guard's own cost against the same worker.
+    /// Never use it to run a function.
+    #[cfg(feature = "pass-through")]
+    pub fn make_pass_through(&mut self) {
+        self.pass_through = true;
+    }
+
+    /// The pass-through's batch: ids (the handlers need them), handlers, rows.
+    async fn run_unchecked(&self, handler: &dyn Handler, items: Vec<(&Event, Option<Rejection>)>) -> BatchReport {
+        let mut slots = self.derive_ids(items, IdFormats::V2);
+        for slot in &mut slots {
+            slot.leader = None;
+        }
+        self.handle_and_confirm(handler, &mut slots, None, true).await;
+        for slot in &mut slots {
+            if let Some(e) = slot.failure.take() {
+                slot.fail(e.kind(), e.to_string(), None);
+            }
+            if let Some(r) = slot.invalid.take() {
+                slot.fail(FailureKind::Permanent, r.error, None);
+            }
+        }
+        self.report(slots)
     }
 
     /// The function's namespace.
@@ -146,8 +181,7 @@ impl Guard {
     }
 
     fn count_redis(&self) {
-        self.round_trips.redis.fetch_add(1, Ordering::Relaxed);
-        metrics().round_trips.with_label_values(&[self.ns.as_str(), "redis"]).inc();
+        count_redis(&self.round_trips, &self.ns);
     }
 
     fn count_postgres(&self, n: u64) {
@@ -158,7 +192,37 @@ impl Guard {
     /// Runs the protocol over `events`. `deadline` caps the lease TTL (on Lambda, the
     /// invocation's deadline). Returns one outcome per record, in order.
     pub async fn run_batch(&self, handler: &dyn Handler, events: &[Event], deadline: Option<Instant>) -> BatchReport {
-        self.run(handler, events.iter().map(|e| (e, None)).collect(), deadline).await
+        self.run(handler, events.iter().map(|e| (e, None)).collect(), deadline, false).await
+    }
+
+    /// Like [`Guard::run_batch`], as the worker runs it: when every event of the batch
+    /// finished (processed, duplicate or dead-lettered), the answer does not wait for
+    /// the release step (done markers and lease release); it goes out after, at most
+    /// `GUARD_DEFERRED_RELEASES` at once. [`Guard::flush_releases`] waits for them.
+    ///
+    /// Why this keeps the protocol's invariants: the release still follows the confirm's
+    /// commit, so no lease is freed before its event is durably confirmed; what is late
+    /// is only the moment other consumers see the lease gone or the done marker set.
+    /// Until then a redelivery of such an id finds the lease busy and the ledger's
+    /// confirm, and is a duplicate (the durable check decides); this process itself
+    /// finds it in its local cache. A process dying with releases in flight leaves
+    /// leases that expire after their TTL and no done markers, exactly as a death between
+    /// the commit and an inline release does. A batch with a failure or an event in
+    /// flight releases before answering, so its retry never meets its own lease.
+    pub async fn run_batch_deferring_release(&self, handler: &dyn Handler, events: &[Event]) -> BatchReport {
+        let defer = self.config.deferred_releases > 0;
+        self.run(handler, events.iter().map(|e| (e, None)).collect(), None, defer).await
+    }
+
+    /// Waits until every deferred release step of this guard has been sent and answered
+    /// (or failed): before a worker stops, so the leases of what it finished are free
+    /// for the next owner at once.
+    pub async fn flush_releases(&self) {
+        let n = u32::try_from(self.config.deferred_releases).unwrap_or(u32::MAX);
+        if n > 0 {
+            // Never closed, so this only waits.
+            let _all = self.deferred.acquire_many(n).await;
+        }
     }
 
     /// Like [`Guard::run_batch`], for records as a runtime decoded them: undecodable
@@ -178,7 +242,7 @@ impl Guard {
                 }
             })
             .collect();
-        self.run(handler, items, deadline).await
+        self.run(handler, items, deadline, false).await
     }
 
     async fn run(
@@ -186,9 +250,13 @@ impl Guard {
         handler: &dyn Handler,
         items: Vec<(&Event, Option<Rejection>)>,
         deadline: Option<Instant>,
+        defer_release: bool,
     ) -> BatchReport {
         let span = tracing::info_span!("guard.batch", function = %self.ns, size = items.len());
         async move {
+            if self.pass_through {
+                return self.run_unchecked(handler, items).await;
+            }
             let (formats, undecided) = match self.batch_id_formats().await {
                 Ok(formats) => (formats, None),
                 Err(e) => (IdFormats::V2, Some(e)),
@@ -208,7 +276,13 @@ impl Guard {
             let conn = self.check_stores(&mut slots, &token, deadline).await;
             self.handle_and_confirm(handler, &mut slots, conn, v2_known).await;
             self.settle_failures(&mut slots, &token, v2_known).await;
-            self.release(&slots, &token).await;
+            let all_finished =
+                slots.iter().all(|s| s.leader.is_some() || s.outcome.as_ref().is_some_and(Outcome::is_finished));
+            if defer_release && all_finished {
+                self.release_later(&slots, token).await;
+            } else {
+                self.release(&slots, &token).await;
+            }
             self.remember(&slots);
             self.resolve_followers(&mut slots);
             self.dead_letter_mismatches(&slots, v2_known).await;
@@ -344,7 +418,10 @@ impl Guard {
         drop(ids);
         self.count_postgres(1);
 
-        // Redis first: a done marker or someone else's lease settles the record.
+        // Redis first: a done marker settles the record; someone else's lease settles
+        // it unless the ledger has its confirm (the holder committed and its release
+        // has not landed yet: a duplicate, not an event in flight).
+        let mut busy: Vec<usize> = Vec::new();
         if !matches!(replies, Err(LeaseError::BreakerOpen(_))) {
             self.count_redis();
         }
@@ -364,7 +441,7 @@ impl Guard {
                     if let Some(hash) = done {
                         slot.duplicate(DuplicateTier::Redis, hash);
                     } else if matches!(primary, LeaseReply::Busy) || matches!(second, Some(LeaseReply::Busy)) {
-                        slot.outcome = Some(Outcome::InFlight);
+                        busy.push(i);
                     }
                 }
             }
@@ -388,11 +465,16 @@ impl Guard {
                     let found = slots[i].ids().find_map(|id| confirmed.get(id.as_str())).copied();
                     if let Some(hash) = found {
                         slots[i].duplicate(DuplicateTier::Postgres, hash);
+                    } else if busy.binary_search(&i).is_ok() {
+                        slots[i].outcome = Some(Outcome::InFlight);
                     }
                 }
                 Some(conn)
             }
             Err(e) => {
+                for &i in &busy {
+                    slots[i].outcome = Some(Outcome::InFlight);
+                }
                 let msg = format!("Postgres: durable check failed: {e}");
                 for &i in &open {
                     if slots[i].is_open() {
@@ -574,38 +656,43 @@ impl Guard {
         }
 
         // The confirm: every id of every event (two in the transition between id
-        // formats), in the transaction when there is one.
-        let rows: Vec<ConfirmRow<'_>> = succeeded
-            .iter()
-            .flat_map(|&i| slots[i].ids().map(move |id| (i, id)))
-            .map(|(i, id)| ConfirmRow { id, event: slots[i].event, hash: slots[i].hash })
-            .collect();
-        self.count_postgres(1);
-        let confirmed = ledger::confirm(tx.conn(), &self.ns, &rows, v2_known).await;
-        drop(rows);
-        let inserted: HashSet<String> = match confirmed {
-            Ok(ids) => ids.into_iter().collect(),
-            Err(e) => {
-                self.rollback(tx).await;
-                return PartEnd::Stopped { error: format!("Postgres: confirm failed: {e}"), failed };
+        // formats), in the transaction when there is one. (Nothing in a pass-through.)
+        if !self.pass_through {
+            let rows: Vec<ConfirmRow<'_>> = succeeded
+                .iter()
+                .flat_map(|&i| slots[i].ids().map(move |id| (i, id)))
+                .map(|(i, id)| ConfirmRow { id, event: slots[i].event, hash: slots[i].hash })
+                .collect();
+            self.count_postgres(1);
+            let confirmed = ledger::confirm(tx.conn(), &self.ns, &rows, v2_known).await;
+            drop(rows);
+            let inserted: HashSet<String> = match confirmed {
+                Ok(ids) => ids.into_iter().collect(),
+                Err(e) => {
+                    self.rollback(tx).await;
+                    return PartEnd::Stopped { error: format!("Postgres: confirm failed: {e}"), failed };
+                }
+            };
+            // Confirmed here only if every id of the event was (in the transition, a process
+            // on either format may have confirmed one of them first).
+            let conflicts: Vec<usize> = succeeded
+                .iter()
+                .copied()
+                .filter(|&i| !slots[i].ids().all(|id| inserted.contains(id.as_str())))
+                .collect();
+            if !conflicts.is_empty() {
+                tracing::info!(function = %self.ns, conflicts = conflicts.len(), transactional, "confirmed elsewhere first");
+                for &i in &conflicts {
+                    slots[i].duplicate(DuplicateTier::Confirm, None);
+                }
+                if transactional {
+                    // Their effects are in our transaction: roll everything back and run the
+                    // part again without them.
+                    self.rollback(tx).await;
+                    return PartEnd::Again { without: conflicts, failed: Vec::new() };
+                }
+                succeeded.retain(|i| !conflicts.contains(i));
             }
-        };
-        // Confirmed here only if every id of the event was (in the transition, a process
-        // on either format may have confirmed one of them first).
-        let conflicts: Vec<usize> =
-            succeeded.iter().copied().filter(|&i| !slots[i].ids().all(|id| inserted.contains(id.as_str()))).collect();
-        if !conflicts.is_empty() {
-            tracing::info!(function = %self.ns, conflicts = conflicts.len(), transactional, "confirmed elsewhere first");
-            for &i in &conflicts {
-                slots[i].duplicate(DuplicateTier::Confirm, None);
-            }
-            if transactional {
-                // Their effects are in our transaction: roll everything back and run the
-                // part again without them.
-                self.rollback(tx).await;
-                return PartEnd::Again { without: conflicts, failed: Vec::new() };
-            }
-            succeeded.retain(|i| !conflicts.contains(i));
         }
 
         if transactional {
@@ -838,32 +925,32 @@ impl Guard {
 
     /// Step 6: done markers for what is confirmed, our leases freed.
     async fn release(&self, slots: &[Slot<'_>], token: &str) {
-        let items: Vec<Release<'_>> = slots
-            .iter()
-            .flat_map(|s| {
-                let done = match &s.outcome {
-                    Some(o) if o.is_finished() => Some(s.confirmed_hash.unwrap_or(s.hash)),
-                    _ => None,
-                };
-                let shadow = s.shadow.as_ref().filter(|_| s.shadow_leased || s.lease_unknown);
-                (s.leased || s.lease_unknown)
-                    .then_some(&s.id)
-                    .into_iter()
-                    .chain(shadow)
-                    .map(move |id| Release { id, done })
-            })
-            .collect();
+        let items = release_items(slots);
         if items.is_empty() {
             return;
         }
-        let result = self.leases.release(&self.ns, &items, token, self.config.done_ttl).await;
-        if !matches!(result, Err(LeaseError::BreakerOpen(_))) {
-            self.count_redis();
+        let items: Vec<Release<'_>> = items.iter().map(|(id, done)| Release { id, done: *done }).collect();
+        send_release(&self.leases, &self.ns, &self.round_trips, &items, token, self.config.done_ttl).await;
+    }
+
+    /// The release step sent after the batch answers (see
+    /// [`Guard::run_batch_deferring_release`]); waits only for a free permit.
+    async fn release_later(&self, slots: &[Slot<'_>], token: String) {
+        let items: Vec<(EventId, Option<PayloadHash>)> =
+            release_items(slots).into_iter().map(|(id, done)| (id.clone(), done)).collect();
+        if items.is_empty() {
+            return;
         }
-        if let Err(e) = result {
-            // Leases expire on their own; markers are an optimisation.
-            tracing::warn!(function = %self.ns, error = %e, "could not release leases; they expire after their TTL");
-        }
+        let Ok(permit) = self.deferred.clone().acquire_owned().await else {
+            return self.release(slots, &token).await;
+        };
+        let (leases, ns, round_trips, ttl) =
+            (self.leases.clone(), self.ns.clone(), self.round_trips.clone(), self.config.done_ttl);
+        tokio::spawn(async move {
+            let items: Vec<Release<'_>> = items.iter().map(|(id, done)| Release { id, done: *done }).collect();
+            send_release(&leases, &ns, &round_trips, &items, &token, ttl).await;
+            drop(permit);
+        });
     }
 
     /// Confirmed ids go into the local cache.
@@ -954,6 +1041,46 @@ enum PartEnd {
     Again { without: Vec<usize>, failed: Vec<(usize, HandlerError)> },
     /// A dependency failed (`error`): nothing more of the batch is confirmed now.
     Stopped { error: String, failed: Vec<(usize, HandlerError)> },
+}
+
+/// What the release step sends: every id we lease (or may lease), with the hash of its
+/// done marker when its event finished.
+fn release_items<'s>(slots: &'s [Slot<'_>]) -> Vec<(&'s EventId, Option<PayloadHash>)> {
+    slots
+        .iter()
+        .flat_map(|s| {
+            let done = match &s.outcome {
+                Some(o) if o.is_finished() => Some(s.confirmed_hash.unwrap_or(s.hash)),
+                _ => None,
+            };
+            let shadow = s.shadow.as_ref().filter(|_| s.shadow_leased || s.lease_unknown);
+            (s.leased || s.lease_unknown).then_some(&s.id).into_iter().chain(shadow).map(move |id| (id, done))
+        })
+        .collect()
+}
+
+/// Step 6: done markers and lease release, in one round trip. A failure is only
+/// logged: leases expire on their own, and markers are an optimisation.
+async fn send_release(
+    leases: &Leases,
+    ns: &Namespace,
+    round_trips: &RoundTrips,
+    items: &[Release<'_>],
+    token: &str,
+    done_ttl: Duration,
+) {
+    let result = leases.release(ns, items, token, done_ttl).await;
+    if !matches!(result, Err(LeaseError::BreakerOpen(_))) {
+        count_redis(round_trips, ns);
+    }
+    if let Err(e) = result {
+        tracing::warn!(function = %ns, error = %e, "could not release leases; they expire after their TTL");
+    }
+}
+
+fn count_redis(round_trips: &RoundTrips, ns: &Namespace) {
+    round_trips.redis.fetch_add(1, Ordering::Relaxed);
+    metrics().round_trips.with_label_values(&[ns.as_str(), "redis"]).inc();
 }
 
 /// The text of a caught panic (`panic!` with a literal or a formatted message).

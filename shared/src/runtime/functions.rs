@@ -67,6 +67,24 @@ impl Functions {
         Self::new_with(clients, handlers, kafka, Schema::Migrate).await
     }
 
+    /// Like [`new`](Self::new), with guards that check nothing (see
+    /// [`Guard::make_pass_through`]): the benchmark's baseline for what the guard costs
+    /// in the same worker. Never use it to run a function.
+    #[cfg(feature = "pass-through")]
+    pub async fn pass_through(
+        clients: &Clients,
+        handlers: Vec<Arc<dyn Handler>>,
+        kafka: &KafkaConfig,
+    ) -> Result<Self, FunctionsError> {
+        let mut functions = Self::new(clients, handlers, kafka).await?;
+        for f in &mut functions.list {
+            let f = Arc::get_mut(f).expect("not shared yet");
+            let guard = Arc::get_mut(&mut f.guard).expect("not shared yet");
+            guard.make_pass_through();
+        }
+        Ok(functions)
+    }
+
     /// Like [`new`](Self::new); with [`Schema::Check`] the ClickHouse tables are only
     /// checked (one query for all functions), not created.
     pub async fn new_with(

@@ -525,6 +525,17 @@ async fn consume(
             }
         }
     }
+    // The release steps that went out after their batches answered: the next owner of
+    // these partitions finds the leases free and the done markers set.
+    if tokio::time::timeout(
+        config.shutdown_timeout,
+        futures::future::join_all(functions.iter().map(|f| f.guard.flush_releases())),
+    )
+    .await
+    .is_err()
+    {
+        tracing::warn!("shutdown: deferred lease releases still pending; they expire after their TTL");
+    }
     consumer.unsubscribe();
     tracing::info!("worker stopped");
 }
@@ -617,9 +628,11 @@ async fn run_partition(task: PartitionTask, mut rx: mpsc::UnboundedReceiver<Item
         let batch = &events.make_contiguous()[..n];
         // The guard turns a handler's panic into that event's failure; a panic anywhere
         // else in the batch (a bug of ours) must not end the partition's task either.
-        let report = match AssertUnwindSafe(function.guard.run_batch(function.handler.as_ref(), batch, None))
-            .catch_unwind()
-            .await
+        let report = match AssertUnwindSafe(
+            function.guard.run_batch_deferring_release(function.handler.as_ref(), batch),
+        )
+        .catch_unwind()
+        .await
         {
             Ok(report) => report,
             Err(_) => {
