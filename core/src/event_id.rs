@@ -64,7 +64,12 @@ impl EventId {
         if kind.len() + 1 + text.len() > Self::MAX_LEN || text.chars().any(char::is_control) {
             return Ok(Self(format!("{kind}#{}", hex::encode(Sha256::digest(text.as_bytes())))));
         }
-        Ok(Self(format!("{kind}:{text}")))
+        // By hand rather than `format!`: every event's id is built here.
+        let mut id = String::with_capacity(kind.len() + 1 + text.len());
+        id.push_str(kind);
+        id.push(':');
+        id.push_str(text);
+        Ok(Self(id))
     }
 
     /// An id of kind `kind` in `format`: [`Self::of_kind`] in v2; `<kind>:<text>` as

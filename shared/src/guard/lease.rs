@@ -31,9 +31,10 @@ use crate::BoxError;
 
 /// KEYS: n done keys, then the n matching lease keys; ARGV: token, ttl (ms).
 /// One MGET reads every done marker; ids without one try `SET NX PX` for the lease.
-/// Replies `D<marker>` (done), `L` (lease taken, or already ours: a client that resent the
-/// script after losing its answer must not find its own lease busy) or `B` (busy: someone
-/// else holds it).
+/// Replies the marker's text (done), 1 (lease taken, or already ours: a client that
+/// resent the script after losing its answer must not find its own lease busy) or 0
+/// (busy: someone else holds it). Numbers, not letters: an integer reply costs the
+/// client no allocation, and most ids get one.
 const ACQUIRE: &str = r#"
 local n = #KEYS / 2
 local done = {}
@@ -44,14 +45,14 @@ end
 local out = {}
 for i = 1, n do
   if done[i] then
-    out[i] = 'D' .. done[i]
+    out[i] = done[i]
   elseif redis.call('SET', KEYS[n + i], ARGV[1], 'NX', 'PX', ARGV[2]) then
-    out[i] = 'L'
+    out[i] = 1
   elseif redis.call('GET', KEYS[n + i]) == ARGV[1] then
     redis.call('PEXPIRE', KEYS[n + i], ARGV[2])
-    out[i] = 'L'
+    out[i] = 1
   else
-    out[i] = 'B'
+    out[i] = 0
   end
 end
 return out
@@ -189,11 +190,8 @@ impl Leases {
     /// `<prefix>:{<namespace>}:<kind>:<id>` with one bucket,
     /// `<prefix>:{<namespace>:<bucket>}:<kind>:<id>` with more.
     pub fn key(&self, ns: &Namespace, kind: &str, id: &EventId) -> String {
-        if self.buckets == 1 {
-            format!("{}:{{{}}}:{}:{}", self.prefix, ns, kind, id)
-        } else {
-            format!("{}:{{{}:{}}}:{}:{}", self.prefix, ns, self.bucket(id), kind, id)
-        }
+        let bucket = (self.buckets != 1).then(|| self.bucket(id));
+        key_text(&self.prefix, ns.as_str(), bucket, kind, id.as_str())
     }
 
     /// The bucket of `id`: FNV-1a (64 bits) of its text, modulo the bucket count. Part of
@@ -237,16 +235,20 @@ impl Leases {
         token: &str,
         ttl: Duration,
     ) -> Result<Vec<LeaseReply>, LeaseError> {
-        let replies: Vec<String> =
+        let replies: Vec<redis::Value> =
             self.per_id("acquire", &self.acquire, ns, ids, &["done", "lease"], token, ttl).await?;
-        Ok(replies
+        replies
             .into_iter()
-            .map(|r| match r.as_bytes().first() {
-                Some(b'D') => LeaseReply::Done(PayloadHash::from_hex(&r[1..])),
-                Some(b'L') => LeaseReply::Acquired,
-                _ => LeaseReply::Busy,
+            .map(|r| match r {
+                redis::Value::Int(1) => Ok(LeaseReply::Acquired),
+                redis::Value::Int(0) => Ok(LeaseReply::Busy),
+                // A marker whose text is not a hash is still a marker: done.
+                redis::Value::BulkString(b) => {
+                    Ok(LeaseReply::Done(std::str::from_utf8(&b).ok().and_then(PayloadHash::from_hex)))
+                }
+                other => Err(self.malformed(format!("acquire script answered {other:?} for an id"))),
             })
-            .collect())
+            .collect()
     }
 
     /// One round trip over `ids`: `script` once per bucket, all at once. A bucket's
@@ -423,4 +425,37 @@ async fn run_all<T: redis::FromRedisValue>(
     .await
     .into_iter()
     .collect()
+}
+
+/// The text of a key (see [`Leases::key`]). Built by hand: it runs twice per id per
+/// step, and `format!` cost more than the rest of building the script call.
+fn key_text(prefix: &str, ns: &str, bucket: Option<u32>, kind: &str, id: &str) -> String {
+    let bucket = bucket.map(|b| b.to_string());
+    let bucket_len = bucket.as_ref().map_or(0, |b| b.len() + 1);
+    let mut key = String::with_capacity(prefix.len() + ns.len() + bucket_len + kind.len() + id.len() + 5);
+    key.push_str(prefix);
+    key.push_str(":{");
+    key.push_str(ns);
+    if let Some(bucket) = &bucket {
+        key.push(':');
+        key.push_str(bucket);
+    }
+    key.push_str("}:");
+    key.push_str(kind);
+    key.push(':');
+    key.push_str(id);
+    key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::key_text;
+
+    #[test]
+    fn key_layout_is_stable() {
+        // Every process of a function must build the same keys: the layout is part of
+        // the protocol (a change strands the leases and markers of a running version).
+        assert_eq!(key_text("eo", "user-events", None, "lease", "h:a-1"), "eo:{user-events}:lease:h:a-1");
+        assert_eq!(key_text("eo", "user-events", Some(17), "done", "h:a-1"), "eo:{user-events:17}:done:h:a-1");
+    }
 }

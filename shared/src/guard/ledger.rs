@@ -55,8 +55,9 @@ pub struct ConfirmRow<'a> {
 
 /// Step 5: `INSERT ... ON CONFLICT DO NOTHING` (in the handlers' transaction when there
 /// is one). The same statement forgets the events' failure counters and records how many
-/// attempts each took. Returns the ids this call inserted; an id missing from the answer
-/// was confirmed by someone else. `v2_known`: the events are also known by their v2 ids
+/// attempts each took. Returns the ids this call did *not* insert: those were confirmed
+/// by someone else first. (That answer is nearly always empty; the ids inserted would be
+/// the whole batch back over the wire, decoded and hashed, for nothing.) `v2_known`: the events are also known by their v2 ids
 /// (every format but `v1`; see the migration that added the column).
 pub async fn confirm(
     conn: &mut PgConnection,
@@ -81,17 +82,22 @@ pub async fn confirm(
              DELETE FROM event_attempts a USING UNNEST($2::text[]) AS d(event_id)
              WHERE a.namespace = $1 AND a.event_id = d.event_id
              RETURNING a.event_id, a.attempts
+         ),
+         inserted AS (
+             INSERT INTO processed_events
+                 (namespace, event_id, status, payload_hash, topic, kafka_partition, kafka_offset, attempts, v2_known)
+             SELECT $1, t.event_id, 'processed', t.payload_hash, t.topic, t.kafka_partition, t.kafka_offset,
+                    COALESCE(f.attempts, 0) + 1, $7
+             FROM UNNEST($2::text[], $3::bytea[], $4::text[], $5::int4[], $6::int8[])
+                  AS t(event_id, payload_hash, topic, kafka_partition, kafka_offset)
+             LEFT JOIN failures f USING (event_id)
+             ORDER BY t.event_id
+             ON CONFLICT (namespace, event_id) DO NOTHING
+             RETURNING event_id
          )
-         INSERT INTO processed_events
-             (namespace, event_id, status, payload_hash, topic, kafka_partition, kafka_offset, attempts, v2_known)
-         SELECT $1, t.event_id, 'processed', t.payload_hash, t.topic, t.kafka_partition, t.kafka_offset,
-                COALESCE(f.attempts, 0) + 1, $7
-         FROM UNNEST($2::text[], $3::bytea[], $4::text[], $5::int4[], $6::int8[])
-              AS t(event_id, payload_hash, topic, kafka_partition, kafka_offset)
-         LEFT JOIN failures f USING (event_id)
-         ORDER BY t.event_id
-         ON CONFLICT (namespace, event_id) DO NOTHING
-         RETURNING event_id",
+         SELECT a.event_id FROM UNNEST($2::text[]) AS a(event_id)
+         EXCEPT
+         SELECT event_id FROM inserted",
     )
     .bind(ns.as_str())
     .bind(&ids)

@@ -2,24 +2,70 @@
 //!
 //! Invariants: an id is only inserted after Postgres confirmed it, so a hit is always a
 //! true duplicate; memory is bounded by bytes (`GUARD_LOCAL_CACHE_MAX_BYTES`) whatever
-//! the event rate, with moka evicting the least useful entries past the bound; a TTL of
-//! zero (`KAFKA_DEDUP_TTL_SECONDS=0`) disables the cache.
+//! the event rate; an entry older than its TTL is never a hit; a TTL of zero
+//! (`KAFKA_DEDUP_TTL_SECONDS=0`) disables the cache.
+//!
+//! Layout: two generations of a plain hash map. New ids go into the current one; when it
+//! holds half the byte bound, or is a TTL old, it becomes the previous one and the old
+//! previous one is dropped whole. A lookup asks both and checks the entry's age. So the
+//! oldest half is evicted first (a redelivery comes soon after its original, so recency
+//! is what matters), and an insert or a lookup is one hash-map operation under a mutex
+//! that is taken once per batch step, not per id. (A general-purpose cache with
+//! frequency-based admission and per-entry queues cost the guard more CPU than
+//! everything else it does per event: see docs/BENCHMARKS.md.)
 
-use std::time::Duration;
+use std::collections::HashMap;
 
-use moka::sync::Cache;
+use foldhash::fast::RandomState;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use crate::event::PayloadHash;
 use crate::event_id::EventId;
 
-/// Bytes one entry costs beyond its id's text: the hash, the `String` header, and
-/// moka's per-entry bookkeeping (node, deque links, frequency sketch, hash table slot).
-/// Measured, not guessed: the benchmark fills the cache with 1M ids and compares RSS
-/// growth with the weighed size (docs/BENCHMARKS.md); 300 keeps RSS within the bound.
-pub const ENTRY_OVERHEAD_BYTES: u32 = 300;
+/// Bytes one entry costs beyond its id's text: the hash map's slot (id header, payload
+/// hash, insertion time, control byte) at its worst load (just after it doubled, a
+/// slot per 0.44 entries), and the allocator's rounding of the id's text. Measured, not
+/// guessed: the benchmark fills the cache with 1M ids and compares RSS growth with the
+/// weighed size (docs/BENCHMARKS.md).
+pub const ENTRY_OVERHEAD_BYTES: u64 = 200;
 
 /// The in-process cache of confirmed ids, with the payload hash each was confirmed with.
-pub struct LocalCache(Option<Cache<EventId, PayloadHash>>);
+pub struct LocalCache(Option<Generations>);
+
+struct Generations {
+    ttl: Duration,
+    /// Bytes (by [`weight`]) one generation may hold: half the bound.
+    half: u64,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct Generation {
+    entries: HashMap<EventId, (PayloadHash, Instant), RandomState>,
+    bytes: u64,
+    started: Option<Instant>,
+}
+
+#[derive(Default)]
+struct State {
+    current: Generation,
+    previous: Generation,
+}
+
+fn weight(id: &EventId) -> u64 {
+    id.as_str().len() as u64 + ENTRY_OVERHEAD_BYTES
+}
+
+impl State {
+    fn get(&self, id: &EventId, ttl: Duration, now: Instant) -> Option<PayloadHash> {
+        [&self.current, &self.previous]
+            .into_iter()
+            .find_map(|g| g.entries.get(id))
+            .filter(|(_, at)| now.saturating_duration_since(*at) < ttl)
+            .map(|(hash, _)| *hash)
+    }
+}
 
 impl LocalCache {
     /// A cache of at most `max_bytes` whose entries live `ttl`; disabled when either is
@@ -28,33 +74,75 @@ impl LocalCache {
         if ttl.is_zero() || max_bytes == 0 {
             return Self(None);
         }
-        Self(Some(
-            Cache::builder()
-                .max_capacity(max_bytes)
-                .weigher(|id: &EventId, _: &PayloadHash| {
-                    (id.as_str().len() as u32).saturating_add(ENTRY_OVERHEAD_BYTES)
-                })
-                .time_to_live(ttl)
-                .build(),
-        ))
+        Self(Some(Generations { ttl, half: max_bytes / 2, state: Mutex::default() }))
+    }
+
+    fn state(g: &Generations) -> MutexGuard<'_, State> {
+        // The state is consistent after every statement: a panic elsewhere leaves it usable.
+        g.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The confirmed payload hash of `id`, if cached.
     pub fn get(&self, id: &EventId) -> Option<PayloadHash> {
-        self.0.as_ref()?.get(id)
+        let g = self.0.as_ref()?;
+        Self::state(g).get(id, g.ttl, Instant::now())
+    }
+
+    /// Looks up many ids under one lock: `found(i, hash)` for each hit, `i` the id's
+    /// position in `ids`.
+    pub fn get_many<'a>(&self, ids: impl IntoIterator<Item = &'a EventId>, mut found: impl FnMut(usize, PayloadHash)) {
+        let Some(g) = &self.0 else { return };
+        let now = Instant::now();
+        let state = Self::state(g);
+        for (i, id) in ids.into_iter().enumerate() {
+            if let Some(hash) = state.get(id, g.ttl, now) {
+                found(i, hash);
+            }
+        }
     }
 
     /// Remembers a confirmed id; call only after Postgres confirmed it.
     pub fn insert(&self, id: EventId, hash: PayloadHash) {
-        if let Some(c) = &self.0 {
-            c.insert(id, hash);
+        self.insert_many([(id, hash)]);
+    }
+
+    /// Remembers many confirmed ids under one lock; call only after Postgres confirmed
+    /// them.
+    pub fn insert_many(&self, entries: impl IntoIterator<Item = (EventId, PayloadHash)>) {
+        let Some(g) = &self.0 else { return };
+        let now = Instant::now();
+        let mut dropped = Vec::new();
+        {
+            let mut state = Self::state(g);
+            for (id, hash) in entries {
+                let w = weight(&id);
+                let cur = &state.current;
+                let full = cur.bytes + w > g.half && !cur.entries.is_empty();
+                let old = cur.started.is_some_and(|s| now.saturating_duration_since(s) >= g.ttl);
+                if full || old {
+                    let previous = std::mem::take(&mut state.current);
+                    dropped.push(std::mem::replace(&mut state.previous, previous));
+                }
+                let cur = &mut state.current;
+                cur.started.get_or_insert(now);
+                if cur.entries.insert(id, (hash, now)).is_none() {
+                    cur.bytes += w;
+                }
+            }
         }
+        // A whole generation is freed outside the lock.
+        drop(dropped);
     }
 
     /// Forgets `id` (a dead letter about to be replayed).
     pub fn remove(&self, id: &EventId) {
-        if let Some(c) = &self.0 {
-            c.invalidate(id);
+        let Some(g) = &self.0 else { return };
+        let mut guard = Self::state(g);
+        let state = &mut *guard;
+        for generation in [&mut state.current, &mut state.previous] {
+            if generation.entries.remove(id).is_some() {
+                generation.bytes -= weight(id);
+            }
         }
     }
 
@@ -63,19 +151,20 @@ impl LocalCache {
         self.0.is_some()
     }
 
-    /// Weighted size (bytes, by the weigher above) after pending maintenance.
+    /// Weighted size (bytes, by the weight above) of what is held, expired entries
+    /// included until their generation is dropped.
     pub fn weighted_size(&self) -> u64 {
-        self.0.as_ref().map_or(0, |c| {
-            c.run_pending_tasks();
-            c.weighted_size()
+        self.0.as_ref().map_or(0, |g| {
+            let state = Self::state(g);
+            state.current.bytes + state.previous.bytes
         })
     }
 
-    /// Entries held, after pending maintenance.
+    /// Entries held, expired ones included until their generation is dropped.
     pub fn entry_count(&self) -> u64 {
-        self.0.as_ref().map_or(0, |c| {
-            c.run_pending_tasks();
-            c.entry_count()
+        self.0.as_ref().map_or(0, |g| {
+            let state = Self::state(g);
+            (state.current.entries.len() + state.previous.entries.len()) as u64
         })
     }
 }
@@ -84,14 +173,52 @@ impl LocalCache {
 mod tests {
     use super::*;
 
+    fn id(i: usize) -> EventId {
+        EventId::new(format!("event-{i:08}")).unwrap()
+    }
+
     #[test]
-    fn stays_within_its_byte_bound() {
+    fn stays_within_its_byte_bound_and_keeps_the_newest() {
         let cache = LocalCache::new(Duration::from_secs(60), 64 * 1024);
         for i in 0..10_000 {
-            cache.insert(EventId::new(format!("event-{i:08}")).unwrap(), PayloadHash([0; 32]));
+            cache.insert(id(i), PayloadHash([(i % 251) as u8; 32]));
         }
         assert!(cache.weighted_size() <= 64 * 1024, "weighted size {}", cache.weighted_size());
-        assert!(cache.entry_count() > 0);
+        // At least half the bound is held, and it is the newest ids.
+        let per_entry = weight(&id(0));
+        assert!(cache.entry_count() >= 32 * 1024 / per_entry, "entries {}", cache.entry_count());
+        assert_eq!(cache.get(&id(9_999)), Some(PayloadHash([(9_999 % 251) as u8; 32])));
+        assert_eq!(cache.get(&id(0)), None);
+    }
+
+    #[test]
+    fn an_entry_older_than_its_ttl_is_not_a_hit() {
+        let cache = LocalCache::new(Duration::from_millis(50), 1 << 20);
+        cache.insert(id(1), PayloadHash([1; 32]));
+        assert_eq!(cache.get(&id(1)), Some(PayloadHash([1; 32])));
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(cache.get(&id(1)), None);
+        // An insert after the TTL starts a new generation; the old one is still asked
+        // (its entries by their age) until it is dropped by the next turn.
+        cache.insert(id(2), PayloadHash([2; 32]));
+        assert_eq!(cache.get(&id(2)), Some(PayloadHash([2; 32])));
+        std::thread::sleep(Duration::from_millis(60));
+        cache.insert(id(3), PayloadHash([3; 32]));
+        assert_eq!(cache.entry_count(), 2, "the generation holding id 1 is dropped");
+    }
+
+    #[test]
+    fn many_at_once_and_removal() {
+        let cache = LocalCache::new(Duration::from_secs(60), 1 << 20);
+        cache.insert_many((0..10).map(|i| (id(i), PayloadHash([i as u8; 32]))));
+        let asked: Vec<EventId> = (5..15).map(id).collect();
+        let mut hits = Vec::new();
+        cache.get_many(&asked, |i, h| hits.push((i, h.0[0])));
+        assert_eq!(hits, (0..5).map(|i| (i, (i + 5) as u8)).collect::<Vec<_>>());
+        let before = cache.weighted_size();
+        cache.remove(&id(7));
+        assert_eq!(cache.get(&id(7)), None);
+        assert_eq!(cache.weighted_size(), before - weight(&id(7)));
     }
 
     #[test]

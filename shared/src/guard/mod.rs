@@ -42,12 +42,14 @@ pub mod local_cache;
 mod report;
 mod slot;
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use foldhash::fast::RandomState;
 use futures::FutureExt;
 use sha2::{Digest, Sha256};
 use sqlx::pool::PoolConnection;
@@ -295,9 +297,8 @@ impl Guard {
     /// Step 0: ids (in `formats`), and which records repeat an earlier record's id (by
     /// the id they are handled under: equal v2 ids imply equal v1 ids).
     fn derive_ids<'e>(&self, items: Vec<(&'e Event, Option<Rejection>)>, formats: IdFormats) -> Vec<Slot<'e>> {
-        let mut first_seen: HashMap<EventId, usize> = HashMap::with_capacity(items.len());
         let mut slots = Vec::with_capacity(items.len());
-        for (i, (event, rejected)) in items.into_iter().enumerate() {
+        for (event, rejected) in items {
             // A rejected record, or one without a usable id, is filed under its position.
             let stand_in = || EventId::new(format!("invalid:{}", event.position())).expect("non-empty");
             let too_large = event.value_bytes().len() > self.config.max_value_bytes;
@@ -326,24 +327,13 @@ impl Guard {
                     ),
                 },
             };
-            let leader = if invalid.is_none() {
-                match first_seen.get(&id) {
-                    Some(&l) => Some(l),
-                    None => {
-                        first_seen.insert(id.clone(), i);
-                        None
-                    }
-                }
-            } else {
-                None
-            };
             slots.push(Slot {
                 event,
                 hash: event.payload_hash(),
                 id,
                 shadow,
                 invalid,
-                leader,
+                leader: None,
                 leased: false,
                 shadow_leased: false,
                 lease_unknown: false,
@@ -352,15 +342,47 @@ impl Guard {
                 outcome: None,
             });
         }
+        // Leaders: the first record of each id (ids borrowed, not copied).
+        let leaders: Vec<(usize, usize)> = {
+            let mut first_seen: HashMap<&EventId, usize, RandomState> =
+                HashMap::with_capacity_and_hasher(slots.len(), RandomState::default());
+            slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.invalid.is_none())
+                .filter_map(|(i, s)| match first_seen.entry(&s.id) {
+                    Entry::Occupied(l) => Some((i, *l.get())),
+                    Entry::Vacant(v) => {
+                        v.insert(i);
+                        None
+                    }
+                })
+                .collect()
+        };
+        for (i, l) in leaders {
+            slots[i].leader = Some(l);
+        }
         slots
     }
 
     /// Step 1a: ids confirmed recently by this process cost no round trip.
     fn check_local_cache(&self, slots: &mut [Slot<'_>]) {
-        for slot in slots.iter_mut().filter(|s| s.is_open()) {
-            let found = slot.ids().find_map(|id| self.cache.get(id));
-            if let Some(hash) = found {
-                slot.duplicate(DuplicateTier::Local, Some(hash));
+        if !self.cache.is_enabled() {
+            return;
+        }
+        let asked: Vec<(usize, &EventId)> = slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.is_open())
+            .flat_map(|(i, s)| s.ids().map(move |id| (i, id)))
+            .collect();
+        let mut hits: Vec<(usize, PayloadHash)> = Vec::new();
+        self.cache.get_many(asked.iter().map(|&(_, id)| id), |k, hash| hits.push((asked[k].0, hash)));
+        drop(asked);
+        for (i, hash) in hits {
+            // An event's first id found wins (its second is in the same state).
+            if slots[i].is_open() {
+                slots[i].duplicate(DuplicateTier::Local, Some(hash));
             }
         }
     }
@@ -398,7 +420,8 @@ impl Guard {
         // lease busy with ourselves, on every retry). `slot_keys[n]`: where the ids of
         // `open[n]` are in `ids`.
         let mut ids: Vec<&EventId> = Vec::with_capacity(open.len());
-        let mut index: HashMap<&EventId, usize> = HashMap::with_capacity(open.len());
+        let mut index: HashMap<&EventId, usize, RandomState> =
+            HashMap::with_capacity_and_hasher(open.len(), RandomState::default());
         let mut key = |id| {
             *index.entry(id).or_insert_with(|| {
                 ids.push(id);
@@ -666,7 +689,7 @@ impl Guard {
             self.count_postgres(1);
             let confirmed = ledger::confirm(tx.conn(), &self.ns, &rows, v2_known).await;
             drop(rows);
-            let inserted: HashSet<String> = match confirmed {
+            let taken: HashSet<String, RandomState> = match confirmed {
                 Ok(ids) => ids.into_iter().collect(),
                 Err(e) => {
                     self.rollback(tx).await;
@@ -675,11 +698,11 @@ impl Guard {
             };
             // Confirmed here only if every id of the event was (in the transition, a process
             // on either format may have confirmed one of them first).
-            let conflicts: Vec<usize> = succeeded
-                .iter()
-                .copied()
-                .filter(|&i| !slots[i].ids().all(|id| inserted.contains(id.as_str())))
-                .collect();
+            let conflicts: Vec<usize> = if taken.is_empty() {
+                Vec::new()
+            } else {
+                succeeded.iter().copied().filter(|&i| slots[i].ids().any(|id| taken.contains(id.as_str()))).collect()
+            };
             if !conflicts.is_empty() {
                 tracing::info!(function = %self.ns, conflicts = conflicts.len(), transactional, "confirmed elsewhere first");
                 for &i in &conflicts {
@@ -955,13 +978,16 @@ impl Guard {
 
     /// Confirmed ids go into the local cache.
     fn remember(&self, slots: &[Slot<'_>]) {
-        for s in slots.iter().filter(|s| s.leader.is_none() && s.invalid.is_none()) {
-            if matches!(&s.outcome, Some(o) if o.is_finished()) {
-                for id in s.ids() {
-                    self.cache.insert(id.clone(), s.confirmed_hash.unwrap_or(s.hash));
-                }
-            }
+        if !self.cache.is_enabled() {
+            return;
         }
+        self.cache.insert_many(
+            slots
+                .iter()
+                .filter(|s| s.leader.is_none() && s.invalid.is_none())
+                .filter(|s| matches!(&s.outcome, Some(o) if o.is_finished()))
+                .flat_map(|s| s.ids().map(move |id| (id.clone(), s.confirmed_hash.unwrap_or(s.hash)))),
+        );
     }
 
     /// Records repeating an earlier record's id take its fate.
