@@ -479,7 +479,7 @@ async fn run_in(env: &Env, opts: &Options) -> anyhow::Result<Report> {
     let cache = LocalCache::new(Duration::from_secs(3600), bound);
     for i in 0..opts.cache_ids {
         cache.insert(
-            EventId::new(uuid::Uuid::from_u128(i as u128).to_string()).unwrap(),
+            &EventId::new(uuid::Uuid::from_u128(i as u128).to_string()).unwrap(),
             exactly_once::PayloadHash([i as u8; 32]),
         );
     }

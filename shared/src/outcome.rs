@@ -1,6 +1,7 @@
 //! What happened to each event of a batch.
 
 use std::fmt;
+use std::sync::Arc;
 
 use crate::event::Event;
 use crate::event_id::EventId;
@@ -205,8 +206,9 @@ impl fmt::Display for Outcome {
 /// The outcome of one record, with where it came from.
 #[derive(Debug, Clone)]
 pub struct EventOutcome {
-    /// The record's topic.
-    pub topic: String,
+    /// The record's topic (shared by the batch's outcomes: one allocation, not one per
+    /// record).
+    pub topic: Arc<str>,
     /// The record's partition.
     pub partition: i32,
     /// The record's offset.
@@ -220,7 +222,13 @@ pub struct EventOutcome {
 impl EventOutcome {
     /// The outcome of `event`, with its position copied from it.
     pub fn new(event: &Event, event_id: Option<EventId>, outcome: Outcome) -> Self {
-        Self { topic: event.topic.clone(), partition: event.partition, offset: event.offset, event_id, outcome }
+        Self::in_topic(Arc::from(event.topic.as_str()), event, event_id, outcome)
+    }
+
+    /// Like [`EventOutcome::new`], with the event's topic given (shared by a batch).
+    pub fn in_topic(topic: Arc<str>, event: &Event, event_id: Option<EventId>, outcome: Outcome) -> Self {
+        debug_assert_eq!(&*topic, event.topic.as_str());
+        Self { topic, partition: event.partition, offset: event.offset, event_id, outcome }
     }
 }
 

@@ -985,8 +985,10 @@ impl Guard {
             slots
                 .iter()
                 .filter(|s| s.leader.is_none() && s.invalid.is_none())
+                // Found in the cache: there already (its age counts from its first confirm).
+                .filter(|s| !matches!(&s.outcome, Some(Outcome::Duplicate { tier: DuplicateTier::Local, .. })))
                 .filter(|s| matches!(&s.outcome, Some(o) if o.is_finished()))
-                .flat_map(|s| s.ids().map(move |id| (id.clone(), s.confirmed_hash.unwrap_or(s.hash)))),
+                .flat_map(|s| s.ids().map(move |id| (id, s.confirmed_hash.unwrap_or(s.hash)))),
         );
     }
 

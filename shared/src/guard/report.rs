@@ -19,6 +19,8 @@ impl Guard {
         let mut failed: HashMap<&'static str, u64> = HashMap::new();
         let mut dead: HashMap<&'static str, u64> = HashMap::new();
         let mut mismatches = 0u64;
+        // A batch is nearly always one topic: one shared copy of its name.
+        let mut topic: Option<std::sync::Arc<str>> = None;
         let outcomes = slots
             .into_iter()
             .map(|s| {
@@ -52,7 +54,11 @@ impl Guard {
                     outcome = outcome.label(),
                 );
                 span.in_scope(|| tracing::debug!(detail = %outcome, "event finished"));
-                EventOutcome::new(s.event, s.invalid.is_none().then_some(s.id), outcome)
+                let shared = match &topic {
+                    Some(t) if **t == *s.event.topic => t.clone(),
+                    _ => topic.insert(std::sync::Arc::from(s.event.topic.as_str())).clone(),
+                };
+                EventOutcome::in_topic(shared, s.event, s.invalid.is_none().then_some(s.id), outcome)
             })
             .collect();
         let m = metrics();

@@ -370,7 +370,7 @@ pub fn summary(outcomes: &[EventOutcome]) -> Value {
 /// One record's outcome as JSON, as the invocation's answer and `POST /invoke` give it.
 pub fn outcome_json(o: &EventOutcome) -> Value {
     let mut v = json!({
-        "topic": o.topic,
+        "topic": &*o.topic,
         "partition": o.partition,
         "offset": o.offset,
         "eventId": o.event_id.as_ref().map(|i| i.as_str()),
