@@ -267,3 +267,28 @@ async fn dead_letters_replay_across_an_id_format_change() {
     );
     assert_eq!(env.count("SELECT count(*) FROM processed_events WHERE status = 'dead_lettered'").await, 0);
 }
+
+/// Cleaning up a slice deletes its Redis keys, however many, step by step (`SCAN`,
+/// `UNLINK`), and leaves every other slice's keys alone. (It used `KEYS`, which with a
+/// few million keys of other runs outlasted the client's timeout and deleted nothing.)
+#[tokio::test]
+async fn slice_cleanup_deletes_its_keys_in_steps_and_no_others() {
+    let env = TestEnv::new().await;
+    let other = format!("{}_other", env.key_prefix);
+    let mut conn = env.redis().await;
+    for chunk in (0..12_000).collect::<Vec<_>>().chunks(1_000) {
+        let mut mset = redis::cmd("MSET");
+        for i in chunk {
+            mset.arg(format!("{}:{{f}}:done:k{i}", env.key_prefix)).arg("1");
+        }
+        let () = mset.query_async(&mut conn).await.expect("MSET");
+    }
+    let () = redis::cmd("SET").arg(format!("{other}:kept")).arg("1").query_async(&mut conn).await.expect("SET");
+    assert_eq!(env.redis_keys(&env.key_prefix).await.len(), 12_000);
+
+    env.flush_redis().await;
+
+    assert!(env.redis_keys(&env.key_prefix).await.is_empty());
+    assert_eq!(env.redis_keys(&other).await, vec![format!("{other}:kept")], "another prefix's key survives");
+    let _: i64 = redis::cmd("DEL").arg(format!("{other}:kept")).query_async(&mut conn).await.expect("DEL");
+}

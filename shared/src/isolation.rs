@@ -80,7 +80,12 @@ impl Slice {
             let _ = ch.query(&format!("DROP DATABASE IF EXISTS {name}")).execute().await;
             if let Ok(client) = crate::redis_client::RedisClient::connect(&config.redis).await {
                 if let Ok(mut c) = client.connection().await {
-                    delete_keys(&mut c, &name).await;
+                    if client.is_cluster() {
+                        // `KEYS` goes to every primary; a cluster's `SCAN` would see one.
+                        delete_keys(&mut c, &name).await;
+                    } else {
+                        scan_delete_keys(&mut c, &name).await;
+                    }
                 }
             }
         };
@@ -88,7 +93,29 @@ impl Slice {
     }
 }
 
-/// Deletes every key under `<prefix>:`.
+/// Deletes every key under `<prefix>:` on one Redis, a bounded step at a time: `SCAN`
+/// and `UNLINK`. (`KEYS` walks the whole keyspace in one command: with a few million
+/// keys from other slices it outlasts the client's response timeout, and nothing was
+/// deleted.) Best effort: stops at the first error.
+pub async fn scan_delete_keys(conn: &mut impl redis::aio::ConnectionLike, prefix: &str) {
+    let pattern = format!("{prefix}:*");
+    let mut cursor = 0u64;
+    loop {
+        let step: Result<(u64, Vec<String>), _> =
+            redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(5_000).query_async(conn).await;
+        let Ok((next, keys)) = step else { return };
+        if !keys.is_empty() && redis::cmd("UNLINK").arg(&keys).query_async::<i64>(conn).await.is_err() {
+            return;
+        }
+        if next == 0 {
+            return;
+        }
+        cursor = next;
+    }
+}
+
+/// Deletes every key under `<prefix>:` with `KEYS` (a cluster connection sends it to
+/// every primary). For a small keyspace; on one Redis prefer [`scan_delete_keys`].
 pub async fn delete_keys(conn: &mut impl redis::aio::ConnectionLike, prefix: &str) {
     let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(conn).await.unwrap_or_default();
     for chunk in keys.chunks(1000) {

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use exactly_once::config::{KafkaConfig, ProcessEnv};
-use exactly_once::isolation::{delete_keys, Slice};
+use exactly_once::isolation::{delete_keys, scan_delete_keys, Slice};
 use exactly_once::producer::Producer;
 use exactly_once::{Clients, Config, Event};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -88,10 +88,40 @@ impl TestEnv {
     /// with it (the shared `delete_keys` is best effort).
     pub async fn flush_redis(&self) {
         let mut conn = self.redis().await;
-        delete_keys(&mut conn, &self.key_prefix).await;
-        let left: Vec<String> =
-            redis::cmd("KEYS").arg(format!("{}:*", self.key_prefix)).query_async(&mut conn).await.expect("KEYS");
+        if self.clients.redis.is_cluster() {
+            delete_keys(&mut conn, &self.key_prefix).await;
+        } else {
+            scan_delete_keys(&mut conn, &self.key_prefix).await;
+        }
+        let left = self.redis_keys(&self.key_prefix).await;
         assert!(left.is_empty(), "flush_redis left {} keys", left.len());
+    }
+
+    /// Every key under `<prefix>:` (one `SCAN` pass on one Redis, `KEYS` on a cluster,
+    /// which sends it to every primary).
+    pub async fn redis_keys(&self, prefix: &str) -> Vec<String> {
+        let mut conn = self.redis().await;
+        let pattern = format!("{prefix}:*");
+        if self.clients.redis.is_cluster() {
+            return redis::cmd("KEYS").arg(&pattern).query_async(&mut conn).await.expect("KEYS");
+        }
+        let (mut cursor, mut keys) = (0u64, Vec::new());
+        loop {
+            let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(5_000)
+                .query_async(&mut conn)
+                .await
+                .expect("SCAN");
+            keys.extend(found);
+            if next == 0 {
+                return keys;
+            }
+            cursor = next;
+        }
     }
 
     pub async fn count(&self, sql: &str) -> i64 {
