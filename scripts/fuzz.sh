@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The fuzz targets in fuzz/ (cargo-fuzz, libFuzzer), over what the outside world
 # reaches first: the MSK event (Lambda's payload and POST /invoke's body), its records
-# (base64, signed header bytes, odd types), and id extraction from headers and payloads.
+# (base64, signed header bytes, odd types), id extraction from headers and payloads, and
+# values framed for a schema registry (the frame, Avro datums, schemas).
 #
 #   scripts/fuzz.sh build            build every target (what the test command checks)
 #   scripts/fuzz.sh run [SECONDS]    run each target for SECONDS (default 60)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command: starts (installing if needed) every local service, validates the
+# The test command: starts (installing if needed) every local service and the Python
+# Kafka clients the payload tests produce with, validates the
 # deployment templates offline, checks Cargo.lock against known advisories
 # (scripts/audit.sh), checks the lints, runs every test of the workspace against them,
 # checks that `eo new` makes a working function, makes the shortened fault-injection
@@ -14,6 +15,10 @@ if ! command -v cargo >/dev/null; then
 fi
 
 ./scripts/services.sh
+# Clients nobody here wrote, for the payload tests: Confluent's Python client and
+# fastavro, pinned, in a virtualenv of their own (installed once).
+EO_PYTHON="$(./scripts/pyclients.sh)"
+export EO_PYTHON
 ./scripts/infra-check.sh
 # Known advisories (RustSec) against Cargo.lock, offline from the team's snapshot of the
 # database; accepted findings are in .cargo/audit.toml (docs/RELIABILITY.md says why).

@@ -77,6 +77,23 @@ fn the_readme_handler_example_is_the_compiled_one() {
     );
 }
 
+#[test]
+fn the_readme_avro_example_is_the_compiled_one() {
+    let readme = read("README.md");
+    let section = readme.split("\n### A function over Avro").nth(1).expect("a `### A function over Avro` section");
+    let shown = first_rust_block(section);
+    let snippet = read("docs/snippets/avro.md");
+    let compiled: Vec<&str> = first_rust_block(&snippet)
+        .into_iter()
+        .filter(|l| !(l.trim_start().starts_with("# ") || l.trim() == "#"))
+        .collect();
+    assert_eq!(
+        shown.join("\n"),
+        compiled.join("\n"),
+        "the README's Avro example must equal docs/snippets/avro.md without its hidden lines"
+    );
+}
+
 /// GitHub's anchor for a heading: lower case, punctuation dropped, spaces as hyphens.
 fn slug(heading: &str) -> String {
     heading

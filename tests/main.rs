@@ -18,6 +18,7 @@ mod http;
 mod msk;
 mod ops;
 mod outages;
+mod payloads;
 mod producer;
 mod retention;
 mod spans;

@@ -348,11 +348,26 @@ impl IdStrategy {
     /// The id of `event` in the primary format of `formats`, and in its shadow format
     /// when there is one; the payload is read once.
     pub fn derive_for(&self, event: &Event, formats: IdFormats) -> Result<(EventId, Option<EventId>), IdError> {
-        let raw = self.raw(event, &mut LazyJson::default())?;
+        self.derive_decoded(event, None, formats)
+    }
+
+    /// Like [`Self::derive_for`], with payload fields read from `decoded` (a value
+    /// decoded from Avro, say) instead of parsing the value as JSON; `None` parses it.
+    pub fn derive_decoded(
+        &self,
+        event: &Event,
+        decoded: Option<&Value>,
+        formats: IdFormats,
+    ) -> Result<(EventId, Option<EventId>), IdError> {
+        let mut payload = match decoded {
+            Some(v) => LazyJson::Decoded(v),
+            None => LazyJson::default(),
+        };
+        let raw = self.raw(event, &mut payload)?;
         Ok((raw.format(formats.primary()), formats.shadow().map(|f| raw.format(f))))
     }
 
-    fn raw(&self, event: &Event, payload: &mut LazyJson) -> Result<Raw, IdError> {
+    fn raw(&self, event: &Event, payload: &mut LazyJson<'_>) -> Result<Raw, IdError> {
         let raw = match self {
             IdStrategy::Header(name) => {
                 let header = event.header(name).ok_or_else(|| IdError::MissingHeader(name.clone()))?;
@@ -390,17 +405,31 @@ impl IdStrategy {
     }
 }
 
-/// Parses the payload at most once, however many strategies look at it.
-#[derive(Default)]
-struct LazyJson(Option<Result<Value, IdError>>);
+/// Parses the payload at most once, however many strategies look at it; or reads a
+/// value decoded before.
+enum LazyJson<'v> {
+    Parsed(Option<Result<Value, IdError>>),
+    Decoded(&'v Value),
+}
 
-impl LazyJson {
+impl Default for LazyJson<'_> {
+    fn default() -> Self {
+        LazyJson::Parsed(None)
+    }
+}
+
+impl LazyJson<'_> {
     fn get(&mut self, event: &Event) -> Result<&Value, IdError> {
-        let parsed = self.0.get_or_insert_with(|| match &event.value {
-            None => Err(IdError::MissingPayload),
-            Some(v) => serde_json::from_slice(v).map_err(|e| IdError::PayloadNotJson(e.to_string())),
-        });
-        parsed.as_ref().map_err(Clone::clone)
+        match self {
+            LazyJson::Decoded(v) => Ok(v),
+            LazyJson::Parsed(parsed) => {
+                let parsed = parsed.get_or_insert_with(|| match &event.value {
+                    None => Err(IdError::MissingPayload),
+                    Some(v) => serde_json::from_slice(v).map_err(|e| IdError::PayloadNotJson(e.to_string())),
+                });
+                parsed.as_ref().map_err(Clone::clone)
+            }
+        }
     }
 }
 

@@ -10,3 +10,4 @@
 pub mod event;
 pub mod event_id;
 pub mod msk;
+pub mod payload;

@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::guard::lease::Leases;
 use crate::postgres::{self, PostgresError};
 use crate::redis_client::{RedisClient, RedisConnectError};
+use crate::registry::SchemaRegistry;
 use crate::sink::{ClickHouseSink, SinkError};
 
 /// Every client a process needs, built once; cheap to clone (everything in it is shared).
@@ -28,6 +29,9 @@ pub struct Clients {
     pub sink: Arc<ClickHouseSink>,
     /// The breaker in front of Kafka (the outbox relay, the worker's produces).
     pub kafka_breaker: Arc<CircuitBreaker>,
+    /// The schema registry, for functions whose values are framed for one (its own
+    /// breaker inside).
+    pub registry: Arc<SchemaRegistry>,
 }
 
 /// Start-up failed: which dependency, and how to fix it.
@@ -43,6 +47,9 @@ pub enum InitError {
     /// ClickHouse is unreachable, DDL failed, or tables are missing.
     #[error(transparent)]
     ClickHouse(#[from] SinkError),
+    /// The schema registry's settings are unusable.
+    #[error("schema registry: {0}")]
+    Registry(String),
 }
 
 /// What start-up does about the database schema.
@@ -69,6 +76,7 @@ impl Clients {
         let redis_breaker = Arc::new(CircuitBreaker::new("redis", b.redis));
         let clickhouse_breaker = Arc::new(CircuitBreaker::new("clickhouse", b.clickhouse));
         let kafka_breaker = Arc::new(CircuitBreaker::new("kafka", b.kafka));
+        let registry = Arc::new(SchemaRegistry::new(&config.registry).map_err(InitError::Registry)?);
 
         let pg = postgres::connect(&config.postgres, schema == Schema::Migrate).await?;
         match schema {
@@ -79,6 +87,14 @@ impl Clients {
         let leases =
             Leases::connect(redis.clone(), &config.redis.key_prefix, config.redis.key_buckets, redis_breaker).await?;
         let sink = ClickHouseSink::connect(&config.clickhouse, clickhouse_breaker).await?;
-        Ok(Self { config: Arc::new(config), pg, redis, leases: Arc::new(leases), sink: Arc::new(sink), kafka_breaker })
+        Ok(Self {
+            config: Arc::new(config),
+            pg,
+            redis,
+            leases: Arc::new(leases),
+            sink: Arc::new(sink),
+            kafka_breaker,
+            registry,
+        })
     }
 }

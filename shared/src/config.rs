@@ -81,6 +81,15 @@ pub const VARIABLES: &[Var] = &[
     var("GUARD_DEFERRED_RELEASES", "64", "In the worker, a batch whose events all finished answers once its confirm has committed, and its release step (done markers, lease release: one Redis round trip) goes out after it, so the next batch does not wait for it. This bounds how many such releases may be in flight; more wait. At most 65536; `0` releases before answering, as Lambda and `POST /invoke` always do."),
     var("GUARD_MAX_VALUE_BYTES", "1048576", "Largest record value handled; larger ones are dead-lettered as `value_too_large`."),
     var("GUARD_DEAD_LETTER_PAYLOAD_MISMATCH", "false", "Also store a copy of a duplicate whose payload differs from the confirmed one in the dead letters (it is always counted and logged)."),
+    secret("SCHEMA_REGISTRY_URL", "", "Schema registry with Confluent's REST API (Confluent, Redpanda, Karapace, Apicurio's compatibility API), for functions whose values are framed for one (`ValueFormat::confluent()`); `https://<user>:<password>@host` for basic auth. Unset: such functions refuse to start."),
+    var("SCHEMA_REGISTRY_USERNAME", "", "Basic-auth user for the schema registry (an API key on Confluent Cloud); overrides a user in the URL."),
+    secret("SCHEMA_REGISTRY_PASSWORD", "", "Basic-auth password for the schema registry (the API secret)."),
+    var("SCHEMA_REGISTRY_TIMEOUT_MS", "5000", "Timeout of one schema lookup; a slow registry counts as a failure for its breaker, and the records waiting for it are retried."),
+    var("SCHEMA_REGISTRY_CACHE_MAX", "10000", "Schemas kept per process (each is fetched once); ids past it are fetched every time, so forged ids cannot grow memory."),
+    var("SCHEMA_REGISTRY_BREAKER_FAILURES", "3", "Consecutive schema registry failures that open its breaker."),
+    var("SCHEMA_REGISTRY_BREAKER_OPEN_SECS", "10", "How long the schema registry breaker stays open before a probe."),
+    var("SCHEMA_REGISTRY_BREAKER_SUCCESSES", "1", "Successful probes that close the schema registry breaker."),
+    var("SCHEMA_REGISTRY_BREAKER_PROBES", "1", "Concurrent probe calls allowed while the schema registry breaker is half-open."),
     var("RETENTION_DAYS", "7", "Confirmed ids older than this are deleted by the cleanup (Redis markers expire on their own)."),
     var("CLEANUP_BATCH_SIZE", "5000", "Rows deleted per cleanup statement, so it never holds long locks."),
     var("CLEANUP_INTERVAL_SECS", "3600", "How often the worker runs the cleanup; 0 disables it (run `eo cleanup` instead)."),
@@ -616,6 +625,46 @@ impl Default for GuardConfig {
     }
 }
 
+/// The schema registry (`SCHEMA_REGISTRY_*`).
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// `SCHEMA_REGISTRY_URL`; `None` when unset.
+    pub url: Option<Secret>,
+    /// `SCHEMA_REGISTRY_USERNAME`.
+    pub username: Option<String>,
+    /// `SCHEMA_REGISTRY_PASSWORD`.
+    pub password: Option<Secret>,
+    /// `SCHEMA_REGISTRY_TIMEOUT_MS`.
+    pub timeout: Duration,
+    /// `SCHEMA_REGISTRY_CACHE_MAX`.
+    pub cache_max: usize,
+    /// `SCHEMA_REGISTRY_BREAKER_*`.
+    pub breaker: BreakerConfig,
+}
+
+impl RegistryConfig {
+    /// Reads `SCHEMA_REGISTRY_*`.
+    pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
+        let text = |name: &str| -> Result<Option<String>, ConfigError> {
+            Ok(Some(read::<String>(env, name)?).filter(|s| !s.is_empty()))
+        };
+        Ok(Self {
+            url: text("SCHEMA_REGISTRY_URL")?.map(Secret::new),
+            username: text("SCHEMA_REGISTRY_USERNAME")?,
+            password: text("SCHEMA_REGISTRY_PASSWORD")?.map(Secret::new),
+            timeout: millis(env, "SCHEMA_REGISTRY_TIMEOUT_MS")?,
+            cache_max: read(env, "SCHEMA_REGISTRY_CACHE_MAX")?,
+            breaker: BreakerConfig::from_env(env, "SCHEMA_REGISTRY")?,
+        })
+    }
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self::from_env(&HashMap::<&str, &str>::new()).expect("documented defaults are valid")
+    }
+}
+
 /// Thresholds of one circuit breaker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BreakerConfig {
@@ -919,6 +968,8 @@ pub struct Config {
     pub breakers: BreakersConfig,
     /// Retention and the cleanup.
     pub retention: RetentionConfig,
+    /// The schema registry.
+    pub registry: RegistryConfig,
 }
 
 impl Config {
@@ -931,6 +982,7 @@ impl Config {
             guard: GuardConfig::from_env(env)?,
             breakers: BreakersConfig::from_env(env)?,
             retention: RetentionConfig::from_env(env)?,
+            registry: RegistryConfig::from_env(env)?,
         })
     }
 

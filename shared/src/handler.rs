@@ -6,6 +6,7 @@ use sqlx::PgConnection;
 use crate::event::Event;
 use crate::event_id::{EventId, IdStrategy, Namespace};
 use crate::outcome::FailureKind;
+use crate::payload::ValueFormat;
 use crate::sink::{ClickHouseSink, SinkBatch, SinkError, SinkRow};
 use crate::transaction::LazyTx;
 
@@ -25,12 +26,24 @@ pub struct FunctionSpec {
     pub max_attempts: Option<u32>,
     /// Topics it publishes to through the outbox (deployments grant write access).
     pub output_topics: &'static [&'static str],
+    /// How its record values are written: plain (JSON), or framed for a schema registry
+    /// and decoded by the guard before ids are derived (read it with
+    /// [`HandlerContext::payload`]).
+    pub value_format: ValueFormat,
 }
 
 impl FunctionSpec {
     /// A function with no ClickHouse tables, no outbox topics and the default attempts.
     pub fn new(name: &'static str, topics: &'static [&'static str], id_strategy: IdStrategy) -> Self {
-        Self { name, topics, id_strategy, clickhouse_ddl: "", max_attempts: None, output_topics: &[] }
+        Self {
+            name,
+            topics,
+            id_strategy,
+            clickhouse_ddl: "",
+            max_attempts: None,
+            output_topics: &[],
+            value_format: ValueFormat::Json,
+        }
     }
 
     /// Sets the ClickHouse DDL of its tables.
@@ -42,6 +55,12 @@ impl FunctionSpec {
     /// Sets the topics it publishes to through the outbox.
     pub fn publishes(mut self, topics: &'static [&'static str]) -> Self {
         self.output_topics = topics;
+        self
+    }
+
+    /// Sets how its record values are written (see [`ValueFormat`]).
+    pub fn values(mut self, format: ValueFormat) -> Self {
+        self.value_format = format;
         self
     }
 
@@ -144,6 +163,8 @@ impl From<serde_json::Error> for HandlerError {
 /// What a handler works with for one event.
 pub struct HandlerContext<'a> {
     published: u32,
+    value: &'a [u8],
+    decoded: Option<&'a serde_json::Value>,
     event_id: &'a EventId,
     namespace: &'a Namespace,
     tx: &'a mut LazyTx,
@@ -156,12 +177,41 @@ const SAVEPOINT: &str = "SAVEPOINT eo_handler";
 
 impl<'a> HandlerContext<'a> {
     pub(crate) fn new(
+        event: &'a Event,
+        decoded: Option<&'a serde_json::Value>,
         event_id: &'a EventId,
         namespace: &'a Namespace,
         tx: &'a mut LazyTx,
         sink: &'a ClickHouseSink,
     ) -> Self {
-        Self { published: 0, event_id, namespace, tx, savepoint: false, rows: SinkBatch::default(), sink }
+        Self {
+            published: 0,
+            value: event.value_bytes(),
+            decoded,
+            event_id,
+            namespace,
+            tx,
+            savepoint: false,
+            rows: SinkBatch::default(),
+            sink,
+        }
+    }
+
+    /// The event's value as the guard decoded it, for a function whose values are framed
+    /// for a schema registry (an Avro record as JSON, see [`crate::payload`]); `None` for
+    /// a plain value (read [`Event::value`] yourself, or use [`Self::payload`]).
+    pub fn decoded(&self) -> Option<&serde_json::Value> {
+        self.decoded
+    }
+
+    /// The event's value as `T`, whatever its format: the decoded value of a framed
+    /// record, or else the value parsed as JSON. A value that does not fit `T` is the
+    /// permanent error `payload_invalid` (dead-lettered at once).
+    pub fn payload<T: serde::de::DeserializeOwned>(&self) -> Result<T, HandlerError> {
+        match self.decoded {
+            Some(v) => T::deserialize(v).map_err(|e| HandlerError::permanent("payload_invalid", e)),
+            None => serde_json::from_slice(self.value).map_err(HandlerError::from),
+        }
     }
 
     /// The stable id of this event: use it as the idempotency key of any effect outside

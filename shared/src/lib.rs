@@ -11,7 +11,7 @@
 
 #![warn(missing_docs)]
 
-pub use exactly_once_core::{event, event_id};
+pub use exactly_once_core::{event, event_id, payload};
 
 pub mod breaker;
 pub mod clients;
@@ -29,6 +29,7 @@ pub mod outcome;
 pub mod postgres;
 pub mod producer;
 pub mod redis_client;
+pub mod registry;
 pub mod retention;
 pub mod runtime;
 pub mod sink;
@@ -42,6 +43,7 @@ pub use event_id::{EventId, IdError, IdStrategy, Namespace};
 pub use guard::Guard;
 pub use handler::{FunctionSpec, Handler, HandlerContext, HandlerError};
 pub use outcome::{BatchReport, DeadLetterReason, DuplicateTier, EventOutcome, FailureKind, Outcome, OutcomeKind};
+pub use payload::ValueFormat;
 
 /// An error kept as the source of ours: what a dependency said, for the error chain.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

@@ -18,6 +18,40 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub use exactly_once::local_cluster as cluster;
 
+pub mod registry;
+
+/// The Python with the third-party Kafka clients (`scripts/pyclients.sh` installs them
+/// and prints its path; `scripts/test.sh` exports it as `EO_PYTHON`).
+pub fn python() -> String {
+    std::env::var("EO_PYTHON").ok().filter(|p| !p.is_empty()).unwrap_or_else(|| {
+        let home = std::env::var("HOME").unwrap_or_default();
+        let state = std::env::var("EO_STATE_DIR").unwrap_or_else(|_| format!("{home}/.local/state/exactly-once"));
+        format!("{state}/pyclients/bin/python")
+    })
+}
+
+/// Runs `tests/py/<script>` with `args` and `stdin` under [`python`]; its stdout. Panics
+/// with its stderr when it fails, or with how to install it when it is missing.
+pub async fn run_python(script: &str, args: &[&str], stdin: &str) -> String {
+    use tokio::io::AsyncWriteExt;
+    let python = python();
+    let path = format!("{}/py/{script}", env!("CARGO_MANIFEST_DIR"));
+    let mut child = tokio::process::Command::new(&python)
+        .arg(&path)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{python} ({e}): run scripts/pyclients.sh to install the Python clients"));
+    let mut input = child.stdin.take().expect("stdin");
+    input.write_all(stdin.as_bytes()).await.expect("write to the script");
+    drop(input);
+    let out = child.wait_with_output().await.expect("the script runs");
+    assert!(out.status.success(), "{script} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
 /// A unique, identifier-safe suffix.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{}", &uuid::Uuid::new_v4().simple().to_string()[..12])

@@ -7,3 +7,8 @@
 /// `docs/snippets/handler.md`; `tests/docs.rs` checks that the README shows the same.
 #[doc = include_str!("../../../docs/snippets/handler.md")]
 pub struct ReadmeHandlerExample;
+
+/// The README's example of a function over Avro ("A function over Avro"). The code is in
+/// `docs/snippets/avro.md`; `tests/docs.rs` checks that the README shows the same.
+#[doc = include_str!("../../../docs/snippets/avro.md")]
+pub struct ReadmeAvroExample;

@@ -35,6 +35,7 @@
 //! - An event whose lease someone else holds is `InFlight`, never skipped: the caller
 //!   must not commit past it.
 
+mod decode;
 mod id_formats;
 pub mod lease;
 pub mod ledger;
@@ -64,8 +65,11 @@ use crate::event_id::{EventId, IdError, IdFormats, IdStrategy, Namespace};
 use crate::handler::{Handler, HandlerContext, HandlerError};
 use crate::metrics::metrics;
 use crate::outcome::{BatchReport, DeadLetterReason, DuplicateTier, FailureKind, Outcome};
+use crate::payload::ValueFormat;
+use crate::registry::SchemaRegistry;
 use crate::sink::{ClickHouseSink, SinkBatch, SinkError};
 
+use self::decode::Decoded;
 use self::lease::{LeaseError, LeaseReply, Leases, Release};
 use self::ledger::{ConfirmRow, DeadLetterRow};
 use self::local_cache::LocalCache;
@@ -109,6 +113,9 @@ pub struct Guard {
     format_check: tokio::sync::Mutex<()>,
     /// Check nothing: the benchmark's baseline (feature `pass-through`).
     pass_through: bool,
+    /// How record values are written; framed ones are decoded in step 0.
+    values: ValueFormat,
+    registry: Arc<SchemaRegistry>,
 }
 
 impl Guard {
@@ -130,7 +137,18 @@ impl Guard {
             format_check: tokio::sync::Mutex::new(()),
             formats: Mutex::new(id_formats::FormatState::new(id_format)),
             pass_through: false,
+            values: ValueFormat::Json,
+            registry: clients.registry.clone(),
         })
+    }
+
+    /// Sets how the function's record values are written (its
+    /// [`FunctionSpec::value_format`](crate::handler::FunctionSpec)): values framed for a
+    /// schema registry are decoded before ids are derived, and handlers read them with
+    /// [`HandlerContext::payload`].
+    pub fn with_values(mut self, format: ValueFormat) -> Self {
+        self.values = format;
+        self
     }
 
     /// Turns this guard into a pass-through that checks nothing: every record is
@@ -145,7 +163,7 @@ impl Guard {
 
     /// The pass-through's batch: ids (the handlers need them), handlers, rows.
     async fn run_unchecked(&self, handler: &dyn Handler, items: Vec<(&Event, Option<Rejection>)>) -> BatchReport {
-        let mut slots = self.derive_ids(items, IdFormats::V2);
+        let mut slots = self.decode_and_derive_ids(items, IdFormats::V2).await;
         for slot in &mut slots {
             slot.leader = None;
         }
@@ -265,7 +283,7 @@ impl Guard {
             };
             // Rows of every format but v1 are known by their v2 id too.
             let v2_known = formats != IdFormats::V1;
-            let mut slots = self.derive_ids(items, formats);
+            let mut slots = self.decode_and_derive_ids(items, formats).await;
             if let Some(e) = undecided {
                 // Not knowing which ids to write, write none: the batch is retried.
                 for slot in &mut slots {
@@ -294,11 +312,31 @@ impl Guard {
         .await
     }
 
-    /// Step 0: ids (in `formats`), and which records repeat an earlier record's id (by
-    /// the id they are handled under: equal v2 ids imply equal v1 ids).
-    fn derive_ids<'e>(&self, items: Vec<(&'e Event, Option<Rejection>)>, formats: IdFormats) -> Vec<Slot<'e>> {
+    /// Step 0: values decoded (when framed for a registry), ids (in `formats`), and which
+    /// records repeat an earlier record's id (by the id they are handled under: equal v2
+    /// ids imply equal v1 ids).
+    async fn decode_and_derive_ids<'e>(
+        &self,
+        mut items: Vec<(&'e Event, Option<Rejection>)>,
+        formats: IdFormats,
+    ) -> Vec<Slot<'e>> {
+        let decoded = self.decode(&mut items).await;
+        self.derive_ids(items, decoded, formats)
+    }
+
+    fn derive_ids<'e>(
+        &self,
+        items: Vec<(&'e Event, Option<Rejection>)>,
+        decoded: Vec<Decoded>,
+        formats: IdFormats,
+    ) -> Vec<Slot<'e>> {
         let mut slots = Vec::with_capacity(items.len());
-        for (event, rejected) in items {
+        for ((event, rejected), decoded) in items.into_iter().zip(decoded) {
+            let (decoded, unavailable) = match decoded {
+                Decoded::Raw => (None, None),
+                Decoded::Value(v) => (Some(v), None),
+                Decoded::Unavailable(e) => (None, Some(e)),
+            };
             // A rejected record, or one without a usable id, is filed under its position.
             let stand_in = || EventId::new(format!("invalid:{}", event.position())).expect("non-empty");
             let too_large = event.value_bytes().len() > self.config.max_value_bytes;
@@ -314,7 +352,12 @@ impl Guard {
             });
             let (id, shadow, invalid) = match rejected {
                 Some(r) => (stand_in(), None, Some(r)),
-                None => match self.ids.derive_for(event, formats) {
+                // Not decoded yet (the registry could not answer): no id can be read, and
+                // the record is retried, not filed.
+                None if unavailable.is_some() => {
+                    (EventId::new(format!("undecoded:{}", event.position())).expect("non-empty"), None, None)
+                }
+                None => match self.ids.derive_decoded(event, decoded.as_ref(), formats) {
                     // A content hash is the same text in both formats: one id.
                     Ok((id, shadow)) => {
                         let shadow = shadow.filter(|s| *s != id);
@@ -327,8 +370,9 @@ impl Guard {
                     ),
                 },
             };
-            slots.push(Slot {
+            let mut slot = Slot {
                 event,
+                decoded,
                 hash: event.payload_hash(),
                 id,
                 shadow,
@@ -340,7 +384,11 @@ impl Guard {
                 confirmed_hash: None,
                 failure: None,
                 outcome: None,
-            });
+            };
+            if let Some(e) = unavailable {
+                slot.fail(FailureKind::Unavailable, e, None);
+            }
+            slots.push(slot);
         }
         // Leaders: the first record of each id (ids borrowed, not copied).
         let leaders: Vec<(usize, usize)> = {
@@ -349,7 +397,7 @@ impl Guard {
             slots
                 .iter()
                 .enumerate()
-                .filter(|(_, s)| s.invalid.is_none())
+                .filter(|(_, s)| s.invalid.is_none() && s.outcome.is_none())
                 .filter_map(|(i, s)| match first_seen.entry(&s.id) {
                     Entry::Occupied(l) => Some((i, *l.get())),
                     Entry::Vacant(v) => {
@@ -590,7 +638,7 @@ impl Guard {
             }
             part.len += 1;
             let slot = &slots[i];
-            let mut ctx = HandlerContext::new(&slot.id, &self.ns, tx, &self.sink);
+            let mut ctx = HandlerContext::new(slot.event, slot.decoded.as_ref(), &slot.id, &self.ns, tx, &self.sink);
             let result = self.call(handler, slot, &mut ctx).await;
             let handler_ok = result.is_ok();
             let (result, used_savepoint) = ctx

@@ -17,6 +17,8 @@ pub(super) struct Rejection {
 /// One record's progress through the batch.
 pub(super) struct Slot<'e> {
     pub(super) event: &'e Event,
+    /// Its value as step 0 decoded it (framed for a registry); `None` for a plain value.
+    pub(super) decoded: Option<serde_json::Value>,
     pub(super) id: EventId,
     /// Its v2 id, in the transition between id formats.
     pub(super) shadow: Option<EventId>,

@@ -106,7 +106,18 @@ impl Functions {
                 guard_config.max_attempts = n;
             }
             let guard = Guard::new(clients, spec.name, spec.id_strategy.clone(), guard_config)
-                .map_err(|e| FunctionsError::Invalid(spec.name.to_owned(), e.to_string()))?;
+                .map_err(|e| FunctionsError::Invalid(spec.name.to_owned(), e.to_string()))?
+                .with_values(spec.value_format);
+            if spec.value_format.needs_registry() && !clients.registry.is_configured() {
+                // Every record would wait for a registry that is not there: refuse to start.
+                return Err(FunctionsError::Invalid(
+                    spec.name.to_owned(),
+                    format!(
+                        "its values are `{}`, framed for a schema registry: set SCHEMA_REGISTRY_URL",
+                        spec.value_format.name()
+                    ),
+                ));
+            }
             if schema == Schema::Migrate && !spec.clickhouse_ddl.trim().is_empty() {
                 clients
                     .sink

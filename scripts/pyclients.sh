@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs the third-party Kafka clients the payload tests produce with: Confluent's
+# Python client (its Avro serializer frames records for a schema registry) and fastavro,
+# pinned, into a virtualenv of their own under $EO_STATE_DIR (once). Prints the path of
+# the virtualenv's python on stdout; the tests read it from EO_PYTHON (scripts/test.sh
+# exports it) or find it at the same default path. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+STATE_DIR="${EO_STATE_DIR:-$HOME/.local/state/exactly-once}"
+VENV="$STATE_DIR/pyclients"
+# 2.x wheels bundle librdkafka: nothing to build. [avro] brings the registry client.
+PACKAGES=("confluent-kafka[avro]==2.16.1" "fastavro==1.13.1")
+STAMP="$VENV/.installed"
+
+log() { printf '[pyclients] %s\n' "$*" >&2; }
+
+if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "${PACKAGES[*]}" ]; then
+  if ! python3 -m venv --help >/dev/null 2>&1; then
+    log "installing python3-venv"
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+  fi
+  log "installing ${PACKAGES[*]} into $VENV (once)"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "${PACKAGES[@]}" >&2
+  printf '%s' "${PACKAGES[*]}" >"$STAMP"
+fi
+# Fails here, naming the package, rather than in a test.
+"$VENV/bin/python" -c 'import confluent_kafka, confluent_kafka.schema_registry.avro, fastavro' >&2
+echo "$VENV/bin/python"

@@ -1,0 +1,91 @@
+//! Step 0a: values framed for a schema registry, decoded before ids are derived (an id
+//! may be a field of the decoded value).
+//!
+//! The batch's schema ids are looked up together, each once (the registry client
+//! caches them), so a batch waits for at most one registry round trip and usually none.
+//! A record that cannot be decoded with its schema (not framed, cut short, not matching
+//! its schema, an unknown or unusable schema) is rejected with its own reason and
+//! dead-lettered; a record whose schema cannot be had now (registry down, breaker open)
+//! fails as unavailable and is retried, never dead-lettered.
+
+use exactly_once_core::payload::{confluent_frame, PayloadError};
+
+use crate::event::Event;
+use crate::outcome::DeadLetterReason;
+use crate::payload::ValueFormat;
+use crate::registry::RegistrySchema;
+
+use super::slot::Rejection;
+use super::Guard;
+
+/// What step 0a made of a record's value.
+pub(super) enum Decoded {
+    /// Nothing to decode: a plain value, a null one, or one rejected already.
+    Raw,
+    /// The decoded value.
+    Value(serde_json::Value),
+    /// Its schema could not be had now; the record is retried.
+    Unavailable(String),
+}
+
+impl Guard {
+    /// Decodes the framed values of `items`; the ones that cannot be decoded get their
+    /// rejection. One entry per item, in order.
+    pub(super) async fn decode(&self, items: &mut [(&Event, Option<Rejection>)]) -> Vec<Decoded> {
+        let or_json = match self.values {
+            ValueFormat::Json => return items.iter().map(|_| Decoded::Raw).collect(),
+            ValueFormat::Confluent { or_json } => or_json,
+        };
+        // The frames, for records that have one and are not refused already.
+        let mut frames = Vec::with_capacity(items.len());
+        for (event, rejected) in items.iter_mut() {
+            let frame = match &event.value {
+                // A tombstone has nothing to decode; oversize values are refused in step 0b.
+                None => None,
+                Some(v) if rejected.is_some() || v.len() > self.config.max_value_bytes => None,
+                Some(v) => match confluent_frame(v) {
+                    Ok(f) => Some(f),
+                    Err(PayloadError::NotFramed { .. }) if or_json => None,
+                    Err(e) => {
+                        *rejected = Some(reject(e.reason(), e.to_string()));
+                        None
+                    }
+                },
+            };
+            frames.push(frame);
+        }
+        let schemas = self.registry.schemas(frames.iter().flatten().map(|f| f.schema_id)).await;
+        let mut out = Vec::with_capacity(items.len());
+        for ((_, rejected), frame) in items.iter_mut().zip(frames) {
+            let Some(frame) = frame else {
+                out.push(Decoded::Raw);
+                continue;
+            };
+            let schema = schemas.get(&frame.schema_id).expect("every frame's schema id was looked up");
+            match schema {
+                Ok(schema) => {
+                    let RegistrySchema::Avro(avro) = schema.as_ref();
+                    match avro.decode(frame.schema_id, frame.body) {
+                        Ok(v) => out.push(Decoded::Value(v)),
+                        Err(e) => {
+                            *rejected = Some(reject(e.reason(), e.to_string()));
+                            out.push(Decoded::Raw);
+                        }
+                    }
+                }
+                Err(e) => match e.reason() {
+                    Some(reason) => {
+                        *rejected = Some(reject(reason, e.to_string()));
+                        out.push(Decoded::Raw);
+                    }
+                    None => out.push(Decoded::Unavailable(e.to_string())),
+                },
+            }
+        }
+        out
+    }
+}
+
+fn reject(reason: &'static str, error: String) -> Rejection {
+    Rejection { reason: DeadLetterReason::Undecodable(reason), error }
+}

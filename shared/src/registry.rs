@@ -1,0 +1,301 @@
+//! A client of Confluent's schema registry REST API (the API Redpanda, Karapace and
+//! Apicurio's compatibility layer serve too): a schema by its id, `GET /schemas/ids/{id}`,
+//! fetched once per id per process and kept, behind a circuit breaker.
+//!
+//! What a lookup can end in, and what the guard does with it:
+//! - the schema: cached (up to `SCHEMA_REGISTRY_CACHE_MAX` schemas) and used;
+//! - the registry says it has no such id (404): [`LookupError::Unknown`], the record's own
+//!   fault (dead-lettered as `schema_unknown`; replay it once the schema exists);
+//! - a schema we cannot use (not Avro, or not parsable): [`LookupError::Unsupported`] /
+//!   [`LookupError::Invalid`], dead-lettered as `schema_unsupported` / `schema_invalid`;
+//! - the registry down, slow, refusing our credentials, or its breaker open:
+//!   [`LookupError::Unavailable`], retried and never dead-lettered.
+//!
+//! Concurrent lookups of one id share one request. Nothing secret is logged: the URL is
+//! redacted and credentials go in an `Authorization` header, never in a message.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use exactly_once_core::payload::AvroSchema;
+use tokio::sync::OnceCell;
+
+use crate::breaker::CircuitBreaker;
+use crate::config::{redact_url, RegistryConfig, Secret};
+
+/// A schema the registry returned, ready to decode with.
+#[derive(Debug)]
+pub enum RegistrySchema {
+    /// An Avro schema (`schemaType` absent or `AVRO`).
+    Avro(AvroSchema),
+}
+
+/// Why a schema could not be had.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LookupError {
+    /// The registry has no schema with this id.
+    #[error("schema registry has no schema with id {0}")]
+    Unknown(u32),
+    /// The registry's schema is of a type not decoded here.
+    #[error("schema {id} is of type {schema_type}, not decoded here (Avro is)")]
+    Unsupported {
+        /// The schema's id.
+        id: u32,
+        /// Its `schemaType`.
+        schema_type: String,
+    },
+    /// The registry returned something that is not a usable schema.
+    #[error("schema {id} from the registry is not a valid schema: {message}")]
+    Invalid {
+        /// The schema's id.
+        id: u32,
+        /// What was wrong.
+        message: String,
+    },
+    /// The registry could not answer: retry later.
+    #[error("schema registry unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl LookupError {
+    /// The dead-letter label of a failure that is the record's own; `None` for
+    /// [`LookupError::Unavailable`], which is retried.
+    pub fn reason(&self) -> Option<&'static str> {
+        match self {
+            LookupError::Unknown(_) => Some("schema_unknown"),
+            LookupError::Unsupported { .. } => Some("schema_unsupported"),
+            LookupError::Invalid { .. } => Some("schema_invalid"),
+            LookupError::Unavailable(_) => None,
+        }
+    }
+}
+
+/// The registry client; one per process, shared by every function.
+pub struct SchemaRegistry {
+    /// The base URL without credentials; `None` when `SCHEMA_REGISTRY_URL` is unset.
+    base: Option<reqwest::Url>,
+    auth: Option<(String, Secret)>,
+    http: reqwest::Client,
+    cache: Mutex<HashMap<u32, Arc<OnceCell<Arc<RegistrySchema>>>>>,
+    cache_max: usize,
+    breaker: CircuitBreaker,
+    fetches: AtomicU64,
+}
+
+impl std::fmt::Debug for SchemaRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SchemaRegistry").field("url", &self.base.as_ref().map(|u| u.as_str())).finish()
+    }
+}
+
+impl SchemaRegistry {
+    /// A client for `config` (no request is made until a schema is needed). Fails on a
+    /// URL that does not parse, naming the variable but not its value.
+    pub fn new(config: &RegistryConfig) -> Result<Self, String> {
+        let (base, auth) = match config.url.as_ref().map(|u| u.expose()).filter(|u| !u.is_empty()) {
+            None => (None, None),
+            Some(raw) => {
+                let mut url = reqwest::Url::parse(raw)
+                    .map_err(|e| format!("SCHEMA_REGISTRY_URL is not a URL ({e}): {}", redact_url(raw)))?;
+                if !matches!(url.scheme(), "http" | "https") {
+                    return Err(format!("SCHEMA_REGISTRY_URL must be http:// or https://: {}", redact_url(raw)));
+                }
+                // Credentials in the URL become the Authorization header, and leave it.
+                let mut auth = None;
+                if !url.username().is_empty() {
+                    let user = percent_decode(url.username());
+                    let password = percent_decode(url.password().unwrap_or_default());
+                    auth = Some((user, Secret::new(password)));
+                    let _ = url.set_username("");
+                    let _ = url.set_password(None);
+                }
+                if !url.path().ends_with('/') {
+                    let path = format!("{}/", url.path());
+                    url.set_path(&path);
+                }
+                if let Some(user) = config.username.clone().filter(|u| !u.is_empty()) {
+                    let password = config.password.clone().unwrap_or_else(|| Secret::new(""));
+                    auth = Some((user, password));
+                }
+                (Some(url), auth)
+            }
+        };
+        let http = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout.min(Duration::from_secs(5)))
+            .build()
+            .map_err(|e| format!("schema registry client: {e}"))?;
+        Ok(Self {
+            base,
+            auth,
+            http,
+            cache: Mutex::new(HashMap::new()),
+            cache_max: config.cache_max,
+            breaker: CircuitBreaker::new("schema_registry", config.breaker),
+            fetches: AtomicU64::new(0),
+        })
+    }
+
+    /// Whether `SCHEMA_REGISTRY_URL` is set.
+    pub fn is_configured(&self) -> bool {
+        self.base.is_some()
+    }
+
+    /// Requests sent to the registry so far (cache misses), for tests and metrics.
+    pub fn fetches(&self) -> u64 {
+        self.fetches.load(Ordering::Relaxed)
+    }
+
+    /// The breaker in front of the registry.
+    pub fn breaker(&self) -> &CircuitBreaker {
+        &self.breaker
+    }
+
+    /// The schemas of `ids`, each looked up once (concurrently, for the ids not cached):
+    /// a batch waits for at most one registry round trip.
+    pub async fn schemas(
+        &self,
+        ids: impl IntoIterator<Item = u32>,
+    ) -> HashMap<u32, Result<Arc<RegistrySchema>, LookupError>> {
+        let mut unique: Vec<u32> = ids.into_iter().collect();
+        unique.sort_unstable();
+        unique.dedup();
+        let answers = futures::future::join_all(unique.iter().map(|&id| self.schema(id))).await;
+        unique.into_iter().zip(answers).collect()
+    }
+
+    /// The schema with `id`, from the cache or the registry.
+    pub async fn schema(&self, id: u32) -> Result<Arc<RegistrySchema>, LookupError> {
+        let cell = {
+            let mut cache = self.cache.lock().expect("registry cache lock");
+            match cache.get(&id) {
+                Some(cell) => cell.clone(),
+                None if cache.len() < self.cache_max => cache.entry(id).or_default().clone(),
+                // Full: fetched, not kept (a flood of forged ids cannot grow the cache).
+                None => Arc::new(OnceCell::new()),
+            }
+        };
+        let result = cell.get_or_try_init(|| self.fetch(id)).await.cloned();
+        if result.is_err() {
+            // Only schemas are kept: an id that failed is asked again next time.
+            let mut cache = self.cache.lock().expect("registry cache lock");
+            if cache.get(&id).is_some_and(|c| Arc::ptr_eq(c, &cell) && !c.initialized()) {
+                cache.remove(&id);
+            }
+        }
+        result
+    }
+
+    async fn fetch(&self, id: u32) -> Result<Arc<RegistrySchema>, LookupError> {
+        let base = self.base.as_ref().ok_or_else(|| {
+            LookupError::Unavailable("SCHEMA_REGISTRY_URL is not set, but a function's values need a registry".into())
+        })?;
+        let permit = self.breaker.try_acquire().map_err(|e| LookupError::Unavailable(e.to_string()))?;
+        self.fetches.fetch_add(1, Ordering::Relaxed);
+        let url = base.join(&format!("schemas/ids/{id}")).map_err(|e| LookupError::Unavailable(e.to_string()))?;
+        let mut request =
+            self.http.get(url).header("accept", "application/vnd.schemaregistry.v1+json, application/json");
+        if let Some((user, password)) = &self.auth {
+            request = request.basic_auth(user, Some(password.expose()));
+        }
+        let response = match request.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                permit.failure();
+                // reqwest's message names the URL, which holds no credentials.
+                return Err(LookupError::Unavailable(e.without_url().to_string()));
+            }
+        };
+        let status = response.status();
+        let body = match response.bytes().await {
+            Ok(b) => b,
+            Err(e) => {
+                permit.failure();
+                return Err(LookupError::Unavailable(format!(
+                    "reading the answer for schema {id}: {}",
+                    e.without_url()
+                )));
+            }
+        };
+        if status == reqwest::StatusCode::NOT_FOUND {
+            // The registry answered: it is up, the id is unknown.
+            permit.success();
+            return Err(LookupError::Unknown(id));
+        }
+        if !status.is_success() {
+            // Refused credentials are an operator's problem, not the record's: retried.
+            permit.failure();
+            let text = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+            tracing::warn!(registry = %base, schema_id = id, status = status.as_u16(), "schema registry refused a lookup");
+            return Err(LookupError::Unavailable(format!("HTTP {status} for schema {id}: {text}")));
+        }
+        permit.success();
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            schema: String,
+            #[serde(rename = "schemaType")]
+            schema_type: Option<String>,
+        }
+        let answer: Answer = serde_json::from_slice(&body)
+            .map_err(|e| LookupError::Invalid { id, message: format!("answer is not a schema: {e}") })?;
+        match answer.schema_type.as_deref().unwrap_or("AVRO") {
+            "AVRO" => {}
+            other => return Err(LookupError::Unsupported { id, schema_type: other.to_owned() }),
+        }
+        let schema = AvroSchema::parse(&answer.schema).map_err(|message| LookupError::Invalid { id, message })?;
+        tracing::info!(registry = %base, schema_id = id, "schema fetched from the registry");
+        Ok(Arc::new(RegistrySchema::Avro(schema)))
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Some(b) = std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap as Map;
+
+    fn config(pairs: &[(&'static str, &'static str)]) -> RegistryConfig {
+        RegistryConfig::from_env(&pairs.iter().copied().collect::<Map<_, _>>()).unwrap()
+    }
+
+    #[test]
+    fn credentials_leave_the_url() {
+        let r = SchemaRegistry::new(&config(&[("SCHEMA_REGISTRY_URL", "https://key:s%40cret@reg.example:8081/api")]))
+            .unwrap();
+        assert_eq!(r.base.as_ref().unwrap().as_str(), "https://reg.example:8081/api/");
+        let (user, password) = r.auth.as_ref().unwrap();
+        assert_eq!((user.as_str(), password.expose()), ("key", "s@cret"));
+        assert!(!format!("{r:?}").contains("cret"));
+        let err = SchemaRegistry::new(&config(&[("SCHEMA_REGISTRY_URL", "ftp://u:hunter2@h")])).unwrap_err();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(!SchemaRegistry::new(&config(&[])).unwrap().is_configured());
+    }
+
+    #[tokio::test]
+    async fn unset_registry_is_unavailable_not_the_records_fault() {
+        let r = SchemaRegistry::new(&config(&[])).unwrap();
+        let err = r.schema(1).await.unwrap_err();
+        assert_eq!(err.reason(), None, "{err}");
+        assert!(r.cache.lock().unwrap().is_empty());
+    }
+}

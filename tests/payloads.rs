@@ -1,0 +1,266 @@
+//! Values framed for a schema registry (Confluent's wire format, Avro), written by
+//! Confluent's own Python serializer (confluent-kafka with fastavro, from PyPI:
+//! `scripts/pyclients.sh`) against a stand-in registry serving Confluent's REST API
+//! (`integration_tests::registry`; no Confluent registry runs here). The worker consumes
+//! them from the broker exactly once, and every way a value can be wrong ends in its own
+//! outcome: dead-lettered with its reason, or retried while the registry is down.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use exactly_once::config::{GuardConfig, Secret, WorkerConfig};
+use exactly_once::payload::confluent_framed;
+use exactly_once::runtime::worker::create_topics;
+use exactly_once::runtime::{Functions, Worker};
+use exactly_once::{
+    async_trait, DeadLetterReason, Event, FailureKind, FunctionSpec, Guard, Handler, HandlerContext, HandlerError,
+    IdStrategy, Outcome, ValueFormat,
+};
+use integration_tests::registry::Registry;
+use integration_tests::{committed_offsets, run_python, wait_until, TestEnv};
+
+const PARTITIONS: i32 = 3;
+
+/// The order as the handler reads it: serde, from the decoded Avro record.
+#[derive(Debug, serde::Deserialize)]
+struct Order {
+    order_id: String,
+    amount: i64,
+    note: Option<String>,
+    placed_at: i64,
+}
+
+/// Writes each order to Postgres in the guard's transaction.
+struct Orders(ValueFormat);
+
+#[async_trait]
+impl Handler for Orders {
+    fn spec(&self) -> FunctionSpec {
+        FunctionSpec::new("orders", &["orders"], IdStrategy::default_chain(Some("/order_id"), None)).values(self.0)
+    }
+
+    async fn handle(&self, _event: &Event, ctx: &mut HandlerContext<'_>) -> Result<(), HandlerError> {
+        let order: Order = ctx.payload()?;
+        sqlx::query("INSERT INTO orders (order_id, amount, note, placed_at) VALUES ($1, $2, $3, $4)")
+            .bind(&order.order_id)
+            .bind(order.amount)
+            .bind(&order.note)
+            .bind(order.placed_at)
+            .execute(ctx.postgres().await?)
+            .await?;
+        Ok(())
+    }
+}
+
+async fn orders_table(env: &TestEnv) {
+    sqlx::query("CREATE TABLE orders (order_id TEXT NOT NULL, amount BIGINT NOT NULL, note TEXT, placed_at BIGINT)")
+        .execute(env.pg())
+        .await
+        .unwrap();
+}
+
+async fn env_with(registry: &Registry, credentials: Option<(&str, &str)>) -> TestEnv {
+    let url = registry.url().to_owned();
+    let credentials = credentials.map(|(u, p)| (u.to_owned(), p.to_owned()));
+    let env = TestEnv::with(|c| {
+        c.registry.url = Some(Secret::new(url));
+        if let Some((u, p)) = credentials {
+            c.registry.username = Some(u);
+            c.registry.password = Some(Secret::new(p));
+        }
+        c.registry.breaker.open_for = Duration::from_millis(200);
+    })
+    .await;
+    orders_table(&env).await;
+    env
+}
+
+fn order_line(id: &str, amount: i64) -> String {
+    format!("{{\"order_id\": \"{id}\", \"amount\": {amount}, \"note\": \"n-{id}\"}}\n")
+}
+
+/// Framed values, as Confluent's serializer writes them for these orders.
+async fn encode(registry: &Registry, orders: &[(&str, i64)]) -> Vec<Vec<u8>> {
+    let input: String = orders.iter().map(|(id, amount)| order_line(id, *amount)).collect();
+    let out = run_python("avro_orders.py", &["encode", "--registry", registry.url()], &input).await;
+    out.lines().map(from_hex).collect()
+}
+
+fn from_hex(line: &str) -> Vec<u8> {
+    (0..line.len()).step_by(2).map(|i| u8::from_str_radix(&line[i..i + 2], 16).expect("hex")).collect()
+}
+
+fn guard(env: &TestEnv, format: ValueFormat) -> Guard {
+    let spec = Orders(format).spec();
+    Guard::new(&env.clients, spec.name, spec.id_strategy, GuardConfig::default()).unwrap().with_values(format)
+}
+
+fn record(offset: i64, value: Vec<u8>) -> Event {
+    Event::new("orders", 0, offset).with_value(value)
+}
+
+#[tokio::test]
+async fn avro_orders_from_confluent_kafka_are_consumed_exactly_once_by_the_worker() {
+    let registry = Registry::start_with(Some(("svc", "s3cret"))).await;
+    let mut env = env_with(&registry, Some(("svc", "s3cret"))).await;
+    env.kafka.topic_partitions = PARTITIONS;
+    let topic = env.kafka.topic("orders");
+    create_topics(&env.kafka, std::slice::from_ref(&topic)).await.expect("topic");
+    // 200 orders, the first 60 sent twice (a producer's retry): 260 records, 200 orders.
+    let mut input = String::new();
+    for i in 0..200 {
+        input.push_str(&order_line(&format!("o-{i}"), i));
+        if i < 60 {
+            input.push_str(&order_line(&format!("o-{i}"), i));
+        }
+    }
+    let sent = run_python(
+        "avro_orders.py",
+        &[
+            "produce",
+            "--registry",
+            registry.url(),
+            "--user",
+            "svc",
+            "--password",
+            "s3cret",
+            "--brokers",
+            &env.kafka.brokers,
+            "--topic",
+            &topic,
+        ],
+        &input,
+    )
+    .await;
+    assert_eq!(sent.trim(), "260");
+
+    let functions = Arc::new(
+        Functions::new(&env.clients, vec![Arc::new(Orders(ValueFormat::confluent())) as Arc<dyn Handler>], &env.kafka)
+            .await
+            .expect("functions"),
+    );
+    let mut config = WorkerConfig::from_env(&exactly_once::config::ProcessEnv).expect("worker configuration");
+    config.batch_size = 50;
+    config.retry_backoff = Duration::from_millis(50);
+    let worker = Worker::start(&env.clients, functions, &env.kafka, &config).await.expect("worker starts");
+    wait_until(Duration::from_secs(120), "every order stored and every offset committed", || async {
+        if env.count("SELECT count(*) FROM orders").await < 200 {
+            return false;
+        }
+        let committed = committed_offsets(&env.kafka, &topic, PARTITIONS).await;
+        committed.values().sum::<i64>() == 260
+    })
+    .await;
+    worker.shutdown().await;
+
+    assert_eq!(env.count("SELECT count(*) FROM orders").await, 200);
+    assert_eq!(env.count("SELECT count(DISTINCT order_id) FROM orders").await, 200);
+    assert_eq!(env.count("SELECT sum(amount)::bigint FROM orders").await, (0..200).sum::<i64>());
+    assert_eq!(
+        env.count("SELECT count(*) FROM orders WHERE note = 'n-' || order_id AND placed_at = 1700000000000").await,
+        200
+    );
+    assert_eq!(env.count("SELECT count(*) FROM processed_events WHERE event_id LIKE 'f:o-%'").await, 200);
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters").await, 0);
+    // One schema, fetched once by a process whose partitions all needed it at once.
+    assert_eq!(env.clients.registry.fetches(), 1);
+    assert_eq!(registry.lookups(), 1);
+}
+
+#[tokio::test]
+async fn every_undecodable_value_is_dead_lettered_with_its_own_reason() {
+    let registry = Registry::start().await;
+    let env = env_with(&registry, None).await;
+    let framed = encode(&registry, &[("good", 5), ("other", 6)]).await;
+    let good = framed[0].clone();
+    // The same datum under another schema's id: it does not decode as that schema.
+    let other_id =
+        registry.register(r#"{"type":"record","name":"Other","fields":[{"name":"n","type":"long"}]}"#, "AVRO");
+    let mismatched = confluent_framed(other_id, &framed[1][5..]);
+    let records = vec![
+        record(1, good.clone()),
+        record(2, br#"{"order_id": "plain"}"#.to_vec()),
+        record(3, good[..4].to_vec()),
+        record(4, mismatched),
+        record(5, confluent_framed(999, &good[5..])),
+        record(6, confluent_framed(registry.register("{\"type\": \"string\"", "AVRO"), b"\x02a")),
+        record(7, confluent_framed(registry.register("syntax = \"proto3\";", "PROTOBUF"), b"\x00")),
+    ];
+    let g = guard(&env, ValueFormat::confluent());
+    let report = g.run_batch(&Orders(ValueFormat::confluent()), &records, None).await;
+    let outcomes: Vec<&Outcome> = report.outcomes.iter().map(|o| &o.outcome).collect();
+    let dead = |r: &'static str| Outcome::DeadLettered { reason: DeadLetterReason::Undecodable(r) };
+    assert_eq!(
+        outcomes,
+        vec![
+            &Outcome::Processed,
+            &dead("payload_not_framed"),
+            &dead("payload_truncated"),
+            &dead("payload_schema_mismatch"),
+            &dead("schema_unknown"),
+            &dead("schema_invalid"),
+            &dead("schema_unsupported"),
+        ]
+    );
+    assert_eq!(env.count("SELECT count(*) FROM orders").await, 1);
+    let stored: HashMap<String, i64> = sqlx::query_as::<_, (String, i64)>(
+        "SELECT reason, count(*) FROM dead_letters WHERE record_value IS NOT NULL GROUP BY reason",
+    )
+    .fetch_all(env.pg())
+    .await
+    .unwrap()
+    .into_iter()
+    .collect();
+    assert_eq!(stored.len(), 6, "{stored:?}");
+    assert!(stored.values().all(|&n| n == 1), "{stored:?}");
+
+    // With `confluent-or-json` the plain JSON value is read as JSON instead.
+    let g = guard(&env, ValueFormat::confluent_or_json());
+    let plain = record(8, br#"{"order_id": "plain-2", "amount": 1, "note": null, "placed_at": 3}"#.to_vec());
+    let report = g.run_batch(&Orders(ValueFormat::confluent_or_json()), &[plain], None).await;
+    assert_eq!(report.outcomes[0].outcome, Outcome::Processed);
+    assert_eq!(env.count("SELECT count(*) FROM orders WHERE order_id = 'plain-2'").await, 1);
+}
+
+#[tokio::test]
+async fn a_registry_outage_retries_framed_values_and_never_dead_letters_them() {
+    let registry = Registry::start().await;
+    let env = env_with(&registry, None).await;
+    let framed = encode(&registry, &[("a", 1), ("b", 2)]).await;
+    let records: Vec<Event> = framed.into_iter().enumerate().map(|(i, v)| record(i as i64, v)).collect();
+    let g = guard(&env, ValueFormat::confluent());
+    let h = Orders(ValueFormat::confluent());
+    registry.set_failing(true);
+    for _ in 0..4 {
+        let report = g.run_batch(&h, &records, None).await;
+        for o in &report.outcomes {
+            assert!(
+                matches!(&o.outcome, Outcome::Failed { kind: FailureKind::Unavailable, attempts: None, .. }),
+                "{o:?}"
+            );
+        }
+    }
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters").await, 0);
+    assert_eq!(env.count("SELECT count(*) FROM orders").await, 0);
+    // The breaker opened after three failures: the fourth batch did not ask.
+    assert_eq!(registry.lookups(), 3);
+
+    registry.set_failing(false);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let report = g.run_batch(&h, &records, None).await;
+    assert!(report.outcomes.iter().all(|o| o.outcome == Outcome::Processed), "{report:?}");
+    assert_eq!(env.count("SELECT count(*) FROM orders").await, 2);
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters").await, 0);
+}
+
+#[tokio::test]
+async fn a_function_over_framed_values_refuses_to_start_without_a_registry() {
+    let env = TestEnv::new().await;
+    let err =
+        Functions::new(&env.clients, vec![Arc::new(Orders(ValueFormat::confluent())) as Arc<dyn Handler>], &env.kafka)
+            .await
+            .err()
+            .expect("refused");
+    assert!(err.to_string().contains("SCHEMA_REGISTRY_URL"), "{err}");
+}
