@@ -83,7 +83,20 @@ fn order_line(id: &str, amount: i64) -> String {
 /// Framed values, as Confluent's serializer writes them for these orders.
 async fn encode(registry: &Registry, orders: &[(&str, i64)]) -> Vec<Vec<u8>> {
     let input: String = orders.iter().map(|(id, amount)| order_line(id, *amount)).collect();
-    let out = run_python("avro_orders.py", &["encode", "--registry", registry.url()], &input).await;
+    let out = run_python("avro_serialize.py", &["encode", "--registry", registry.url()], &input).await;
+    out.lines().map(from_hex).collect()
+}
+
+/// Framed values of any records of `schema`, as Confluent's serializer writes them.
+async fn encode_with(registry: &Registry, schema: &str, records: &[serde_json::Value]) -> Vec<Vec<u8>> {
+    let file = std::env::temp_dir().join(format!("{}.avsc", integration_tests::unique("schema")));
+    std::fs::write(&file, schema).unwrap();
+    let input: String = records.iter().map(|r| format!("{r}\n")).collect();
+    let path = file.to_string_lossy().into_owned();
+    let out =
+        run_python("avro_serialize.py", &["encode", "--registry", registry.url(), "--schema-file", &path], &input)
+            .await;
+    let _ = std::fs::remove_file(&file);
     out.lines().map(from_hex).collect()
 }
 
@@ -116,7 +129,7 @@ async fn avro_orders_from_confluent_kafka_are_consumed_exactly_once_by_the_worke
         }
     }
     let sent = run_python(
-        "avro_orders.py",
+        "avro_serialize.py",
         &[
             "produce",
             "--registry",
@@ -255,6 +268,24 @@ async fn a_registry_outage_retries_framed_values_and_never_dead_letters_them() {
 }
 
 #[tokio::test]
+async fn a_registry_url_that_is_not_a_registry_retries_instead_of_dead_lettering() {
+    // A wrong base path: 404s, but not the registry's own "schema not found".
+    let registry = Registry::start().await;
+    let framed = encode(&registry, &[("w", 1)]).await;
+    let url = format!("{}/not-the-api", registry.url());
+    let env = TestEnv::with(|c| c.registry.url = Some(Secret::new(url))).await;
+    orders_table(&env).await;
+    let report = guard(&env, ValueFormat::confluent())
+        .run_batch(&Orders(ValueFormat::confluent()), &[record(0, framed[0].clone())], None)
+        .await;
+    assert!(
+        matches!(&report.outcomes[0].outcome, Outcome::Failed { kind: FailureKind::Unavailable, error, .. } if error.contains("not from a schema registry")),
+        "{report:?}"
+    );
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters").await, 0);
+}
+
+#[tokio::test]
 async fn a_function_over_framed_values_refuses_to_start_without_a_registry() {
     let env = TestEnv::new().await;
     let err =
@@ -263,4 +294,100 @@ async fn a_function_over_framed_values_refuses_to_start_without_a_registry() {
             .err()
             .expect("refused");
     assert!(err.to_string().contains("SCHEMA_REGISTRY_URL"), "{err}");
+}
+
+/// Records as a Lambda event source mapping with a schema registry hands them over,
+/// through the same decoder and guard the Lambda handler runs (`lambda::invoke`).
+async fn invoke_lambda(env: &TestEnv, events: &[Event]) -> serde_json::Value {
+    let functions =
+        Functions::new(&env.clients, vec![Arc::new(Orders(ValueFormat::confluent())) as Arc<dyn Handler>], &env.kafka)
+            .await
+            .expect("functions");
+    let body = exactly_once::runtime::msk::encode(events).to_string();
+    let event = exactly_once::runtime::msk::parse(body.as_bytes()).expect("an MSK event");
+    exactly_once::runtime::lambda::invoke(&functions, &event, None, false).await.expect("every record finished")
+}
+
+#[tokio::test]
+async fn on_lambda_values_the_event_source_mapping_decoded_to_json_are_read_as_json() {
+    let registry = Registry::start().await;
+    // LAMBDA_EVENT_RECORD_FORMAT=JSON, the default.
+    let env = env_with(&registry, None).await;
+    let json = |id: &str| format!(r#"{{"order_id": "{id}", "amount": 3, "note": null, "placed_at": 9}}"#);
+    let events = vec![
+        Event::new("orders", 0, 0).with_value(json("j-1")).with_value_schema("AVRO", "1"),
+        Event::new("orders", 0, 1).with_value(json("j-2")).with_value_schema("AVRO", "1"),
+        Event::new("orders", 1, 0).with_value(json("j-1")).with_value_schema("AVRO", "1"),
+    ];
+    let answer = invoke_lambda(&env, &events).await;
+    assert_eq!((answer["processed"].as_u64(), answer["duplicates"].as_u64()), (Some(2), Some(1)), "{answer}");
+    assert_eq!(env.count("SELECT count(*) FROM orders").await, 2);
+    assert_eq!(registry.lookups(), 0, "the mapping decoded them: no registry needed here");
+}
+
+#[tokio::test]
+async fn on_lambda_source_values_are_decoded_with_the_schema_their_metadata_names() {
+    let registry = Registry::start().await;
+    let url = registry.url().to_owned();
+    let env = TestEnv::with(|c| {
+        c.registry.url = Some(Secret::new(url));
+        c.guard.event_record_format = exactly_once::config::EventRecordFormat::Source;
+    })
+    .await;
+    orders_table(&env).await;
+    let framed = encode(&registry, &[("s-1", 1), ("s-2", 2)]).await;
+    let id = u32::from_be_bytes([framed[0][1], framed[0][2], framed[0][3], framed[0][4]]).to_string();
+    // SOURCE: the mapping removed the frame; the id is in the metadata.
+    let events = vec![
+        Event::new("orders", 0, 0).with_value(framed[0][5..].to_vec()).with_value_schema("AVRO", &id),
+        Event::new("orders", 0, 1).with_value(framed[1][5..].to_vec()).with_value_schema("AVRO", &id),
+        Event::new("orders", 0, 2).with_value(framed[1][5..].to_vec()).with_value_schema("AVRO", "2c6b8a1e-glue-uuid"),
+        Event::new("orders", 0, 3).with_value(framed[1][5..].to_vec()).with_value_schema("PROTOBUF", &id),
+    ];
+    let answer = invoke_lambda(&env, &events).await;
+    assert_eq!((answer["processed"].as_u64(), answer["deadLettered"].as_u64()), (Some(2), Some(2)), "{answer}");
+    assert_eq!(env.count("SELECT count(*) FROM orders WHERE order_id IN ('s-1', 's-2')").await, 2);
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters WHERE reason = 'schema_unsupported'").await, 2);
+}
+
+#[tokio::test]
+async fn debezium_avro_changes_reach_cdc_and_their_json_copies_are_duplicates() {
+    let registry = Registry::start().await;
+    let env = env_with(&registry, None).await;
+    env.clients.sink.apply_ddl(cdc::CLICKHOUSE_DDL).await.unwrap();
+    let change = |op: &str, id: i64, version: i64, lsn: i64| {
+        let image = serde_json::json!({"id": id, "email": format!("u{id}@example.com"), "version": version});
+        serde_json::json!({
+            "before": null, "after": image, "op": op, "ts_ms": null,
+            "source": {"table": "users", "lsn": lsn, "ts_ms": 1_700_000_000_000i64 + lsn},
+        })
+    };
+    let changes = vec![change("c", 1, 1, 100), change("u", 1, 2, 101), change("c", 2, 1, 102)];
+    // Debezium's Avro converter's framing and encoding, by Confluent's serializer.
+    let framed = encode_with(&registry, cdc::SAMPLE_AVRO_SCHEMA, &changes).await;
+    let spec = cdc::Cdc.spec();
+    let g = Guard::new(&env.clients, spec.name, spec.id_strategy, GuardConfig::default())
+        .unwrap()
+        .with_values(spec.value_format);
+    let avro: Vec<Event> =
+        framed.into_iter().enumerate().map(|(i, v)| Event::new("cdc-changes", 0, i as i64).with_value(v)).collect();
+    let report = g.run_batch(&cdc::Cdc, &avro, None).await;
+    assert!(report.outcomes.iter().all(|o| o.outcome == Outcome::Processed), "{report:?}");
+    assert_eq!(env.clickhouse_count("SELECT count() FROM cdc_rows FINAL").await, 2);
+    assert_eq!(
+        env.clickhouse_count(
+            "SELECT count() FROM cdc_rows FINAL WHERE pk = '1' AND lsn = 101 AND data LIKE '%\"version\":2%'"
+        )
+        .await,
+        1
+    );
+    // The same changes as the JSON converter writes them: the same ids, so duplicates.
+    let json: Vec<Event> = changes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| Event::new("cdc-changes", 1, i as i64).with_value(c.to_string()))
+        .collect();
+    let report = g.run_batch(&cdc::Cdc, &json, None).await;
+    assert!(report.outcomes.iter().all(|o| matches!(o.outcome, Outcome::Duplicate { .. })), "{report:?}");
+    assert_eq!(env.count("SELECT count(*) FROM processed_events WHERE namespace = 'cdc'").await, 3);
 }

@@ -22,6 +22,7 @@
 pub mod chart;
 pub mod cluster;
 pub mod cold_start;
+pub mod decode;
 pub mod delay;
 pub mod ledger;
 pub mod scale;

@@ -82,6 +82,11 @@ enum Command {
         /// Share of messages that repeat an earlier event (same key and payload).
         #[arg(long, default_value_t = 0.25)]
         duplicate_rate: f64,
+        /// Write the samples in Avro, framed for the schema registry at
+        /// SCHEMA_REGISTRY_URL (the function's sample schema is registered under
+        /// `<topic>-value`), as Confluent's serializers and Debezium's Avro converter do.
+        #[arg(long)]
+        avro: bool,
     },
 }
 
@@ -318,13 +323,13 @@ fn main() -> ExitCode {
                 Err(failure) => failure.report(),
             }
         }
-        Command::Produce { function, count, duplicate_rate } => {
+        Command::Produce { function, count, duplicate_rate, avro } => {
             if !(0.0..1.0).contains(&duplicate_rate) {
                 eprintln!("error: --duplicate-rate must be in [0, 1)");
                 return ExitCode::from(2);
             }
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-            match rt.block_on(produce(&function, count, duplicate_rate)) {
+            match rt.block_on(produce(&function, count, duplicate_rate, avro)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(failure) => failure.report(),
             }
@@ -389,15 +394,16 @@ async fn esm(settings: exactly_once_esm::MappingSettings) -> Result<exactly_once
     mapping.run(stopped).await.map_err(Failure::failed)
 }
 
-async fn produce(function: &str, count: u64, duplicate_rate: f64) -> Result<(), Failure> {
+async fn produce(function: &str, count: u64, duplicate_rate: f64, avro: bool) -> Result<(), Failure> {
     let functions = all_functions();
     let names: Vec<&'static str> = functions.iter().map(|f| f.spec().name).collect();
     let Some(handler) = functions.into_iter().find(|f| f.spec().name == function) else {
         return Err(Failure::usage(format!("no function `{function}`; known: {names:?}")));
     };
     let kafka = KafkaConfig::from_env(&ProcessEnv).map_err(Failure::usage)?;
-    exactly_once::runtime::worker::check_reachable(&kafka, Duration::from_secs(10)).await.map_err(Failure::failed)?;
     let topic = kafka.topic(handler.spec().topics[0]);
+    let encoder = if avro { Some(AvroEncoder::register(handler.as_ref(), &topic).await?) } else { None };
+    exactly_once::runtime::worker::check_reachable(&kafka, Duration::from_secs(10)).await.map_err(Failure::failed)?;
     exactly_once::runtime::worker::create_topics(&kafka, std::slice::from_ref(&topic))
         .await
         .map_err(Failure::failed)?;
@@ -419,9 +425,12 @@ async fn produce(function: &str, count: u64, duplicate_rate: f64) -> Result<(), 
             sent[i].clone()
         } else {
             let n = sent.len() as u64;
-            let payload = handler
+            let mut payload = handler
                 .sample(n)
                 .ok_or_else(|| Failure::usage(format!("function `{function}` has no sample payload")))?;
+            if let Some(encoder) = &encoder {
+                payload = encoder.encode(&payload).map_err(Failure::failed)?;
+            }
             let entry = (idempotency_key(), payload);
             sent.push(entry.clone());
             entry
@@ -430,8 +439,42 @@ async fn produce(function: &str, count: u64, duplicate_rate: f64) -> Result<(), 
         bar.inc(1);
     }
     bar.finish_with_message("done");
-    println!("published {count} messages to `{topic}`: {} unique events, {duplicates} duplicates", sent.len());
+    let format = match &encoder {
+        Some(e) => format!(" in Avro (schema {})", e.schema_id),
+        None => String::new(),
+    };
+    println!("published {count} messages to `{topic}`{format}: {} unique events, {duplicates} duplicates", sent.len());
     Ok(())
+}
+
+/// `eo produce --avro`: the function's sample schema, registered, and samples encoded
+/// with it in Confluent's wire format.
+struct AvroEncoder {
+    schema: exactly_once::payload::AvroSchema,
+    schema_id: u32,
+}
+
+impl AvroEncoder {
+    async fn register(handler: &dyn exactly_once::Handler, topic: &str) -> Result<Self, Failure> {
+        let name = handler.spec().name;
+        let text = handler
+            .sample_avro_schema()
+            .ok_or_else(|| Failure::usage(format!("function `{name}` has no Avro schema for its samples")))?;
+        let config = exactly_once::config::RegistryConfig::from_env(&ProcessEnv).map_err(Failure::usage)?;
+        if config.url.is_none() {
+            return Err(Failure::usage("--avro needs SCHEMA_REGISTRY_URL: the registry the schema is registered in"));
+        }
+        let registry = exactly_once::registry::SchemaRegistry::new(&config).map_err(Failure::usage)?;
+        let schema = exactly_once::payload::AvroSchema::parse(text).map_err(Failure::failed)?;
+        let schema_id = registry.register(&format!("{topic}-value"), text).await.map_err(Failure::failed)?;
+        Ok(Self { schema, schema_id })
+    }
+
+    fn encode(&self, sample: &[u8]) -> Result<Vec<u8>, String> {
+        let json: serde_json::Value = serde_json::from_slice(sample).map_err(|e| format!("sample is not JSON: {e}"))?;
+        let body = exactly_once::payload::avro_from_json(self.schema.schema(), json)?;
+        Ok(exactly_once::payload::confluent_framed(self.schema_id, &body))
+    }
 }
 
 /// `eo new`: generates the function in the repository around the current directory.

@@ -83,3 +83,47 @@ async fn help_usage_errors_and_exit_codes() {
     assert_eq!(bad.status.code(), Some(2), "bad configuration is a usage error");
     assert!(String::from_utf8_lossy(&bad.stderr).contains("GUARD_MAX_ATTEMPTS"));
 }
+
+/// `eo produce --avro`: the function's sample schema registered under `<topic>-value`,
+/// samples framed and encoded with it; a worker running `cdc` decodes every one.
+#[tokio::test(flavor = "multi_thread")]
+async fn produce_avro_publishes_samples_the_worker_decodes() {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use exactly_once::config::{ProcessEnv, Secret, WorkerConfig};
+    use exactly_once::runtime::{Functions, Worker};
+    use integration_tests::registry::Registry;
+
+    let registry = Registry::start().await;
+    let url = registry.url().to_owned();
+    let env = TestEnv::with(|c| c.registry.url = Some(Secret::new(url))).await;
+    // Without a registry it is a usage error, before anything is sent.
+    let (code, text) = eo(&env, &["produce", "--function", "cdc", "--avro", "--count", "1"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("SCHEMA_REGISTRY_URL"), "{text}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_eo"))
+        .args(["produce", "--function", "cdc", "--avro", "--count", "30", "--duplicate-rate", "0"])
+        .env("SCHEMA_REGISTRY_URL", registry.url())
+        .env("KAFKA_TOPIC_PREFIX", &env.kafka.topic_prefix)
+        .env("KAFKA_CREATE_TOPICS", "true")
+        .output()
+        .expect("run eo");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("in Avro (schema 1)"), "{text}");
+
+    let functions =
+        Arc::new(Functions::new(&env.clients, vec![Arc::new(cdc::Cdc) as Arc<dyn Handler>], &env.kafka).await.unwrap());
+    let config = WorkerConfig::from_env(&ProcessEnv).unwrap();
+    let worker = Worker::start(&env.clients, functions, &env.kafka, &config).await.unwrap();
+    integration_tests::wait_until(Duration::from_secs(60), "30 rows in cdc_rows", || async {
+        env.clickhouse_count("SELECT count() FROM cdc_rows FINAL").await >= 30
+    })
+    .await;
+    worker.shutdown().await;
+    assert_eq!(env.clickhouse_count("SELECT count() FROM cdc_rows FINAL").await, 30);
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters").await, 0);
+    assert_eq!(registry.lookups(), 1, "the worker fetched the schema once");
+}

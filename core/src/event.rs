@@ -26,6 +26,26 @@ pub struct Event {
     pub headers: Vec<Header>,
     /// The record's value, raw; `None` for a null value (a tombstone).
     pub value: Option<Bytes>,
+    /// The key's schema, as a Lambda event source mapping with a schema registry reports
+    /// it (`keySchemaMetadata`); `None` elsewhere.
+    pub key_schema: Option<SchemaMetadata>,
+    /// The value's schema, as a Lambda event source mapping with a schema registry
+    /// reports it (`valueSchemaMetadata`). With `EventRecordFormat: JSON` the mapping has
+    /// already decoded the value into JSON text; with `SOURCE` the value is the bytes the
+    /// producer wrote (framed for the registry). `None` elsewhere.
+    pub value_schema: Option<SchemaMetadata>,
+}
+
+/// What a Lambda event source mapping says about a key's or value's schema.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SchemaMetadata {
+    /// `AVRO`, `PROTOBUF` or `JSON`.
+    #[serde(default)]
+    pub data_format: String,
+    /// The registry's id of the schema (a number for Confluent, a UUID for Glue).
+    #[serde(default)]
+    pub schema_id: String,
 }
 
 /// A record header. Kafka allows repeated names and null values; both are kept.
@@ -40,7 +60,17 @@ pub struct Header {
 impl Event {
     /// A record with only the fields every record has; builders fill in the rest.
     pub fn new(topic: impl Into<String>, partition: i32, offset: i64) -> Self {
-        Self { topic: topic.into(), partition, offset, timestamp_ms: None, key: None, headers: Vec::new(), value: None }
+        Self {
+            topic: topic.into(),
+            partition,
+            offset,
+            timestamp_ms: None,
+            key: None,
+            headers: Vec::new(),
+            value: None,
+            key_schema: None,
+            value_schema: None,
+        }
     }
 
     /// Sets the value.
@@ -58,6 +88,12 @@ impl Event {
     /// Adds a header with a value, after the ones already there.
     pub fn with_header(mut self, name: impl Into<String>, value: impl Into<Bytes>) -> Self {
         self.headers.push(Header { name: name.into(), value: Some(value.into()) });
+        self
+    }
+
+    /// Sets the value's schema metadata (as a Lambda event source mapping reports it).
+    pub fn with_value_schema(mut self, data_format: impl Into<String>, schema_id: impl Into<String>) -> Self {
+        self.value_schema = Some(SchemaMetadata { data_format: data_format.into(), schema_id: schema_id.into() });
         self
     }
 

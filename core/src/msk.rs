@@ -23,7 +23,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::event::{Event, Header, Record};
+use crate::event::{Event, Header, Record, SchemaMetadata};
 
 /// The MSK event envelope. Unknown fields are ignored.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -183,6 +183,21 @@ fn decode_record(group: &str, raw: &Value) -> Record {
         Some(other) => flag("record_headers_invalid", format!("headers is not a list: {}", short(other))),
     }
 
+    // Present when the mapping has a schema registry (`SchemaRegistryConfig`).
+    for (field, slot) in
+        [("keySchemaMetadata", &mut event.key_schema), ("valueSchemaMetadata", &mut event.value_schema)]
+    {
+        match r.get(field) {
+            None | Some(Value::Null) => {}
+            Some(v) => match serde_json::from_value::<SchemaMetadata>(v.clone()) {
+                Ok(m) => *slot = Some(m),
+                Err(_) => {
+                    flag("record_schema_metadata_invalid", format!("{field} is not schema metadata: {}", short(v)))
+                }
+            },
+        }
+    }
+
     let b64 = base64::engine::general_purpose::STANDARD;
     for (field, slot, not_b64, not_str) in [
         ("key", &mut event.key, "record_key_base64", "record_key_invalid"),
@@ -276,6 +291,12 @@ pub fn encode(events: &[Event]) -> serde_json::Value {
         if let Some(v) = &e.value {
             record["value"] = b64.encode(v).into();
         }
+        if let Some(m) = &e.key_schema {
+            record["keySchemaMetadata"] = serde_json::json!({"dataFormat": m.data_format, "schemaId": m.schema_id});
+        }
+        if let Some(m) = &e.value_schema {
+            record["valueSchemaMetadata"] = serde_json::json!({"dataFormat": m.data_format, "schemaId": m.schema_id});
+        }
         groups
             .entry(format!("{}-{}", e.topic, e.partition))
             .or_insert_with(|| serde_json::Value::Array(Vec::new()))
@@ -315,6 +336,26 @@ mod tests {
         assert_eq!(e.key.as_deref(), Some(&b"key"[..]));
         assert_eq!(e.value_bytes(), b"Hello, this is a test.");
         assert_eq!(e.header("headerKey").unwrap().value.as_deref(), Some(&b"headerValue"[..]));
+    }
+
+    #[test]
+    fn schema_metadata_is_kept_and_round_trips() {
+        let event = Event::new("orders", 1, 4).with_value(r#"{"id":1}"#).with_value_schema("AVRO", "7");
+        let json = encode(std::slice::from_ref(&event)).to_string();
+        assert!(json.contains(r#""valueSchemaMetadata":{"dataFormat":"AVRO","schemaId":"7"}"#), "{json}");
+        assert_eq!(decode_json(&json), vec![Record::Ok(event)]);
+        // As AWS documents it, beside the usual fields.
+        let records = decode_json(
+            r#"{"records":{"t-0":[{"topic":"t","partition":0,"offset":1,"value":"e30=",
+            "keySchemaMetadata":{"dataFormat":"JSON","schemaId":"a3f5c1d2-0000-0000-0000-000000000000"},
+            "valueSchemaMetadata":{"dataFormat":"PROTOBUF","schemaId":"12"}},
+            {"topic":"t","partition":0,"offset":2,"value":"e30=","valueSchemaMetadata":"AVRO"}]}}"#,
+        );
+        let Record::Ok(e) = &records[0] else { panic!("{records:?}") };
+        assert_eq!(e.key_schema.as_ref().unwrap().data_format, "JSON");
+        assert_eq!(e.value_schema.as_ref().unwrap().schema_id, "12");
+        let Record::Invalid { reason, .. } = &records[1] else { panic!("{records:?}") };
+        assert_eq!(*reason, "record_schema_metadata_invalid");
     }
 
     #[test]

@@ -7,18 +7,25 @@
 //! A decoded Avro value becomes a [`serde_json::Value`], so event id strategies (JSON
 //! pointers) and handlers (serde) read Avro values exactly as they read JSON ones. The
 //! mapping: records and maps are objects, arrays arrays, unions their branch's value
-//! (no wrapper), enums their symbol, `bytes` and `fixed` arrays of byte values (what
-//! serde reads into a `Vec<u8>`), logical types their underlying number (dates in days,
-//! times and timestamps in their unit), decimals their unscaled two's-complement bytes,
-//! UUIDs their text; a float that JSON cannot hold (NaN, infinities) its name as a string.
+//! (no wrapper), enums their symbol, `bytes` and `fixed` base64 strings (as Kafka
+//! Connect's JSON converter writes them), decimals their value as a decimal string
+//! (`"12.34"`), logical dates, times and timestamps their underlying number (days, or the
+//! unit's count), UUIDs their text, durations `{"months", "days", "millis"}`; a float
+//! that JSON cannot hold (NaN, infinities) its name as a string.
+//!
+//! The datum decoder is our own, over apache-avro's parsed schema: apache-avro's decoder
+//! reserves whatever a length field claims before reading it (a ten-byte record could ask
+//! for gigabytes and abort the process), reads a string cut short by the end of the input
+//! as null instead of failing, and recurses without a bound. Ours checks every length
+//! and count against the bytes left, fails on any short read, and stops at
+//! [`MAX_DEPTH`] levels of nesting, so recursive schemas are decoded safely.
 //!
 //! Invariant: hostile bytes get a classified [`PayloadError`], never a panic; a datum is
 //! decoded only whole (bytes left after it are an error, not ignored).
 
 use std::collections::HashMap;
 
-use apache_avro::schema::Schema;
-use apache_avro::types::Value as Avro;
+use apache_avro::schema::{Name, Namespace, Schema};
 use serde_json::{Map, Number, Value};
 
 /// How a function's record values are written.
@@ -152,20 +159,29 @@ pub fn confluent_framed(schema_id: u32, body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// An Avro schema as the registry returned it, checked once so every record it decodes
-/// can be decoded safely.
+/// An Avro schema as the registry returned it, with its named types resolved once, so
+/// every record it decodes pays only for the decoding.
 #[derive(Debug, Clone)]
 pub struct AvroSchema {
     schema: Schema,
-    recursive: bool,
+    names: HashMap<Name, Schema>,
 }
+
+/// Deepest nesting of records, arrays, maps and unions decoded (a recursive schema's
+/// values, a linked list, stop here rather than exhaust the stack).
+pub const MAX_DEPTH: usize = 128;
+
+/// Most items of zero size (`null`, an empty record) one array may claim: such items
+/// take no bytes, so the value's size cannot bound them.
+const MAX_EMPTY_ITEMS: usize = 65_536;
 
 impl AvroSchema {
     /// Parses the schema's JSON text.
     pub fn parse(text: &str) -> Result<Self, String> {
         let schema = Schema::parse_str(text).map_err(|e| e.to_string())?;
-        let recursive = is_recursive(&schema);
-        Ok(Self { schema, recursive })
+        let mut names = HashMap::new();
+        collect_names(&schema, &None, &mut names, 0)?;
+        Ok(Self { schema, names })
     }
 
     /// The parsed schema.
@@ -174,129 +190,245 @@ impl AvroSchema {
     }
 
     /// Decodes one datum written with this schema (`schema_id` names it in errors).
-    ///
-    /// A recursive schema (a record that contains itself, a linked list) is refused:
-    /// the decoder recurses once per level, so a long enough value would exhaust the
-    /// stack and take the process with it, record after record.
     pub fn decode(&self, schema_id: u32, body: &[u8]) -> Result<Value, PayloadError> {
-        if self.recursive {
-            return Err(PayloadError::Unsupported {
-                schema_id,
-                message: "recursive Avro schemas are not decoded (a deep value would exhaust the stack)".into(),
-            });
+        let mismatch = |message: String| PayloadError::SchemaMismatch { schema_id, message };
+        let mut reader = Reader { buf: body, pos: 0 };
+        let value = self.value(&self.schema, &None, &mut reader, 0).map_err(mismatch)?;
+        if reader.pos != body.len() {
+            return Err(mismatch(format!("{} bytes left after the datum", body.len() - reader.pos)));
         }
-        limit_allocations();
-        let mut reader = body;
-        let value = apache_avro::from_avro_datum(&self.schema, &mut reader, None)
-            .map_err(|e| PayloadError::SchemaMismatch { schema_id, message: e.to_string() })?;
-        if !reader.is_empty() {
-            return Err(PayloadError::SchemaMismatch {
-                schema_id,
-                message: format!("{} bytes left after the datum", reader.len()),
-            });
+        Ok(value)
+    }
+
+    fn value(&self, schema: &Schema, ns: &Namespace, r: &mut Reader<'_>, depth: usize) -> Result<Value, String> {
+        if depth > MAX_DEPTH {
+            return Err(format!("nested deeper than {MAX_DEPTH} levels"));
         }
-        Ok(avro_to_json(value))
+        Ok(match schema {
+            Schema::Null => Value::Null,
+            Schema::Boolean => match r.byte()? {
+                0 => Value::Bool(false),
+                1 => Value::Bool(true),
+                b => return Err(format!("{b:#04x} is not a boolean")),
+            },
+            Schema::Int | Schema::Date | Schema::TimeMillis => Value::from(r.int()?),
+            Schema::Long
+            | Schema::TimeMicros
+            | Schema::TimestampMillis
+            | Schema::TimestampMicros
+            | Schema::TimestampNanos
+            | Schema::LocalTimestampMillis
+            | Schema::LocalTimestampMicros
+            | Schema::LocalTimestampNanos => Value::from(r.long()?),
+            Schema::Float => {
+                let b = r.take(4)?;
+                float(f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+            }
+            Schema::Double => {
+                let b = r.take(8)?;
+                float(f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+            }
+            Schema::Bytes | Schema::BigDecimal => base64(r.bytes()?),
+            Schema::String => Value::String(r.string()?.to_owned()),
+            Schema::Uuid => {
+                let b = r.bytes()?;
+                match std::str::from_utf8(b) {
+                    Ok(text) => Value::String(text.to_owned()),
+                    Err(_) if b.len() == 16 => Value::String(uuid_text(b)),
+                    Err(_) => return Err("uuid is neither text nor 16 bytes".into()),
+                }
+            }
+            Schema::Fixed(f) => base64(r.take(f.size)?),
+            Schema::Decimal(d) => {
+                let unscaled = match d.inner.as_ref() {
+                    Schema::Fixed(f) => r.take(f.size)?,
+                    _ => r.bytes()?,
+                };
+                decimal(unscaled, d.scale)
+            }
+            Schema::Duration => {
+                let b = r.take(12)?;
+                let part = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+                let mut object = Map::with_capacity(3);
+                object.insert("months".into(), Value::from(part(0)));
+                object.insert("days".into(), Value::from(part(4)));
+                object.insert("millis".into(), Value::from(part(8)));
+                Value::Object(object)
+            }
+            Schema::Enum(e) => {
+                let i = r.long()?;
+                let symbol = usize::try_from(i).ok().and_then(|i| e.symbols.get(i));
+                Value::String(symbol.ok_or_else(|| format!("{i} is not a symbol of enum {}", e.name.name))?.clone())
+            }
+            Schema::Union(u) => {
+                let i = r.long()?;
+                let branch = usize::try_from(i).ok().and_then(|i| u.variants().get(i));
+                self.value(branch.ok_or_else(|| format!("{i} is not a branch of the union"))?, ns, r, depth + 1)?
+            }
+            Schema::Array(a) => {
+                let mut items = Vec::new();
+                while let Some(count) = r.block(is_empty(&a.items))? {
+                    if items.len() + count > MAX_EMPTY_ITEMS && is_empty(&a.items) {
+                        return Err(format!("an array of empty items claims over {MAX_EMPTY_ITEMS}"));
+                    }
+                    items.reserve(count);
+                    for _ in 0..count {
+                        items.push(self.value(&a.items, ns, r, depth + 1)?);
+                    }
+                }
+                Value::Array(items)
+            }
+            Schema::Map(m) => {
+                let mut object = Map::new();
+                // A key takes at least its length byte: the bytes left bound the count.
+                while let Some(count) = r.block(false)? {
+                    for _ in 0..count {
+                        let key = r.string()?.to_owned();
+                        let value = self.value(&m.types, ns, r, depth + 1)?;
+                        object.insert(key, value);
+                    }
+                }
+                Value::Object(object)
+            }
+            Schema::Record(rec) => {
+                let inner = rec.name.fully_qualified_name(ns).namespace;
+                let mut object = Map::with_capacity(rec.fields.len());
+                for field in &rec.fields {
+                    let value = self.value(&field.schema, &inner, r, depth + 1)?;
+                    object.insert(field.name.clone(), value);
+                }
+                Value::Object(object)
+            }
+            Schema::Ref { name } => {
+                let full = name.fully_qualified_name(ns);
+                let named = self.names.get(&full).ok_or_else(|| format!("unknown type {}", full.name))?;
+                self.value(named, ns, r, depth + 1)?
+            }
+            #[allow(unreachable_patterns)]
+            other => return Err(format!("schema type {other:?} is not decoded here")),
+        })
     }
 }
 
-/// The most a length field in a datum may claim (bytes of a string, items of an array).
-/// The decoder reserves what a length claims before reading it, so without a bound one
-/// forged length would reserve gigabytes and abort the process. Values are at most
-/// `GUARD_MAX_VALUE_BYTES` (1 MiB by default, Kafka's own default limit) and a length
-/// beyond the value's size cannot be honest (but for arrays of empty items); 16 MiB
-/// leaves room for larger limits while capping a forged array's reservation at well
-/// under a gigabyte of address space, untouched until items are read.
-pub const MAX_AVRO_LENGTH: usize = 16 * 1024 * 1024;
-
-fn limit_allocations() {
-    // Process-wide and set once; every caller sets the same value.
-    apache_avro::util::max_allocation_bytes(MAX_AVRO_LENGTH);
-}
-
-/// Whether a record type contains itself, through any path of fields, unions, arrays
-/// or maps (a reference to a type defined elsewhere in the schema is followed).
-fn is_recursive(schema: &Schema) -> bool {
-    let mut defs = HashMap::new();
-    collect_records(schema, &mut defs);
-    walk(schema, &defs, &mut Vec::new())
-}
-
-fn collect_records<'a>(schema: &'a Schema, defs: &mut HashMap<&'a str, &'a Schema>) {
+/// The schema's named types (records, enums, fixed) by full name, for references.
+fn collect_names(
+    schema: &Schema,
+    ns: &Namespace,
+    names: &mut HashMap<Name, Schema>,
+    depth: usize,
+) -> Result<(), String> {
+    if depth > MAX_DEPTH {
+        return Err(format!("schema nested deeper than {MAX_DEPTH} levels"));
+    }
     match schema {
         Schema::Record(r) => {
-            defs.insert(r.name.name.as_str(), schema);
+            let full = r.name.fully_qualified_name(ns);
+            let inner = full.namespace.clone();
+            names.insert(full, schema.clone());
             for f in &r.fields {
-                collect_records(&f.schema, defs);
+                collect_names(&f.schema, &inner, names, depth + 1)?;
             }
         }
-        Schema::Array(a) => collect_records(&a.items, defs),
-        Schema::Map(m) => collect_records(&m.types, defs),
-        Schema::Union(u) => u.variants().iter().for_each(|v| collect_records(v, defs)),
+        Schema::Enum(e) => {
+            names.insert(e.name.fully_qualified_name(ns), schema.clone());
+        }
+        Schema::Fixed(f) => {
+            names.insert(f.name.fully_qualified_name(ns), schema.clone());
+        }
+        Schema::Array(a) => collect_names(&a.items, ns, names, depth + 1)?,
+        Schema::Map(m) => collect_names(&m.types, ns, names, depth + 1)?,
+        Schema::Union(u) => {
+            for v in u.variants() {
+                collect_names(v, ns, names, depth + 1)?;
+            }
+        }
         _ => {}
     }
+    Ok(())
 }
 
-fn walk<'a>(schema: &'a Schema, defs: &HashMap<&'a str, &'a Schema>, stack: &mut Vec<&'a str>) -> bool {
+/// Whether values of `schema` take no bytes at all.
+fn is_empty(schema: &Schema) -> bool {
     match schema {
-        Schema::Record(r) => {
-            let name = r.name.name.as_str();
-            if stack.contains(&name) {
-                return true;
-            }
-            stack.push(name);
-            let found = r.fields.iter().any(|f| walk(&f.schema, defs, stack));
-            stack.pop();
-            found
-        }
-        Schema::Ref { name } => {
-            let name = name.name.as_str();
-            stack.contains(&name) || defs.get(name).is_some_and(|d| walk(d, defs, stack))
-        }
-        Schema::Array(a) => walk(&a.items, defs, stack),
-        Schema::Map(m) => walk(&m.types, defs, stack),
-        Schema::Union(u) => u.variants().iter().any(|v| walk(v, defs, stack)),
+        Schema::Null => true,
+        Schema::Fixed(f) => f.size == 0,
+        Schema::Record(r) => r.fields.iter().all(|f| is_empty(&f.schema)),
         _ => false,
     }
 }
 
-/// An Avro value as JSON, mapped as the module docs say.
-pub fn avro_to_json(value: Avro) -> Value {
-    match value {
-        Avro::Null => Value::Null,
-        Avro::Boolean(b) => Value::Bool(b),
-        Avro::Int(n) | Avro::Date(n) | Avro::TimeMillis(n) => Value::from(n),
-        Avro::Long(n)
-        | Avro::TimeMicros(n)
-        | Avro::TimestampMillis(n)
-        | Avro::TimestampMicros(n)
-        | Avro::TimestampNanos(n)
-        | Avro::LocalTimestampMillis(n)
-        | Avro::LocalTimestampMicros(n)
-        | Avro::LocalTimestampNanos(n) => Value::from(n),
-        Avro::Float(f) => float(f64::from(f)),
-        Avro::Double(f) => float(f),
-        Avro::Bytes(b) | Avro::Fixed(_, b) => bytes(&b),
-        Avro::String(s) | Avro::Enum(_, s) => Value::String(s),
-        Avro::Union(_, inner) => avro_to_json(*inner),
-        Avro::Array(items) => Value::Array(items.into_iter().map(avro_to_json).collect()),
-        Avro::Map(entries) => Value::Object(entries.into_iter().map(|(k, v)| (k, avro_to_json(v))).collect()),
-        Avro::Record(fields) => {
-            let mut object = Map::with_capacity(fields.len());
-            for (k, v) in fields {
-                object.insert(k, avro_to_json(v));
+/// The datum's bytes and how far they have been read; every read checks what is left.
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn left(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if n > self.left() {
+            return Err(format!("needs {n} bytes, {} left", self.left()));
+        }
+        let out = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(out)
+    }
+
+    fn byte(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+
+    /// A zig-zag varint of at most ten bytes.
+    fn long(&mut self) -> Result<i64, String> {
+        let mut raw: u64 = 0;
+        for i in 0..10 {
+            let b = self.byte()?;
+            raw |= u64::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                return Ok(((raw >> 1) as i64) ^ -((raw & 1) as i64));
             }
-            Value::Object(object)
         }
-        Avro::Decimal(d) => bytes(&num_bigint_bytes(d)),
-        Avro::BigDecimal(d) => Value::String(d.to_string()),
-        Avro::Duration(d) => {
-            let mut object = Map::with_capacity(3);
-            object.insert("months".into(), Value::from(u32::from(d.months())));
-            object.insert("days".into(), Value::from(u32::from(d.days())));
-            object.insert("millis".into(), Value::from(u32::from(d.millis())));
-            Value::Object(object)
+        Err("varint longer than ten bytes".into())
+    }
+
+    fn int(&mut self) -> Result<i32, String> {
+        let n = self.long()?;
+        i32::try_from(n).map_err(|_| format!("{n} does not fit an int"))
+    }
+
+    fn bytes(&mut self) -> Result<&'a [u8], String> {
+        let n = self.long()?;
+        let n = usize::try_from(n).map_err(|_| format!("negative length {n}"))?;
+        self.take(n)
+    }
+
+    fn string(&mut self) -> Result<&'a str, String> {
+        std::str::from_utf8(self.bytes()?).map_err(|e| format!("string is not UTF-8: {e}"))
+    }
+
+    /// The count of the next block of an array or map, `None` at the end. A block's count
+    /// may not exceed the bytes left (each item takes at least one), unless its items
+    /// take none.
+    fn block(&mut self, empty_items: bool) -> Result<Option<usize>, String> {
+        let n = self.long()?;
+        if n == 0 {
+            return Ok(None);
         }
-        Avro::Uuid(u) => Value::String(u.to_string()),
+        if n < 0 {
+            // A negative count is followed by the block's size in bytes.
+            let size = self.long()?;
+            if size < 0 {
+                return Err(format!("negative block size {size}"));
+            }
+        }
+        let count = usize::try_from(n.unsigned_abs()).map_err(|_| format!("count {n} is out of range"))?;
+        if !empty_items && count > self.left() {
+            return Err(format!("a block claims {count} items, {} bytes left", self.left()));
+        }
+        Ok(Some(count))
     }
 }
 
@@ -304,18 +436,49 @@ fn float(f: f64) -> Value {
     Number::from_f64(f).map_or_else(|| Value::String(f.to_string()), Value::Number)
 }
 
-fn bytes(b: &[u8]) -> Value {
-    Value::Array(b.iter().map(|&x| Value::from(x)).collect())
+fn base64(b: &[u8]) -> Value {
+    use base64::Engine as _;
+    Value::String(base64::engine::general_purpose::STANDARD.encode(b))
 }
 
-fn num_bigint_bytes(d: apache_avro::Decimal) -> Vec<u8> {
-    <Vec<u8>>::try_from(d).unwrap_or_default()
+fn uuid_text(b: &[u8]) -> String {
+    let hex = hex::encode(b);
+    format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
+}
+
+/// A decimal's unscaled big-endian two's-complement bytes, with its scale, as a decimal
+/// string; base64 of the bytes when they do not fit 128 bits.
+fn decimal(unscaled: &[u8], scale: usize) -> Value {
+    if unscaled.is_empty() || unscaled.len() > 16 {
+        return base64(unscaled);
+    }
+    let fill = if unscaled[0] & 0x80 != 0 { 0xff } else { 0 };
+    let mut wide = [fill; 16];
+    wide[16 - unscaled.len()..].copy_from_slice(unscaled);
+    let n = i128::from_be_bytes(wide);
+    let digits = n.unsigned_abs().to_string();
+    let sign = if n < 0 { "-" } else { "" };
+    if scale == 0 {
+        return Value::String(format!("{sign}{digits}"));
+    }
+    let padded = format!("{digits:0>width$}", width = scale + 1);
+    let (whole, fraction) = padded.split_at(padded.len() - scale);
+    Value::String(format!("{sign}{whole}.{fraction}"))
+}
+
+/// Encodes `json` as an Avro datum of `schema` (objects become records, values are
+/// matched to union branches and widened where the schema asks): the producer side, for
+/// `eo produce --avro` and tests.
+pub fn avro_from_json(schema: &Schema, json: Value) -> Result<Vec<u8>, String> {
+    let value = apache_avro::types::Value::from(json).resolve(schema).map_err(|e| e.to_string())?;
+    apache_avro::to_avro_datum(schema, value).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use apache_avro::to_avro_datum;
+    use apache_avro::types::Value as Avro;
 
     const ORDER: &str = r#"{"type":"record","name":"Order","fields":[
         {"name":"order_id","type":"string"},
@@ -338,6 +501,18 @@ mod tests {
         to_avro_datum(&schema, value).unwrap()
     }
 
+    /// A zig-zag varint, as the encoder writes it.
+    fn varint(n: i64) -> Vec<u8> {
+        let mut z = ((n << 1) ^ (n >> 63)) as u64;
+        let mut out = Vec::new();
+        while z >= 0x80 {
+            out.push((z as u8) | 0x80);
+            z >>= 7;
+        }
+        out.push(z as u8);
+        out
+    }
+
     #[test]
     fn a_framed_datum_decodes_to_json() {
         let framed = confluent_framed(7, &order_body());
@@ -346,7 +521,30 @@ mod tests {
         let json = AvroSchema::parse(ORDER).unwrap().decode(schema_id, body).unwrap();
         assert_eq!(
             json,
-            serde_json::json!({"order_id":"o-1","amount":42,"note":"gift","status":"PAID","tags":["a"],"raw":[1,2]})
+            serde_json::json!({"order_id":"o-1","amount":42,"note":"gift","status":"PAID","tags":["a"],"raw":"AQI="})
+        );
+    }
+
+    #[test]
+    fn logical_types_decode_to_their_documented_forms() {
+        let text = r#"{"type":"record","name":"L","fields":[
+            {"name":"price","type":{"type":"bytes","logicalType":"decimal","precision":9,"scale":2}},
+            {"name":"neg","type":{"type":"fixed","name":"F","size":2,"logicalType":"decimal","precision":4,"scale":1}},
+            {"name":"at","type":{"type":"long","logicalType":"timestamp-millis"}},
+            {"name":"id","type":{"type":"string","logicalType":"uuid"}},
+            {"name":"x","type":"double"}]}"#;
+        let schema = AvroSchema::parse(text).unwrap();
+        let mut body = varint(2);
+        body.extend([0x04, 0xd2]); // 1234, scale 2
+        body.extend([0xff, 0x85]); // -123, scale 1
+        body.extend(varint(1_700_000_000_000));
+        let id = "7d444840-9dc0-11d1-b245-5ffdce74fad2";
+        body.extend(varint(id.len() as i64));
+        body.extend(id.as_bytes());
+        body.extend(f64::NAN.to_le_bytes());
+        assert_eq!(
+            schema.decode(1, &body).unwrap(),
+            serde_json::json!({"price":"12.34","neg":"-12.3","at":1_700_000_000_000i64,"id":id,"x":"NaN"})
         );
     }
 
@@ -358,9 +556,11 @@ mod tests {
         assert_eq!(confluent_frame(&[0, 0, 0, 0, 1]).unwrap_err().reason(), "payload_truncated");
         let schema = AvroSchema::parse(ORDER).unwrap();
         let body = order_body();
-        // Cut short, or with bytes after it.
-        let short = schema.decode(1, &body[..body.len() - 1]).unwrap_err();
-        assert_eq!(short.reason(), "payload_schema_mismatch", "{short}");
+        // Cut anywhere (inside a string too), or with bytes after it.
+        for cut in 1..body.len() {
+            let err = schema.decode(1, &body[..cut]).unwrap_err();
+            assert_eq!(err.reason(), "payload_schema_mismatch", "cut at {cut}: {err}");
+        }
         let mut long = body.clone();
         long.push(0);
         let err = schema.decode(1, &long).unwrap_err();
@@ -368,28 +568,55 @@ mod tests {
     }
 
     #[test]
-    fn a_forged_length_is_refused_without_reserving_it() {
-        // An array whose block claims 2^40 items of nothing.
-        let schema = AvroSchema::parse(r#"{"type":"array","items":"null"}"#).unwrap();
-        let mut body = Vec::new();
-        let mut n: u64 = (1u64 << 40) << 1; // zig-zag of a positive count
-        while n >= 0x80 {
-            body.push((n as u8) | 0x80);
-            n >>= 7;
-        }
-        body.push(n as u8);
-        let err = schema.decode(3, &body).unwrap_err();
-        assert_eq!(err.reason(), "payload_schema_mismatch", "{err}");
+    fn a_string_cut_by_the_end_of_the_value_is_refused_not_read_as_null() {
+        // apache-avro's own decoder reads this as {"s": null}.
+        let schema =
+            AvroSchema::parse(r#"{"type":"record","name":"R","fields":[{"name":"s","type":"string"}]}"#).unwrap();
+        let err = schema.decode(1, &[0x0a, b'a', b'b']).unwrap_err();
+        assert!(err.to_string().contains("needs 5 bytes, 2 left"), "{err}");
     }
 
     #[test]
-    fn recursive_schemas_are_refused_and_shared_types_are_not() {
-        let list = r#"{"type":"record","name":"Node","fields":[{"name":"next","type":["null","Node"]}]}"#;
-        let schema = AvroSchema::parse(list).unwrap();
-        let err = schema.decode(9, &[2, 2, 2, 0]).unwrap_err();
-        assert_eq!(err.reason(), "schema_unsupported");
-        // Debezium's envelope names its row type once and refers to it again: not recursion.
-        let envelope = r#"{"type":"record","name":"Envelope","fields":[
+    fn forged_counts_are_refused_before_anything_is_reserved() {
+        // Arrays and maps claiming 2^40 items in a few bytes (the count is checked
+        // against the bytes left, so nothing is reserved for them).
+        for text in [r#"{"type":"array","items":"long"}"#, r#"{"type":"map","values":"long"}"#] {
+            let schema = AvroSchema::parse(text).unwrap();
+            let err = schema.decode(3, &varint(1 << 40)).unwrap_err();
+            assert!(err.to_string().contains("claims 1099511627776 items"), "{text}: {err}");
+        }
+        // Items that take no bytes are bounded by count instead.
+        let schema = AvroSchema::parse(r#"{"type":"array","items":"null"}"#).unwrap();
+        let err = schema.decode(3, &varint(1 << 40)).unwrap_err();
+        assert_eq!(err.reason(), "payload_schema_mismatch", "{err}");
+        let mut ok = varint(3);
+        ok.push(0);
+        assert_eq!(schema.decode(3, &ok).unwrap(), serde_json::json!([null, null, null]));
+        // A length beyond the value, a negative one, an over-long varint.
+        let bytes = AvroSchema::parse(r#""bytes""#).unwrap();
+        assert!(bytes.decode(1, &varint(1 << 40)).is_err());
+        assert!(bytes.decode(1, &varint(-1)).is_err());
+        assert!(bytes.decode(1, &[0xff; 11]).is_err());
+    }
+
+    #[test]
+    fn recursive_schemas_decode_within_the_depth_bound() {
+        let list = AvroSchema::parse(
+            r#"{"type":"record","name":"Node","fields":[{"name":"v","type":"int"},{"name":"next","type":["null","Node"]}]}"#,
+        )
+        .unwrap();
+        // v=1 -> v=2 -> end
+        let json = list.decode(9, &[2, 2, 4, 0]).unwrap();
+        assert_eq!(json, serde_json::json!({"v": 1, "next": {"v": 2, "next": null}}));
+        // A million levels deep: refused at the bound, not a stack overflow.
+        let mut deep = Vec::new();
+        for _ in 0..1_000_000 {
+            deep.extend([2, 2]);
+        }
+        let err = list.decode(9, &deep).unwrap_err();
+        assert!(err.to_string().contains("nested deeper than"), "{err}");
+        // Debezium's envelope names its row type once and refers to it again.
+        let envelope = r#"{"type":"record","name":"Envelope","namespace":"db.users","fields":[
             {"name":"before","type":["null",{"type":"record","name":"Value","fields":[{"name":"id","type":"int"}]}]},
             {"name":"after","type":["null","Value"]},
             {"name":"op","type":"string"}]}"#;
@@ -397,6 +624,26 @@ mod tests {
         // before: null; after: {id: 5}; op: "c"
         let json = schema.decode(2, &[0, 2, 10, 2, b'c']).unwrap();
         assert_eq!(json, serde_json::json!({"before": null, "after": {"id": 5}, "op": "c"}));
+    }
+
+    #[test]
+    fn the_decoder_reads_what_apache_avro_writes() {
+        let text = r#"{"type":"record","name":"All","fields":[
+            {"name":"b","type":"boolean"},{"name":"i","type":"int"},{"name":"l","type":"long"},
+            {"name":"f","type":"float"},{"name":"d","type":"double"},{"name":"s","type":"string"},
+            {"name":"m","type":{"type":"map","values":"int"}},
+            {"name":"e","type":{"type":"enum","name":"E","symbols":["A","B","C"]}},
+            {"name":"x","type":{"type":"fixed","name":"X","size":3}},
+            {"name":"u","type":["null","long","string"]}]}"#;
+        let schema = AvroSchema::parse(text).unwrap();
+        let json = serde_json::json!({"b":true,"i":-7,"l":1i64<<40,"f":1.5,"d":-2.25,"s":"ünï","m":{"k":3},
+            "e":"C","x":"\u{1}\u{2}\u{3}","u":"txt"});
+        let body = avro_from_json(schema.schema(), json).unwrap();
+        assert_eq!(
+            schema.decode(1, &body).unwrap(),
+            serde_json::json!({"b":true,"i":-7,"l":1i64<<40,"f":1.5,"d":-2.25,"s":"ünï","m":{"k":3},
+                "e":"C","x":"AQID","u":"txt"})
+        );
     }
 
     #[test]
@@ -436,8 +683,14 @@ mod tests {
     }
 
     #[test]
-    fn floats_json_cannot_hold_are_named() {
-        assert_eq!(avro_to_json(Avro::Double(f64::NAN)), Value::String("NaN".into()));
-        assert_eq!(avro_to_json(Avro::Float(1.5)), serde_json::json!(1.5));
+    fn json_encodes_to_avro_and_back() {
+        let schema = AvroSchema::parse(ORDER).unwrap();
+        let json = serde_json::json!({"order_id":"o-2","amount":7,"note":null,"status":"NEW","tags":[],"raw":[9]});
+        let body = avro_from_json(schema.schema(), json).unwrap();
+        assert_eq!(
+            schema.decode(1, &body).unwrap(),
+            serde_json::json!({"order_id":"o-2","amount":7,"note":null,"status":"NEW","tags":[],"raw":"CQ=="})
+        );
+        assert!(avro_from_json(schema.schema(), serde_json::json!({"order_id": 1})).is_err());
     }
 }

@@ -41,6 +41,10 @@ interface Settings {
   redisSecretArn: string;
   clickhouseUrl: string;
   clickhouseUser: string;
+  /** Optional: a schema registry with Confluent's REST API, for Avro values; "" for none. */
+  schemaRegistryUrl: string;
+  /** Optional: a secret whose JSON has the registry's `username` and `password`; "" for none. */
+  schemaRegistrySecretArn: string;
   consumerGroupPrefix: string;
   startingPosition: "TRIM_HORIZON" | "LATEST";
   batchSize: number;
@@ -67,7 +71,7 @@ function settings(app: App): Settings {
   };
   const keys: (keyof Settings)[] = [
     "mskClusterArn", "vpcId", "availabilityZones", "subnetIds", "securityGroupIds", "databaseSecretArn",
-    "clickhouseSecretArn", "redisUrl", "redisMode", "redisSecretArn", "clickhouseUrl", "clickhouseUser", "consumerGroupPrefix", "startingPosition",
+    "clickhouseSecretArn", "redisUrl", "redisMode", "redisSecretArn", "clickhouseUrl", "clickhouseUser", "schemaRegistryUrl", "schemaRegistrySecretArn", "consumerGroupPrefix", "startingPosition",
     "batchSize", "maxBatchingWindowSeconds", "maxRetryAttempts", "maxRecordAgeSeconds", "bisectOnError",
     "reportBatchItemFailures", "minimumPollers", "maximumPollers", "architecture", "memorySize", "timeoutSeconds", "logRetentionDays", "outboxDrainSchedule", "artifactsDir",
   ];
@@ -83,6 +87,12 @@ function settings(app: App): Settings {
   }
   if (s.redisSecretArn !== "" && !/^arn:aws[a-z-]*:secretsmanager:/.test(s.redisSecretArn)) {
     throw new Error(`redisSecretArn is not a Secrets Manager ARN: ${s.redisSecretArn}`);
+  }
+  if (s.schemaRegistrySecretArn !== "" && !/^arn:aws[a-z-]*:secretsmanager:/.test(s.schemaRegistrySecretArn)) {
+    throw new Error(`schemaRegistrySecretArn is not a Secrets Manager ARN: ${s.schemaRegistrySecretArn}`);
+  }
+  if (/^https?:\/\/[^/]*@/.test(s.schemaRegistryUrl)) {
+    throw new Error("schemaRegistryUrl must not hold credentials: put them in schemaRegistrySecretArn");
   }
   if (!/^arn:aws[a-z-]*:kafka:[a-z0-9-]+:\d{12}:cluster\/[^/]+\/[^/]+$/.test(s.mskClusterArn)) {
     throw new Error(`mskClusterArn is not an MSK cluster ARN: ${s.mskClusterArn}`);
@@ -127,6 +137,14 @@ export class ExactlyOnceStack extends Stack {
       CLICKHOUSE_URL: s.clickhouseUrl,
       CLICKHOUSE_USER: s.clickhouseUser,
       CLICKHOUSE_PASSWORD: `{{resolve:secretsmanager:${s.clickhouseSecretArn}:SecretString:password}}`,
+      SCHEMA_REGISTRY_URL: s.schemaRegistryUrl,
+      // Basic auth stays in Secrets Manager, resolved at deploy time like the others.
+      SCHEMA_REGISTRY_USERNAME: s.schemaRegistrySecretArn
+        ? `{{resolve:secretsmanager:${s.schemaRegistrySecretArn}:SecretString:username}}`
+        : "",
+      SCHEMA_REGISTRY_PASSWORD: s.schemaRegistrySecretArn
+        ? `{{resolve:secretsmanager:${s.schemaRegistrySecretArn}:SecretString:password}}`
+        : "",
       MSK_CLUSTER_ARN: s.mskClusterArn,
       KAFKA_AUTH: "iam",
       // The function answers partial batch responses exactly when its mapping reads them.

@@ -125,3 +125,21 @@ test("Redis mode and address reach every function, with no secret in the templat
   }
   assert.ok(checked >= functions.length, `only ${checked} functions carry REDIS_URL`);
 });
+
+test("the schema registry's address reaches every function, its credentials only by reference", () => {
+  let checked = 0;
+  for (const [, fn] of ofType("AWS::Lambda::Function")) {
+    const vars = fn.Properties.Environment?.Variables ?? {};
+    if (!("REDIS_URL" in vars)) continue;
+    checked += 1;
+    assert.equal(vars.SCHEMA_REGISTRY_URL, context.schemaRegistryUrl);
+    for (const v of ["SCHEMA_REGISTRY_USERNAME", "SCHEMA_REGISTRY_PASSWORD"]) {
+      if (context.schemaRegistrySecretArn === "") {
+        assert.equal(vars[v], "", v);
+      } else {
+        assert.ok(json(vars[v]).includes("resolve:secretsmanager"), `${v} is resolved at deploy time`);
+      }
+    }
+  }
+  assert.ok(checked >= functions.length, `only ${checked} functions carry the registry's address`);
+});

@@ -169,6 +169,7 @@ pub const VARIABLES: &[Var] = &[
         "false",
         "Lambda: answer a partly failed batch with `batchItemFailures` instead of an error. Set it only with `FunctionResponseTypes: [ReportBatchItemFailures]` on the mapping (the template and the CDK app set both by default).",
     ),
+    var("LAMBDA_EVENT_RECORD_FORMAT", "JSON", "Lambda, when the MSK event source mapping has a schema registry (`SchemaRegistryConfig`, records carrying `valueSchemaMetadata`): its `EventRecordFormat`. `JSON`: the mapping decoded each value into JSON text, read as it is. `SOURCE`: each value is the producer's datum with the registry's frame removed, decoded here with the schema `valueSchemaMetadata.schemaId` names. Set both from one parameter (the template and the CDK app do)."),
     var("LOG_FORMAT", "text", "`text` or `json`; Lambda always logs JSON."),
 ];
 
@@ -566,10 +567,38 @@ pub struct GuardConfig {
     pub id_format: crate::event_id::IdFormatSetting,
     /// `EVENT_ID_FORMAT_RECHECK_SECS`.
     pub id_format_recheck: Duration,
+    /// `LAMBDA_EVENT_RECORD_FORMAT`: what a value carrying the event source mapping's
+    /// schema metadata is.
+    pub event_record_format: EventRecordFormat,
+}
+
+/// What a Lambda event source mapping with a schema registry delivers as a record's value
+/// (its `EventRecordFormat`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EventRecordFormat {
+    /// The value decoded by the mapping into JSON text.
+    #[default]
+    Json,
+    /// The producer's datum, its registry frame (magic byte, schema id) removed; the
+    /// schema id is in the record's `valueSchemaMetadata`.
+    Source,
+}
+
+impl FromStr for EventRecordFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "JSON" => Ok(EventRecordFormat::Json),
+            "SOURCE" => Ok(EventRecordFormat::Source),
+            other => Err(format!("`{other}` is not an event record format: use JSON or SOURCE")),
+        }
+    }
 }
 
 impl GuardConfig {
-    /// Reads `GUARD_*`, `KAFKA_DEDUP_TTL_SECONDS` and `EVENT_ID_FORMAT*`.
+    /// Reads `GUARD_*`, `KAFKA_DEDUP_TTL_SECONDS`, `EVENT_ID_FORMAT*` and
+    /// `LAMBDA_EVENT_RECORD_FORMAT`.
     pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
         Ok(Self {
             lease_ttl: millis(env, "GUARD_LEASE_TTL_MS")?,
@@ -592,6 +621,7 @@ impl GuardConfig {
             dead_letter_payload_mismatch: read(env, "GUARD_DEAD_LETTER_PAYLOAD_MISMATCH")?,
             id_format: read(env, "EVENT_ID_FORMAT")?,
             id_format_recheck: secs(env, "EVENT_ID_FORMAT_RECHECK_SECS")?,
+            event_record_format: read(env, "LAMBDA_EVENT_RECORD_FORMAT")?,
             max_subtransactions: {
                 let n: usize = positive(env, "GUARD_MAX_SUBTRANSACTIONS")?;
                 if n > Self::SUBTRANSACTION_CACHE {

@@ -89,6 +89,13 @@ pub trait Handler: Send + Sync + 'static {
         let _ = n;
         None
     }
+
+    /// The Avro schema (JSON text) its samples can be written with, for
+    /// `eo produce --avro`: each sample (JSON) is encoded with it and framed for the
+    /// registry. `None`: the samples exist only as they are.
+    fn sample_avro_schema(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// A handler's failure, classified.

@@ -23,7 +23,7 @@ use exactly_once_core::payload::AvroSchema;
 use tokio::sync::OnceCell;
 
 use crate::breaker::CircuitBreaker;
-use crate::config::{redact_url, RegistryConfig, Secret};
+use crate::config::{RegistryConfig, Secret};
 
 /// A schema the registry returned, ready to decode with.
 #[derive(Debug)]
@@ -39,7 +39,7 @@ pub enum LookupError {
     #[error("schema registry has no schema with id {0}")]
     Unknown(u32),
     /// The registry's schema is of a type not decoded here.
-    #[error("schema {id} is of type {schema_type}, not decoded here (Avro is)")]
+    #[error("schema {id} is {schema_type}, not decoded here (Avro without references is)")]
     Unsupported {
         /// The schema's id.
         id: u32,
@@ -86,7 +86,7 @@ pub struct SchemaRegistry {
 
 impl std::fmt::Debug for SchemaRegistry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SchemaRegistry").field("url", &self.base.as_ref().map(|u| u.as_str())).finish()
+        f.debug_struct("SchemaRegistry").field("host", &self.host()).finish()
     }
 }
 
@@ -97,10 +97,16 @@ impl SchemaRegistry {
         let (base, auth) = match config.url.as_ref().map(|u| u.expose()).filter(|u| !u.is_empty()) {
             None => (None, None),
             Some(raw) => {
-                let mut url = reqwest::Url::parse(raw)
-                    .map_err(|e| format!("SCHEMA_REGISTRY_URL is not a URL ({e}): {}", redact_url(raw)))?;
+                // The URL is never echoed: a password with a `/` in it (base64 API
+                // secrets have them) breaks parsing, or moves the secret into the path.
+                const HINT: &str = "percent-encode `/`, `@` and `:` in the user and password (%2F, %40, %3A), or use SCHEMA_REGISTRY_USERNAME and SCHEMA_REGISTRY_PASSWORD";
+                let mut url =
+                    reqwest::Url::parse(raw).map_err(|e| format!("SCHEMA_REGISTRY_URL is not a URL ({e}); {HINT}"))?;
                 if !matches!(url.scheme(), "http" | "https") {
-                    return Err(format!("SCHEMA_REGISTRY_URL must be http:// or https://: {}", redact_url(raw)));
+                    return Err(format!("SCHEMA_REGISTRY_URL must be http:// or https://; {HINT}"));
+                }
+                if url.path().contains('@') {
+                    return Err(format!("SCHEMA_REGISTRY_URL has an `@` in its path; {HINT}"));
                 }
                 // Credentials in the URL become the Authorization header, and leave it.
                 let mut auth = None;
@@ -136,6 +142,11 @@ impl SchemaRegistry {
             breaker: CircuitBreaker::new("schema_registry", config.breaker),
             fetches: AtomicU64::new(0),
         })
+    }
+
+    /// The registry's host, for logs (never the whole URL).
+    fn host(&self) -> &str {
+        self.base.as_ref().and_then(|u| u.host_str()).unwrap_or("-")
     }
 
     /// Whether `SCHEMA_REGISTRY_URL` is set.
@@ -188,6 +199,40 @@ impl SchemaRegistry {
         result
     }
 
+    /// Registers `schema` (Avro, as JSON text) under `subject` (`<topic>-value` in
+    /// Confluent's default naming) and returns its id: the producer side, for
+    /// `eo produce --avro`. Not behind the breaker: an operator's command, not the guard.
+    pub async fn register(&self, subject: &str, schema: &str) -> Result<u32, String> {
+        let base = self.base.as_ref().ok_or("SCHEMA_REGISTRY_URL is not set")?;
+        let mut url = base.clone();
+        url.path_segments_mut()
+            .map_err(|()| "SCHEMA_REGISTRY_URL cannot be a base URL".to_owned())?
+            .pop_if_empty()
+            .extend(["subjects", subject, "versions"]);
+        let mut request = self
+            .http
+            .post(url)
+            .header("content-type", "application/vnd.schemaregistry.v1+json")
+            .body(serde_json::json!({ "schema": schema }).to_string());
+        if let Some((user, password)) = &self.auth {
+            request = request.basic_auth(user, Some(password.expose()));
+        }
+        let response = request.send().await.map_err(|e| format!("schema registry: {}", e.without_url()))?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(|e| format!("schema registry: {}", e.without_url()))?;
+        if !status.is_success() {
+            let text = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+            return Err(format!("schema registry refused the schema for `{subject}`: HTTP {status}: {text}"));
+        }
+        #[derive(serde::Deserialize)]
+        struct Registered {
+            id: u32,
+        }
+        serde_json::from_slice::<Registered>(&body)
+            .map(|r| r.id)
+            .map_err(|e| format!("schema registry answered without an id: {e}"))
+    }
+
     async fn fetch(&self, id: u32) -> Result<Arc<RegistrySchema>, LookupError> {
         let base = self.base.as_ref().ok_or_else(|| {
             LookupError::Unavailable("SCHEMA_REGISTRY_URL is not set, but a function's values need a registry".into())
@@ -219,33 +264,65 @@ impl SchemaRegistry {
                 )));
             }
         };
+        let text = || String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
         if status == reqwest::StatusCode::NOT_FOUND {
-            // The registry answered: it is up, the id is unknown.
-            permit.success();
-            return Err(LookupError::Unknown(id));
+            // Only the registry's own "schema not found" (error code 40403) blames the
+            // record; any other 404 (a wrong base path, a proxy) is the deployment's.
+            #[derive(serde::Deserialize)]
+            struct Refusal {
+                error_code: Option<i64>,
+            }
+            if serde_json::from_slice::<Refusal>(&body).ok().and_then(|r| r.error_code) == Some(40403) {
+                permit.success();
+                return Err(LookupError::Unknown(id));
+            }
+            permit.failure();
+            tracing::warn!(registry = self.host(), schema_id = id, "schema registry answered 404 without its error code 40403: is SCHEMA_REGISTRY_URL the registry's base URL?");
+            return Err(LookupError::Unavailable(format!(
+                "HTTP 404 for schema {id}, not from a schema registry: {}",
+                text()
+            )));
         }
         if !status.is_success() {
             // Refused credentials are an operator's problem, not the record's: retried.
             permit.failure();
-            let text = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
-            tracing::warn!(registry = %base, schema_id = id, status = status.as_u16(), "schema registry refused a lookup");
-            return Err(LookupError::Unavailable(format!("HTTP {status} for schema {id}: {text}")));
+            tracing::warn!(
+                registry = self.host(),
+                schema_id = id,
+                status = status.as_u16(),
+                "schema registry refused a lookup"
+            );
+            return Err(LookupError::Unavailable(format!("HTTP {status} for schema {id}: {}", text())));
         }
-        permit.success();
         #[derive(serde::Deserialize)]
         struct Answer {
             schema: String,
             #[serde(rename = "schemaType")]
             schema_type: Option<String>,
+            #[serde(default)]
+            references: Vec<serde_json::Value>,
         }
-        let answer: Answer = serde_json::from_slice(&body)
-            .map_err(|e| LookupError::Invalid { id, message: format!("answer is not a schema: {e}") })?;
+        let answer: Answer = match serde_json::from_slice(&body) {
+            Ok(a) => a,
+            Err(e) => {
+                // A login page or a proxy's answer: not a registry speaking.
+                permit.failure();
+                return Err(LookupError::Unavailable(format!(
+                    "answer for schema {id} is not a registry's ({e}): {}",
+                    text()
+                )));
+            }
+        };
+        permit.success();
         match answer.schema_type.as_deref().unwrap_or("AVRO") {
             "AVRO" => {}
             other => return Err(LookupError::Unsupported { id, schema_type: other.to_owned() }),
         }
+        if !answer.references.is_empty() {
+            return Err(LookupError::Unsupported { id, schema_type: "AVRO with references to other schemas".into() });
+        }
         let schema = AvroSchema::parse(&answer.schema).map_err(|message| LookupError::Invalid { id, message })?;
-        tracing::info!(registry = %base, schema_id = id, "schema fetched from the registry");
+        tracing::info!(registry = self.host(), schema_id = id, "schema fetched from the registry");
         Ok(Arc::new(RegistrySchema::Avro(schema)))
     }
 }
@@ -288,6 +365,11 @@ mod tests {
         assert!(!format!("{r:?}").contains("cret"));
         let err = SchemaRegistry::new(&config(&[("SCHEMA_REGISTRY_URL", "ftp://u:hunter2@h")])).unwrap_err();
         assert!(!err.contains("hunter2"), "{err}");
+        // A secret with a `/` in it, unencoded: never echoed, whichever way it breaks.
+        for url in ["https://KEY:ab/cdsecret@reg.example", "https://KEY:123/cdsecret@reg.example"] {
+            let err = SchemaRegistry::new(&config(&[("SCHEMA_REGISTRY_URL", url)])).unwrap_err();
+            assert!(!err.contains("cdsecret") && err.contains("percent-encode"), "{err}");
+        }
         assert!(!SchemaRegistry::new(&config(&[])).unwrap().is_configured());
     }
 

@@ -11,9 +11,14 @@
 //! restart is the same event; the `idempotency_key` header wins when present. The
 //! position alone is not enough: a snapshot (`op: "r"`) reads every row of a table at
 //! one LSN, and a transaction's changes may share one, so only the key tells them apart.
+//!
+//! The envelope arrives as JSON or, as Debezium is usually set up (its Avro converter
+//! with a schema registry), as Avro in Confluent's wire format: both are read
+//! (`ValueFormat::confluent_or_json()`), and a change has the same id in either, so a
+//! connector switched from one converter to the other does not apply a change twice.
 
 use exactly_once::clickhouse::Row;
-use exactly_once::{async_trait, Event, FunctionSpec, Handler, HandlerContext, HandlerError, IdStrategy};
+use exactly_once::{async_trait, Event, FunctionSpec, Handler, HandlerContext, HandlerError, IdStrategy, ValueFormat};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_repr::Serialize_repr;
@@ -22,6 +27,27 @@ pub const NAME: &str = "cdc";
 pub const TOPICS: &[&str] = &["cdc-changes"];
 pub const TABLE: &str = "cdc_rows";
 pub const CLICKHOUSE_DDL: &str = include_str!("../../../migrations/clickhouse/cdc_rows.sql");
+
+/// The samples' envelope in Avro, shaped as Debezium's Avro converter writes a change of
+/// the `users` table (its row type named once, referred to again for `after`; the source
+/// block cut to the fields read here).
+pub const SAMPLE_AVRO_SCHEMA: &str = r#"{
+  "type": "record", "name": "Envelope", "namespace": "dbserver1.public.users",
+  "fields": [
+    {"name": "before", "type": ["null", {"type": "record", "name": "Value", "fields": [
+      {"name": "id", "type": "long"},
+      {"name": "email", "type": "string"},
+      {"name": "version", "type": "long"}]}], "default": null},
+    {"name": "after", "type": ["null", "Value"], "default": null},
+    {"name": "source", "type": {"type": "record", "name": "Source", "namespace": "io.debezium.connector.postgresql",
+      "fields": [
+        {"name": "table", "type": "string"},
+        {"name": "lsn", "type": ["null", "long"], "default": null},
+        {"name": "ts_ms", "type": "long"}]}},
+    {"name": "op", "type": "string"},
+    {"name": "ts_ms", "type": ["null", "long"], "default": null}
+  ]
+}"#;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize_repr)]
 #[repr(i8)]
@@ -95,10 +121,11 @@ impl Handler for Cdc {
             ]),
         )
         .clickhouse_ddl(CLICKHOUSE_DDL)
+        .values(ValueFormat::confluent_or_json())
     }
 
     async fn handle(&self, event: &Event, ctx: &mut HandlerContext<'_>) -> Result<(), HandlerError> {
-        let change: Change = serde_json::from_slice(event.value_bytes())?;
+        let change: Change = ctx.payload()?;
         // Deletes carry the old image; everything else the new one.
         let image = match change.op {
             Op::Delete => change.before.as_ref(),
@@ -123,6 +150,10 @@ impl Handler for Cdc {
         ctx.clickhouse(TABLE, row)
     }
 
+    fn sample_avro_schema(&self) -> Option<&'static str> {
+        Some(SAMPLE_AVRO_SCHEMA)
+    }
+
     fn sample(&self, n: u64) -> Option<Vec<u8>> {
         // Rows 0..50 of `users`: created, then updated, now and then deleted.
         let id = n % 50;
@@ -141,5 +172,24 @@ impl Handler for Cdc {
             .to_string()
             .into_bytes(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use exactly_once::payload::{avro_from_json, AvroSchema};
+
+    #[test]
+    fn every_sample_encodes_in_the_avro_envelope_and_decodes_back() {
+        let schema = AvroSchema::parse(SAMPLE_AVRO_SCHEMA).expect("the sample schema parses");
+        for n in [0, 1, 49, 50, 200, 249] {
+            let json: Value = serde_json::from_slice(&Cdc.sample(n).unwrap()).unwrap();
+            let body = avro_from_json(schema.schema(), json.clone()).unwrap_or_else(|e| panic!("sample {n}: {e}"));
+            let back = schema.decode(1, &body).unwrap();
+            for field in ["op", "before", "after", "source"] {
+                assert_eq!(back[field], json[field], "sample {n}, `{field}`");
+            }
+        }
     }
 }

@@ -1,6 +1,11 @@
 //! Step 0a: values framed for a schema registry, decoded before ids are derived (an id
 //! may be a field of the decoded value).
 //!
+//! On Lambda, an event source mapping with a schema registry of its own hands records
+//! over with `valueSchemaMetadata`: as JSON text it decoded itself (`EventRecordFormat:
+//! JSON`, read as it is), or as the datum without its frame (`SOURCE`, decoded here with
+//! the schema the metadata names); `LAMBDA_EVENT_RECORD_FORMAT` says which.
+//!
 //! The batch's schema ids are looked up together, each once (the registry client
 //! caches them), so a batch waits for at most one registry round trip and usually none.
 //! A record that cannot be decoded with its schema (not framed, cut short, not matching
@@ -8,7 +13,10 @@
 //! dead-lettered; a record whose schema cannot be had now (registry down, breaker open)
 //! fails as unavailable and is retried, never dead-lettered.
 
-use exactly_once_core::payload::{confluent_frame, PayloadError};
+use exactly_once_core::event::SchemaMetadata;
+use exactly_once_core::payload::{confluent_frame, Framed, PayloadError};
+
+use crate::config::EventRecordFormat;
 
 use crate::event::Event;
 use crate::outcome::DeadLetterReason;
@@ -36,20 +44,33 @@ impl Guard {
             ValueFormat::Json => return items.iter().map(|_| Decoded::Raw).collect(),
             ValueFormat::Confluent { or_json } => or_json,
         };
-        // The frames, for records that have one and are not refused already.
+        // What to decode, for records that have something and are not refused already.
         let mut frames = Vec::with_capacity(items.len());
         for (event, rejected) in items.iter_mut() {
             let frame = match &event.value {
                 // A tombstone has nothing to decode; oversize values are refused in step 0b.
                 None => None,
                 Some(v) if rejected.is_some() || v.len() > self.config.max_value_bytes => None,
-                Some(v) => match confluent_frame(v) {
-                    Ok(f) => Some(f),
-                    Err(PayloadError::NotFramed { .. }) if or_json => None,
-                    Err(e) => {
-                        *rejected = Some(reject(e.reason(), e.to_string()));
-                        None
-                    }
+                Some(v) => match (&event.value_schema, self.config.event_record_format) {
+                    // From a Lambda event source mapping with a schema registry, which
+                    // decoded the value into JSON text itself.
+                    (Some(_), EventRecordFormat::Json) => None,
+                    // ... or passed the datum on without its frame, the id beside it.
+                    (Some(meta), EventRecordFormat::Source) => match unframed(meta, v) {
+                        Ok(f) => Some(f),
+                        Err(e) => {
+                            *rejected = Some(e);
+                            None
+                        }
+                    },
+                    (None, _) => match confluent_frame(v) {
+                        Ok(f) => Some(f),
+                        Err(PayloadError::NotFramed { .. }) if or_json => None,
+                        Err(e) => {
+                            *rejected = Some(reject(e.reason(), e.to_string()));
+                            None
+                        }
+                    },
                 },
             };
             frames.push(frame);
@@ -83,6 +104,27 @@ impl Guard {
             }
         }
         out
+    }
+}
+
+/// A value an event source mapping passed on as `SOURCE`: the datum without its frame,
+/// its schema named by the record's metadata (a Confluent registry's numeric id).
+fn unframed<'v>(meta: &SchemaMetadata, value: &'v [u8]) -> Result<Framed<'v>, Rejection> {
+    if !meta.data_format.eq_ignore_ascii_case("AVRO") {
+        return Err(reject(
+            "schema_unsupported",
+            format!("the event source mapping says the value is {}; Avro is decoded here", meta.data_format),
+        ));
+    }
+    match meta.schema_id.trim().parse::<u32>() {
+        Ok(schema_id) => Ok(Framed { schema_id, body: value }),
+        Err(_) => Err(reject(
+            "schema_unsupported",
+            format!(
+                "schema id `{}` is not a Confluent registry's number (an AWS Glue registry's ids are not supported yet)",
+                meta.schema_id
+            ),
+        )),
     }
 }
 

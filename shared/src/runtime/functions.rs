@@ -12,6 +12,7 @@ use crate::event::Record;
 use crate::guard::Guard;
 use crate::handler::{FunctionSpec, Handler};
 use crate::outcome::{EventOutcome, FailureKind, Outcome};
+use crate::payload::ValueFormat;
 use crate::sink::SinkError;
 
 /// One function as a process runs it: its spec, its handler and its guard.
@@ -108,15 +109,24 @@ impl Functions {
             let guard = Guard::new(clients, spec.name, spec.id_strategy.clone(), guard_config)
                 .map_err(|e| FunctionsError::Invalid(spec.name.to_owned(), e.to_string()))?
                 .with_values(spec.value_format);
-            if spec.value_format.needs_registry() && !clients.registry.is_configured() {
-                // Every record would wait for a registry that is not there: refuse to start.
-                return Err(FunctionsError::Invalid(
-                    spec.name.to_owned(),
-                    format!(
-                        "its values are `{}`, framed for a schema registry: set SCHEMA_REGISTRY_URL",
-                        spec.value_format.name()
-                    ),
-                ));
+            match spec.value_format {
+                ValueFormat::Confluent { or_json } if !clients.registry.is_configured() => {
+                    if !or_json {
+                        // Every record would wait for a registry that is not there.
+                        return Err(FunctionsError::Invalid(
+                            spec.name.to_owned(),
+                            format!(
+                                "its values are `{}`, framed for a schema registry: set SCHEMA_REGISTRY_URL",
+                                spec.value_format.name()
+                            ),
+                        ));
+                    }
+                    tracing::warn!(
+                        function = spec.name,
+                        "SCHEMA_REGISTRY_URL is not set: JSON values are handled, values framed for a registry wait (retried) until it is"
+                    );
+                }
+                _ => {}
             }
             if schema == Schema::Migrate && !spec.clickhouse_ddl.trim().is_empty() {
                 clients

@@ -1,15 +1,16 @@
-"""Orders in Avro, framed for a schema registry by Confluent's own Python serializer.
+"""Records in Avro, framed for a schema registry by Confluent's own Python serializer.
 
 The payload tests use this so that the bytes our decoder reads come from a client
 nobody here wrote: confluent-kafka's AvroSerializer (fastavro underneath) registers
 the schema with the registry and writes the magic byte, the schema id and the datum.
 
-    avro_orders.py encode  --registry URL [--user U --password P] < orders.jsonl
+    avro_serialize.py encode  --registry URL [--user U --password P] [--schema-file F] < records.jsonl
         prints each framed value as hex, one per line
-    avro_orders.py produce --registry URL --brokers B --topic T < orders.jsonl
+    avro_serialize.py produce --registry URL --brokers B --topic T < orders.jsonl
         produces each order to T (key: its order_id), prints how many were delivered
 
-Orders are JSON objects, one per line: {"order_id": str, "amount": int, "note": str|null}.
+Without --schema-file the records are orders, JSON objects one per line:
+{"order_id": str, "amount": int, "note": str|null}; with it, any records of that schema.
 """
 import argparse
 import json
@@ -41,17 +42,23 @@ def main():
     parser.add_argument("--password")
     parser.add_argument("--brokers")
     parser.add_argument("--topic", default="orders")
+    parser.add_argument("--schema-file")
     args = parser.parse_args()
 
     conf = {"url": args.registry}
     if args.user:
         conf["basic.auth.user.info"] = f"{args.user}:{args.password or ''}"
-    serializer = AvroSerializer(SchemaRegistryClient(conf), ORDER_SCHEMA)
+    schema = ORDER_SCHEMA
+    if args.schema_file:
+        with open(args.schema_file) as f:
+            schema = f.read()
+    serializer = AvroSerializer(SchemaRegistryClient(conf), schema)
     context = SerializationContext(args.topic, MessageField.VALUE)
     orders = [json.loads(line) for line in sys.stdin if line.strip()]
-    for o in orders:
-        o.setdefault("note", None)
-        o.setdefault("placed_at", 1_700_000_000_000)
+    if not args.schema_file:
+        for o in orders:
+            o.setdefault("note", None)
+            o.setdefault("placed_at", 1_700_000_000_000)
 
     if args.mode == "encode":
         for o in orders:

@@ -1,0 +1,169 @@
+//! What reading a value costs per event, for each format a function can declare, next to
+//! JSON: the work the guard and the handler do on the CPU before any store is asked.
+//!
+//! For the same order record (`{"order_id", "amount", "note", "tags"}`), per event:
+//! - `json`: the value parsed for the id (`/order_id`, as the payload-field strategy
+//!   does) and again into the handler's struct (`ctx.payload()` on a plain value);
+//! - `avro (confluent)`: the frame split, the datum decoded with its schema into JSON
+//!   (the guard's step 0; the schema comes from the cache, as after the first record),
+//!   the id read from it, and the struct deserialised from the decoded value.
+//!
+//! Each variant runs `rounds` times over `events` values (distinct ids); the median
+//! round gives ns per event, and the ratio is against JSON in the same run.
+
+use std::time::Instant;
+
+use exactly_once::event_id::IdFormats;
+use exactly_once::payload::{avro_from_json, confluent_frame, confluent_framed, AvroSchema};
+use exactly_once::{Event, IdStrategy};
+use serde::{Deserialize, Serialize};
+
+const ORDER_SCHEMA: &str = r#"{"type":"record","name":"Order","fields":[
+    {"name":"order_id","type":"string"},
+    {"name":"amount","type":"long"},
+    {"name":"note","type":["null","string"],"default":null},
+    {"name":"tags","type":{"type":"array","items":"string"}}]}"#;
+
+#[derive(Debug, Deserialize, PartialEq)]
+struct Order {
+    order_id: String,
+    amount: i64,
+    note: Option<String>,
+    tags: Vec<String>,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct DecodeOptions {
+    /// Values per round.
+    pub events: usize,
+    /// Rounds per format (the median is reported).
+    pub rounds: usize,
+}
+
+/// One format's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct DecodeRow {
+    pub format: String,
+    /// Bytes of an average value.
+    pub value_bytes: f64,
+    /// Median ns per event over the rounds.
+    pub ns_per_event: f64,
+    /// `ns_per_event` against JSON's, same run.
+    pub vs_json: f64,
+}
+
+/// The run's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct DecodeReport {
+    pub machine: String,
+    pub events: usize,
+    pub rounds: usize,
+    pub rows: Vec<DecodeRow>,
+}
+
+fn order(i: usize) -> serde_json::Value {
+    serde_json::json!({
+        "order_id": format!("order-{i:08}"),
+        "amount": (i as i64) * 37 % 100_000,
+        "note": match i % 3 {
+            0 => serde_json::Value::Null,
+            _ => format!("note {i}").into(),
+        },
+        "tags": ["web", "eu"],
+    })
+}
+
+/// Runs every format; fails if a format reads a value differently from JSON.
+pub fn run(opts: &DecodeOptions) -> anyhow::Result<DecodeReport> {
+    let schema = AvroSchema::parse(ORDER_SCHEMA).map_err(anyhow::Error::msg)?;
+    let ids = IdStrategy::PayloadField("/order_id".into());
+    let orders: Vec<serde_json::Value> = (0..opts.events).map(order).collect();
+    let json: Vec<Event> = orders.iter().map(|o| Event::new("orders", 0, 0).with_value(o.to_string())).collect();
+    let avro: Vec<Event> = orders
+        .iter()
+        .map(|o| {
+            let body = avro_from_json(schema.schema(), o.clone()).map_err(anyhow::Error::msg)?;
+            Ok(Event::new("orders", 0, 0).with_value(confluent_framed(1, &body)))
+        })
+        .collect::<anyhow::Result<_>>()?;
+
+    // The same reading, both ways, before anything is timed.
+    for (j, a) in json.iter().zip(&avro) {
+        anyhow::ensure!(read_json(&ids, j)? == read_avro(&ids, &schema, a)?, "Avro and JSON read differently");
+    }
+    let time = |read: &dyn Fn(&Event) -> anyhow::Result<(String, Order)>, events: &[Event]| -> anyhow::Result<f64> {
+        let mut rounds = Vec::with_capacity(opts.rounds);
+        for _ in 0..opts.rounds.max(1) {
+            let started = Instant::now();
+            for e in events {
+                std::hint::black_box(read(e)?);
+            }
+            rounds.push(started.elapsed().as_nanos() as f64 / events.len().max(1) as f64);
+        }
+        rounds.sort_by(f64::total_cmp);
+        Ok(rounds[rounds.len() / 2])
+    };
+    let json_ns = time(&|e| read_json(&ids, e), &json)?;
+    let avro_ns = time(&|e| read_avro(&ids, &schema, e), &avro)?;
+    let bytes = |events: &[Event]| {
+        events.iter().map(|e| e.value_bytes().len()).sum::<usize>() as f64 / events.len().max(1) as f64
+    };
+    Ok(DecodeReport {
+        machine: crate::machine(),
+        events: opts.events,
+        rounds: opts.rounds,
+        rows: vec![
+            DecodeRow { format: "json".into(), value_bytes: bytes(&json), ns_per_event: json_ns, vs_json: 1.0 },
+            DecodeRow {
+                format: "avro (confluent)".into(),
+                value_bytes: bytes(&avro),
+                ns_per_event: avro_ns,
+                vs_json: avro_ns / json_ns,
+            },
+        ],
+    })
+}
+
+fn read_json(ids: &IdStrategy, e: &Event) -> anyhow::Result<(String, Order)> {
+    let (id, _) = ids.derive_for(e, IdFormats::V2)?;
+    let order: Order = serde_json::from_slice(e.value_bytes())?;
+    Ok((id.to_string(), order))
+}
+
+fn read_avro(ids: &IdStrategy, schema: &AvroSchema, e: &Event) -> anyhow::Result<(String, Order)> {
+    let frame = confluent_frame(e.value_bytes())?;
+    let decoded = schema.decode(frame.schema_id, frame.body)?;
+    let (id, _) = ids.derive_decoded(e, Some(&decoded), IdFormats::V2)?;
+    let order = Order::deserialize(&decoded)?;
+    Ok((id.to_string(), order))
+}
+
+/// The table as printed.
+pub fn render(r: &DecodeReport) -> String {
+    let mut out = format!(
+        "decode cost per event ({} values, median of {} rounds; {})\n\n| format | value bytes | ns/event | vs JSON |\n|---|---|---|---|\n",
+        r.events, r.rounds, r.machine
+    );
+    for row in &r.rows {
+        out.push_str(&format!(
+            "| {} | {:.0} | {:.0} | {:.2}x |\n",
+            row.format, row.value_bytes, row.ns_per_event, row.vs_json
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_smoke_run_reads_every_format_alike_and_reports_each() {
+        let r = run(&DecodeOptions { events: 200, rounds: 3 }).unwrap();
+        assert_eq!(r.rows.len(), 2);
+        assert!(r.rows.iter().all(|row| row.ns_per_event > 0.0 && row.value_bytes > 10.0), "{r:?}");
+        assert!(r.rows[1].value_bytes < r.rows[0].value_bytes, "Avro is smaller than JSON: {r:?}");
+        assert!(render(&r).contains("avro (confluent)"));
+    }
+}
