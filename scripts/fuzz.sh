@@ -29,7 +29,7 @@ fi
 target_dir="${CARGO_TARGET_DIR:+$CARGO_TARGET_DIR/fuzz}"
 target_dir="${target_dir:-fuzz/target}"
 unset CARGO_TARGET_DIR
-targets=(msk_event msk_record event_id)
+targets=(msk_event msk_record event_id payload)
 
 case "${1:-build}" in
   build)
