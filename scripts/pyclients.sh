@@ -9,8 +9,9 @@ cd "$(dirname "$0")/.."
 
 STATE_DIR="${EO_STATE_DIR:-$HOME/.local/state/exactly-once}"
 VENV="$STATE_DIR/pyclients"
-# 2.x wheels bundle librdkafka: nothing to build. [avro] brings the registry client.
-PACKAGES=("confluent-kafka[avro]==2.16.1" "fastavro==1.13.1")
+# 2.x wheels bundle librdkafka: nothing to build. [avro,json] bring the registry client,
+# fastavro for Avro and jsonschema for JSON Schema.
+PACKAGES=("confluent-kafka[avro,json]==2.16.1" "fastavro==1.13.1")
 STAMP="$VENV/.installed"
 
 log() { printf '[pyclients] %s\n' "$*" >&2; }
@@ -27,5 +28,5 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "${PACKAGES
   printf '%s' "${PACKAGES[*]}" >"$STAMP"
 fi
 # Fails here, naming the package, rather than in a test.
-"$VENV/bin/python" -c 'import confluent_kafka, confluent_kafka.schema_registry.avro, fastavro' >&2
+"$VENV/bin/python" -c 'import confluent_kafka, confluent_kafka.schema_registry.avro, confluent_kafka.schema_registry.json_schema, fastavro' >&2
 echo "$VENV/bin/python"

@@ -83,19 +83,23 @@ fn order_line(id: &str, amount: i64) -> String {
 /// Framed values, as Confluent's serializer writes them for these orders.
 async fn encode(registry: &Registry, orders: &[(&str, i64)]) -> Vec<Vec<u8>> {
     let input: String = orders.iter().map(|(id, amount)| order_line(id, *amount)).collect();
-    let out = run_python("avro_serialize.py", &["encode", "--registry", registry.url()], &input).await;
+    let out = run_python("confluent_serialize.py", &["encode", "--registry", registry.url()], &input).await;
     out.lines().map(from_hex).collect()
 }
 
 /// Framed values of any records of `schema`, as Confluent's serializer writes them.
 async fn encode_with(registry: &Registry, schema: &str, records: &[serde_json::Value]) -> Vec<Vec<u8>> {
-    let file = std::env::temp_dir().join(format!("{}.avsc", integration_tests::unique("schema")));
+    encode_as(registry, "avro", schema, records).await
+}
+
+/// Framed values of any records of `schema`, in `format` (`avro` or `json`, a JSON Schema).
+async fn encode_as(registry: &Registry, format: &str, schema: &str, records: &[serde_json::Value]) -> Vec<Vec<u8>> {
+    let file = std::env::temp_dir().join(format!("{}.schema", integration_tests::unique("schema")));
     std::fs::write(&file, schema).unwrap();
     let input: String = records.iter().map(|r| format!("{r}\n")).collect();
     let path = file.to_string_lossy().into_owned();
-    let out =
-        run_python("avro_serialize.py", &["encode", "--registry", registry.url(), "--schema-file", &path], &input)
-            .await;
+    let args = ["encode", "--registry", registry.url(), "--format", format, "--schema-file", &path];
+    let out = run_python("confluent_serialize.py", &args, &input).await;
     let _ = std::fs::remove_file(&file);
     out.lines().map(from_hex).collect()
 }
@@ -129,7 +133,7 @@ async fn avro_orders_from_confluent_kafka_are_consumed_exactly_once_by_the_worke
         }
     }
     let sent = run_python(
-        "avro_serialize.py",
+        "confluent_serialize.py",
         &[
             "produce",
             "--registry",
@@ -390,4 +394,34 @@ async fn debezium_avro_changes_reach_cdc_and_their_json_copies_are_duplicates() 
     let report = g.run_batch(&cdc::Cdc, &json, None).await;
     assert!(report.outcomes.iter().all(|o| matches!(o.outcome, Outcome::Duplicate { .. })), "{report:?}");
     assert_eq!(env.count("SELECT count(*) FROM processed_events WHERE namespace = 'cdc'").await, 3);
+}
+
+#[tokio::test]
+async fn json_schema_values_from_confluent_kafka_are_checked_against_their_schema() {
+    let registry = Registry::start().await;
+    let env = env_with(&registry, None).await;
+    let schema = r#"{"$schema": "http://json-schema.org/draft-07/schema#", "title": "Order", "type": "object",
+        "properties": {"order_id": {"type": "string"}, "amount": {"type": "integer", "minimum": 0},
+            "note": {"type": ["string", "null"]}, "placed_at": {"type": "integer"}},
+        "required": ["order_id", "amount", "placed_at"]}"#;
+    let orders = [
+        serde_json::json!({"order_id": "js-1", "amount": 4, "note": "a", "placed_at": 7}),
+        serde_json::json!({"order_id": "js-2", "amount": 5, "note": null, "placed_at": 8}),
+    ];
+    // JSONSerializer validates, registers the schema (type JSON) and frames the text.
+    let framed = encode_as(&registry, "json", schema, &orders).await;
+    let id = u32::from_be_bytes([framed[0][1], framed[0][2], framed[0][3], framed[0][4]]);
+    // What a producer that skips validation could send under the same schema.
+    let invalid = confluent_framed(id, br#"{"order_id": "js-3", "amount": -1, "placed_at": 9}"#);
+    let not_json = confluent_framed(id, b"{\"order_id\": ");
+    let records =
+        vec![record(0, framed[0].clone()), record(1, framed[1].clone()), record(2, invalid), record(3, not_json)];
+    let report =
+        guard(&env, ValueFormat::confluent()).run_batch(&Orders(ValueFormat::confluent()), &records, None).await;
+    let dead = Outcome::DeadLettered { reason: DeadLetterReason::Undecodable("payload_schema_mismatch") };
+    let outcomes: Vec<&Outcome> = report.outcomes.iter().map(|o| &o.outcome).collect();
+    assert_eq!(outcomes, vec![&Outcome::Processed, &Outcome::Processed, &dead, &dead], "{report:?}");
+    assert_eq!(env.count("SELECT count(*) FROM orders WHERE order_id IN ('js-1', 'js-2')").await, 2);
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters WHERE error LIKE '%/amount%'").await, 1);
+    assert_eq!(registry.lookups(), 1);
 }

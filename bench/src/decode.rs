@@ -6,7 +6,9 @@
 //!   does) and again into the handler's struct (`ctx.payload()` on a plain value);
 //! - `avro (confluent)`: the frame split, the datum decoded with its schema into JSON
 //!   (the guard's step 0; the schema comes from the cache, as after the first record),
-//!   the id read from it, and the struct deserialised from the decoded value.
+//!   the id read from it, and the struct deserialised from the decoded value;
+//! - `json schema (confluent)`: the frame split, the JSON text parsed and validated
+//!   against its (cached, compiled) schema, then the id and the struct as for Avro.
 //!
 //! Each variant runs `rounds` times over `events` values (distinct ids); the median
 //! round gives ns per event, and the ratio is against JSON in the same run.
@@ -14,7 +16,7 @@
 use std::time::Instant;
 
 use exactly_once::event_id::IdFormats;
-use exactly_once::payload::{avro_from_json, confluent_frame, confluent_framed, AvroSchema};
+use exactly_once::payload::{avro_from_json, confluent_frame, confluent_framed, AvroSchema, JsonSchema};
 use exactly_once::{Event, IdStrategy};
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +25,11 @@ const ORDER_SCHEMA: &str = r#"{"type":"record","name":"Order","fields":[
     {"name":"amount","type":"long"},
     {"name":"note","type":["null","string"],"default":null},
     {"name":"tags","type":{"type":"array","items":"string"}}]}"#;
+
+const ORDER_JSON_SCHEMA: &str = r#"{"type":"object","properties":{
+    "order_id":{"type":"string"},"amount":{"type":"integer"},
+    "note":{"type":["string","null"]},"tags":{"type":"array","items":{"type":"string"}}},
+    "required":["order_id","amount","tags"]}"#;
 
 #[derive(Debug, Deserialize, PartialEq)]
 struct Order {
@@ -88,9 +95,16 @@ pub fn run(opts: &DecodeOptions) -> anyhow::Result<DecodeReport> {
         })
         .collect::<anyhow::Result<_>>()?;
 
-    // The same reading, both ways, before anything is timed.
-    for (j, a) in json.iter().zip(&avro) {
-        anyhow::ensure!(read_json(&ids, j)? == read_avro(&ids, &schema, a)?, "Avro and JSON read differently");
+    let json_schema = JsonSchema::parse(ORDER_JSON_SCHEMA).map_err(anyhow::Error::msg)?;
+    let framed_json: Vec<Event> = orders
+        .iter()
+        .map(|o| Event::new("orders", 0, 0).with_value(confluent_framed(2, o.to_string().as_bytes())))
+        .collect();
+    // The same reading, every way, before anything is timed.
+    for ((j, a), f) in json.iter().zip(&avro).zip(&framed_json) {
+        let plain = read_json(&ids, j)?;
+        anyhow::ensure!(plain == read_avro(&ids, &schema, a)?, "Avro and JSON read differently");
+        anyhow::ensure!(plain == read_json_schema(&ids, &json_schema, f)?, "JSON Schema and JSON read differently");
     }
     let time = |read: &dyn Fn(&Event) -> anyhow::Result<(String, Order)>, events: &[Event]| -> anyhow::Result<f64> {
         let mut rounds = Vec::with_capacity(opts.rounds);
@@ -106,6 +120,7 @@ pub fn run(opts: &DecodeOptions) -> anyhow::Result<DecodeReport> {
     };
     let json_ns = time(&|e| read_json(&ids, e), &json)?;
     let avro_ns = time(&|e| read_avro(&ids, &schema, e), &avro)?;
+    let json_schema_ns = time(&|e| read_json_schema(&ids, &json_schema, e), &framed_json)?;
     let bytes = |events: &[Event]| {
         events.iter().map(|e| e.value_bytes().len()).sum::<usize>() as f64 / events.len().max(1) as f64
     };
@@ -121,6 +136,12 @@ pub fn run(opts: &DecodeOptions) -> anyhow::Result<DecodeReport> {
                 ns_per_event: avro_ns,
                 vs_json: avro_ns / json_ns,
             },
+            DecodeRow {
+                format: "json schema (confluent)".into(),
+                value_bytes: bytes(&framed_json),
+                ns_per_event: json_schema_ns,
+                vs_json: json_schema_ns / json_ns,
+            },
         ],
     })
 }
@@ -132,6 +153,14 @@ fn read_json(ids: &IdStrategy, e: &Event) -> anyhow::Result<(String, Order)> {
 }
 
 fn read_avro(ids: &IdStrategy, schema: &AvroSchema, e: &Event) -> anyhow::Result<(String, Order)> {
+    let frame = confluent_frame(e.value_bytes())?;
+    let decoded = schema.decode(frame.schema_id, frame.body)?;
+    let (id, _) = ids.derive_decoded(e, Some(&decoded), IdFormats::V2)?;
+    let order = Order::deserialize(&decoded)?;
+    Ok((id.to_string(), order))
+}
+
+fn read_json_schema(ids: &IdStrategy, schema: &JsonSchema, e: &Event) -> anyhow::Result<(String, Order)> {
     let frame = confluent_frame(e.value_bytes())?;
     let decoded = schema.decode(frame.schema_id, frame.body)?;
     let (id, _) = ids.derive_decoded(e, Some(&decoded), IdFormats::V2)?;
@@ -161,7 +190,7 @@ mod tests {
     #[test]
     fn decode_smoke_run_reads_every_format_alike_and_reports_each() {
         let r = run(&DecodeOptions { events: 200, rounds: 3 }).unwrap();
-        assert_eq!(r.rows.len(), 2);
+        assert_eq!(r.rows.len(), 3);
         assert!(r.rows.iter().all(|row| row.ns_per_event > 0.0 && row.value_bytes > 10.0), "{r:?}");
         assert!(r.rows[1].value_bytes < r.rows[0].value_bytes, "Avro is smaller than JSON: {r:?}");
         assert!(render(&r).contains("avro (confluent)"));

@@ -2,7 +2,8 @@
 //!
 //! Confluent's wire format, which Confluent's serializers, Debezium's Avro converter,
 //! Redpanda, Karapace and Apicurio's compatibility API all write: one magic byte `0`, the
-//! schema id as four big-endian bytes, then the datum encoded with that schema.
+//! schema id as four big-endian bytes, then the datum encoded with that schema: an Avro
+//! datum, or JSON text for a JSON Schema ([`JsonSchema`], parsed and validated).
 //!
 //! A decoded Avro value becomes a [`serde_json::Value`], so event id strategies (JSON
 //! pointers) and handlers (serde) read Avro values exactly as they read JSON ones. The
@@ -466,6 +467,51 @@ fn decimal(unscaled: &[u8], scale: usize) -> Value {
     Value::String(format!("{sign}{whole}.{fraction}"))
 }
 
+/// A JSON Schema as the registry returned it, compiled once. Values framed with it are
+/// JSON text after the frame; each is parsed and validated.
+pub struct JsonSchema {
+    validator: jsonschema::Validator,
+}
+
+impl std::fmt::Debug for JsonSchema {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JsonSchema")
+    }
+}
+
+impl JsonSchema {
+    /// Parses and compiles the schema's text. A `$ref` outside the schema is not fetched:
+    /// it fails here.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let schema: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+        let validator = jsonschema::validator_for(&schema).map_err(|e| short(&e.to_string()))?;
+        Ok(Self { validator })
+    }
+
+    /// Parses one value written with this schema and checks it against the schema.
+    pub fn decode(&self, schema_id: u32, body: &[u8]) -> Result<Value, PayloadError> {
+        let mismatch = |message: String| PayloadError::SchemaMismatch { schema_id, message };
+        let value: Value = serde_json::from_slice(body).map_err(|e| mismatch(format!("not JSON: {e}")))?;
+        if let Err(e) = self.validator.validate(&value) {
+            let at = e.instance_path().to_string();
+            return Err(mismatch(short(&format!("at `{at}`: {e}"))));
+        }
+        Ok(value)
+    }
+}
+
+/// A validator's message, cut short (it may quote a whole value).
+fn short(message: &str) -> String {
+    if message.len() <= 300 {
+        return message.to_owned();
+    }
+    let mut end = 300;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &message[..end])
+}
+
 /// Encodes `json` as an Avro datum of `schema` (objects become records, values are
 /// matched to union branches and widened where the schema asks): the producer side, for
 /// `eo produce --avro` and tests.
@@ -680,6 +726,24 @@ mod tests {
             }
         }
         assert!(decoded > 0 && refused > 0, "decoded {decoded}, refused {refused}");
+    }
+
+    #[test]
+    fn json_schema_values_are_parsed_and_checked() {
+        let schema = JsonSchema::parse(
+            r#"{"type":"object","properties":{"order_id":{"type":"string"},"amount":{"type":"integer","minimum":0}},"required":["order_id"]}"#,
+        )
+        .unwrap();
+        let ok = schema.decode(4, br#"{"order_id":"o-1","amount":3}"#).unwrap();
+        assert_eq!(ok["order_id"], "o-1");
+        let err = schema.decode(4, br#"{"order_id":"o-1","amount":-3}"#).unwrap_err();
+        assert_eq!(err.reason(), "payload_schema_mismatch");
+        assert!(err.to_string().contains("/amount"), "{err}");
+        assert!(schema.decode(4, br#"{"amount":1}"#).is_err());
+        assert!(schema.decode(4, b"{not json").unwrap_err().to_string().contains("not JSON"));
+        // A reference the library would have to fetch is refused when compiling.
+        assert!(JsonSchema::parse(r#"{"$ref":"https://example.com/order.json"}"#).is_err());
+        assert!(JsonSchema::parse("{").is_err());
     }
 
     #[test]

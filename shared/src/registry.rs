@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use exactly_once_core::payload::AvroSchema;
+use exactly_once_core::payload::{AvroSchema, JsonSchema, PayloadError};
 use tokio::sync::OnceCell;
 
 use crate::breaker::CircuitBreaker;
@@ -30,6 +30,18 @@ use crate::config::{RegistryConfig, Secret};
 pub enum RegistrySchema {
     /// An Avro schema (`schemaType` absent or `AVRO`).
     Avro(AvroSchema),
+    /// A JSON Schema (`schemaType` `JSON`).
+    Json(JsonSchema),
+}
+
+impl RegistrySchema {
+    /// Decodes one datum written with this schema.
+    pub fn decode(&self, schema_id: u32, body: &[u8]) -> Result<serde_json::Value, PayloadError> {
+        match self {
+            RegistrySchema::Avro(s) => s.decode(schema_id, body),
+            RegistrySchema::Json(s) => s.decode(schema_id, body),
+        }
+    }
 }
 
 /// Why a schema could not be had.
@@ -39,7 +51,7 @@ pub enum LookupError {
     #[error("schema registry has no schema with id {0}")]
     Unknown(u32),
     /// The registry's schema is of a type not decoded here.
-    #[error("schema {id} is {schema_type}, not decoded here (Avro without references is)")]
+    #[error("schema {id} is {schema_type}, not decoded here (Avro and JSON Schema without references are)")]
     Unsupported {
         /// The schema's id.
         id: u32,
@@ -314,16 +326,20 @@ impl SchemaRegistry {
             }
         };
         permit.success();
-        match answer.schema_type.as_deref().unwrap_or("AVRO") {
-            "AVRO" => {}
-            other => return Err(LookupError::Unsupported { id, schema_type: other.to_owned() }),
-        }
         if !answer.references.is_empty() {
-            return Err(LookupError::Unsupported { id, schema_type: "AVRO with references to other schemas".into() });
+            return Err(LookupError::Unsupported { id, schema_type: "a schema with references to others".into() });
         }
-        let schema = AvroSchema::parse(&answer.schema).map_err(|message| LookupError::Invalid { id, message })?;
+        let schema = match answer.schema_type.as_deref().unwrap_or("AVRO") {
+            "AVRO" => RegistrySchema::Avro(
+                AvroSchema::parse(&answer.schema).map_err(|message| LookupError::Invalid { id, message })?,
+            ),
+            "JSON" => RegistrySchema::Json(
+                JsonSchema::parse(&answer.schema).map_err(|message| LookupError::Invalid { id, message })?,
+            ),
+            other => return Err(LookupError::Unsupported { id, schema_type: other.to_owned() }),
+        };
         tracing::info!(registry = self.host(), schema_id = id, "schema fetched from the registry");
-        Ok(Arc::new(RegistrySchema::Avro(schema)))
+        Ok(Arc::new(schema))
     }
 }
 

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(about = "Decode cost per event: Avro framed for a schema registry next to JSON")]
+#[command(about = "Decode cost per event: Avro and JSON Schema framed for a schema registry, next to JSON")]
 struct Args {
     /// Values per round.
     #[arg(long, default_value_t = 200_000)]

@@ -21,7 +21,6 @@ use crate::config::EventRecordFormat;
 use crate::event::Event;
 use crate::outcome::DeadLetterReason;
 use crate::payload::ValueFormat;
-use crate::registry::RegistrySchema;
 
 use super::slot::Rejection;
 use super::Guard;
@@ -84,16 +83,13 @@ impl Guard {
             };
             let schema = schemas.get(&frame.schema_id).expect("every frame's schema id was looked up");
             match schema {
-                Ok(schema) => {
-                    let RegistrySchema::Avro(avro) = schema.as_ref();
-                    match avro.decode(frame.schema_id, frame.body) {
-                        Ok(v) => out.push(Decoded::Value(v)),
-                        Err(e) => {
-                            *rejected = Some(reject(e.reason(), e.to_string()));
-                            out.push(Decoded::Raw);
-                        }
+                Ok(schema) => match schema.decode(frame.schema_id, frame.body) {
+                    Ok(v) => out.push(Decoded::Value(v)),
+                    Err(e) => {
+                        *rejected = Some(reject(e.reason(), e.to_string()));
+                        out.push(Decoded::Raw);
                     }
-                }
+                },
                 Err(e) => match e.reason() {
                     Some(reason) => {
                         *rejected = Some(reject(reason, e.to_string()));
@@ -110,10 +106,13 @@ impl Guard {
 /// A value an event source mapping passed on as `SOURCE`: the datum without its frame,
 /// its schema named by the record's metadata (a Confluent registry's numeric id).
 fn unframed<'v>(meta: &SchemaMetadata, value: &'v [u8]) -> Result<Framed<'v>, Rejection> {
-    if !meta.data_format.eq_ignore_ascii_case("AVRO") {
+    if !(meta.data_format.eq_ignore_ascii_case("AVRO") || meta.data_format.eq_ignore_ascii_case("JSON")) {
         return Err(reject(
             "schema_unsupported",
-            format!("the event source mapping says the value is {}; Avro is decoded here", meta.data_format),
+            format!(
+                "the event source mapping says the value is {}; Avro and JSON Schema are decoded here",
+                meta.data_format
+            ),
         ));
     }
     match meta.schema_id.trim().parse::<u32>() {

@@ -1,16 +1,19 @@
-"""Records in Avro, framed for a schema registry by Confluent's own Python serializer.
+"""Records framed for a schema registry by Confluent's own Python serializers.
 
 The payload tests use this so that the bytes our decoder reads come from a client
-nobody here wrote: confluent-kafka's AvroSerializer (fastavro underneath) registers
-the schema with the registry and writes the magic byte, the schema id and the datum.
+nobody here wrote: confluent-kafka's AvroSerializer (fastavro underneath) or
+JSONSerializer (jsonschema underneath; it validates first) registers the schema with
+the registry and writes the magic byte, the schema id and the datum.
 
-    avro_serialize.py encode  --registry URL [--user U --password P] [--schema-file F] < records.jsonl
+    confluent_serialize.py encode  --registry URL [--user U --password P]
+                                   [--format avro|json] [--schema-file F] < records.jsonl
         prints each framed value as hex, one per line
-    avro_serialize.py produce --registry URL --brokers B --topic T < orders.jsonl
+    confluent_serialize.py produce --registry URL --brokers B --topic T < orders.jsonl
         produces each order to T (key: its order_id), prints how many were delivered
 
-Without --schema-file the records are orders, JSON objects one per line:
-{"order_id": str, "amount": int, "note": str|null}; with it, any records of that schema.
+Without --schema-file the records are orders in Avro, JSON objects one per line:
+{"order_id": str, "amount": int, "note": str|null}; with it, any records of that
+schema, in --format (avro by default; json for a JSON Schema).
 """
 import argparse
 import json
@@ -19,6 +22,7 @@ import sys
 from confluent_kafka import Producer
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroSerializer
+from confluent_kafka.schema_registry.json_schema import JSONSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
 ORDER_SCHEMA = json.dumps({
@@ -43,6 +47,7 @@ def main():
     parser.add_argument("--brokers")
     parser.add_argument("--topic", default="orders")
     parser.add_argument("--schema-file")
+    parser.add_argument("--format", choices=["avro", "json"], default="avro")
     args = parser.parse_args()
 
     conf = {"url": args.registry}
@@ -52,7 +57,11 @@ def main():
     if args.schema_file:
         with open(args.schema_file) as f:
             schema = f.read()
-    serializer = AvroSerializer(SchemaRegistryClient(conf), schema)
+    client = SchemaRegistryClient(conf)
+    if args.format == "json":
+        serializer = JSONSerializer(schema, client)
+    else:
+        serializer = AvroSerializer(client, schema)
     context = SerializationContext(args.topic, MessageField.VALUE)
     orders = [json.loads(line) for line in sys.stdin if line.strip()]
     if not args.schema_file:
