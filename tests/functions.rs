@@ -115,9 +115,9 @@ async fn cdc_change_without_its_row_image_is_dead_lettered() {
     let env = TestEnv::new().await;
     env.clients.sink.apply_ddl(cdc::CLICKHOUSE_DDL).await.unwrap();
     let g = Guard::new(&env.clients, cdc::NAME, cdc::Cdc.spec().id_strategy, GuardConfig::default()).unwrap();
-    // Two broken changes at one LSN: without a row image there is no primary key, so no
-    // id; each is dead-lettered under its own position, neither skipped as the other's
-    // duplicate.
+    // Two broken changes at one LSN: without a row image there is no primary key, so
+    // they fall back to their positions; the handler refuses each, neither skipped as the
+    // other's duplicate.
     let broken = |offset: i64| {
         Event::new("cdc-changes", 0, offset).with_value(
             json!({"op": "u", "before": null, "after": null, "source": {"table": "users", "lsn": 7}}).to_string(),
@@ -126,10 +126,31 @@ async fn cdc_change_without_its_row_image_is_dead_lettered() {
     // With an `idempotency_key` header it has an id, and the handler rejects it.
     let keyed = broken(2).with_header("idempotency_key", "k-2");
     let r = g.run_batch(&cdc::Cdc, &[broken(0), broken(1), keyed], None).await;
-    assert_eq!(r.outcomes[0].outcome, Outcome::DeadLettered { reason: DeadLetterReason::NoId("id_missing") });
-    assert_eq!(r.outcomes[1].outcome, Outcome::DeadLettered { reason: DeadLetterReason::NoId("id_missing") });
-    assert_eq!(r.outcomes[2].outcome, Outcome::DeadLettered { reason: DeadLetterReason::Refused("payload_invalid") });
-    assert_eq!(env.count("SELECT count(*) FROM dead_letters WHERE error LIKE '%/after/id%/before/id%'").await, 2);
+    for o in &r.outcomes {
+        assert_eq!(o.outcome, Outcome::DeadLettered { reason: DeadLetterReason::Refused("payload_invalid") });
+    }
+    assert_eq!(
+        env.count(
+            "SELECT count(*) FROM dead_letters WHERE error LIKE '%without its row image%' AND event_id LIKE 'p:%'"
+        )
+        .await,
+        2
+    );
+}
+
+#[tokio::test]
+async fn a_debezium_tombstone_is_confirmed_and_writes_nothing() {
+    let env = TestEnv::new().await;
+    env.clients.sink.apply_ddl(cdc::CLICKHOUSE_DDL).await.unwrap();
+    let g = Guard::new(&env.clients, cdc::NAME, cdc::Cdc.spec().id_strategy, GuardConfig::default()).unwrap();
+    // A delete, then the tombstone Debezium sends after it (same key, null value).
+    let delete = change(0, "d", 9, 70, "gone@example.com");
+    let tombstone = Event::new("cdc-changes", 0, 1).with_key(r#"{"id":9}"#);
+    let r = g.run_batch(&cdc::Cdc, &[delete, tombstone], None).await;
+    assert!(r.outcomes.iter().all(|o| o.outcome == Outcome::Processed), "{r:?}");
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters").await, 0);
+    assert_eq!(env.count("SELECT count(*) FROM processed_events WHERE event_id = 'p:cdc-changes-0-1'").await, 1);
+    assert_eq!(env.clickhouse_count("SELECT count() FROM cdc_rows FINAL WHERE pk = '9' AND is_deleted = 1").await, 1);
 }
 
 #[test]

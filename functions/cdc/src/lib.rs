@@ -8,7 +8,9 @@
 //! "source": {"table": "users", "lsn": 123, "ts_ms": 1700000000000}}`. The row's primary
 //! key is its `id` field. The event id is the change's source position and the row's
 //! primary key (`<table>`, `<lsn>`, `<id>`), so a change re-sent by the connector after a
-//! restart is the same event; the `idempotency_key` header wins when present. The
+//! restart is the same event; the `idempotency_key` header wins when present. A
+//! tombstone (the null value Debezium sends after a delete, for compaction) is confirmed
+//! under its position and writes nothing. The
 //! position alone is not enough: a snapshot (`op: "r"`) reads every row of a table at
 //! one LSN, and a transaction's changes may share one, so only the key tells them apart.
 //!
@@ -118,6 +120,10 @@ impl Handler for Cdc {
                 // whose `after` is null, so it falls through to the second composite.
                 IdStrategy::Composite(vec!["/source/table".into(), "/source/lsn".into(), "/after/id".into()]),
                 IdStrategy::Composite(vec!["/source/table".into(), "/source/lsn".into(), "/before/id".into()]),
+                // Last: the record's position, for what carries no change to name it by:
+                // a tombstone (null value), or a broken change the handler then refuses
+                // (dead-lettered as `payload_invalid`, under its own position).
+                IdStrategy::Offset,
             ]),
         )
         .clickhouse_ddl(CLICKHOUSE_DDL)
@@ -125,6 +131,11 @@ impl Handler for Cdc {
     }
 
     async fn handle(&self, event: &Event, ctx: &mut HandlerContext<'_>) -> Result<(), HandlerError> {
+        if event.value.is_none() {
+            // Debezium's tombstone after a delete, for log compaction: the delete itself
+            // carried the change (its old image), so there is nothing to write.
+            return Ok(());
+        }
         let change: Change = ctx.payload()?;
         // Deletes carry the old image; everything else the new one.
         let image = match change.op {
