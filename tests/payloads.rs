@@ -425,3 +425,40 @@ async fn json_schema_values_from_confluent_kafka_are_checked_against_their_schem
     assert_eq!(env.count("SELECT count(*) FROM dead_letters WHERE error LIKE '%/amount%'").await, 1);
     assert_eq!(registry.lookups(), 1);
 }
+
+#[tokio::test]
+async fn without_a_registry_framed_values_are_filed_and_json_ones_flow() {
+    // `confluent_or_json()` starts without a registry (cdc does, in every deployment).
+    let env = TestEnv::new().await;
+    orders_table(&env).await;
+    let records = vec![
+        record(0, confluent_framed(1, b"\x02a")),
+        record(1, br#"{"order_id": "plain-3", "amount": 2, "note": null, "placed_at": 1}"#.to_vec()),
+    ];
+    let report = guard(&env, ValueFormat::confluent_or_json())
+        .run_batch(&Orders(ValueFormat::confluent_or_json()), &records, None)
+        .await;
+    assert_eq!(
+        report.outcomes[0].outcome,
+        Outcome::DeadLettered { reason: DeadLetterReason::Undecodable("schema_registry_unset") }
+    );
+    assert_eq!(report.outcomes[1].outcome, Outcome::Processed);
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters WHERE reason = 'schema_registry_unset'").await, 1);
+}
+
+#[tokio::test]
+async fn on_lambda_source_bytes_under_the_json_setting_wait_for_the_setting() {
+    // The mapping sends SOURCE while LAMBDA_EVENT_RECORD_FORMAT says JSON: no record is
+    // to blame, so none is dead-lettered; they wait (retried) for the setting.
+    let registry = Registry::start().await;
+    let env = env_with(&registry, None).await;
+    let framed = encode(&registry, &[("m", 1)]).await;
+    let event = record(0, framed[0][5..].to_vec()).with_value_schema("AVRO", "1");
+    let report =
+        guard(&env, ValueFormat::confluent()).run_batch(&Orders(ValueFormat::confluent()), &[event], None).await;
+    assert!(
+        matches!(&report.outcomes[0].outcome, Outcome::Failed { kind: FailureKind::Unavailable, error, .. } if error.contains("set it to SOURCE")),
+        "{report:?}"
+    );
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters").await, 0);
+}

@@ -26,7 +26,7 @@
 
 use std::collections::HashMap;
 
-use apache_avro::schema::{Name, Namespace, Schema};
+use apache_avro::schema::{Alias, Name, Namespace, Schema};
 use serde_json::{Map, Number, Value};
 
 /// How a function's record values are written.
@@ -172,16 +172,26 @@ pub struct AvroSchema {
 /// values, a linked list, stop here rather than exhaust the stack).
 pub const MAX_DEPTH: usize = 128;
 
-/// Most items of zero size (`null`, an empty record) one array may claim: such items
-/// take no bytes, so the value's size cannot bound them.
+/// Most items of zero size (`null`, an empty record) one value may hold, over all its
+/// arrays: such items take no bytes, so the value's size cannot bound them.
 const MAX_EMPTY_ITEMS: usize = 65_536;
+
+/// Largest decimal scale written out as a decimal string (a 128-bit unscaled value has
+/// at most 39 digits); larger ones come out as base64 of the unscaled bytes.
+const MAX_DECIMAL_SCALE: usize = 76;
 
 impl AvroSchema {
     /// Parses the schema's JSON text.
     pub fn parse(text: &str) -> Result<Self, String> {
         let schema = Schema::parse_str(text).map_err(|e| e.to_string())?;
+        if serde_json::from_str::<Value>(text).is_ok_and(|json| uuid_on_fixed(&json)) {
+            return Err("a uuid on fixed(16) is not decoded here (a uuid on string is)".into());
+        }
         let mut names = HashMap::new();
         collect_names(&schema, &None, &mut names, 0)?;
+        if let Some(name) = unresolved(&schema, &None, &names, 0) {
+            return Err(format!("the schema refers to a type it does not define: {name}"));
+        }
         Ok(Self { schema, names })
     }
 
@@ -193,7 +203,7 @@ impl AvroSchema {
     /// Decodes one datum written with this schema (`schema_id` names it in errors).
     pub fn decode(&self, schema_id: u32, body: &[u8]) -> Result<Value, PayloadError> {
         let mismatch = |message: String| PayloadError::SchemaMismatch { schema_id, message };
-        let mut reader = Reader { buf: body, pos: 0 };
+        let mut reader = Reader { buf: body, pos: 0, empty_items: MAX_EMPTY_ITEMS };
         let value = self.value(&self.schema, &None, &mut reader, 0).map_err(mismatch)?;
         if reader.pos != body.len() {
             return Err(mismatch(format!("{} bytes left after the datum", body.len() - reader.pos)));
@@ -268,9 +278,14 @@ impl AvroSchema {
             }
             Schema::Array(a) => {
                 let mut items = Vec::new();
-                while let Some(count) = r.block(is_empty(&a.items))? {
-                    if items.len() + count > MAX_EMPTY_ITEMS && is_empty(&a.items) {
-                        return Err(format!("an array of empty items claims over {MAX_EMPTY_ITEMS}"));
+                let empty = is_empty(&a.items);
+                while let Some(count) = r.block(empty)? {
+                    if empty {
+                        // Charged against the whole value, not this array alone: nested
+                        // arrays of nulls cannot multiply it.
+                        r.empty_items = r.empty_items.checked_sub(count).ok_or_else(|| {
+                            format!("arrays of empty items claim over {MAX_EMPTY_ITEMS} in one value")
+                        })?;
                     }
                     items.reserve(count);
                     for _ in 0..count {
@@ -303,7 +318,7 @@ impl AvroSchema {
             Schema::Ref { name } => {
                 let full = name.fully_qualified_name(ns);
                 let named = self.names.get(&full).ok_or_else(|| format!("unknown type {}", full.name))?;
-                self.value(named, ns, r, depth + 1)?
+                self.value(named, &full.namespace, r, depth + 1)?
             }
             #[allow(unreachable_patterns)]
             other => return Err(format!("schema type {other:?} is not decoded here")),
@@ -325,16 +340,18 @@ fn collect_names(
         Schema::Record(r) => {
             let full = r.name.fully_qualified_name(ns);
             let inner = full.namespace.clone();
-            names.insert(full, schema.clone());
+            add_name(names, full, r.aliases.as_deref(), schema);
             for f in &r.fields {
                 collect_names(&f.schema, &inner, names, depth + 1)?;
             }
         }
-        Schema::Enum(e) => {
-            names.insert(e.name.fully_qualified_name(ns), schema.clone());
-        }
-        Schema::Fixed(f) => {
-            names.insert(f.name.fully_qualified_name(ns), schema.clone());
+        Schema::Enum(e) => add_name(names, e.name.fully_qualified_name(ns), e.aliases.as_deref(), schema),
+        Schema::Fixed(f) => add_name(names, f.name.fully_qualified_name(ns), f.aliases.as_deref(), schema),
+        // A decimal on `fixed` names that fixed type; a reference to it is the decimal.
+        Schema::Decimal(d) => {
+            if let Schema::Fixed(f) = d.inner.as_ref() {
+                add_name(names, f.name.fully_qualified_name(ns), f.aliases.as_deref(), schema);
+            }
         }
         Schema::Array(a) => collect_names(&a.items, ns, names, depth + 1)?,
         Schema::Map(m) => collect_names(&m.types, ns, names, depth + 1)?,
@@ -346,6 +363,52 @@ fn collect_names(
         _ => {}
     }
     Ok(())
+}
+
+/// A named type under its full name and its aliases (in its namespace).
+fn add_name(names: &mut HashMap<Name, Schema>, full: Name, aliases: Option<&[Alias]>, schema: &Schema) {
+    for alias in aliases.unwrap_or_default() {
+        names.insert(alias.fully_qualified_name(&full.namespace), schema.clone());
+    }
+    names.insert(full, schema.clone());
+}
+
+/// The first reference in `schema` that names no type of it, if any (checked when the
+/// schema is parsed, so a schema that cannot decode anything is refused once, as
+/// `schema_invalid`, not on every record).
+fn unresolved(schema: &Schema, ns: &Namespace, names: &HashMap<Name, Schema>, depth: usize) -> Option<String> {
+    if depth > MAX_DEPTH {
+        return None;
+    }
+    let next = depth + 1;
+    match schema {
+        Schema::Ref { name } => {
+            let full = name.fully_qualified_name(ns);
+            (!names.contains_key(&full)).then(|| full.name.clone())
+        }
+        Schema::Record(r) => {
+            let inner = r.name.fully_qualified_name(ns).namespace;
+            r.fields.iter().find_map(|f| unresolved(&f.schema, &inner, names, next))
+        }
+        Schema::Array(a) => unresolved(&a.items, ns, names, next),
+        Schema::Map(m) => unresolved(&m.types, ns, names, next),
+        Schema::Union(u) => u.variants().iter().find_map(|v| unresolved(v, ns, names, next)),
+        _ => None,
+    }
+}
+
+/// Whether the schema's JSON puts a `uuid` logical type on `fixed`, which apache-avro
+/// parses to the same type as a uuid on `string` (their encodings differ).
+fn uuid_on_fixed(json: &Value) -> bool {
+    match json {
+        Value::Object(o) => {
+            (o.get("logicalType").and_then(Value::as_str) == Some("uuid")
+                && o.get("type").and_then(Value::as_str) == Some("fixed"))
+                || o.values().any(uuid_on_fixed)
+        }
+        Value::Array(a) => a.iter().any(uuid_on_fixed),
+        _ => false,
+    }
 }
 
 /// Whether values of `schema` take no bytes at all.
@@ -362,6 +425,8 @@ fn is_empty(schema: &Schema) -> bool {
 struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
+    /// Items of zero size the rest of the value may still hold.
+    empty_items: usize,
 }
 
 impl<'a> Reader<'a> {
@@ -387,6 +452,9 @@ impl<'a> Reader<'a> {
         let mut raw: u64 = 0;
         for i in 0..10 {
             let b = self.byte()?;
+            if i == 9 && b > 1 {
+                return Err("varint overflows 64 bits".into());
+            }
             raw |= u64::from(b & 0x7f) << (7 * i);
             if b & 0x80 == 0 {
                 return Ok(((raw >> 1) as i64) ^ -((raw & 1) as i64));
@@ -450,7 +518,7 @@ fn uuid_text(b: &[u8]) -> String {
 /// A decimal's unscaled big-endian two's-complement bytes, with its scale, as a decimal
 /// string; base64 of the bytes when they do not fit 128 bits.
 fn decimal(unscaled: &[u8], scale: usize) -> Value {
-    if unscaled.is_empty() || unscaled.len() > 16 {
+    if unscaled.is_empty() || unscaled.len() > 16 || scale > MAX_DECIMAL_SCALE {
         return base64(unscaled);
     }
     let fill = if unscaled[0] & 0x80 != 0 { 0xff } else { 0 };
@@ -643,6 +711,42 @@ mod tests {
         assert!(bytes.decode(1, &varint(1 << 40)).is_err());
         assert!(bytes.decode(1, &varint(-1)).is_err());
         assert!(bytes.decode(1, &[0xff; 11]).is_err());
+    }
+
+    #[test]
+    fn nested_arrays_of_empty_items_share_one_budget() {
+        // An array of arrays of nulls: each inner array a few bytes claiming 65,536 nulls.
+        let schema = AvroSchema::parse(r#"{"type":"array","items":{"type":"array","items":"null"}}"#).unwrap();
+        let inner = [varint(65_536), varint(0)].concat();
+        let mut body = varint(100);
+        for _ in 0..100 {
+            body.extend(&inner);
+        }
+        body.extend(varint(0));
+        let err = schema.decode(1, &body).unwrap_err();
+        assert!(err.to_string().contains("arrays of empty items"), "{err}");
+    }
+
+    #[test]
+    fn odd_but_valid_schemas_parse_and_bad_ones_are_refused_once() {
+        // A decimal on a named fixed, referred to again; an alias.
+        let text = r#"{"type":"record","name":"R","namespace":"a","fields":[
+            {"name":"p","type":{"type":"fixed","name":"Money","size":2,"logicalType":"decimal","precision":4,"scale":2}},
+            {"name":"q","type":"Money"},
+            {"name":"e","type":{"type":"enum","name":"E","aliases":["Old"],"symbols":["X"]}},
+            {"name":"f","type":"Old"}]}"#;
+        let schema = AvroSchema::parse(text).unwrap();
+        assert_eq!(
+            schema.decode(1, &[0x04, 0xd2, 0x00, 0x05, 0, 0]).unwrap(),
+            serde_json::json!({"p":"12.34","q":"0.05","e":"X","f":"X"})
+        );
+        // A huge scale is not written out digit by digit.
+        let big = AvroSchema::parse(r#"{"type":"bytes","logicalType":"decimal","precision":4000,"scale":3000}"#);
+        if let Ok(big) = big {
+            assert_eq!(big.decode(1, &[2, 1]).unwrap(), serde_json::json!("AQ=="));
+        }
+        let uuid_fixed = r#"{"type":"fixed","name":"U","size":16,"logicalType":"uuid"}"#;
+        assert!(AvroSchema::parse(uuid_fixed).unwrap_err().contains("uuid on fixed"));
     }
 
     #[test]

@@ -45,15 +45,27 @@ impl Guard {
         };
         // What to decode, for records that have something and are not refused already.
         let mut frames = Vec::with_capacity(items.len());
-        for (event, rejected) in items.iter_mut() {
+        // Records that wait for the operator (a setting that does not match the mapping).
+        let mut waiting: Vec<Option<String>> = vec![None; items.len()];
+        for (i, (event, rejected)) in items.iter_mut().enumerate() {
             let frame = match &event.value {
                 // A tombstone has nothing to decode; oversize values are refused in step 0b.
                 None => None,
                 Some(v) if rejected.is_some() || v.len() > self.config.max_value_bytes => None,
                 Some(v) => match (&event.value_schema, self.config.event_record_format) {
                     // From a Lambda event source mapping with a schema registry, which
-                    // decoded the value into JSON text itself.
-                    (Some(_), EventRecordFormat::Json) => None,
+                    // decoded the value into JSON text itself. Bytes that cannot be JSON
+                    // mean the mapping sends SOURCE: every record would be refused, so
+                    // they wait for the setting to be fixed instead.
+                    (Some(_), EventRecordFormat::Json) => {
+                        if !looks_like_json(v) {
+                            waiting[i] = Some(
+                                "LAMBDA_EVENT_RECORD_FORMAT is JSON, but the event source mapping sent a value that is not JSON text: set it to SOURCE, as the mapping's EventRecordFormat is"
+                                    .into(),
+                            );
+                        }
+                        None
+                    }
                     // ... or passed the datum on without its frame, the id beside it.
                     (Some(meta), EventRecordFormat::Source) => match unframed(meta, v) {
                         Ok(f) => Some(f),
@@ -74,9 +86,26 @@ impl Guard {
             };
             frames.push(frame);
         }
+        if !self.registry.is_configured() {
+            // Only a function that also reads JSON starts without a registry: its framed
+            // values are filed, to be replayed once SCHEMA_REGISTRY_URL is set, rather
+            // than holding up the JSON ones behind them.
+            for ((_, rejected), frame) in items.iter_mut().zip(frames.iter_mut()) {
+                if frame.take().is_some() {
+                    *rejected = Some(reject(
+                        "schema_registry_unset",
+                        "value is framed for a schema registry, but SCHEMA_REGISTRY_URL is not set".into(),
+                    ));
+                }
+            }
+        }
         let schemas = self.registry.schemas(frames.iter().flatten().map(|f| f.schema_id)).await;
         let mut out = Vec::with_capacity(items.len());
-        for ((_, rejected), frame) in items.iter_mut().zip(frames) {
+        for (((_, rejected), frame), waiting) in items.iter_mut().zip(frames).zip(waiting) {
+            if let Some(why) = waiting {
+                out.push(Decoded::Unavailable(why));
+                continue;
+            }
             let Some(frame) = frame else {
                 out.push(Decoded::Raw);
                 continue;
@@ -125,6 +154,13 @@ fn unframed<'v>(meta: &SchemaMetadata, value: &'v [u8]) -> Result<Framed<'v>, Re
             ),
         )),
     }
+}
+
+/// Whether `v` can be JSON text: its first byte past whitespace starts a JSON value.
+fn looks_like_json(v: &[u8]) -> bool {
+    v.iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| matches!(b, b'{' | b'[' | b'"' | b'-' | b'0'..=b'9' | b't' | b'f' | b'n'))
 }
 
 fn reject(reason: &'static str, error: String) -> Rejection {

@@ -123,7 +123,7 @@ impl Functions {
                     }
                     tracing::warn!(
                         function = spec.name,
-                        "SCHEMA_REGISTRY_URL is not set: JSON values are handled, values framed for a registry wait (retried) until it is"
+                        "SCHEMA_REGISTRY_URL is not set: JSON values are handled, values framed for a registry are dead-lettered (schema_registry_unset; replay them once it is set)"
                     );
                 }
                 _ => {}
