@@ -59,39 +59,32 @@ fn first_rust_block(text: &str) -> Vec<&str> {
     block
 }
 
-#[test]
-fn the_readme_handler_example_is_the_compiled_one() {
+/// The README's first Rust block after `heading` equals `snippet`'s without the lines
+/// rustdoc hides (`# ` and a lone `#`: the scaffolding it compiles with).
+fn assert_readme_shows(heading: &str, snippet: &str) {
     let readme = read("README.md");
-    let section = readme.split("\n## Writing a function").nth(1).expect("a `## Writing a function` section");
+    let section = readme.split(&format!("\n{heading}")).nth(1).unwrap_or_else(|| panic!("a `{heading}` section"));
     let shown = first_rust_block(section);
-    let snippet = read("docs/snippets/handler.md");
-    // rustdoc hides lines starting with `# ` (and a lone `#`): the scaffolding.
-    let compiled: Vec<&str> = first_rust_block(&snippet)
+    let text = read(snippet);
+    let compiled: Vec<&str> = first_rust_block(&text)
         .into_iter()
         .filter(|l| !(l.trim_start().starts_with("# ") || l.trim() == "#"))
         .collect();
     assert_eq!(
         shown.join("\n"),
         compiled.join("\n"),
-        "the README's handler example must equal docs/snippets/handler.md without its hidden lines"
+        "the README's example under `{heading}` must equal {snippet} without its hidden lines"
     );
 }
 
 #[test]
+fn the_readme_handler_example_is_the_compiled_one() {
+    assert_readme_shows("## Writing a function", "docs/snippets/handler.md");
+}
+
+#[test]
 fn the_readme_avro_example_is_the_compiled_one() {
-    let readme = read("README.md");
-    let section = readme.split("\n### A function over Avro").nth(1).expect("a `### A function over Avro` section");
-    let shown = first_rust_block(section);
-    let snippet = read("docs/snippets/avro.md");
-    let compiled: Vec<&str> = first_rust_block(&snippet)
-        .into_iter()
-        .filter(|l| !(l.trim_start().starts_with("# ") || l.trim() == "#"))
-        .collect();
-    assert_eq!(
-        shown.join("\n"),
-        compiled.join("\n"),
-        "the README's Avro example must equal docs/snippets/avro.md without its hidden lines"
-    );
+    assert_readme_shows("### A function over Avro", "docs/snippets/avro.md");
 }
 
 /// GitHub's anchor for a heading: lower case, punctuation dropped, spaces as hyphens.

@@ -17,6 +17,7 @@ use std::time::Instant;
 
 use exactly_once::event_id::IdFormats;
 use exactly_once::payload::{avro_from_json, confluent_frame, confluent_framed, AvroSchema, JsonSchema};
+use exactly_once::registry::RegistrySchema;
 use exactly_once::{Event, IdStrategy};
 use serde::{Deserialize, Serialize};
 
@@ -95,7 +96,8 @@ pub fn run(opts: &DecodeOptions) -> anyhow::Result<DecodeReport> {
         })
         .collect::<anyhow::Result<_>>()?;
 
-    let json_schema = JsonSchema::parse(ORDER_JSON_SCHEMA).map_err(anyhow::Error::msg)?;
+    let avro_schema = RegistrySchema::Avro(schema.clone());
+    let json_schema = RegistrySchema::Json(JsonSchema::parse(ORDER_JSON_SCHEMA).map_err(anyhow::Error::msg)?);
     let framed_json: Vec<Event> = orders
         .iter()
         .map(|o| Event::new("orders", 0, 0).with_value(confluent_framed(2, o.to_string().as_bytes())))
@@ -103,8 +105,8 @@ pub fn run(opts: &DecodeOptions) -> anyhow::Result<DecodeReport> {
     // The same reading, every way, before anything is timed.
     for ((j, a), f) in json.iter().zip(&avro).zip(&framed_json) {
         let plain = read_json(&ids, j)?;
-        anyhow::ensure!(plain == read_avro(&ids, &schema, a)?, "Avro and JSON read differently");
-        anyhow::ensure!(plain == read_json_schema(&ids, &json_schema, f)?, "JSON Schema and JSON read differently");
+        anyhow::ensure!(plain == read_framed(&ids, &avro_schema, a)?, "Avro and JSON read differently");
+        anyhow::ensure!(plain == read_framed(&ids, &json_schema, f)?, "JSON Schema and JSON read differently");
     }
     let time = |read: &dyn Fn(&Event) -> anyhow::Result<(String, Order)>, events: &[Event]| -> anyhow::Result<f64> {
         let mut rounds = Vec::with_capacity(opts.rounds);
@@ -119,8 +121,8 @@ pub fn run(opts: &DecodeOptions) -> anyhow::Result<DecodeReport> {
         Ok(rounds[rounds.len() / 2])
     };
     let json_ns = time(&|e| read_json(&ids, e), &json)?;
-    let avro_ns = time(&|e| read_avro(&ids, &schema, e), &avro)?;
-    let json_schema_ns = time(&|e| read_json_schema(&ids, &json_schema, e), &framed_json)?;
+    let avro_ns = time(&|e| read_framed(&ids, &avro_schema, e), &avro)?;
+    let json_schema_ns = time(&|e| read_framed(&ids, &json_schema, e), &framed_json)?;
     let bytes = |events: &[Event]| {
         events.iter().map(|e| e.value_bytes().len()).sum::<usize>() as f64 / events.len().max(1) as f64
     };
@@ -152,15 +154,9 @@ fn read_json(ids: &IdStrategy, e: &Event) -> anyhow::Result<(String, Order)> {
     Ok((id.to_string(), order))
 }
 
-fn read_avro(ids: &IdStrategy, schema: &AvroSchema, e: &Event) -> anyhow::Result<(String, Order)> {
-    let frame = confluent_frame(e.value_bytes())?;
-    let decoded = schema.decode(frame.schema_id, frame.body)?;
-    let (id, _) = ids.derive_decoded(e, Some(&decoded), IdFormats::V2)?;
-    let order = Order::deserialize(&decoded)?;
-    Ok((id.to_string(), order))
-}
-
-fn read_json_schema(ids: &IdStrategy, schema: &JsonSchema, e: &Event) -> anyhow::Result<(String, Order)> {
+/// A framed value as the guard's step 0 reads it (`RegistrySchema::decode`), then the id
+/// and the handler's struct from the decoded value.
+fn read_framed(ids: &IdStrategy, schema: &RegistrySchema, e: &Event) -> anyhow::Result<(String, Order)> {
     let frame = confluent_frame(e.value_bytes())?;
     let decoded = schema.decode(frame.schema_id, frame.body)?;
     let (id, _) = ids.derive_decoded(e, Some(&decoded), IdFormats::V2)?;
