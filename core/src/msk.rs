@@ -249,10 +249,16 @@ fn short(v: &Value) -> String {
 }
 
 fn short_str(s: &str) -> String {
-    if s.len() <= 64 {
+    cut(s, 64)
+}
+
+/// `s` cut to at most `max` bytes (on a character boundary), `...` marking a cut: text
+/// from outside quoted in an error message.
+pub(crate) fn cut(s: &str, max: usize) -> String {
+    if s.len() <= max {
         return s.to_owned();
     }
-    let mut end = 64;
+    let mut end = max;
     while !s.is_char_boundary(end) {
         end -= 1;
     }

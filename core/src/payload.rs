@@ -64,11 +64,6 @@ impl ValueFormat {
             ValueFormat::Confluent { or_json: true } => "confluent-or-json",
         }
     }
-
-    /// Whether values need a schema registry.
-    pub fn needs_registry(self) -> bool {
-        matches!(self, ValueFormat::Confluent { .. })
-    }
 }
 
 /// The first byte of a value in Confluent's wire format.
@@ -570,14 +565,7 @@ impl JsonSchema {
 
 /// A validator's message, cut short (it may quote a whole value).
 fn short(message: &str) -> String {
-    if message.len() <= 300 {
-        return message.to_owned();
-    }
-    let mut end = 300;
-    while !message.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &message[..end])
+    crate::msk::cut(message, 300)
 }
 
 /// Encodes `json` as an Avro datum of `schema` (objects become records, values are
