@@ -166,6 +166,11 @@ impl Pending {
         true
     }
 
+    /// Partitions assigned to this mapping now.
+    pub fn partitions(&self) -> usize {
+        self.queues.len()
+    }
+
     /// Records waiting, over every partition.
     pub fn len(&self) -> usize {
         self.queues.values().map(|q| q.records.len()).sum()
@@ -454,5 +459,19 @@ mod tests {
         assert!(!p.push(Event::new("t", 5, 0)));
         assert!(!p.push(Event::new("t", 0, 2)));
         assert_eq!(p.len(), 3);
+    }
+
+    #[test]
+    fn partitions_follow_assignments_revokes_and_a_lost_assignment() {
+        let mut p = Pending::default();
+        assert_eq!(p.partitions(), 0);
+        p.assign(("t".into(), 0));
+        p.assign(("t".into(), 1));
+        p.assign(("u".into(), 0));
+        assert_eq!(p.partitions(), 3);
+        p.revoke(&("t".into(), 1));
+        assert_eq!(p.partitions(), 2);
+        p.clear();
+        assert_eq!(p.partitions(), 0);
     }
 }

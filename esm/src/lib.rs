@@ -326,6 +326,17 @@ fn short(s: &str) -> String {
     s[..end].to_owned()
 }
 
+/// How many partitions a mapping owns, read while it runs ([`Mapping::assignment`]).
+#[derive(Clone)]
+pub struct Assignment(Arc<Shared>);
+
+impl Assignment {
+    /// Partitions assigned to the mapping now (0 before it joined its group).
+    pub fn partitions(&self) -> usize {
+        lock(&self.0.pending).partitions()
+    }
+}
+
 /// A running mapping.
 pub struct Mapping {
     settings: MappingSettings,
@@ -380,6 +391,12 @@ impl Mapping {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         self.observers.push(tx);
         rx
+    }
+
+    /// A view of the mapping's assignment that stays valid while it runs (for tools that
+    /// wait for a group to settle, such as the scale benchmark).
+    pub fn assignment(&self) -> Assignment {
+        Assignment(self.shared.clone())
     }
 
     /// The function process's id, kept current (None between processes), for tools

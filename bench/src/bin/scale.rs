@@ -2,6 +2,9 @@
 //! on a 12-partition topic, each with its own clients, one after the other: the rate
 //! once the group has settled, and exact counts in the ledger and ClickHouse. Prints
 //! the table and writes it to `--out` as JSON.
+//!
+//! `--esm target/release/user-events`: the same with local MSK event source mappings
+//! feeding the function binary in Lambda mode, one mapping per concurrent invocation.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,6 +35,11 @@ struct Args {
     timeout_secs: u64,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Run local event source mappings over this function binary (Lambda mode, e.g.
+    /// target/release/user-events) instead of workers; `--workers` then counts
+    /// concurrent invocations.
+    #[arg(long)]
+    esm: Option<PathBuf>,
     /// Where to write the figures as JSON.
     #[arg(long, default_value = "docs/bench/scale.json")]
     out: PathBuf,
@@ -47,6 +55,7 @@ fn main() -> ExitCode {
         max_partition_in_flight: a.max_partition_in_flight,
         timeout: Duration::from_secs(a.timeout_secs.max(1)),
         seed: a.seed,
+        esm: a.esm,
     };
     bench::report_main(&a.out, bench::scale::run(&opts), bench::scale::render)
 }
