@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the third-party Kafka clients the payload tests produce with: Confluent's
-# Python client (its Avro serializer frames records for a schema registry) and fastavro,
+# Python client (its Avro, JSON Schema and Protobuf serializers frame records for a
+# schema registry), fastavro and Google's protobuf runtime,
 # pinned, into a virtualenv of their own under $EO_STATE_DIR (once). Prints the path of
 # the virtualenv's python on stdout; the tests read it from EO_PYTHON (scripts/test.sh
 # exports it) or find it at the same default path. Idempotent.
@@ -9,9 +10,10 @@ cd "$(dirname "$0")/.."
 
 STATE_DIR="${EO_STATE_DIR:-$HOME/.local/state/exactly-once}"
 VENV="$STATE_DIR/pyclients"
-# 2.x wheels bundle librdkafka: nothing to build. [avro,json] bring the registry client,
+# 2.x wheels bundle librdkafka: nothing to build. [avro,json,protobuf] bring the registry
+# client, protobuf for Protobuf,
 # fastavro for Avro and jsonschema for JSON Schema.
-PACKAGES=("confluent-kafka[avro,json]==2.16.1" "fastavro==1.13.1")
+PACKAGES=("confluent-kafka[avro,json,protobuf]==2.16.1" "fastavro==1.13.1" "protobuf==7.36.2")
 STAMP="$VENV/.installed"
 
 log() { printf '[pyclients] %s\n' "$*" >&2; }
@@ -28,5 +30,5 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "${PACKAGES
   printf '%s' "${PACKAGES[*]}" >"$STAMP"
 fi
 # Fails here, naming the package, rather than in a test.
-"$VENV/bin/python" -c 'import confluent_kafka, confluent_kafka.schema_registry.avro, confluent_kafka.schema_registry.json_schema, fastavro' >&2
+"$VENV/bin/python" -c 'import confluent_kafka, confluent_kafka.schema_registry.avro, confluent_kafka.schema_registry.json_schema, confluent_kafka.schema_registry.protobuf, fastavro, google.protobuf' >&2
 echo "$VENV/bin/python"

@@ -202,7 +202,21 @@ async fn every_undecodable_value_is_dead_lettered_with_its_own_reason() {
         record(4, mismatched),
         record(5, confluent_framed(999, &good[5..])),
         record(6, confluent_framed(registry.register("{\"type\": \"string\"", "AVRO"), b"\x02a")),
-        record(7, confluent_framed(registry.register("syntax = \"proto3\";", "PROTOBUF"), b"\x00")),
+        // An Avro schema that refers to another registered schema: not decoded here.
+        record(
+            7,
+            confluent_framed(
+                registry
+                    .register_in(
+                        "refers-value",
+                        r#"{"type":"record","name":"R","fields":[{"name":"m","type":"shop.Money"}]}"#,
+                        "AVRO",
+                        vec![serde_json::json!({"name": "shop.Money", "subject": "money", "version": 1})],
+                    )
+                    .0,
+                b"\x00",
+            ),
+        ),
     ];
     let g = guard(&env, ValueFormat::confluent());
     let report = g.run_batch(&Orders(ValueFormat::confluent()), &records, None).await;
@@ -303,10 +317,11 @@ async fn a_function_over_framed_values_refuses_to_start_without_a_registry() {
 /// Records as a Lambda event source mapping with a schema registry hands them over,
 /// through the same decoder and guard the Lambda handler runs (`lambda::invoke`).
 async fn invoke_lambda(env: &TestEnv, events: &[Event]) -> serde_json::Value {
-    let functions =
-        Functions::new(&env.clients, vec![Arc::new(Orders(ValueFormat::confluent())) as Arc<dyn Handler>], &env.kafka)
-            .await
-            .expect("functions");
+    invoke_lambda_with(env, Arc::new(Orders(ValueFormat::confluent())), events).await
+}
+
+async fn invoke_lambda_with(env: &TestEnv, handler: Arc<dyn Handler>, events: &[Event]) -> serde_json::Value {
+    let functions = Functions::new(&env.clients, vec![handler], &env.kafka).await.expect("functions");
     let body = exactly_once::runtime::msk::encode(events).to_string();
     let event = exactly_once::runtime::msk::parse(body.as_bytes()).expect("an MSK event");
     exactly_once::runtime::lambda::invoke(&functions, &event, None, false).await.expect("every record finished")
@@ -346,12 +361,15 @@ async fn on_lambda_source_values_are_decoded_with_the_schema_their_metadata_name
         Event::new("orders", 0, 0).with_value(framed[0][5..].to_vec()).with_value_schema("AVRO", &id),
         Event::new("orders", 0, 1).with_value(framed[1][5..].to_vec()).with_value_schema("AVRO", &id),
         Event::new("orders", 0, 2).with_value(framed[1][5..].to_vec()).with_value_schema("AVRO", "2c6b8a1e-glue-uuid"),
+        // The metadata says Protobuf, the schema is Avro.
         Event::new("orders", 0, 3).with_value(framed[1][5..].to_vec()).with_value_schema("PROTOBUF", &id),
+        Event::new("orders", 0, 4).with_value(framed[1][5..].to_vec()).with_value_schema("THRIFT", &id),
     ];
     let answer = invoke_lambda(&env, &events).await;
-    assert_eq!((answer["processed"].as_u64(), answer["deadLettered"].as_u64()), (Some(2), Some(2)), "{answer}");
+    assert_eq!((answer["processed"].as_u64(), answer["deadLettered"].as_u64()), (Some(2), Some(3)), "{answer}");
     assert_eq!(env.count("SELECT count(*) FROM orders WHERE order_id IN ('s-1', 's-2')").await, 2);
     assert_eq!(env.count("SELECT count(*) FROM dead_letters WHERE reason = 'schema_unsupported'").await, 2);
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters WHERE reason = 'payload_schema_mismatch'").await, 1);
 }
 
 #[tokio::test]
@@ -460,5 +478,231 @@ async fn on_lambda_source_bytes_under_the_json_setting_wait_for_the_setting() {
         matches!(&report.outcomes[0].outcome, Outcome::Failed { kind: FailureKind::Unavailable, error, .. } if error.contains("set it to SOURCE")),
         "{report:?}"
     );
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters").await, 0);
+}
+
+/// A Protobuf `shop.Order` (or `shop.Refund`) as the handler reads it: serde, from the
+/// decoded message (proto field names; the Timestamp as RFC 3339 text, as proto3 JSON
+/// writes it).
+#[derive(Debug, serde::Deserialize)]
+struct ProtoOrder {
+    order_id: String,
+    amount: i64,
+    #[serde(default)]
+    placed_at: Option<String>,
+    #[serde(default)]
+    total: Option<Money>,
+    #[serde(default)]
+    lines: Vec<Line>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Money {
+    cents: i64,
+    currency: String,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Line {
+    sku: String,
+    quantity: i64,
+}
+
+/// Writes each Protobuf order to Postgres in the guard's transaction.
+struct ProtoOrders;
+
+#[async_trait]
+impl Handler for ProtoOrders {
+    fn spec(&self) -> FunctionSpec {
+        FunctionSpec::new("proto-orders", &["proto-orders"], IdStrategy::default_chain(Some("/order_id"), None))
+            .values(ValueFormat::confluent())
+    }
+
+    async fn handle(&self, _event: &Event, ctx: &mut HandlerContext<'_>) -> Result<(), HandlerError> {
+        let o: ProtoOrder = ctx.payload()?;
+        let skus: Vec<String> = o.lines.iter().map(|l| format!("{}x{}", l.sku, l.quantity)).collect();
+        sqlx::query("INSERT INTO proto_orders (order_id, amount, placed_at, cents, currency, skus) VALUES ($1, $2, $3, $4, $5, $6)")
+            .bind(&o.order_id)
+            .bind(o.amount)
+            .bind(&o.placed_at)
+            .bind(o.total.as_ref().map(|t| t.cents))
+            .bind(o.total.as_ref().map(|t| t.currency.clone()))
+            .bind(skus.join(","))
+            .execute(ctx.postgres().await?)
+            .await?;
+        Ok(())
+    }
+}
+
+async fn proto_orders_table(env: &TestEnv) {
+    sqlx::query(
+        "CREATE TABLE proto_orders (order_id TEXT NOT NULL, amount BIGINT NOT NULL, placed_at TEXT, cents BIGINT, currency TEXT, skus TEXT)",
+    )
+    .execute(env.pg())
+    .await
+    .unwrap();
+}
+
+fn proto_order_line(id: &str, amount: i64) -> String {
+    format!(
+        "{{\"order_id\": \"{id}\", \"amount\": {amount}, \"placed_at\": \"2026-12-06T10:00:00Z\", \"total\": {{\"cents\": {}, \"currency\": \"EUR\"}}, \"lines\": [{{\"sku\": \"s-{id}\", \"quantity\": 2}}]}}\n",
+        amount * 100
+    )
+}
+
+/// Protobuf values as Confluent's ProtobufSerializer frames them (`message`: `Order` or
+/// `Refund`, the file's second message).
+async fn encode_proto(registry: &Registry, message: &str, lines: &str) -> Vec<Vec<u8>> {
+    let args = ["encode", "--registry", registry.url(), "--format", "protobuf", "--message", message];
+    run_python("confluent_serialize.py", &args, lines).await.lines().map(from_hex).collect()
+}
+
+#[tokio::test]
+async fn protobuf_orders_from_confluent_kafka_are_consumed_exactly_once_by_the_worker() {
+    let registry = Registry::start().await;
+    let mut env = env_with(&registry, None).await;
+    proto_orders_table(&env).await;
+    env.kafka.topic_partitions = PARTITIONS;
+    let topic = env.kafka.topic("proto-orders");
+    create_topics(&env.kafka, std::slice::from_ref(&topic)).await.expect("topic");
+    // 100 orders, the first 30 sent twice: 130 records.
+    let mut input = String::new();
+    for i in 0..100 {
+        input.push_str(&proto_order_line(&format!("p-{i}"), i));
+        if i < 30 {
+            input.push_str(&proto_order_line(&format!("p-{i}"), i));
+        }
+    }
+    let args = [
+        "produce",
+        "--registry",
+        registry.url(),
+        "--format",
+        "protobuf",
+        "--brokers",
+        &env.kafka.brokers,
+        "--topic",
+        &topic,
+    ];
+    assert_eq!(run_python("confluent_serialize.py", &args, &input).await.trim(), "130");
+
+    let functions = Arc::new(
+        Functions::new(&env.clients, vec![Arc::new(ProtoOrders) as Arc<dyn Handler>], &env.kafka).await.unwrap(),
+    );
+    let mut config = WorkerConfig::from_env(&exactly_once::config::ProcessEnv).expect("worker configuration");
+    config.batch_size = 40;
+    let worker = Worker::start(&env.clients, functions, &env.kafka, &config).await.expect("worker starts");
+    wait_until(Duration::from_secs(120), "every order stored and every offset committed", || async {
+        if env.count("SELECT count(*) FROM proto_orders").await < 100 {
+            return false;
+        }
+        committed_offsets(&env.kafka, &topic, PARTITIONS).await.values().sum::<i64>() == 130
+    })
+    .await;
+    worker.shutdown().await;
+
+    assert_eq!(env.count("SELECT count(*) FROM proto_orders").await, 100);
+    assert_eq!(env.count("SELECT count(DISTINCT order_id) FROM proto_orders").await, 100);
+    assert_eq!(env.count("SELECT sum(amount)::bigint FROM proto_orders").await, (0..100).sum::<i64>());
+    assert_eq!(env.count("SELECT sum(cents)::bigint FROM proto_orders").await, (0..100).sum::<i64>() * 100);
+    assert_eq!(
+        env.count(
+            "SELECT count(*) FROM proto_orders WHERE placed_at = '2026-12-06T10:00:00Z' AND currency = 'EUR' AND skus = 's-' || order_id || 'x2'"
+        )
+        .await,
+        100
+    );
+    assert_eq!(env.count("SELECT count(*) FROM processed_events WHERE event_id LIKE 'f:p-%'").await, 100);
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters").await, 0);
+    // Fetched once: the schema's type, its serialized descriptor, and the file it
+    // imports (shop/common.proto) through its reference; the well-known Timestamp is
+    // built in.
+    assert_eq!(registry.lookups(), 3);
+    assert_eq!(env.clients.registry.fetches(), 3);
+}
+
+#[tokio::test]
+async fn protobuf_values_decode_by_message_index_and_each_bad_one_has_its_reason() {
+    let registry = Registry::start().await;
+    let env = env_with(&registry, None).await;
+    proto_orders_table(&env).await;
+    let orders = encode_proto(&registry, "Order", &proto_order_line("q-1", 7)).await;
+    let refunds = encode_proto(&registry, "Refund", "{\"order_id\": \"q-r\", \"amount\": -7}\n").await;
+    let (order, refund) = (orders[0].clone(), refunds[0].clone());
+    // The Refund is the file's second message: indexes [1], one entry (zigzag 2, 2).
+    assert_eq!(order[5], 0, "the first message: the single 0 byte");
+    assert_eq!(refund[5..7], [2, 2]);
+    let schema_id = u32::from_be_bytes([order[1], order[2], order[3], order[4]]);
+    let with_indexes = |indexes: &[u8], message: &[u8]| {
+        let mut body = indexes.to_vec();
+        body.extend_from_slice(message);
+        confluent_framed(schema_id, &body)
+    };
+    // A Protobuf schema whose import is not registered.
+    let (orphan, _) = registry.register_in(
+        "orphan-value",
+        &registry.schema(schema_id).expect("the Order's schema"),
+        "PROTOBUF",
+        vec![serde_json::json!({"name": "shop/common.proto", "subject": "no-such-subject", "version": 1})],
+    );
+    let records = vec![
+        record(1, order.clone()),
+        record(2, refund.clone()),
+        // The Order's bytes read as a Refund: fields 3-6 are not in it.
+        record(3, with_indexes(&[2, 2], &order[6..])),
+        // A message index past the file's messages.
+        record(4, with_indexes(&[2, 10], &order[6..])),
+        // Cut inside a field.
+        record(5, order[..order.len() - 3].to_vec()),
+        record(6, confluent_framed(orphan, &order[5..])),
+    ];
+    let g = Guard::new(&env.clients, "proto-orders", ProtoOrders.spec().id_strategy, GuardConfig::default())
+        .unwrap()
+        .with_values(ValueFormat::confluent());
+    let report = g.run_batch(&ProtoOrders, &records, None).await;
+    let outcomes: Vec<&Outcome> = report.outcomes.iter().map(|o| &o.outcome).collect();
+    let dead = |r: &'static str| Outcome::DeadLettered { reason: DeadLetterReason::Undecodable(r) };
+    assert_eq!(
+        outcomes,
+        vec![
+            &Outcome::Processed,
+            &Outcome::Processed,
+            &dead("payload_schema_mismatch"),
+            &dead("payload_schema_mismatch"),
+            &dead("payload_schema_mismatch"),
+            &dead("schema_invalid"),
+        ],
+        "{report:?}"
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM proto_orders WHERE (order_id, amount) IN (('q-1', 7), ('q-r', -7))").await,
+        2
+    );
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters WHERE record_value IS NOT NULL").await, 4);
+}
+
+#[tokio::test]
+async fn on_lambda_source_protobuf_values_are_read_as_their_files_first_message() {
+    let registry = Registry::start().await;
+    let url = registry.url().to_owned();
+    let env = TestEnv::with(|c| {
+        c.registry.url = Some(Secret::new(url));
+        c.guard.event_record_format = exactly_once::config::EventRecordFormat::Source;
+    })
+    .await;
+    proto_orders_table(&env).await;
+    let framed = encode_proto(&registry, "Order", &(proto_order_line("ps-1", 4) + &proto_order_line("ps-2", 5))).await;
+    let id = u32::from_be_bytes([framed[0][1], framed[0][2], framed[0][3], framed[0][4]]).to_string();
+    // SOURCE: no frame and no message indexes, the schema id in the metadata.
+    let events: Vec<Event> = framed
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            Event::new("proto-orders", 0, i as i64).with_value(f[6..].to_vec()).with_value_schema("PROTOBUF", &id)
+        })
+        .collect();
+    let answer = invoke_lambda_with(&env, Arc::new(ProtoOrders), &events).await;
+    assert_eq!(answer["processed"].as_u64(), Some(2), "{answer}");
+    assert_eq!(env.count("SELECT count(*) FROM proto_orders WHERE skus = 's-' || order_id || 'x2'").await, 2);
     assert_eq!(env.count("SELECT count(*) FROM dead_letters").await, 0);
 }

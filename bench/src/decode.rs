@@ -8,7 +8,10 @@
 //!   (the guard's step 0; the schema comes from the cache, as after the first record),
 //!   the id read from it, and the struct deserialised from the decoded value;
 //! - `json schema (confluent)`: the frame split, the JSON text parsed and validated
-//!   against its (cached, compiled) schema, then the id and the struct as for Avro.
+//!   against its (cached, compiled) schema, then the id and the struct as for Avro;
+//! - `protobuf (confluent)`: the frame split, the message indexes read, the message
+//!   decoded with its (cached) descriptor and written as JSON, then the id and the
+//!   struct as for Avro.
 //!
 //! Each variant runs `rounds` times over `events` values (distinct ids); the median
 //! round gives ns per event, and the ratio is against JSON in the same run.
@@ -19,6 +22,10 @@ use exactly_once::event_id::IdFormats;
 use exactly_once::payload::{avro_from_json, confluent_frame, confluent_framed, AvroSchema, JsonSchema};
 use exactly_once::registry::RegistrySchema;
 use exactly_once::{Event, IdStrategy};
+use exactly_once_core::protobuf::ProtobufSchema;
+use prost_reflect::prost::Message as _;
+use prost_reflect::prost_types::field_descriptor_proto::{Label, Type};
+use prost_reflect::prost_types::{DescriptorProto, FieldDescriptorProto, FileDescriptorProto, OneofDescriptorProto};
 use serde::{Deserialize, Serialize};
 
 const ORDER_SCHEMA: &str = r#"{"type":"record","name":"Order","fields":[
@@ -31,6 +38,40 @@ const ORDER_JSON_SCHEMA: &str = r#"{"type":"object","properties":{
     "order_id":{"type":"string"},"amount":{"type":"integer"},
     "note":{"type":["string","null"]},"tags":{"type":"array","items":{"type":"string"}}},
     "required":["order_id","amount","tags"]}"#;
+
+/// bench/order.proto: `message Order { string order_id = 1; int64 amount = 2; optional
+/// string note = 3; repeated string tags = 4; }` (`optional`: an absent note is absent,
+/// not "", as the other formats' null).
+fn order_proto() -> anyhow::Result<ProtobufSchema> {
+    let field = |name: &str, number: i32, kind: Type, label: Label| FieldDescriptorProto {
+        name: Some(name.into()),
+        number: Some(number),
+        label: Some(label as i32),
+        r#type: Some(kind as i32),
+        ..Default::default()
+    };
+    let mut note = field("note", 3, Type::String, Label::Optional);
+    note.oneof_index = Some(0);
+    note.proto3_optional = Some(true);
+    let file = FileDescriptorProto {
+        name: Some("bench/order.proto".into()),
+        package: Some("bench".into()),
+        message_type: vec![DescriptorProto {
+            name: Some("Order".into()),
+            field: vec![
+                field("order_id", 1, Type::String, Label::Optional),
+                field("amount", 2, Type::Int64, Label::Optional),
+                note,
+                field("tags", 4, Type::String, Label::Repeated),
+            ],
+            oneof_decl: vec![OneofDescriptorProto { name: Some("_note".into()), options: None }],
+            ..Default::default()
+        }],
+        syntax: Some("proto3".into()),
+        ..Default::default()
+    };
+    ProtobufSchema::from_descriptors(&file.encode_to_vec(), &[]).map_err(anyhow::Error::msg)
+}
 
 #[derive(Debug, Deserialize, PartialEq)]
 struct Order {
@@ -102,11 +143,26 @@ pub fn run(opts: &DecodeOptions) -> anyhow::Result<DecodeReport> {
         .iter()
         .map(|o| Event::new("orders", 0, 0).with_value(confluent_framed(2, o.to_string().as_bytes())))
         .collect();
+    let proto = order_proto()?;
+    let protobuf: Vec<Event> = orders
+        .iter()
+        .map(|o| {
+            let mut o = o.clone();
+            // proto3 JSON has no null for a field that is absent: leave it out.
+            if let Some(fields) = o.as_object_mut() {
+                fields.retain(|_, v| !v.is_null());
+            }
+            let body = proto.encode_json(&[0], o).map_err(anyhow::Error::msg)?;
+            Ok(Event::new("orders", 0, 0).with_value(confluent_framed(3, &body)))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let proto_schema = RegistrySchema::Protobuf(proto);
     // The same reading, every way, before anything is timed.
-    for ((j, a), f) in json.iter().zip(&avro).zip(&framed_json) {
+    for (((j, a), f), p) in json.iter().zip(&avro).zip(&framed_json).zip(&protobuf) {
         let plain = read_json(&ids, j)?;
         anyhow::ensure!(plain == read_framed(&ids, &avro_schema, a)?, "Avro and JSON read differently");
         anyhow::ensure!(plain == read_framed(&ids, &json_schema, f)?, "JSON Schema and JSON read differently");
+        anyhow::ensure!(plain == read_framed(&ids, &proto_schema, p)?, "Protobuf and JSON read differently");
     }
     let time = |read: &dyn Fn(&Event) -> anyhow::Result<(String, Order)>, events: &[Event]| -> anyhow::Result<f64> {
         let mut rounds = Vec::with_capacity(opts.rounds);
@@ -123,6 +179,7 @@ pub fn run(opts: &DecodeOptions) -> anyhow::Result<DecodeReport> {
     let json_ns = time(&|e| read_json(&ids, e), &json)?;
     let avro_ns = time(&|e| read_framed(&ids, &avro_schema, e), &avro)?;
     let json_schema_ns = time(&|e| read_framed(&ids, &json_schema, e), &framed_json)?;
+    let protobuf_ns = time(&|e| read_framed(&ids, &proto_schema, e), &protobuf)?;
     let bytes = |events: &[Event]| {
         events.iter().map(|e| e.value_bytes().len()).sum::<usize>() as f64 / events.len().max(1) as f64
     };
@@ -143,6 +200,12 @@ pub fn run(opts: &DecodeOptions) -> anyhow::Result<DecodeReport> {
                 value_bytes: bytes(&framed_json),
                 ns_per_event: json_schema_ns,
                 vs_json: json_schema_ns / json_ns,
+            },
+            DecodeRow {
+                format: "protobuf (confluent)".into(),
+                value_bytes: bytes(&protobuf),
+                ns_per_event: protobuf_ns,
+                vs_json: protobuf_ns / json_ns,
             },
         ],
     })
@@ -186,9 +249,10 @@ mod tests {
     #[test]
     fn decode_smoke_run_reads_every_format_alike_and_reports_each() {
         let r = run(&DecodeOptions { events: 200, rounds: 3 }).unwrap();
-        assert_eq!(r.rows.len(), 3);
+        assert_eq!(r.rows.len(), 4);
         assert!(r.rows.iter().all(|row| row.ns_per_event > 0.0 && row.value_bytes > 10.0), "{r:?}");
         assert!(r.rows[1].value_bytes < r.rows[0].value_bytes, "Avro is smaller than JSON: {r:?}");
-        assert!(render(&r).contains("avro (confluent)"));
+        assert!(r.rows[3].value_bytes < r.rows[0].value_bytes, "Protobuf is smaller than JSON: {r:?}");
+        assert!(render(&r).contains("avro (confluent)") && render(&r).contains("protobuf (confluent)"));
     }
 }

@@ -11,3 +11,4 @@ pub mod event;
 pub mod event_id;
 pub mod msk;
 pub mod payload;
+pub mod protobuf;

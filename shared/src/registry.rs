@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use exactly_once_core::payload::{AvroSchema, JsonSchema, PayloadError};
+use exactly_once_core::protobuf::ProtobufSchema;
 use tokio::sync::OnceCell;
 
 use crate::breaker::CircuitBreaker;
@@ -32,6 +33,8 @@ pub enum RegistrySchema {
     Avro(AvroSchema),
     /// A JSON Schema (`schemaType` `JSON`).
     Json(JsonSchema),
+    /// A Protobuf schema (`schemaType` `PROTOBUF`), with the files it imports.
+    Protobuf(ProtobufSchema),
 }
 
 impl RegistrySchema {
@@ -40,6 +43,26 @@ impl RegistrySchema {
         match self {
             RegistrySchema::Avro(s) => s.decode(schema_id, body),
             RegistrySchema::Json(s) => s.decode(schema_id, body),
+            RegistrySchema::Protobuf(s) => s.decode(schema_id, body),
+        }
+    }
+
+    /// Decodes a datum an event source mapping passed on as `SOURCE`: without its frame,
+    /// and for Protobuf without message indexes (the file's first message).
+    pub fn decode_source(&self, schema_id: u32, body: &[u8]) -> Result<serde_json::Value, PayloadError> {
+        match self {
+            RegistrySchema::Protobuf(s) => s.decode_message(schema_id, &[0], body),
+            other => other.decode(schema_id, body),
+        }
+    }
+
+    /// `AVRO`, `JSON` or `PROTOBUF`: the registry's `schemaType`, as event source
+    /// mappings name a record's `dataFormat`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RegistrySchema::Avro(_) => "AVRO",
+            RegistrySchema::Json(_) => "JSON",
+            RegistrySchema::Protobuf(_) => "PROTOBUF",
         }
     }
 }
@@ -51,7 +74,9 @@ pub enum LookupError {
     #[error("schema registry has no schema with id {0}")]
     Unknown(u32),
     /// The registry's schema is of a type not decoded here.
-    #[error("schema {id} is {schema_type}, not decoded here (Avro and JSON Schema without references are)")]
+    #[error(
+        "schema {id} is {schema_type}, not decoded here (Avro and JSON Schema without references, and Protobuf, are)"
+    )]
     Unsupported {
         /// The schema's id.
         id: u32,
@@ -249,9 +274,76 @@ impl SchemaRegistry {
         let base = self.base.as_ref().ok_or_else(|| {
             LookupError::Unavailable("SCHEMA_REGISTRY_URL is not set, but a function's values need a registry".into())
         })?;
+        let url = base.join(&format!("schemas/ids/{id}")).map_err(|e| LookupError::Unavailable(e.to_string()))?;
+        let answer = match self.get(url.clone(), id, &format!("schema {id}")).await? {
+            Some(a) => a,
+            None => return Err(LookupError::Unknown(id)),
+        };
+        let schema = match answer.schema_type.as_deref().unwrap_or("AVRO") {
+            "AVRO" | "JSON" if !answer.references.is_empty() => {
+                return Err(LookupError::Unsupported {
+                    id,
+                    schema_type: "an Avro or JSON Schema with references to others".into(),
+                })
+            }
+            "AVRO" => RegistrySchema::Avro(
+                AvroSchema::parse(&answer.schema).map_err(|message| LookupError::Invalid { id, message })?,
+            ),
+            "JSON" => RegistrySchema::Json(
+                JsonSchema::parse(&answer.schema).map_err(|message| LookupError::Invalid { id, message })?,
+            ),
+            "PROTOBUF" => RegistrySchema::Protobuf(self.protobuf(id, url).await?),
+            other => return Err(LookupError::Unsupported { id, schema_type: other.to_owned() }),
+        };
+        tracing::info!(registry = self.host(), schema_id = id, "schema fetched from the registry");
+        Ok(Arc::new(schema))
+    }
+
+    /// A Protobuf schema: its file descriptor and those of the files it imports, each
+    /// in the registry's serialized form (base64 of a `FileDescriptorProto`), the imports
+    /// through the schema's references (subject and version), transitively. Google's
+    /// well-known types are built in and not fetched.
+    async fn protobuf(&self, id: u32, mut url: reqwest::Url) -> Result<ProtobufSchema, LookupError> {
+        let invalid = |message: String| LookupError::Invalid { id, message };
+        url.set_query(Some("format=serialized"));
+        let main = self.get(url, id, &format!("schema {id}")).await?.ok_or(LookupError::Unknown(id))?;
+        let main_bytes = decode_base64(&main.schema).map_err(|e| invalid(format!("serialized schema: {e}")))?;
+        let mut dependencies = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut queue: Vec<Reference> = main.references;
+        while let Some(reference) = queue.pop() {
+            if reference.name.starts_with("google/protobuf/")
+                || !seen.insert((reference.subject.clone(), reference.version))
+            {
+                continue;
+            }
+            if seen.len() > MAX_REFERENCES {
+                return Err(invalid(format!("more than {MAX_REFERENCES} referenced schemas")));
+            }
+            let base = self.base.as_ref().expect("fetch checked the base URL");
+            let mut url = base.clone();
+            url.path_segments_mut()
+                .map_err(|()| LookupError::Unavailable("SCHEMA_REGISTRY_URL cannot be a base URL".into()))?
+                .pop_if_empty()
+                .extend(["subjects", &reference.subject, "versions", &reference.version.to_string()]);
+            url.set_query(Some("format=serialized"));
+            let what =
+                format!("reference {} (subject {}, version {})", reference.name, reference.subject, reference.version);
+            let found = self
+                .get(url, id, &what)
+                .await?
+                .ok_or_else(|| invalid(format!("{what}: the registry has no such subject version")))?;
+            dependencies.push(decode_base64(&found.schema).map_err(|e| invalid(format!("{what}: {e}")))?);
+            queue.extend(found.references);
+        }
+        ProtobufSchema::from_descriptors(&main_bytes, &dependencies).map_err(invalid)
+    }
+
+    /// One GET through the breaker: the registry's answer, `None` for its own "not
+    /// found" (error codes 40401-40403), or why the registry cannot be used now.
+    async fn get(&self, url: reqwest::Url, id: u32, what: &str) -> Result<Option<Answer>, LookupError> {
         let permit = self.breaker.try_acquire().map_err(|e| LookupError::Unavailable(e.to_string()))?;
         self.fetches.fetch_add(1, Ordering::Relaxed);
-        let url = base.join(&format!("schemas/ids/{id}")).map_err(|e| LookupError::Unavailable(e.to_string()))?;
         let mut request =
             self.http.get(url).header("accept", "application/vnd.schemaregistry.v1+json, application/json");
         if let Some((user, password)) = &self.auth {
@@ -261,7 +353,6 @@ impl SchemaRegistry {
             Ok(r) => r,
             Err(e) => {
                 permit.failure();
-                // reqwest's message names the URL, which holds no credentials.
                 return Err(LookupError::Unavailable(e.without_url().to_string()));
             }
         };
@@ -270,33 +361,28 @@ impl SchemaRegistry {
             Ok(b) => b,
             Err(e) => {
                 permit.failure();
-                return Err(LookupError::Unavailable(format!(
-                    "reading the answer for schema {id}: {}",
-                    e.without_url()
-                )));
+                return Err(LookupError::Unavailable(format!("reading the answer for {what}: {}", e.without_url())));
             }
         };
         let text = || String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
         if status == reqwest::StatusCode::NOT_FOUND {
-            // Only the registry's own "schema not found" (error code 40403) blames the
-            // record; any other 404 (a wrong base path, a proxy) is the deployment's.
             #[derive(serde::Deserialize)]
             struct Refusal {
                 error_code: Option<i64>,
             }
-            if serde_json::from_slice::<Refusal>(&body).ok().and_then(|r| r.error_code) == Some(40403) {
+            let code = serde_json::from_slice::<Refusal>(&body).ok().and_then(|r| r.error_code);
+            if matches!(code, Some(40401..=40403)) {
                 permit.success();
-                return Err(LookupError::Unknown(id));
+                return Ok(None);
             }
             permit.failure();
-            tracing::warn!(registry = self.host(), schema_id = id, "schema registry answered 404 without its error code 40403: is SCHEMA_REGISTRY_URL the registry's base URL?");
+            tracing::warn!(registry = self.host(), schema_id = id, "schema registry answered 404 without a registry's error code: is SCHEMA_REGISTRY_URL the registry's base URL?");
             return Err(LookupError::Unavailable(format!(
-                "HTTP 404 for schema {id}, not from a schema registry: {}",
+                "HTTP 404 for {what}, not from a schema registry: {}",
                 text()
             )));
         }
         if !status.is_success() {
-            // Refused credentials are an operator's problem, not the record's: retried.
             permit.failure();
             tracing::warn!(
                 registry = self.host(),
@@ -304,43 +390,46 @@ impl SchemaRegistry {
                 status = status.as_u16(),
                 "schema registry refused a lookup"
             );
-            return Err(LookupError::Unavailable(format!("HTTP {status} for schema {id}: {}", text())));
+            return Err(LookupError::Unavailable(format!("HTTP {status} for {what}: {}", text())));
         }
-        #[derive(serde::Deserialize)]
-        struct Answer {
-            schema: String,
-            #[serde(rename = "schemaType")]
-            schema_type: Option<String>,
-            #[serde(default)]
-            references: Vec<serde_json::Value>,
-        }
-        let answer: Answer = match serde_json::from_slice(&body) {
-            Ok(a) => a,
-            Err(e) => {
-                // A login page or a proxy's answer: not a registry speaking.
-                permit.failure();
-                return Err(LookupError::Unavailable(format!(
-                    "answer for schema {id} is not a registry's ({e}): {}",
-                    text()
-                )));
+        match serde_json::from_slice::<Answer>(&body) {
+            Ok(a) => {
+                permit.success();
+                Ok(Some(a))
             }
-        };
-        permit.success();
-        if !answer.references.is_empty() {
-            return Err(LookupError::Unsupported { id, schema_type: "a schema with references to others".into() });
+            Err(e) => {
+                permit.failure();
+                Err(LookupError::Unavailable(format!("answer for {what} is not a registry's ({e}): {}", text())))
+            }
         }
-        let schema = match answer.schema_type.as_deref().unwrap_or("AVRO") {
-            "AVRO" => RegistrySchema::Avro(
-                AvroSchema::parse(&answer.schema).map_err(|message| LookupError::Invalid { id, message })?,
-            ),
-            "JSON" => RegistrySchema::Json(
-                JsonSchema::parse(&answer.schema).map_err(|message| LookupError::Invalid { id, message })?,
-            ),
-            other => return Err(LookupError::Unsupported { id, schema_type: other.to_owned() }),
-        };
-        tracing::info!(registry = self.host(), schema_id = id, "schema fetched from the registry");
-        Ok(Arc::new(schema))
     }
+}
+
+/// Most schemas one Protobuf schema may import, transitively.
+const MAX_REFERENCES: usize = 64;
+
+/// A registry's answer for a schema: `GET /schemas/ids/{id}` or a subject's version.
+#[derive(serde::Deserialize)]
+struct Answer {
+    schema: String,
+    #[serde(rename = "schemaType")]
+    schema_type: Option<String>,
+    #[serde(default)]
+    references: Vec<Reference>,
+}
+
+/// A schema's reference to another: the import's name, where it is registered.
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct Reference {
+    name: String,
+    subject: String,
+    version: i64,
+}
+
+fn decode_base64(text: &str) -> Result<Vec<u8>, String> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.decode(text.trim()).map_err(|e| format!("not base64: {e}"))
 }
 
 fn percent_decode(s: &str) -> String {

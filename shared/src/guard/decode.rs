@@ -75,7 +75,7 @@ impl Guard {
                         }
                     },
                     (None, _) => match confluent_frame(v) {
-                        Ok(f) => Some(f),
+                        Ok(f) => Some((f, None)),
                         Err(PayloadError::NotFramed { .. }) if or_json => None,
                         Err(e) => {
                             *rejected = Some(reject(e.reason(), e.to_string()));
@@ -99,20 +99,33 @@ impl Guard {
                 }
             }
         }
-        let schemas = self.registry.schemas(frames.iter().flatten().map(|f| f.schema_id)).await;
+        let schemas = self.registry.schemas(frames.iter().flatten().map(|(f, _)| f.schema_id)).await;
         let mut out = Vec::with_capacity(items.len());
         for (((_, rejected), frame), waiting) in items.iter_mut().zip(frames).zip(waiting) {
             if let Some(why) = waiting {
                 out.push(Decoded::Unavailable(why));
                 continue;
             }
-            let Some(frame) = frame else {
+            let Some((frame, source)) = frame else {
                 out.push(Decoded::Raw);
                 continue;
             };
             let schema = schemas.get(&frame.schema_id).expect("every frame's schema id was looked up");
-            match schema {
-                Ok(schema) => match schema.decode(frame.schema_id, frame.body) {
+            let decoded = schema.as_ref().map(|schema| match source {
+                None => schema.decode(frame.schema_id, frame.body),
+                // The mapping's word for the format must be the schema's.
+                Some(format) if format != schema.kind() => Err(PayloadError::SchemaMismatch {
+                    schema_id: frame.schema_id,
+                    message: format!(
+                        "the event source mapping says the value is {format}, but schema {} is {}",
+                        frame.schema_id,
+                        schema.kind()
+                    ),
+                }),
+                Some(_) => schema.decode_source(frame.schema_id, frame.body),
+            });
+            match decoded {
+                Ok(decoded) => match decoded {
                     Ok(v) => out.push(Decoded::Value(v)),
                     Err(e) => {
                         *rejected = Some(reject(e.reason(), e.to_string()));
@@ -132,20 +145,24 @@ impl Guard {
     }
 }
 
-/// A value an event source mapping passed on as `SOURCE`: the datum without its frame,
-/// its schema named by the record's metadata (a Confluent registry's numeric id).
-fn unframed<'v>(meta: &SchemaMetadata, value: &'v [u8]) -> Result<Framed<'v>, Rejection> {
-    if !(meta.data_format.eq_ignore_ascii_case("AVRO") || meta.data_format.eq_ignore_ascii_case("JSON")) {
+/// A value an event source mapping passed on as `SOURCE`: the datum without its frame
+/// (for Protobuf, without message indexes too: the file's first message), its schema
+/// named by the record's metadata (a Confluent registry's numeric id), and the format
+/// the metadata names.
+fn unframed<'v>(meta: &SchemaMetadata, value: &'v [u8]) -> Result<(Framed<'v>, Option<&'static str>), Rejection> {
+    let Some(format) =
+        ["AVRO", "JSON", "PROTOBUF"].into_iter().find(|f| meta.data_format.trim().eq_ignore_ascii_case(f))
+    else {
         return Err(reject(
             "schema_unsupported",
             format!(
-                "the event source mapping says the value is {}; Avro and JSON Schema are decoded here",
+                "the event source mapping says the value is {}; Avro, JSON Schema and Protobuf are decoded here",
                 meta.data_format
             ),
         ));
-    }
+    };
     match meta.schema_id.trim().parse::<u32>() {
-        Ok(schema_id) => Ok(Framed { schema_id, body: value }),
+        Ok(schema_id) => Ok((Framed { schema_id, body: value }, Some(format))),
         Err(_) => Err(reject(
             "schema_unsupported",
             format!(
