@@ -205,7 +205,9 @@ fn succeeded(invoked: &Invoked) -> u64 {
 }
 
 /// The function binary's environment: the slice's stores, the run's topic prefix (the
-/// function maps a record's topic to itself through it), quiet logs.
+/// function maps a record's topic to itself through it), and errors only in its log
+/// (`SCALE_FUNCTION_LOG` overrides): a warning per duplicate, written and piped through
+/// the mapping, is a cost the workers, with no log subscriber in this process, do not pay.
 fn function_env(env: &Env, kafka: &exactly_once::config::KafkaConfig) -> Vec<(String, String)> {
     env.slice
         .env()
@@ -213,7 +215,7 @@ fn function_env(env: &Env, kafka: &exactly_once::config::KafkaConfig) -> Vec<(St
         .filter(|(k, _)| !k.starts_with("KAFKA_"))
         .chain([
             ("KAFKA_TOPIC_PREFIX".into(), kafka.topic_prefix.clone()),
-            ("RUST_LOG".into(), std::env::var("SCALE_FUNCTION_LOG").unwrap_or_else(|_| "warn".into())),
+            ("RUST_LOG".into(), std::env::var("SCALE_FUNCTION_LOG").unwrap_or_else(|_| "error".into())),
             ("LAMBDA_REPORT_BATCH_ITEM_FAILURES".into(), "true".into()),
         ])
         .collect()
@@ -252,7 +254,15 @@ async fn start_esm(
     let failed = Arc::new(AtomicU64::new(0));
     let mut members = Vec::with_capacity(count);
     for _ in 0..count {
-        let mut mapping = Mapping::start(settings.clone(), kafka, &[topic.to_owned()], spec.clone()).await?;
+        let mut mapping = match Mapping::start(settings.clone(), kafka, &[topic.to_owned()], spec.clone()).await {
+            Ok(m) => m,
+            Err(e) => {
+                // The ones started already leave the group and stop their functions.
+                let started = Members::Esm { members, handled, failed };
+                let _ = started.shutdown().await;
+                return Err(e.into());
+            }
+        };
         let mut invoked: mpsc::UnboundedReceiver<Invoked> = mapping.observe();
         let (h, f) = (handled.clone(), failed.clone());
         tokio::spawn(async move {
@@ -297,6 +307,8 @@ async fn one(env: &Env, opts: &ScaleOptions, workers: usize, run: &str) -> anyho
     let started;
     let members = match &opts.esm {
         Some(binary) => {
+            // What `eo migrate` does before a deploy; a function in Lambda mode only checks it.
+            env.clients.sink.apply_ddl(user_events::CLICKHOUSE_DDL).await?;
             started = Instant::now();
             start_esm(env, opts, binary, &kafka, run, workers, &topic).await?
         }
@@ -323,7 +335,12 @@ async fn one(env: &Env, opts: &ScaleOptions, workers: usize, run: &str) -> anyho
     };
     let result = measure(env, opts, &members, workers, what, &topic, &events, distinct, started, before).await;
     let shut = members.shutdown().await;
-    let (settle_secs, handled_at_settle, took, total, partitions_per_worker, partition_cap) = result?;
+    // A mapping that stopped on its own says why only at shutdown: keep both.
+    let (settle_secs, handled_at_settle, took, total, partitions_per_worker, partition_cap) = match (result, &shut) {
+        (Ok(r), _) => r,
+        (Err(e), Err(at_shutdown)) => return Err(e.context(format!("{at_shutdown:#}"))),
+        (Err(e), Ok(_)) => return Err(e),
+    };
     let esm = shut?;
 
     let confirmed = ledger_count(&env.clients, &topic).await?;

@@ -14,9 +14,12 @@
 //!
 //! A decoded message becomes a [`serde_json::Value`] in the proto3 JSON mapping, with two
 //! choices made for event ids and serde handlers: field names as written in the `.proto`
-//! (`order_id`, not `orderId`) and 64-bit integers as JSON numbers (not strings). Fields
-//! at their default value are written out, so a handler's struct sees every field; bytes
-//! are base64, enums their value's name.
+//! (`order_id`, not `orderId`) and 64-bit integers as JSON numbers (not strings). Scalar
+//! and repeated fields at their default value are written out; message, `optional` and
+//! `oneof` fields that are not set are left out. Bytes are base64, enums their value's
+//! name. A `google.protobuf.Any` is followed at most 4 deep, and a value
+//! that would expand past a budget of fields (100,000, or one per byte of the value) is
+//! refused.
 //!
 //! Invariant: hostile bytes get a classified [`PayloadError`], never a panic. The
 //! decoder (prost's) checks every length against the bytes left and stops at 100 levels
@@ -28,7 +31,9 @@
 
 use prost_reflect::prost::Message as _;
 use prost_reflect::prost_types::FileDescriptorProto;
-use prost_reflect::{DescriptorPool, DynamicMessage, FileDescriptor, MessageDescriptor, SerializeOptions};
+use prost_reflect::{
+    DescriptorPool, DynamicMessage, FileDescriptor, MessageDescriptor, ReflectMessage, SerializeOptions,
+};
 use serde_json::Value;
 
 use crate::payload::PayloadError;
@@ -45,14 +50,23 @@ pub struct ProtobufSchema {
 
 impl ProtobufSchema {
     /// Builds the schema from its serialized `FileDescriptorProto`, after the files it
-    /// imports (`dependencies`, each also serialized, in any order). Well-known types
+    /// imports (`dependencies`: each the name it is imported by, as the schema's reference
+    /// gives it, and its serialized descriptor; in any order). The import name wins over
+    /// the name inside the descriptor, which a registry need not keep. Well-known types
     /// need not be given.
-    pub fn from_descriptors(main: &[u8], dependencies: &[Vec<u8>]) -> Result<Self, String> {
+    pub fn from_descriptors(main: &[u8], dependencies: &[(String, Vec<u8>)]) -> Result<Self, String> {
         let decode = |bytes: &[u8]| {
             FileDescriptorProto::decode(bytes).map_err(|e| format!("not a serialized FileDescriptorProto: {e}"))
         };
         let main = decode(main)?;
-        let mut pending: Vec<FileDescriptorProto> = dependencies.iter().map(|d| decode(d)).collect::<Result<_, _>>()?;
+        let mut pending = Vec::with_capacity(dependencies.len());
+        for (name, bytes) in dependencies {
+            let mut file = decode(bytes)?;
+            if !name.is_empty() {
+                file.name = Some(name.clone());
+            }
+            pending.push(file);
+        }
         let mut pool = DescriptorPool::global();
         // Dependencies may come in any order: add those whose imports are all present,
         // until none is left (or none can be added: an import is missing).
@@ -114,9 +128,8 @@ impl ProtobufSchema {
         let mismatch = |message: String| PayloadError::SchemaMismatch { schema_id, message };
         let descriptor = self.message(indexes).map_err(mismatch)?;
         let decoded = DynamicMessage::decode(descriptor, message).map_err(|e| mismatch(e.to_string()))?;
-        if let Some(unknown) = unknown_field(&decoded) {
-            return Err(mismatch(format!("field number {unknown} is not in the schema")));
-        }
+        let mut walk = Walk { fields: 0, budget: MIN_FIELD_BUDGET + FIELDS_PER_BYTE * message.len() };
+        walk.check(&decoded, 0).map_err(mismatch)?;
         let options = SerializeOptions::new()
             .use_proto_field_name(true)
             .stringify_64_bit_integers(false)
@@ -139,23 +152,76 @@ impl ProtobufSchema {
     }
 }
 
-/// The first field number, at any depth, that the message's schema does not define.
-fn unknown_field(message: &DynamicMessage) -> Option<u32> {
-    if let Some(field) = message.unknown_fields().next() {
-        return Some(field.number());
-    }
-    for (_, value) in message.fields() {
-        let found = match value {
-            prost_reflect::Value::Message(m) => unknown_field(m),
-            prost_reflect::Value::List(items) => items.iter().find_map(|v| v.as_message().and_then(unknown_field)),
-            prost_reflect::Value::Map(entries) => entries.values().find_map(|v| v.as_message().and_then(unknown_field)),
-            _ => None,
-        };
-        if found.is_some() {
-            return found;
+/// Most `google.protobuf.Any` values nested in one another: the JSON writer decodes each
+/// one's payload afresh, with a fresh nesting limit, so their depth is bounded here.
+const MAX_ANY_DEPTH: usize = 4;
+
+/// Fields a value may expand to in JSON, at least, and per byte of the value beyond
+/// that: defaults are written out, so an empty nested message (two bytes in a repeated
+/// field) becomes an object of all its fields; a value built to expand is refused
+/// instead of taking gigabytes.
+const MIN_FIELD_BUDGET: usize = 100_000;
+const FIELDS_PER_BYTE: usize = 1;
+
+/// A check of a decoded message before it is written as JSON.
+struct Walk {
+    fields: usize,
+    budget: usize,
+}
+
+impl Walk {
+    /// Refuses a field number the schema does not define (at any depth, inside `Any`
+    /// payloads too), `Any` values nested deeper than [`MAX_ANY_DEPTH`], and a message
+    /// that would expand past the budget.
+    fn check(&mut self, message: &DynamicMessage, any_depth: usize) -> Result<(), String> {
+        if let Some(field) = message.unknown_fields().next() {
+            return Err(format!("field number {} is not in the schema", field.number()));
         }
+        let descriptor = message.descriptor();
+        self.fields += descriptor.fields().len().max(1);
+        if self.fields > self.budget {
+            return Err(format!("the value expands to more than {} fields", self.budget));
+        }
+        if descriptor.full_name() == "google.protobuf.Any" {
+            return self.any(message, any_depth);
+        }
+        for (_, value) in message.fields() {
+            match value {
+                prost_reflect::Value::Message(m) => self.check(m, any_depth)?,
+                prost_reflect::Value::List(items) => {
+                    for m in items.iter().filter_map(|v| v.as_message()) {
+                        self.check(m, any_depth)?;
+                    }
+                }
+                prost_reflect::Value::Map(entries) => {
+                    self.fields += entries.len();
+                    for m in entries.values().filter_map(|v| v.as_message()) {
+                        self.check(m, any_depth)?;
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
-    None
+
+    /// An `Any`: its payload decoded with the type its URL names, as the JSON writer will.
+    fn any(&mut self, message: &DynamicMessage, any_depth: usize) -> Result<(), String> {
+        if any_depth >= MAX_ANY_DEPTH {
+            return Err(format!("google.protobuf.Any nested more than {MAX_ANY_DEPTH} deep"));
+        }
+        let url = message.get_field_by_name("type_url");
+        let Some(url) = url.as_deref().and_then(|v| v.as_str()) else { return Ok(()) };
+        let name = url.rsplit('/').next().unwrap_or(url);
+        let Some(inner) = message.descriptor().parent_pool().get_message_by_name(name) else {
+            return Err(format!("google.protobuf.Any of {name}, a type the schema does not define"));
+        };
+        let value = message.get_field_by_name("value");
+        let bytes = value.as_deref().and_then(|v| v.as_bytes()).cloned().unwrap_or_default();
+        let decoded =
+            DynamicMessage::decode(inner, bytes).map_err(|e| format!("google.protobuf.Any of {name}: {e}"))?;
+        self.check(&decoded, any_depth + 1)
+    }
 }
 
 /// Splits the bytes after a frame's schema id into its message indexes and the message.
@@ -258,10 +324,22 @@ mod tests {
             field: vec![field("order_id", 1, Type::String, None)],
             ..Default::default()
         };
+        let mut items = field("items", 3, Type::Message, Some(".shop.Order"));
+        items.label = Some(field_descriptor_proto::Label::Repeated as i32);
+        let node = DescriptorProto {
+            name: Some("Node".into()),
+            field: vec![
+                field("next", 1, Type::Message, Some(".shop.Node")),
+                field("any", 2, Type::Message, Some(".google.protobuf.Any")),
+                items,
+            ],
+            ..Default::default()
+        };
         FileDescriptorProto {
             name: Some("shop/order.proto".into()),
             package: Some("shop".into()),
-            message_type: vec![order, refund],
+            dependency: vec!["google/protobuf/any.proto".into()],
+            message_type: vec![order, refund, node],
             syntax: Some("proto3".into()),
             ..Default::default()
         }
@@ -340,25 +418,65 @@ mod tests {
         ] {
             assert_eq!(s.decode(1, &body).unwrap_err().reason(), "payload_schema_mismatch", "{body:?}");
         }
-        // Deep nesting stops without exhausting the stack.
-        let mut deep = Vec::new();
-        for _ in 0..10_000 {
-            let mut outer = vec![0x1a];
-            let mut len = deep.len();
-            while len >= 0x80 {
-                outer.push((len as u8 & 0x7f) | 0x80);
-                len >>= 7;
-            }
-            outer.push(len as u8);
-            outer.extend(deep);
-            deep = outer;
-            if deep.len() > 50_000 {
-                break;
-            }
+        // Deep nesting (Node.next in Node.next ...) stops at prost's limit, without
+        // exhausting the stack.
+        let mut deep: Vec<u8> = Vec::new();
+        for _ in 0..1_000 {
+            deep = length_delimited(1, &deep);
         }
-        let mut body = vec![0u8];
-        body.extend(deep);
-        assert!(s.decode(1, &body).is_err());
+        let e = s.decode_message(1, &[2], &deep).unwrap_err();
+        assert_eq!(e.reason(), "payload_schema_mismatch", "{e}");
+        let shallow = (0..50).fold(Vec::new(), |inner, _| length_delimited(1, &inner));
+        assert!(s.decode_message(1, &[2], &shallow).is_ok());
+    }
+
+    /// A length-delimited field `number` holding `inner`.
+    fn length_delimited(number: u32, inner: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(inner.len() + 6);
+        for mut n in [u64::from(number << 3 | 2), inner.len() as u64] {
+            while n >= 0x80 {
+                out.push((n as u8 & 0x7f) | 0x80);
+                n >>= 7;
+            }
+            out.push(n as u8);
+        }
+        out.extend_from_slice(inner);
+        out
+    }
+
+    #[test]
+    fn nested_any_and_expanding_values_are_refused_not_followed() {
+        let s = schema();
+        // An Any holding a Node holding an Any ... : refused past MAX_ANY_DEPTH.
+        let any_of = |node: &[u8]| {
+            let mut any = length_delimited(1, b"type.googleapis.com/shop.Node");
+            any.extend(length_delimited(2, node));
+            length_delimited(2, &any)
+        };
+        let mut node = Vec::new();
+        for _ in 0..MAX_ANY_DEPTH {
+            node = any_of(&node);
+        }
+        assert!(s.decode_message(1, &[2], &node).is_ok(), "{MAX_ANY_DEPTH} levels of Any are fine");
+        let e = s.decode_message(1, &[2], &any_of(&node)).unwrap_err();
+        assert!(e.to_string().contains("nested more than"), "{e}");
+        // An Any of a type the schema does not define; an unknown field inside an Any.
+        let mut any = length_delimited(1, b"type.googleapis.com/shop.Nothing");
+        any.extend(length_delimited(2, b""));
+        assert!(s.decode_message(1, &[2], &length_delimited(2, &any)).is_err());
+        let mut any = length_delimited(1, b"type.googleapis.com/shop.Node");
+        any.extend(length_delimited(2, &[0x78, 0x01]));
+        let e = s.decode_message(1, &[2], &length_delimited(2, &any)).unwrap_err();
+        assert!(e.to_string().contains("field number 15"), "{e}");
+        // 200,000 empty Orders (two bytes each, three fields each) would expand to 600,000
+        // fields from 400,000 bytes.
+        let items: Vec<u8> = (0..200_000).flat_map(|_| [0x1a, 0x00]).collect();
+        match s.decode_message(1, &[2], &items) {
+            Err(e) => assert!(e.to_string().contains("expands to more than"), "{e}"),
+            Ok(_) => panic!("an expanding value was accepted"),
+        }
+        let few: Vec<u8> = (0..1_000).flat_map(|_| [0x1a, 0x00]).collect();
+        assert_eq!(s.decode_message(1, &[2], &few).unwrap()["items"].as_array().map(Vec::len), Some(1_000));
     }
 
     #[test]
@@ -391,7 +509,14 @@ mod tests {
         };
         let err = ProtobufSchema::from_descriptors(&main.encode_to_vec(), &[]).unwrap_err();
         assert!(err.contains("common/money.proto"), "{err}");
-        let s = ProtobufSchema::from_descriptors(&main.encode_to_vec(), &[dep.encode_to_vec()]).unwrap();
+        // The import's name is the reference's, whatever the registry kept inside.
+        let mut renamed = dep.clone();
+        renamed.name = Some("money.proto".into());
+        let s = ProtobufSchema::from_descriptors(
+            &main.encode_to_vec(),
+            &[("common/money.proto".to_owned(), renamed.encode_to_vec())],
+        )
+        .unwrap();
         let m = DynamicMessage::deserialize(
             s.message(&[0]).unwrap(),
             serde_json::json!({"total": {"cents": 250}, "at": "2026-12-06T10:00:00Z"}),

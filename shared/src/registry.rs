@@ -47,11 +47,17 @@ impl RegistrySchema {
         }
     }
 
-    /// Decodes a datum an event source mapping passed on as `SOURCE`: without its frame,
-    /// and for Protobuf without message indexes (the file's first message).
+    /// Decodes a datum an event source mapping passed on as `SOURCE`: without its frame.
+    /// A Protobuf value may keep its message indexes or not (AWS does not say): a leading
+    /// zero byte is the indexes of the file's first message (no message starts with it:
+    /// field number 0 does not exist) and is skipped; a value without it is read as the
+    /// file's first message.
     pub fn decode_source(&self, schema_id: u32, body: &[u8]) -> Result<serde_json::Value, PayloadError> {
         match self {
-            RegistrySchema::Protobuf(s) => s.decode_message(schema_id, &[0], body),
+            RegistrySchema::Protobuf(s) => match body.split_first() {
+                Some((0, message)) => s.decode_message(schema_id, &[0], message),
+                _ => s.decode_message(schema_id, &[0], body),
+            },
             other => other.decode(schema_id, body),
         }
     }
@@ -317,6 +323,12 @@ impl SchemaRegistry {
             {
                 continue;
             }
+            if reference.subject.is_empty() || reference.version < 1 {
+                return Err(invalid(format!(
+                    "reference {:?} names no subject and version (subject {:?}, version {})",
+                    reference.name, reference.subject, reference.version
+                )));
+            }
             if seen.len() > MAX_REFERENCES {
                 return Err(invalid(format!("more than {MAX_REFERENCES} referenced schemas")));
             }
@@ -333,7 +345,8 @@ impl SchemaRegistry {
                 .get(url, id, &what)
                 .await?
                 .ok_or_else(|| invalid(format!("{what}: the registry has no such subject version")))?;
-            dependencies.push(decode_base64(&found.schema).map_err(|e| invalid(format!("{what}: {e}")))?);
+            let bytes = decode_base64(&found.schema).map_err(|e| invalid(format!("{what}: {e}")))?;
+            dependencies.push((reference.name, bytes));
             queue.extend(found.references);
         }
         ProtobufSchema::from_descriptors(&main_bytes, &dependencies).map_err(invalid)
