@@ -468,6 +468,13 @@ async fn consume(
         let offset = event.offset;
         let sent = {
             let mut partitions = lock(&shared.partitions);
+            // `abort()` sets the flag before it empties this map under the same lock, and
+            // aborting this task takes effect only at its next await: a partition task
+            // started after the map was emptied would never be aborted, and its clone of
+            // the consumer would keep this dead member in the group, holding partitions.
+            if shared.aborted.load(Ordering::SeqCst) {
+                return;
+            }
             if partitions.get(&key).is_some_and(|h| h.task.is_finished()) {
                 None
             } else {
