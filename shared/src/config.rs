@@ -117,6 +117,7 @@ pub const VARIABLES: &[Var] = &[
         "Worker: prefix added to every function's topic names (isolates environments and tests).",
     ),
     var("KAFKA_SESSION_TIMEOUT_MS", "10000", "Worker: consumer group session timeout."),
+    var("KAFKA_MAX_POLL_INTERVAL_MS", "300000", "Worker: longest a member may go without polling before the group removes it (librdkafka's `max.poll.interval.ms`; at least the session timeout). A worker polls all the time, even with partitions paused: this bounds how long a member that stopped polling (hung, or a process half gone) holds its partitions."),
     var(
         "KAFKA_CREATE_TOPICS",
         "false",
@@ -821,6 +822,9 @@ pub struct KafkaConfig {
     pub topic_prefix: String,
     /// `KAFKA_SESSION_TIMEOUT_MS`: the consumer group session timeout.
     pub session_timeout: Duration,
+    /// `KAFKA_MAX_POLL_INTERVAL_MS`: how long a member may go without polling before the
+    /// group removes it.
+    pub max_poll_interval: Duration,
     /// `KAFKA_CREATE_TOPICS`: the worker creates missing topics at start.
     pub create_topics: bool,
     /// `KAFKA_TOPIC_PARTITIONS`: partitions of the topics the worker creates.
@@ -871,6 +875,7 @@ impl KafkaConfig {
             group_id: read(env, "KAFKA_GROUP_ID")?,
             topic_prefix: read(env, "KAFKA_TOPIC_PREFIX")?,
             session_timeout: millis(env, "KAFKA_SESSION_TIMEOUT_MS")?,
+            max_poll_interval: millis(env, "KAFKA_MAX_POLL_INTERVAL_MS")?,
             create_topics: read(env, "KAFKA_CREATE_TOPICS")?,
             topic_partitions: positive(env, "KAFKA_TOPIC_PARTITIONS")?,
             produce_timeout: millis(env, "KAFKA_PRODUCE_TIMEOUT_MS")?,

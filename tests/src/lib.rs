@@ -92,6 +92,9 @@ impl TestEnv {
         let mut kafka = KafkaConfig::from_env(&ProcessEnv).expect("Kafka configuration");
         slice.apply_kafka(&mut kafka);
         kafka.session_timeout = Duration::from_secs(10);
+        // A member that stopped polling (a worker aborted in a test) leaves its group in
+        // 20 s instead of librdkafka's 5 minutes.
+        kafka.max_poll_interval = Duration::from_secs(20);
         Self {
             clients,
             kafka,

@@ -346,6 +346,7 @@ impl Worker {
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", kafka.session_timeout.as_millis().to_string())
             .set("heartbeat.interval.ms", heartbeat.as_millis().to_string())
+            .set("max.poll.interval.ms", kafka.max_poll_interval.max(kafka.session_timeout).as_millis().to_string())
             .create_with_context(RebalanceContext { shared: shared.clone(), kafka: KafkaContext::new(kafka) })?;
         let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topic_refs)?;
