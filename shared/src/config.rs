@@ -117,7 +117,7 @@ pub const VARIABLES: &[Var] = &[
         "Worker: prefix added to every function's topic names (isolates environments and tests).",
     ),
     var("KAFKA_SESSION_TIMEOUT_MS", "10000", "Worker: consumer group session timeout."),
-    var("KAFKA_MAX_POLL_INTERVAL_MS", "300000", "Worker: longest a member may go without polling before the group removes it (librdkafka's `max.poll.interval.ms`; at least the session timeout). A worker polls all the time, even with partitions paused: this bounds how long a member that stopped polling (hung, or a process half gone) holds its partitions."),
+    var("KAFKA_MAX_POLL_INTERVAL_MS", "300000", "Worker: longest a member may go without polling before the group removes it (librdkafka's `max.poll.interval.ms`; at least the session timeout). It bounds how long a member that stopped polling (hung, or a process half gone) holds its partitions. A worker polls while partitions are paused, but not while all `MAX_IN_FLIGHT_MESSAGES` permits are held (every slot waiting on a paused partition, e.g. a long ClickHouse outage): past this interval it then leaves the group and its partitions are reassigned, so keep it longer than the outages to ride out."),
     var(
         "KAFKA_CREATE_TOPICS",
         "false",
