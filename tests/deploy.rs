@@ -58,6 +58,17 @@ fn text(v: &Value) -> String {
     serde_norway::to_string(v).unwrap()
 }
 
+/// A policy or statement may be conditional (`!If [cond, it, other]`): what it can grant
+/// is both branches, `AWS::NoValue` aside.
+fn when_true(v: &Value) -> Vec<&Value> {
+    match (v, untag(v).as_sequence()) {
+        (Value::Tagged(t), Some(branches)) if t.tag == "If" => {
+            branches[1..].iter().filter(|b| !text(b).contains("AWS::NoValue")).collect()
+        }
+        _ => vec![v],
+    }
+}
+
 #[test]
 fn the_local_worker_runs_every_function_crate() {
     let names: BTreeSet<String> = functions().into_keys().collect();
@@ -97,7 +108,7 @@ fn template_declares_each_function_with_its_msk_trigger_and_least_privilege() {
 
     let mut declared = BTreeSet::new();
     for (name, (topics, outputs)) in functions() {
-        let (_, function) = resources
+        let (function_key, function) = resources
             .iter()
             .find(|(_, r)| {
                 r["Type"] == "AWS::Serverless::Function" && r["Metadata"]["BuildProperties"]["Binary"] == name.as_str()
@@ -106,11 +117,33 @@ fn template_declares_each_function_with_its_msk_trigger_and_least_privilege() {
         declared.insert(name.clone());
         assert_eq!(function["Metadata"]["BuildMethod"].as_str(), Some("rust-cargolambda"), "{name}");
 
-        let events = function["Properties"]["Events"].as_mapping().expect("events");
+        let no_events = serde_norway::Mapping::new();
+        let events = function["Properties"]["Events"].as_mapping().unwrap_or(&no_events);
         let of_type = |kind: &str| events.values().filter(|e| e["Type"].as_str() == Some(kind)).collect::<Vec<_>>();
-        let msks = of_type("MSK");
+        // The MSK trigger is its own AWS::Lambda::EventSourceMapping resource (SAM's MSK
+        // event refuses a conditional SchemaRegistryConfig).
+        let function_key = function_key.as_str().unwrap();
+        let msks: Vec<&Value> = resources
+            .values()
+            .filter(|r| {
+                r["Type"] == "AWS::Lambda::EventSourceMapping"
+                    && untag(&r["Properties"]["FunctionName"]).as_str() == Some(function_key)
+            })
+            .collect();
         assert_eq!(msks.len(), 1, "{name}: one MSK trigger");
+        assert!(of_type("MSK").is_empty(), "{name}: the MSK trigger is the mapping resource, not a SAM event too");
         let msk = msks[0];
+        let role_key = untag(&msk["DependsOn"]).as_str().unwrap_or_default();
+        assert!(role_key.ends_with("Role"), "{name}: the mapping waits for the function's role (its permissions)");
+        let registry = &msk["Properties"]["AmazonManagedKafkaEventSourceConfig"]["SchemaRegistryConfig"];
+        let registry = untag(registry).as_sequence().expect("SchemaRegistryConfig: !If [EsmRegistry, ..., NoValue]");
+        assert_eq!(registry[0].as_str(), Some("EsmRegistry"), "{name}: the registry is optional");
+        assert!(text(&registry[2]).contains("AWS::NoValue"), "{name}: no registry by default");
+        let on = &registry[1];
+        assert!(text(&on["SchemaRegistryURI"]).contains("MskSchemaRegistryUri"), "{name}: the registry's URI");
+        assert_eq!(untag(&on["EventRecordFormat"]).as_str(), Some("MskEventRecordFormat"));
+        assert!(text(&on["SchemaValidationConfigs"]).contains("VALUE"), "{name}: values are validated");
+        assert!(text(&on["AccessConfigs"]).contains("BASIC_AUTH"), "{name}: Confluent basic auth from the secret");
         // A function that publishes through the outbox is also invoked on a schedule,
         // so its queued messages are sent without new records on its topic; the others
         // have nothing to drain.
@@ -128,7 +161,7 @@ fn template_declares_each_function_with_its_msk_trigger_and_least_privilege() {
                 "{name}: the function reads the scheduled event itself"
             );
         }
-        assert_eq!(events.len(), msks.len() + schedules.len(), "{name}: no other triggers");
+        assert_eq!(events.len(), schedules.len(), "{name}: no other triggers");
         let p = &msk["Properties"];
         let trigger_topics: Vec<String> = p["Topics"]
             .as_sequence()
@@ -137,7 +170,11 @@ fn template_declares_each_function_with_its_msk_trigger_and_least_privilege() {
             .map(|t| default_of(untag(t).as_str().expect("!Ref <Parameter>")).expect("topic parameter with a default"))
             .collect();
         assert_eq!(trigger_topics, topics, "{name}: the MSK trigger reads the function's topics");
-        assert!(text(&p["ConsumerGroupId"]).contains(&format!("-{name}")), "{name}: own consumer group");
+        assert!(
+            text(&p["AmazonManagedKafkaEventSourceConfig"]["ConsumerGroupId"]).contains(&format!("-{name}")),
+            "{name}: own consumer group"
+        );
+        assert_eq!(untag(&p["EventSourceArn"]).as_str(), Some("MskClusterArn"), "{name}: reads the MSK cluster");
         for key in TRIGGER_SETTINGS {
             assert!(!p[key].is_null(), "{name}: MSK trigger sets {key}");
         }
@@ -169,7 +206,9 @@ fn template_declares_each_function_with_its_msk_trigger_and_least_privilege() {
             .as_sequence()
             .unwrap()
             .iter()
+            .flat_map(when_true)
             .flat_map(|p| p["PolicyDocument"]["Statement"].as_sequence().unwrap().iter())
+            .flat_map(when_true)
             .collect();
         let actions = |s: &Value| -> Vec<String> {
             match &s["Action"] {
@@ -210,7 +249,19 @@ fn template_declares_each_function_with_its_msk_trigger_and_least_privilege() {
             );
         }
         assert!(grants("kafka-cluster:AlterGroup", &format!("-{name}")), "{name}: may use its own group only");
+        // With a registry on the mapping, the mapping reads it with this role.
+        assert!(grants("glue:GetSchemaVersion", "MskSchemaRegistryUri"), "{name}: may read a Glue registry");
+        assert!(
+            grants("secretsmanager:GetSecretValue", "SchemaRegistrySecretArn"),
+            "{name}: may read the registry's credentials"
+        );
     }
+    // A record cannot tell the mapping's JSON from its SOURCE: the functions are told.
+    let format = text(&t["Globals"]["Function"]["Environment"]["Variables"]["LAMBDA_EVENT_RECORD_FORMAT"]);
+    assert!(
+        format.contains("EsmRegistry") && format.contains("MskEventRecordFormat"),
+        "LAMBDA_EVENT_RECORD_FORMAT follows the mapping's EventRecordFormat: {format}"
+    );
     // The function answers batchItemFailures exactly when the mapping reads them.
     let env = text(&t["Globals"]["Function"]["Environment"]["Variables"]["LAMBDA_REPORT_BATCH_ITEM_FAILURES"]);
     assert!(

@@ -366,9 +366,12 @@ mod tests {
         assert_eq!(ours["Metadata"]["BuildProperties"]["Binary"].as_str(), Some("order-events"));
         assert_eq!(yaml["Parameters"]["OrderEventsTopic"]["Default"].as_str(), Some("orders"));
         assert!(yaml["Outputs"]["OrderEventsFunctionArn"].is_mapping());
-        for (kind, theirs) in
-            [("Function", "UserEventsFunction"), ("Role", "UserEventsRole"), ("Logs", "UserEventsLogs")]
-        {
+        for (kind, theirs) in [
+            ("Function", "UserEventsFunction"),
+            ("Role", "UserEventsRole"),
+            ("Logs", "UserEventsLogs"),
+            ("Msk", "UserEventsMsk"),
+        ] {
             let mine = serde_norway::to_string(&resources[format!("OrderEvents{kind}").as_str()]).unwrap();
             let expected = serde_norway::to_string(&resources[theirs]).unwrap();
             assert_eq!(mine, expected.replace("user-events", "order-events").replace("UserEvents", "OrderEvents"));

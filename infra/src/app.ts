@@ -45,6 +45,15 @@ interface Settings {
   schemaRegistryUrl: string;
   /** Optional: a secret whose JSON has the registry's `username` and `password`; "" for none. */
   schemaRegistrySecretArn: string;
+  /**
+   * Optional: the event source mapping validates values against a registry itself
+   * (`none`, `confluent` or `glue`; AWS needs provisioned mode for it, which is used).
+   */
+  mskSchemaRegistry: "none" | "confluent" | "glue";
+  /** With `confluent`, the registry's https URL; with `glue`, the Glue registry's ARN. */
+  mskSchemaRegistryUri: string;
+  /** With a registry on the mapping: `JSON` (values decoded by the mapping) or `SOURCE`. */
+  mskEventRecordFormat: "JSON" | "SOURCE";
   consumerGroupPrefix: string;
   startingPosition: "TRIM_HORIZON" | "LATEST";
   batchSize: number;
@@ -71,7 +80,8 @@ function settings(app: App): Settings {
   };
   const keys: (keyof Settings)[] = [
     "mskClusterArn", "vpcId", "availabilityZones", "subnetIds", "securityGroupIds", "databaseSecretArn",
-    "clickhouseSecretArn", "redisUrl", "redisMode", "redisSecretArn", "clickhouseUrl", "clickhouseUser", "schemaRegistryUrl", "schemaRegistrySecretArn", "consumerGroupPrefix", "startingPosition",
+    "clickhouseSecretArn", "redisUrl", "redisMode", "redisSecretArn", "clickhouseUrl", "clickhouseUser", "schemaRegistryUrl", "schemaRegistrySecretArn",
+    "mskSchemaRegistry", "mskSchemaRegistryUri", "mskEventRecordFormat", "consumerGroupPrefix", "startingPosition",
     "batchSize", "maxBatchingWindowSeconds", "maxRetryAttempts", "maxRecordAgeSeconds", "bisectOnError",
     "reportBatchItemFailures", "minimumPollers", "maximumPollers", "architecture", "memorySize", "timeoutSeconds", "logRetentionDays", "outboxDrainSchedule", "artifactsDir",
   ];
@@ -94,11 +104,26 @@ function settings(app: App): Settings {
   if (/^https?:\/\/[^/]*@/.test(s.schemaRegistryUrl)) {
     throw new Error("schemaRegistryUrl must not hold credentials: put them in schemaRegistrySecretArn");
   }
+  if (!["none", "confluent", "glue"].includes(s.mskSchemaRegistry)) {
+    throw new Error(`mskSchemaRegistry must be none, confluent or glue, not ${s.mskSchemaRegistry}`);
+  }
+  if (s.mskEventRecordFormat !== "JSON" && s.mskEventRecordFormat !== "SOURCE") {
+    throw new Error(`mskEventRecordFormat must be JSON or SOURCE, not ${s.mskEventRecordFormat}`);
+  }
+  if (s.mskSchemaRegistry === "glue" && !GLUE_REGISTRY_ARN.test(s.mskSchemaRegistryUri)) {
+    throw new Error(`mskSchemaRegistryUri is not a Glue registry ARN: ${s.mskSchemaRegistryUri}`);
+  }
+  if (s.mskSchemaRegistry === "confluent" && !/^https?:\/\/[^/@]+/.test(s.mskSchemaRegistryUri)) {
+    throw new Error(`mskSchemaRegistryUri must be the registry's URL, without credentials: ${s.mskSchemaRegistryUri}`);
+  }
   if (!/^arn:aws[a-z-]*:kafka:[a-z0-9-]+:\d{12}:cluster\/[^/]+\/[^/]+$/.test(s.mskClusterArn)) {
     throw new Error(`mskClusterArn is not an MSK cluster ARN: ${s.mskClusterArn}`);
   }
   return s;
 }
+
+/** arn:<partition>:glue:<region>:<account>:registry/<name> */
+const GLUE_REGISTRY_ARN = /^arn:aws[a-z-]*:glue:[a-z0-9-]+:\d{12}:registry\/[^/]+$/;
 
 /** The newest Postgres migration's version (the prefix of its file name in ../migrations). */
 function migrationsVersion(): string {
@@ -149,6 +174,8 @@ export class ExactlyOnceStack extends Stack {
       KAFKA_AUTH: "iam",
       // The function answers partial batch responses exactly when its mapping reads them.
       LAMBDA_REPORT_BATCH_ITEM_FAILURES: String(s.reportBatchItemFailures),
+      // A record cannot tell a mapping's JSON from its SOURCE: the function is told.
+      LAMBDA_EVENT_RECORD_FORMAT: s.mskSchemaRegistry === "none" ? "JSON" : s.mskEventRecordFormat,
       LOG_FORMAT: "json",
       RUST_LOG: "info",
     };
@@ -215,6 +242,16 @@ export class ExactlyOnceStack extends Stack {
         resources: [clusterResourceArn(s.mskClusterArn, "group", group)],
       }));
       role.addToPolicy(new iam.PolicyStatement({ actions: ["logs:CreateLogStream", "logs:PutLogEvents"], resources: [logGroup.logGroupArn] }));
+      // A registry on the mapping is read with the function's role.
+      if (s.mskSchemaRegistry === "glue") {
+        const [prefix, name] = s.mskSchemaRegistryUri.split(":registry/");
+        role.addToPolicy(new iam.PolicyStatement({
+          actions: ["glue:GetRegistry", "glue:GetSchemaVersion"],
+          resources: [s.mskSchemaRegistryUri, `${prefix}:schema/${name}/*`],
+        }));
+      } else if (s.mskSchemaRegistry === "confluent" && s.schemaRegistrySecretArn) {
+        role.addToPolicy(new iam.PolicyStatement({ actions: ["secretsmanager:GetSecretValue"], resources: [s.schemaRegistrySecretArn] }));
+      }
 
       const fn = new lambda.Function(this, f.name, {
         functionName: `${this.stackName}-${f.name}`,
@@ -241,7 +278,17 @@ export class ExactlyOnceStack extends Stack {
         functionName: fn.functionName,
         eventSourceArn: s.mskClusterArn,
         topics: f.topics,
-        amazonManagedKafkaEventSourceConfig: { consumerGroupId: group },
+        amazonManagedKafkaEventSourceConfig: {
+          consumerGroupId: group,
+          schemaRegistryConfig: s.mskSchemaRegistry === "none" ? undefined : {
+            schemaRegistryUri: s.mskSchemaRegistryUri,
+            eventRecordFormat: s.mskEventRecordFormat,
+            accessConfigs: s.mskSchemaRegistry === "confluent" && s.schemaRegistrySecretArn
+              ? [{ type: "BASIC_AUTH", uri: s.schemaRegistrySecretArn }]
+              : undefined,
+            schemaValidationConfigs: [{ attribute: "VALUE" }],
+          },
+        },
         startingPosition: s.startingPosition,
         batchSize: s.batchSize,
         maximumBatchingWindowInSeconds: s.maxBatchingWindowSeconds,

@@ -143,3 +143,53 @@ test("the schema registry's address reaches every function, its credentials only
   }
   assert.ok(checked >= functions.length, `only ${checked} functions carry the registry's address`);
 });
+
+// The same app synthesized with a registry on the mappings (package.json's test script):
+// a Glue registry with SOURCE records, and a Confluent one with basic auth.
+const synthesized = (dir) => JSON.parse(fs.readFileSync(new URL(`../${dir}/ExactlyOnce.template.json`, import.meta.url), "utf8"));
+const of = (t, type) => Object.values(t.Resources).filter((r) => r.Type === type);
+const statements = (t) => of(t, "AWS::IAM::Policy").map((r) => r.Properties.PolicyDocument.Statement).flat();
+const recordFormat = (t) => of(t, "AWS::Lambda::Function").map((f) => f.Properties.Environment?.Variables?.LAMBDA_EVENT_RECORD_FORMAT);
+
+test("no registry on the mappings by default: the functions decode framed values themselves", () => {
+  for (const [, m] of ofType("AWS::Lambda::EventSourceMapping")) {
+    assert.equal(m.Properties.AmazonManagedKafkaEventSourceConfig.SchemaRegistryConfig, undefined);
+  }
+  assert.ok(recordFormat(template).every((f) => f === "JSON"));
+  assert.ok(!json(statements(template)).includes("glue:"), "no Glue access without a Glue registry");
+});
+
+test("a Glue registry on every mapping, readable by each function's role, SOURCE told to the functions", () => {
+  const t = synthesized("cdk.out.glue");
+  const registry = "arn:aws:glue:us-east-1:111122223333:registry/orders";
+  const mappings = of(t, "AWS::Lambda::EventSourceMapping");
+  assert.equal(mappings.length, functions.length);
+  for (const m of mappings) {
+    assert.deepEqual(m.Properties.AmazonManagedKafkaEventSourceConfig.SchemaRegistryConfig, {
+      SchemaRegistryURI: registry,
+      EventRecordFormat: "SOURCE",
+      SchemaValidationConfigs: [{ Attribute: "VALUE" }],
+    });
+  }
+  const glue = statements(t).filter((s) => [s.Action].flat().includes("glue:GetSchemaVersion"));
+  assert.equal(glue.length, functions.length, "one grant per function role");
+  for (const s of glue) {
+    assert.deepEqual(s.Resource, [registry, "arn:aws:glue:us-east-1:111122223333:schema/orders/*"]);
+  }
+  assert.ok(recordFormat(t).every((f) => f === "SOURCE"));
+});
+
+test("a Confluent registry on every mapping with basic auth from the secret, by reference only", () => {
+  const t = synthesized("cdk.out.confluent");
+  const secret = "arn:aws:secretsmanager:us-east-1:111122223333:secret:registry-AbCdEf";
+  for (const m of of(t, "AWS::Lambda::EventSourceMapping")) {
+    const r = m.Properties.AmazonManagedKafkaEventSourceConfig.SchemaRegistryConfig;
+    assert.equal(r.SchemaRegistryURI, "https://registry.example:8081");
+    assert.equal(r.EventRecordFormat, "JSON");
+    assert.deepEqual(r.AccessConfigs, [{ Type: "BASIC_AUTH", URI: secret }]);
+  }
+  const reads = statements(t).filter((s) => [s.Action].flat().includes("secretsmanager:GetSecretValue"));
+  assert.equal(reads.length, functions.length);
+  assert.ok(reads.every((s) => s.Resource === secret));
+  assert.ok(!json(statements(t)).includes("glue:"));
+});
