@@ -256,6 +256,10 @@ fn template_declares_each_function_with_its_msk_trigger_and_least_privilege() {
             "{name}: may read the registry's credentials"
         );
     }
+    // A Glue registry on the mappings must deliver JSON: SOURCE values need the schema,
+    // which the functions fetch through Confluent's API only.
+    let rule = text(&t["Rules"]["GlueRegistryDeliversJson"]);
+    assert!(rule.contains("MskSchemaRegistry") && rule.contains("MskEventRecordFormat"), "{rule}");
     // A record cannot tell the mapping's JSON from its SOURCE: the functions are told.
     let format = text(&t["Globals"]["Function"]["Environment"]["Variables"]["LAMBDA_EVENT_RECORD_FORMAT"]);
     assert!(

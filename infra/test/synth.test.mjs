@@ -145,7 +145,7 @@ test("the schema registry's address reaches every function, its credentials only
 });
 
 // The same app synthesized with a registry on the mappings (package.json's test script):
-// a Glue registry with SOURCE records, and a Confluent one with basic auth.
+// a Glue registry (JSON records), and a Confluent one with basic auth and SOURCE records.
 const synthesized = (dir) => JSON.parse(fs.readFileSync(new URL(`../${dir}/ExactlyOnce.template.json`, import.meta.url), "utf8"));
 const of = (t, type) => Object.values(t.Resources).filter((r) => r.Type === type);
 const statements = (t) => of(t, "AWS::IAM::Policy").map((r) => r.Properties.PolicyDocument.Statement).flat();
@@ -159,7 +159,7 @@ test("no registry on the mappings by default: the functions decode framed values
   assert.ok(!json(statements(template)).includes("glue:"), "no Glue access without a Glue registry");
 });
 
-test("a Glue registry on every mapping, readable by each function's role, SOURCE told to the functions", () => {
+test("a Glue registry on every mapping, readable by each function's role", () => {
   const t = synthesized("cdk.out.glue");
   const registry = "arn:aws:glue:us-east-1:111122223333:registry/orders";
   const mappings = of(t, "AWS::Lambda::EventSourceMapping");
@@ -167,7 +167,7 @@ test("a Glue registry on every mapping, readable by each function's role, SOURCE
   for (const m of mappings) {
     assert.deepEqual(m.Properties.AmazonManagedKafkaEventSourceConfig.SchemaRegistryConfig, {
       SchemaRegistryURI: registry,
-      EventRecordFormat: "SOURCE",
+      EventRecordFormat: "JSON",
       SchemaValidationConfigs: [{ Attribute: "VALUE" }],
     });
   }
@@ -176,20 +176,31 @@ test("a Glue registry on every mapping, readable by each function's role, SOURCE
   for (const s of glue) {
     assert.deepEqual(s.Resource, [registry, "arn:aws:glue:us-east-1:111122223333:schema/orders/*"]);
   }
-  assert.ok(recordFormat(t).every((f) => f === "SOURCE"));
+  assert.ok(recordFormat(t).every((f) => f === "JSON"));
 });
 
-test("a Confluent registry on every mapping with basic auth from the secret, by reference only", () => {
+test("a Confluent registry on every mapping with basic auth from the secret, SOURCE told to the functions", () => {
   const t = synthesized("cdk.out.confluent");
   const secret = "arn:aws:secretsmanager:us-east-1:111122223333:secret:registry-AbCdEf";
   for (const m of of(t, "AWS::Lambda::EventSourceMapping")) {
     const r = m.Properties.AmazonManagedKafkaEventSourceConfig.SchemaRegistryConfig;
     assert.equal(r.SchemaRegistryURI, "https://registry.example:8081");
-    assert.equal(r.EventRecordFormat, "JSON");
+    assert.equal(r.EventRecordFormat, "SOURCE");
     assert.deepEqual(r.AccessConfigs, [{ Type: "BASIC_AUTH", URI: secret }]);
   }
   const reads = statements(t).filter((s) => [s.Action].flat().includes("secretsmanager:GetSecretValue"));
   assert.equal(reads.length, functions.length);
   assert.ok(reads.every((s) => s.Resource === secret));
   assert.ok(!json(statements(t)).includes("glue:"));
+  assert.ok(recordFormat(t).every((f) => f === "SOURCE"));
+});
+
+test("a Glue registry delivering SOURCE is refused: the functions cannot fetch Glue schemas", async () => {
+  const { execFileSync } = await import("node:child_process");
+  assert.throws(
+    () => execFileSync("npx", ["cdk", "synth", "--quiet", "-o", "cdk.out.refused", "-c", "artifactsDir=test/.artifacts", "-c", "mskSchemaRegistry=glue",
+      "-c", "mskSchemaRegistryUri=arn:aws:glue:us-east-1:111122223333:registry/orders", "-c", "mskEventRecordFormat=SOURCE"],
+      { cwd: new URL("..", import.meta.url), stdio: "pipe" }),
+    /mskEventRecordFormat must be JSON/,
+  );
 });
