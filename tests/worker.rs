@@ -102,8 +102,11 @@ async fn worker_killed_mid_stream_is_resumed_by_a_new_one_from_committed_offsets
         env.count("SELECT count(*) FROM processed_events").await >= 200
     })
     .await;
-    // No graceful shutdown: nothing more is committed, in-flight work is abandoned.
-    first.abort();
+    // No graceful shutdown: nothing more is committed, in-flight work is abandoned (its
+    // leases hold its records for up to GUARD_LEASE_TTL_MS). `abort` returns once the
+    // member has left the group, so the next one never joins a rebalance the dead one
+    // leads: the test broker would never finish that rebalance.
+    first.abort().await;
     let confirmed_at_crash = env.count("SELECT count(*) FROM processed_events").await;
 
     let second = start(&env, &functions).await;

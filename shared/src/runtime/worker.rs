@@ -292,6 +292,8 @@ pub struct Worker {
     stop: watch::Sender<bool>,
     main: JoinHandle<()>,
     shared: Arc<Shared>,
+    /// Held so that the consumer is closed by `shutdown` or `abort`, off the async threads.
+    consumer: Arc<KafkaConsumer>,
 }
 
 pub use crate::kafka_client::client_config;
@@ -354,8 +356,15 @@ impl Worker {
 
         let consumer = Arc::new(consumer);
         let (stop, stop_rx) = watch::channel(false);
-        let main = tokio::spawn(consume(consumer, functions, shared.clone(), stop_rx, config.clone(), clients.clone()));
-        Ok(Self { stop, main, shared })
+        let main = tokio::spawn(consume(
+            consumer.clone(),
+            functions,
+            shared.clone(),
+            stop_rx,
+            config.clone(),
+            clients.clone(),
+        ));
+        Ok(Self { stop, main, shared, consumer })
     }
 
     /// The partitions this member owns now, sorted.
@@ -375,6 +384,7 @@ impl Worker {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.main.await;
+        close_consumer(self.consumer).await;
     }
 
     /// Fault injection (tests, `eo-faults chaos`): ends the task of one partition as a bug in
@@ -391,13 +401,41 @@ impl Worker {
         }
     }
 
-    /// Stops at once without committing anything more, like a crash.
-    pub fn abort(self) {
-        self.shared.aborted.store(true, Ordering::SeqCst);
-        self.main.abort();
-        for (_, h) in lock(&self.shared.partitions).drain() {
-            h.task.abort();
+    /// Stops at once without committing anything more, like a crash, and returns once
+    /// this member has left its consumer group.
+    ///
+    /// Every task is aborted and awaited, so none is left holding the consumer, then the
+    /// consumer is closed: the group learns at once that the member is gone, as it would
+    /// after a crashed process's session timed out. Its close commits nothing (the
+    /// revoke callback sees the abort). Returning only when it is closed lets a test
+    /// start the next member knowing this one is out of the group: the test broker
+    /// (Tansu 0.6) never finishes a rebalance whose leader leaves during it, so a new
+    /// member that joined while this one was still leaving would wait forever.
+    pub async fn abort(self) {
+        let Worker { stop, main, shared, consumer } = self;
+        shared.aborted.store(true, Ordering::SeqCst);
+        main.abort();
+        let _ = main.await;
+        // The consumer loop is gone, so no partition task starts after this.
+        let tasks: Vec<JoinHandle<()>> = lock(&shared.partitions).drain().map(|(_, h)| h.task).collect();
+        for task in &tasks {
+            task.abort();
         }
+        futures::future::join_all(tasks).await;
+        drop(stop);
+        close_consumer(consumer).await;
+    }
+}
+
+/// Drops the last reference to the consumer off the async threads: its close blocks
+/// until librdkafka has taken the member out of the group. Says so when that takes long.
+async fn close_consumer(consumer: Arc<KafkaConsumer>) {
+    let closing = tokio::task::spawn_blocking(move || drop(consumer));
+    if tokio::time::timeout(CONSUMER_CLOSE_WARNING, closing).await.is_err() {
+        tracing::error!(
+            after_s = CONSUMER_CLOSE_WARNING.as_secs(),
+            "the Kafka consumer has not closed yet: until it has, this member stays in its group with its partitions"
+        );
     }
 }
 
@@ -469,10 +507,8 @@ async fn consume(
         let offset = event.offset;
         let sent = {
             let mut partitions = lock(&shared.partitions);
-            // `abort()` sets the flag before it empties this map under the same lock, and
-            // aborting this task takes effect only at its next await: a partition task
-            // started after the map was emptied would never be aborted, and its clone of
-            // the consumer would keep this dead member in the group, holding partitions.
+            // Aborted: start nothing more (`abort()` also waits for this loop to end
+            // before it empties this map, so no partition task escapes it).
             if shared.aborted.load(Ordering::SeqCst) {
                 return;
             }
@@ -547,6 +583,9 @@ async fn consume(
     consumer.unsubscribe();
     tracing::info!("worker stopped");
 }
+
+/// How long `Worker::shutdown` waits for the consumer to close before saying so.
+const CONSUMER_CLOSE_WARNING: Duration = Duration::from_secs(30);
 
 /// Finds partition tasks that ended although their partition is still ours and the
 /// worker is not stopping (a bug, an abort), and recovers each partition: seek back to
