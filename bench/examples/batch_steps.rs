@@ -1,0 +1,122 @@
+//! Profiling aid: the guard's steps for one batch of N (default 1000) new ids, each timed
+//! alone through the public APIs, next to the floor's two round trips for the same ids
+//! and `Guard::run_batch_deferring_release` doing the whole. Run with
+//! `cargo run --release -p bench --example batch_steps -- [N] [batches]`.
+
+use std::time::{Duration, Instant};
+
+use exactly_once::config::GuardConfig;
+use exactly_once::guard::{lease, ledger};
+use exactly_once::{Clients, Config, Event, EventId, Guard, IdStrategy, Namespace};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let n: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(1000);
+    let batches: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(100);
+    let mut config = Config::load()?;
+    let name = format!("bsteps_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    config.postgres.schema = Some(name.clone());
+    config.clickhouse.database = name.clone();
+    config.redis.key_prefix = name.clone();
+    let clients = Clients::connect(config).await?;
+    let ns = Namespace::new("steps")?;
+    let floor_ns = "floor";
+    let ttl = Duration::from_secs(30);
+    let mut t = [Duration::ZERO; 6];
+    for b in 0..batches {
+        let ids: Vec<EventId> = (0..n).map(|i| EventId::new(format!("s-{b}-{i}"))).collect::<Result<_, _>>()?;
+        let refs: Vec<&EventId> = ids.iter().collect();
+        let events: Vec<Event> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| Event::new("t", 0, i as i64).with_header("idempotency_key", id.to_string()).with_value("{}"))
+            .collect();
+
+        let s = Instant::now();
+        clients.leases.acquire(&ns, &refs, "tok", ttl).await?;
+        t[0] += s.elapsed();
+        let mut conn = clients.pg.acquire().await?;
+        let s = Instant::now();
+        ledger::lookup(&mut conn, &ns, &refs).await?;
+        t[1] += s.elapsed();
+        let rows: Vec<ledger::ConfirmRow<'_>> = ids
+            .iter()
+            .zip(&events)
+            .map(|(id, e)| ledger::ConfirmRow { id, event: e, hash: e.payload_hash() })
+            .collect();
+        let s = Instant::now();
+        ledger::confirm(&mut conn, &ns, &rows, true).await?;
+        t[2] += s.elapsed();
+        drop(conn);
+        let releases: Vec<lease::Release<'_>> =
+            ids.iter().zip(&events).map(|(id, e)| lease::Release { id, done: Some(e.payload_hash()) }).collect();
+        let s = Instant::now();
+        clients.leases.release(&ns, &releases, "tok", Duration::from_secs(60)).await?;
+        t[3] += s.elapsed();
+
+        // The floor's two round trips for the same number of other ids.
+        let floor_ids: Vec<String> = (0..n).map(|i| format!("f-{b}-{i}")).collect();
+        let mut pipe = redis::pipe();
+        for id in &floor_ids {
+            pipe.cmd("SET").arg(format!("{name}:{{{floor_ns}}}:lease:{id}")).arg("t").arg("NX").arg("PX").arg(30_000);
+        }
+        let s = Instant::now();
+        let mut rc = clients.redis.connection().await.map_err(|e| anyhow::anyhow!(e))?;
+        let _: Vec<Option<String>> = pipe.query_async(&mut rc).await?;
+        t[4] += s.elapsed();
+        drop(rc);
+        let s = Instant::now();
+        sqlx::query(
+            "INSERT INTO processed_events (namespace, event_id, status)
+             SELECT $1, id, 'processed' FROM UNNEST($2::text[]) AS t(id) ON CONFLICT DO NOTHING",
+        )
+        .bind(floor_ns)
+        .bind(&floor_ids)
+        .execute(&clients.pg)
+        .await?;
+        t[5] += s.elapsed();
+    }
+    let per = |d: Duration| d.as_secs_f64() * 1e3 / batches as f64;
+    println!("batch of {n}, {batches} batches, ms per batch:");
+    for (label, d) in
+        ["redis acquire", "pg lookup", "pg confirm", "redis release", "floor: redis SET NX", "floor: pg insert"]
+            .iter()
+            .zip(t)
+    {
+        println!("  {label:<20} {:>7.2}", per(d));
+    }
+    println!(
+        "  guard path (max(acquire, lookup) + confirm) {:>6.2}; floor (SET NX + insert) {:>6.2}",
+        per(t[0]).max(per(t[1])) + per(t[2]),
+        per(t[4]) + per(t[5])
+    );
+
+    struct Noop;
+    #[exactly_once::async_trait]
+    impl exactly_once::Handler for Noop {
+        fn spec(&self) -> exactly_once::FunctionSpec {
+            exactly_once::FunctionSpec::new("bsteps", &["t"], IdStrategy::Header("idempotency_key".into()))
+        }
+        async fn handle(
+            &self,
+            _: &Event,
+            _: &mut exactly_once::HandlerContext<'_>,
+        ) -> Result<(), exactly_once::HandlerError> {
+            Ok(())
+        }
+    }
+    let g = Guard::new(&clients, "bsteps", IdStrategy::Header("idempotency_key".into()), GuardConfig::default())?;
+    let s = Instant::now();
+    for b in 0..batches {
+        let events: Vec<Event> = (0..n)
+            .map(|i| Event::new("t", 0, i as i64).with_header("idempotency_key", format!("g-{b}-{i}")).with_value("{}"))
+            .collect();
+        g.run_batch_deferring_release(&Noop, &events).await;
+    }
+    g.flush_releases().await;
+    println!("  run_batch (deferred release) {:>7.2}", s.elapsed().as_secs_f64() * 1e3 / batches as f64);
+    let _ = sqlx::query(&format!("DROP SCHEMA \"{name}\" CASCADE")).execute(&clients.pg).await;
+    let _ = clients.sink.client().query(&format!("DROP DATABASE {name}")).execute().await;
+    Ok(())
+}
