@@ -174,6 +174,9 @@ struct Shared {
     assigned: Mutex<HashSet<TopicPartition>>,
     /// The task of each partition that has received records.
     partitions: Mutex<HashMap<TopicPartition, PartitionHandle>>,
+    /// Tasks of revoked partitions that may still be finishing a batch (fenced: they
+    /// commit nothing). Kept so that stopping waits for them too: each holds the consumer.
+    fenced: Mutex<Vec<JoinHandle<()>>>,
     /// Next offset to commit per partition: one past the highest contiguous finished.
     finished: Mutex<HashMap<TopicPartition, i64>>,
     /// Set by `abort`: commit nothing more, as a crash would.
@@ -192,11 +195,19 @@ impl Shared {
         Self {
             assigned: Mutex::default(),
             partitions: Mutex::default(),
+            fenced: Mutex::default(),
             finished: Mutex::default(),
             aborted: AtomicBool::new(false),
             in_flight: Arc::new(Semaphore::new(max_in_flight)),
             max_in_flight,
         }
+    }
+
+    /// Every partition task, the fenced ones included, leaving none behind.
+    fn take_tasks(&self) -> Vec<JoinHandle<()>> {
+        let mut tasks: Vec<JoinHandle<()>> = lock(&self.partitions).drain().map(|(_, h)| h.task).collect();
+        tasks.append(&mut lock(&self.fenced));
+        tasks
     }
 
     fn in_flight(&self) -> usize {
@@ -246,6 +257,9 @@ impl ConsumerContext for RebalanceContext {
                 if let Some(h) = partitions.remove(k) {
                     // Fenced: the task takes nothing new and will not commit again.
                     h.flow.fenced.store(true, Ordering::SeqCst);
+                    let mut fenced = lock(&self.shared.fenced);
+                    fenced.retain(|t| !t.is_finished());
+                    fenced.push(h.task);
                 }
             }
         }
@@ -383,7 +397,12 @@ impl Worker {
     /// committed, the group is left.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
-        let _ = self.main.await;
+        if let Err(e) = self.main.await {
+            // The consumer loop died (a bug) before its graceful end: nothing was
+            // committed or flushed by it, and its partition tasks still hold the consumer.
+            tracing::error!(error = %e, "the worker's consumer loop ended abnormally; stopping its partition tasks");
+            abort_all(self.shared.take_tasks()).await;
+        }
         close_consumer(self.consumer).await;
     }
 
@@ -402,7 +421,8 @@ impl Worker {
     }
 
     /// Stops at once without committing anything more, like a crash, and returns once
-    /// this member has left its consumer group.
+    /// this member has left its consumer group (or after 30 s with an error logged, the
+    /// close going on).
     ///
     /// Every task is aborted and awaited, so none is left holding the consumer, then the
     /// consumer is closed: the group learns at once that the member is gone, as it would
@@ -417,25 +437,36 @@ impl Worker {
         main.abort();
         let _ = main.await;
         // The consumer loop is gone, so no partition task starts after this.
-        let tasks: Vec<JoinHandle<()>> = lock(&shared.partitions).drain().map(|(_, h)| h.task).collect();
-        for task in &tasks {
-            task.abort();
-        }
-        futures::future::join_all(tasks).await;
+        abort_all(shared.take_tasks()).await;
         drop(stop);
         close_consumer(consumer).await;
     }
 }
 
+/// Aborts `tasks` and waits until each has ended (and dropped what it held).
+async fn abort_all(tasks: Vec<JoinHandle<()>>) {
+    for task in &tasks {
+        task.abort();
+    }
+    futures::future::join_all(tasks).await;
+}
+
 /// Drops the last reference to the consumer off the async threads: its close blocks
-/// until librdkafka has taken the member out of the group. Says so when that takes long.
+/// until librdkafka has taken the member out of the group. Says so when that takes long
+/// (the close goes on; the member stays in its group with its partitions until it ends).
 async fn close_consumer(consumer: Arc<KafkaConsumer>) {
+    let others = Arc::strong_count(&consumer) - 1;
+    if others > 0 {
+        tracing::error!(others, "closing the Kafka consumer while other references hold it: it closes when they end");
+    }
     let closing = tokio::task::spawn_blocking(move || drop(consumer));
-    if tokio::time::timeout(CONSUMER_CLOSE_WARNING, closing).await.is_err() {
-        tracing::error!(
+    match tokio::time::timeout(CONSUMER_CLOSE_WARNING, closing).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "closing the Kafka consumer failed"),
+        Err(_) => tracing::error!(
             after_s = CONSUMER_CLOSE_WARNING.as_secs(),
             "the Kafka consumer has not closed yet: until it has, this member stays in its group with its partitions"
-        );
+        ),
     }
 }
 
@@ -551,12 +582,17 @@ async fn consume(
 
     // Graceful stop: closing the channels lets every partition task handle what it has
     // received and end; then commit and leave.
-    let tasks: Vec<JoinHandle<()>> = lock(&shared.partitions).drain().map(|(_, h)| h.task).collect();
-    if tokio::time::timeout(config.shutdown_timeout, futures::future::join_all(tasks)).await.is_err() {
+    let mut tasks = shared.take_tasks();
+    if tokio::time::timeout(config.shutdown_timeout, futures::future::join_all(tasks.iter_mut())).await.is_err() {
         tracing::warn!(
             timeout_s = config.shutdown_timeout.as_secs(),
             "shutdown: batches still running; abandoning them"
         );
+        // Abandoned, not left running: each holds the consumer, which closes (and this
+        // member leaves its group) only when the last of them lets go. (A handle that
+        // already answered must not be awaited again: only the unfinished ones are.)
+        let stragglers: Vec<JoinHandle<()>> = tasks.into_iter().filter(|t| !t.is_finished()).collect();
+        abort_all(stragglers).await;
     }
     if !shared.aborted.load(Ordering::SeqCst) {
         let commit = shared.finished_list(None);
