@@ -21,7 +21,6 @@ async fn main() -> anyhow::Result<()> {
     config.redis.key_prefix = name.clone();
     let clients = Clients::connect(config).await?;
     let ns = Namespace::new("steps")?;
-    let floor_ns = "floor";
     let ttl = Duration::from_secs(30);
     let mut t = [Duration::ZERO; 6];
     for b in 0..batches {
@@ -57,25 +56,9 @@ async fn main() -> anyhow::Result<()> {
 
         // The floor's two round trips for the same number of other ids.
         let floor_ids: Vec<String> = (0..n).map(|i| format!("f-{b}-{i}")).collect();
-        let mut pipe = redis::pipe();
-        for id in &floor_ids {
-            pipe.cmd("SET").arg(format!("{name}:{{{floor_ns}}}:lease:{id}")).arg("t").arg("NX").arg("PX").arg(30_000);
-        }
-        let s = Instant::now();
-        let mut rc = clients.redis.connection().await.map_err(|e| anyhow::anyhow!(e))?;
-        let _: Vec<Option<String>> = pipe.query_async(&mut rc).await?;
-        t[4] += s.elapsed();
-        drop(rc);
-        let s = Instant::now();
-        sqlx::query(
-            "INSERT INTO processed_events (namespace, event_id, status)
-             SELECT $1, id, 'processed' FROM UNNEST($2::text[]) AS t(id) ON CONFLICT DO NOTHING",
-        )
-        .bind(floor_ns)
-        .bind(&floor_ids)
-        .execute(&clients.pg)
-        .await?;
-        t[5] += s.elapsed();
+        let (redis, pg) = bench::floor_batch(&clients, &name, "floor", &floor_ids).await?;
+        t[4] += redis;
+        t[5] += pg;
     }
     let per = |d: Duration| d.as_secs_f64() * 1e3 / batches as f64;
     println!("batch of {n}, {batches} batches, ms per batch:");
@@ -92,27 +75,13 @@ async fn main() -> anyhow::Result<()> {
         per(t[4]) + per(t[5])
     );
 
-    struct Noop;
-    #[exactly_once::async_trait]
-    impl exactly_once::Handler for Noop {
-        fn spec(&self) -> exactly_once::FunctionSpec {
-            exactly_once::FunctionSpec::new("bsteps", &["t"], IdStrategy::Header("idempotency_key".into()))
-        }
-        async fn handle(
-            &self,
-            _: &Event,
-            _: &mut exactly_once::HandlerContext<'_>,
-        ) -> Result<(), exactly_once::HandlerError> {
-            Ok(())
-        }
-    }
     let g = Guard::new(&clients, "bsteps", IdStrategy::Header("idempotency_key".into()), GuardConfig::default())?;
     let s = Instant::now();
     for b in 0..batches {
         let events: Vec<Event> = (0..n)
             .map(|i| Event::new("t", 0, i as i64).with_header("idempotency_key", format!("g-{b}-{i}")).with_value("{}"))
             .collect();
-        g.run_batch_deferring_release(&Noop, &events).await;
+        g.run_batch_deferring_release(&bench::Noop, &events).await;
     }
     g.flush_releases().await;
     println!("  run_batch (deferred release) {:>7.2}", s.elapsed().as_secs_f64() * 1e3 / batches as f64);

@@ -122,7 +122,7 @@ pub struct Report {
 }
 
 /// A handler that does nothing: the benchmark measures the guard, not a handler.
-struct Noop;
+pub struct Noop;
 
 #[async_trait]
 impl Handler for Noop {
@@ -291,7 +291,6 @@ async fn guard_with(env: &Env, namespace: &str, events: &[Event], batch: usize, 
 
 /// The bare round trips: one Redis pipeline and one Postgres statement per batch.
 async fn floor(env: &Env, namespace: &str, events: &[Event], batch: usize) -> anyhow::Result<Row> {
-    let pg = &env.clients.pg;
     let mut samples = Samples::default();
     let started = Instant::now();
     for chunk in events.chunks(batch) {
@@ -305,29 +304,44 @@ async fn floor(env: &Env, namespace: &str, events: &[Event], batch: usize) -> an
                 .into_owned()
             })
             .collect();
-        let mut pipe = redis::pipe();
-        for id in &ids {
-            pipe.cmd("SET")
-                .arg(format!("{}:{{{namespace}}}:lease:{id}", env.slice.name()))
-                .arg("t")
-                .arg("NX")
-                .arg("PX")
-                .arg(30_000);
-        }
-        let mut conn = env.clients.redis.connection().await.map_err(|e| anyhow::anyhow!(e))?;
-        let _: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
-        drop(conn);
-        sqlx::query(
-            "INSERT INTO processed_events (namespace, event_id, status)
-             SELECT $1, id, 'processed' FROM UNNEST($2::text[]) AS t(id) ON CONFLICT DO NOTHING",
-        )
-        .bind(namespace)
-        .bind(&ids)
-        .execute(pg)
-        .await?;
+        floor_batch(&env.clients, env.slice.name(), namespace, &ids).await?;
         samples.push(t.elapsed());
     }
     Ok(row("floor", batch, events.len(), started.elapsed(), &samples, 1.0, 1.0))
+}
+
+/// The floor for one batch of `ids`: a Redis pipeline of `SET NX PX` (keys under
+/// `key_prefix`), then one `INSERT ... ON CONFLICT DO NOTHING`. Returns the time of each.
+pub async fn floor_batch(
+    clients: &Clients,
+    key_prefix: &str,
+    namespace: &str,
+    ids: &[String],
+) -> anyhow::Result<(Duration, Duration)> {
+    let mut pipe = redis::pipe();
+    for id in ids {
+        pipe.cmd("SET")
+            .arg(format!("{key_prefix}:{{{namespace}}}:lease:{id}"))
+            .arg("t")
+            .arg("NX")
+            .arg("PX")
+            .arg(30_000);
+    }
+    let t = Instant::now();
+    let mut conn = clients.redis.connection().await.map_err(|e| anyhow::anyhow!(e))?;
+    let _: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
+    drop(conn);
+    let redis = t.elapsed();
+    let t = Instant::now();
+    sqlx::query(
+        "INSERT INTO processed_events (namespace, event_id, status)
+         SELECT $1, id, 'processed' FROM UNNEST($2::text[]) AS t(id) ON CONFLICT DO NOTHING",
+    )
+    .bind(namespace)
+    .bind(ids)
+    .execute(&clients.pg)
+    .await?;
+    Ok((redis, t.elapsed()))
 }
 
 /// Runs every variant and evaluates the targets.
