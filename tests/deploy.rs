@@ -260,6 +260,8 @@ fn template_declares_each_function_with_its_msk_trigger_and_least_privilege() {
     // which the functions fetch through Confluent's API only.
     let rule = text(&t["Rules"]["GlueRegistryDeliversJson"]);
     assert!(rule.contains("MskSchemaRegistry") && rule.contains("MskEventRecordFormat"), "{rule}");
+    let rule = text(&t["Rules"]["RegistryNeedsItsUri"]);
+    assert!(rule.contains("MskSchemaRegistry") && rule.contains("MskSchemaRegistryUri"), "{rule}");
     // A record cannot tell the mapping's JSON from its SOURCE: the functions are told.
     let format = text(&t["Globals"]["Function"]["Environment"]["Variables"]["LAMBDA_EVENT_RECORD_FORMAT"]);
     assert!(
