@@ -13,6 +13,7 @@ mod docs;
 mod duplicates;
 mod effects;
 mod functions;
+mod glue;
 mod guard;
 mod http;
 mod msk;

@@ -221,7 +221,7 @@ fn read_json(ids: &IdStrategy, e: &Event) -> anyhow::Result<(String, Order)> {
 /// and the handler's struct from the decoded value.
 fn read_framed(ids: &IdStrategy, schema: &RegistrySchema, e: &Event) -> anyhow::Result<(String, Order)> {
     let frame = confluent_frame(e.value_bytes())?;
-    let decoded = schema.decode(frame.schema_id, frame.body)?;
+    let decoded = schema.decode(frame.schema_id, &frame.body)?;
     let (id, _) = ids.derive_decoded(e, Some(&decoded), IdFormats::V2)?;
     let order = Order::deserialize(&decoded)?;
     Ok((id.to_string(), order))

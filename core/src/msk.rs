@@ -254,7 +254,7 @@ fn short_str(s: &str) -> String {
 
 /// `s` cut to at most `max` bytes (on a character boundary), `...` marking a cut: text
 /// from outside quoted in an error message.
-pub(crate) fn cut(s: &str, max: usize) -> String {
+pub fn cut(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_owned();
     }

@@ -1,9 +1,13 @@
 //! Record values framed for a schema registry, and Avro datums decoded into JSON.
 //!
-//! Confluent's wire format, which Confluent's serializers, Debezium's Avro converter,
-//! Redpanda, Karapace and Apicurio's compatibility API all write: one magic byte `0`, the
-//! schema id as four big-endian bytes, then the datum encoded with that schema: an Avro
-//! datum, or JSON text for a JSON Schema ([`JsonSchema`], parsed and validated).
+//! Two frames are read:
+//! - Confluent's wire format, which Confluent's serializers, Debezium's Avro converter,
+//!   Redpanda, Karapace and Apicurio's compatibility API all write: one magic byte `0`,
+//!   the schema id as four big-endian bytes, then the datum encoded with that schema: an
+//!   Avro datum, or JSON text for a JSON Schema ([`JsonSchema`], parsed and validated);
+//! - the AWS Glue Schema Registry's ([`glue_frame`]): the header version byte `3`, a
+//!   compression byte (`0` none, `5` zlib), the schema version's 16-byte UUID, then the
+//!   datum, zlib-compressed when the compression byte says so.
 //!
 //! A decoded Avro value becomes a [`serde_json::Value`], so event id strategies (JSON
 //! pointers) and handlers (serde) read Avro values exactly as they read JSON ones. The
@@ -24,7 +28,9 @@
 //! Invariant: hostile bytes get a classified [`PayloadError`], never a panic; a datum is
 //! decoded only whole (bytes left after it are an error, not ignored).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::io::Read as _;
 
 use apache_avro::schema::{Alias, Name, Namespace, Schema};
 use serde_json::{Map, Number, Value};
@@ -43,6 +49,14 @@ pub enum ValueFormat {
         /// Accept unframed values as JSON.
         or_json: bool,
     },
+    /// Framed in the AWS Glue Schema Registry's format and encoded with a schema version
+    /// from Glue (Avro or JSON Schema). With `or_json`, a value that does not start with
+    /// Glue's header version byte (3) is read as plain JSON instead of being refused
+    /// (JSON text never starts with that byte).
+    Glue {
+        /// Accept unframed values as JSON.
+        or_json: bool,
+    },
 }
 
 impl ValueFormat {
@@ -56,12 +70,72 @@ impl ValueFormat {
         ValueFormat::Confluent { or_json: true }
     }
 
-    /// `json`, `confluent` or `confluent-or-json`: the name docs and logs use.
+    /// Values framed for the AWS Glue Schema Registry, only.
+    pub const fn glue() -> Self {
+        ValueFormat::Glue { or_json: false }
+    }
+
+    /// Values framed for the AWS Glue Schema Registry, or plain JSON.
+    pub const fn glue_or_json() -> Self {
+        ValueFormat::Glue { or_json: true }
+    }
+
+    /// `json`, `confluent`, `confluent-or-json`, `glue` or `glue-or-json`: the name docs
+    /// and logs use.
     pub fn name(self) -> &'static str {
         match self {
             ValueFormat::Json => "json",
             ValueFormat::Confluent { or_json: false } => "confluent",
             ValueFormat::Confluent { or_json: true } => "confluent-or-json",
+            ValueFormat::Glue { or_json: false } => "glue",
+            ValueFormat::Glue { or_json: true } => "glue-or-json",
+        }
+    }
+}
+
+/// The registry's name for the schema a value was written with: a Confluent-compatible
+/// registry's number, or a Glue schema version's UUID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SchemaId {
+    /// A Confluent-compatible registry's schema id.
+    Confluent(u32),
+    /// An AWS Glue schema version id (a UUID, as its 16 bytes).
+    Glue([u8; 16]),
+}
+
+impl From<u32> for SchemaId {
+    fn from(id: u32) -> Self {
+        SchemaId::Confluent(id)
+    }
+}
+
+impl SchemaId {
+    /// A schema id as an event source mapping's `schemaId` names it: a number is a
+    /// Confluent registry's, a UUID (`8-4-4-4-12` hex digits) a Glue schema version's.
+    pub fn parse(text: &str) -> Option<Self> {
+        let text = text.trim();
+        if let Ok(n) = text.parse::<u32>() {
+            return Some(SchemaId::Confluent(n));
+        }
+        let groups: Vec<&str> = text.split('-').collect();
+        if groups.iter().map(|g| g.len()).collect::<Vec<_>>() != [8, 4, 4, 4, 12] {
+            return None;
+        }
+        let hex_digits: String = groups.concat();
+        let mut bytes = [0u8; 16];
+        hex::decode_to_slice(&hex_digits, &mut bytes).ok()?;
+        Some(SchemaId::Glue(bytes))
+    }
+}
+
+impl std::fmt::Display for SchemaId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SchemaId::Confluent(n) => write!(f, "{n}"),
+            SchemaId::Glue(b) => {
+                let h = hex::encode(b);
+                write!(f, "{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+            }
         }
     }
 }
@@ -72,13 +146,26 @@ pub const CONFLUENT_MAGIC: u8 = 0;
 /// Magic byte and schema id: the bytes before the datum.
 pub const CONFLUENT_HEADER_LEN: usize = 5;
 
+/// The first byte of a value in the AWS Glue Schema Registry's format (its header
+/// version).
+pub const GLUE_HEADER_VERSION: u8 = 3;
+
+/// Header version, compression byte and schema version UUID: the bytes before the datum.
+pub const GLUE_HEADER_LEN: usize = 18;
+
+/// Glue's compression byte for a datum written as it is.
+pub const GLUE_COMPRESSION_NONE: u8 = 0;
+
+/// Glue's compression byte for a zlib-compressed datum.
+pub const GLUE_COMPRESSION_ZLIB: u8 = 5;
+
 /// A value split into its schema id and its datum.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Framed<'a> {
     /// The registry's id of the schema the datum was written with.
-    pub schema_id: u32,
-    /// The encoded datum.
-    pub body: &'a [u8],
+    pub schema_id: SchemaId,
+    /// The encoded datum (decompressed, for a compressed Glue frame).
+    pub body: Cow<'a, [u8]>,
 }
 
 /// Why a value could not be decoded. Every variant is the record's own fault: the same
@@ -87,24 +174,38 @@ pub struct Framed<'a> {
 /// handled by the caller as unavailable).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PayloadError {
-    /// The value does not start with the magic byte: not framed for a registry.
-    #[error("value is not framed for a schema registry: first byte is {first:#04x}, not 0x00")]
+    /// The value does not start with the frame's first byte: not framed for the
+    /// registry the function reads.
+    #[error("value is not framed for a schema registry: first byte is {first:#04x}, not {expected:#04x}")]
     NotFramed {
         /// The byte found instead.
         first: u8,
+        /// The byte the frame starts with (0 for Confluent's, 3 for Glue's).
+        expected: u8,
     },
     /// The value is shorter than the frame's header, or has no datum after it.
-    #[error("value is a truncated frame: {len} bytes, a frame needs at least 6")]
+    #[error("value is a truncated frame: {len} bytes, a frame needs at least {needs}")]
     Truncated {
         /// The value's length.
         len: usize,
+        /// The least a frame takes: its header and one byte of datum.
+        needs: usize,
+    },
+    /// A Glue frame whose compression byte is not one Glue writes, or whose datum does
+    /// not decompress (corrupt, or larger than the limit once decompressed).
+    #[error("value's compressed datum (schema {schema_id}) cannot be read: {message}")]
+    Compression {
+        /// The schema the frame names.
+        schema_id: SchemaId,
+        /// What was wrong.
+        message: String,
     },
     /// The datum does not decode with its schema (wrong schema id, corrupt bytes, bytes
     /// left after the datum).
     #[error("value does not match its schema {schema_id}: {message}")]
     SchemaMismatch {
         /// The schema the frame names.
-        schema_id: u32,
+        schema_id: SchemaId,
         /// What the decoder said.
         message: String,
     },
@@ -112,7 +213,7 @@ pub enum PayloadError {
     #[error("schema {schema_id} is not supported: {message}")]
     Unsupported {
         /// The schema the frame names.
-        schema_id: u32,
+        schema_id: SchemaId,
         /// Why.
         message: String,
     },
@@ -124,6 +225,7 @@ impl PayloadError {
         match self {
             PayloadError::NotFramed { .. } => "payload_not_framed",
             PayloadError::Truncated { .. } => "payload_truncated",
+            PayloadError::Compression { .. } => "payload_compression",
             PayloadError::SchemaMismatch { .. } => "payload_schema_mismatch",
             PayloadError::Unsupported { .. } => "schema_unsupported",
         }
@@ -132,18 +234,81 @@ impl PayloadError {
 
 /// Splits a value in Confluent's wire format into schema id and datum.
 pub fn confluent_frame(value: &[u8]) -> Result<Framed<'_>, PayloadError> {
+    const NEEDS: usize = CONFLUENT_HEADER_LEN + 1;
     match value.first() {
-        None => return Err(PayloadError::Truncated { len: 0 }),
-        Some(&first) if first != CONFLUENT_MAGIC => return Err(PayloadError::NotFramed { first }),
+        None => return Err(PayloadError::Truncated { len: 0, needs: NEEDS }),
+        Some(&first) if first != CONFLUENT_MAGIC => {
+            return Err(PayloadError::NotFramed { first, expected: CONFLUENT_MAGIC })
+        }
         Some(_) => {}
     }
     // An Avro datum is never empty for a record schema, and a bare header is what a
     // producer cut short leaves.
-    if value.len() <= CONFLUENT_HEADER_LEN {
-        return Err(PayloadError::Truncated { len: value.len() });
+    if value.len() < NEEDS {
+        return Err(PayloadError::Truncated { len: value.len(), needs: NEEDS });
     }
     let schema_id = u32::from_be_bytes([value[1], value[2], value[3], value[4]]);
-    Ok(Framed { schema_id, body: &value[CONFLUENT_HEADER_LEN..] })
+    Ok(Framed { schema_id: SchemaId::Confluent(schema_id), body: Cow::Borrowed(&value[CONFLUENT_HEADER_LEN..]) })
+}
+
+/// Splits a value in the AWS Glue Schema Registry's format into schema version id and
+/// datum, decompressing a zlib datum into at most `max_datum` bytes (a larger one is
+/// refused, so a small compressed value cannot expand without bound).
+pub fn glue_frame(value: &[u8], max_datum: usize) -> Result<Framed<'_>, PayloadError> {
+    const NEEDS: usize = GLUE_HEADER_LEN + 1;
+    match value.first() {
+        None => return Err(PayloadError::Truncated { len: 0, needs: NEEDS }),
+        Some(&first) if first != GLUE_HEADER_VERSION => {
+            return Err(PayloadError::NotFramed { first, expected: GLUE_HEADER_VERSION })
+        }
+        Some(_) => {}
+    }
+    if value.len() < NEEDS {
+        return Err(PayloadError::Truncated { len: value.len(), needs: NEEDS });
+    }
+    let mut uuid = [0u8; 16];
+    uuid.copy_from_slice(&value[2..GLUE_HEADER_LEN]);
+    let schema_id = SchemaId::Glue(uuid);
+    let datum = &value[GLUE_HEADER_LEN..];
+    let body = match value[1] {
+        GLUE_COMPRESSION_NONE => Cow::Borrowed(datum),
+        GLUE_COMPRESSION_ZLIB => {
+            let mut out = Vec::with_capacity(datum.len().saturating_mul(4).min(max_datum));
+            let limit = u64::try_from(max_datum).unwrap_or(u64::MAX).saturating_add(1);
+            flate2::read::ZlibDecoder::new(datum)
+                .take(limit)
+                .read_to_end(&mut out)
+                .map_err(|e| PayloadError::Compression { schema_id, message: format!("not a zlib stream: {e}") })?;
+            if out.len() > max_datum {
+                return Err(PayloadError::Compression {
+                    schema_id,
+                    message: format!("decompresses to more than {max_datum} bytes"),
+                });
+            }
+            if out.is_empty() {
+                return Err(PayloadError::Truncated { len: value.len(), needs: NEEDS });
+            }
+            Cow::Owned(out)
+        }
+        other => {
+            return Err(PayloadError::Compression {
+                schema_id,
+                message: format!("compression byte {other:#04x} is not one Glue writes (0x00 none, 0x05 zlib)"),
+            })
+        }
+    };
+    Ok(Framed { schema_id, body })
+}
+
+/// A value in the AWS Glue Schema Registry's format: the header for `schema_version`,
+/// then `body` as it is (no compression).
+pub fn glue_framed(schema_version: [u8; 16], body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(GLUE_HEADER_LEN + body.len());
+    out.push(GLUE_HEADER_VERSION);
+    out.push(GLUE_COMPRESSION_NONE);
+    out.extend_from_slice(&schema_version);
+    out.extend_from_slice(body);
+    out
 }
 
 /// A value in Confluent's wire format: the header for `schema_id`, then `body`.
@@ -196,7 +361,8 @@ impl AvroSchema {
     }
 
     /// Decodes one datum written with this schema (`schema_id` names it in errors).
-    pub fn decode(&self, schema_id: u32, body: &[u8]) -> Result<Value, PayloadError> {
+    pub fn decode(&self, schema_id: impl Into<SchemaId>, body: &[u8]) -> Result<Value, PayloadError> {
+        let schema_id = schema_id.into();
         let mismatch = |message: String| PayloadError::SchemaMismatch { schema_id, message };
         let mut reader = Reader { buf: body, pos: 0, empty_items: MAX_EMPTY_ITEMS };
         let value = self.value(&self.schema, &None, &mut reader, 0).map_err(mismatch)?;
@@ -552,7 +718,8 @@ impl JsonSchema {
     }
 
     /// Parses one value written with this schema and checks it against the schema.
-    pub fn decode(&self, schema_id: u32, body: &[u8]) -> Result<Value, PayloadError> {
+    pub fn decode(&self, schema_id: impl Into<SchemaId>, body: &[u8]) -> Result<Value, PayloadError> {
+        let schema_id = schema_id.into();
         let mismatch = |message: String| PayloadError::SchemaMismatch { schema_id, message };
         let value: Value = serde_json::from_slice(body).map_err(|e| mismatch(format!("not JSON: {e}")))?;
         if let Err(e) = self.validator.validate(&value) {
@@ -619,8 +786,8 @@ mod tests {
     fn a_framed_datum_decodes_to_json() {
         let framed = confluent_framed(7, &order_body());
         let Framed { schema_id, body } = confluent_frame(&framed).unwrap();
-        assert_eq!(schema_id, 7);
-        let json = AvroSchema::parse(ORDER).unwrap().decode(schema_id, body).unwrap();
+        assert_eq!(schema_id, SchemaId::Confluent(7));
+        let json = AvroSchema::parse(ORDER).unwrap().decode(schema_id, &body).unwrap();
         assert_eq!(
             json,
             serde_json::json!({"order_id":"o-1","amount":42,"note":"gift","status":"PAID","tags":["a"],"raw":"AQI="})
@@ -667,6 +834,76 @@ mod tests {
         long.push(0);
         let err = schema.decode(1, &long).unwrap_err();
         assert!(err.to_string().contains("1 bytes left"), "{err}");
+    }
+
+    const UUID: [u8; 16] =
+        [0x2c, 0x6b, 0x8a, 0x1e, 0x0b, 0x1f, 0x4c, 0x3d, 0x9e, 0x10, 0x77, 0x00, 0xab, 0xcd, 0xef, 0x01];
+
+    fn zlib(bytes: &[u8]) -> Vec<u8> {
+        use std::io::Write as _;
+        let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(bytes).unwrap();
+        e.finish().unwrap()
+    }
+
+    #[test]
+    fn a_glue_frame_plain_or_zlib_decodes_to_the_same_datum() {
+        let body = order_body();
+        let plain = glue_framed(UUID, &body);
+        let frame = glue_frame(&plain, 1 << 20).unwrap();
+        assert_eq!(frame.schema_id, SchemaId::Glue(UUID));
+        assert_eq!(frame.schema_id.to_string(), "2c6b8a1e-0b1f-4c3d-9e10-7700abcdef01");
+        assert!(matches!(frame.body, Cow::Borrowed(_)));
+        let mut compressed = vec![GLUE_HEADER_VERSION, GLUE_COMPRESSION_ZLIB];
+        compressed.extend(UUID);
+        compressed.extend(zlib(&body));
+        let zframe = glue_frame(&compressed, 1 << 20).unwrap();
+        assert_eq!(zframe.body, frame.body);
+        let schema = AvroSchema::parse(ORDER).unwrap();
+        assert_eq!(schema.decode(zframe.schema_id, &zframe.body).unwrap()["order_id"], "o-1");
+    }
+
+    #[test]
+    fn bad_glue_frames_are_classified() {
+        let reason = |v: &[u8]| glue_frame(v, 1024).unwrap_err().reason();
+        assert_eq!(reason(b""), "payload_truncated");
+        // Confluent's frame and JSON are not Glue's; the message names the byte expected.
+        assert_eq!(reason(&confluent_framed(7, b"\x02a")), "payload_not_framed");
+        assert!(glue_frame(b"{}", 1024).unwrap_err().to_string().contains("not 0x03"));
+        let header = glue_framed(UUID, b"");
+        assert_eq!(reason(&header), "payload_truncated");
+        assert_eq!(reason(&header[..10]), "payload_truncated");
+        let mut unknown = glue_framed(UUID, b"\x02a");
+        unknown[1] = 7;
+        assert_eq!(reason(&unknown), "payload_compression");
+        let mut corrupt = glue_framed(UUID, b"not zlib at all");
+        corrupt[1] = GLUE_COMPRESSION_ZLIB;
+        assert_eq!(reason(&corrupt), "payload_compression");
+        // A bomb: 1 MiB of zeros in about a kilobyte stops at the limit.
+        let mut bomb = vec![GLUE_HEADER_VERSION, GLUE_COMPRESSION_ZLIB];
+        bomb.extend(UUID);
+        bomb.extend(zlib(&vec![0u8; 1 << 20]));
+        assert!(bomb.len() < 4096, "{}", bomb.len());
+        let err = glue_frame(&bomb, 1024).unwrap_err();
+        assert!(err.to_string().contains("more than 1024 bytes"), "{err}");
+        // A compressed empty datum is as truncated as a bare header.
+        let mut empty = vec![GLUE_HEADER_VERSION, GLUE_COMPRESSION_ZLIB];
+        empty.extend(UUID);
+        empty.extend(zlib(b""));
+        assert_eq!(reason(&empty), "payload_truncated");
+    }
+
+    #[test]
+    fn schema_ids_parse_as_event_source_mappings_name_them() {
+        assert_eq!(SchemaId::parse("12"), Some(SchemaId::Confluent(12)));
+        let id = SchemaId::parse(" 2C6B8A1E-0b1f-4c3d-9e10-7700abcdef01 ").unwrap();
+        assert_eq!(id, SchemaId::Glue(UUID));
+        assert_eq!(SchemaId::parse(&id.to_string()), Some(id));
+        for bad in
+            ["", "-1", "2c6b8a1e-glue-uuid", "2c6b8a1e0b1f4c3d9e107700abcdef01", "2c6b8a1e-0b1f-4c3d-9e10-7700abcdef0g"]
+        {
+            assert_eq!(SchemaId::parse(bad), None, "{bad}");
+        }
     }
 
     #[test]
@@ -809,7 +1046,7 @@ mod tests {
                     _ => bytes[at] ^= 0x80,
                 }
             }
-            match confluent_frame(&bytes).and_then(|f| schema.decode(f.schema_id, f.body)) {
+            match confluent_frame(&bytes).and_then(|f| schema.decode(f.schema_id, &f.body)) {
                 Ok(_) => decoded += 1,
                 Err(e) => {
                     assert!(!e.reason().is_empty());

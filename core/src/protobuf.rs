@@ -36,7 +36,7 @@ use prost_reflect::{
 };
 use serde_json::Value;
 
-use crate::payload::PayloadError;
+use crate::payload::{PayloadError, SchemaId};
 
 /// Most message indexes a frame may carry (nesting of the message in its file).
 const MAX_INDEXES: usize = 64;
@@ -116,7 +116,8 @@ impl ProtobufSchema {
     }
 
     /// Decodes one value after its schema id: the message indexes, then the message.
-    pub fn decode(&self, schema_id: u32, body: &[u8]) -> Result<Value, PayloadError> {
+    pub fn decode(&self, schema_id: impl Into<SchemaId>, body: &[u8]) -> Result<Value, PayloadError> {
+        let schema_id = schema_id.into();
         let (indexes, message) =
             message_indexes(body).map_err(|message| PayloadError::SchemaMismatch { schema_id, message })?;
         self.decode_message(schema_id, &indexes, message)
@@ -124,7 +125,13 @@ impl ProtobufSchema {
 
     /// Decodes one message of the schema's file, the one `indexes` name (`[0]`: the
     /// first), from its bytes alone.
-    pub fn decode_message(&self, schema_id: u32, indexes: &[usize], message: &[u8]) -> Result<Value, PayloadError> {
+    pub fn decode_message(
+        &self,
+        schema_id: impl Into<SchemaId>,
+        indexes: &[usize],
+        message: &[u8],
+    ) -> Result<Value, PayloadError> {
+        let schema_id = schema_id.into();
         let mismatch = |message: String| PayloadError::SchemaMismatch { schema_id, message };
         let descriptor = self.message(indexes).map_err(mismatch)?;
         let decoded = DynamicMessage::decode(descriptor, message).map_err(|e| mismatch(e.to_string()))?;

@@ -6,7 +6,7 @@
 //! asked for.
 #![no_main]
 
-use exactly_once_core::payload::{confluent_frame, AvroSchema};
+use exactly_once_core::payload::{confluent_frame, glue_frame, AvroSchema};
 use exactly_once_core::protobuf::ProtobufSchema;
 use libfuzzer_sys::fuzz_target;
 use prost_reflect::prost::Message as _;
@@ -95,7 +95,7 @@ fuzz_target!(|data: &[u8]| {
     static PROTO: std::sync::OnceLock<ProtobufSchema> = std::sync::OnceLock::new();
     let proto = PROTO.get_or_init(proto_order);
     if let Ok(frame) = confluent_frame(data) {
-        let _ = proto.decode(frame.schema_id, frame.body);
+        let _ = proto.decode(frame.schema_id, &frame.body);
     }
     let _ = proto.decode(0, data);
     if let Ok(schema) = ProtobufSchema::from_descriptors(data, &[]) {
@@ -103,10 +103,26 @@ fuzz_target!(|data: &[u8]| {
     }
     match confluent_frame(data) {
         Ok(frame) => {
-            let _ = order.decode(frame.schema_id, frame.body);
+            let _ = order.decode(frame.schema_id, &frame.body);
         }
         Err(e) => {
             let _ = e.reason();
+        }
+    }
+    // Glue's frame: a compressed datum is bounded (64 KiB here) however it inflates.
+    match glue_frame(data, 64 * 1024) {
+        Ok(frame) => {
+            assert!(frame.body.len() <= 64 * 1024);
+            let _ = order.decode(frame.schema_id, &frame.body);
+            let _ = frame.schema_id.to_string();
+        }
+        Err(e) => {
+            let _ = (e.reason(), e.to_string());
+        }
+    }
+    if let Ok(text) = std::str::from_utf8(data) {
+        if let Some(id) = exactly_once_core::payload::SchemaId::parse(text) {
+            assert_eq!(exactly_once_core::payload::SchemaId::parse(&id.to_string()), Some(id));
         }
     }
     // The input as a schema (a registry answer we did not expect), then as its own datum.

@@ -113,10 +113,6 @@ function settings(app: App): Settings {
   if (s.mskSchemaRegistry === "glue" && !GLUE_REGISTRY_ARN.test(s.mskSchemaRegistryUri)) {
     throw new Error(`mskSchemaRegistryUri is not a Glue registry ARN: ${s.mskSchemaRegistryUri}`);
   }
-  if (s.mskSchemaRegistry === "glue" && s.mskEventRecordFormat !== "JSON") {
-    // The functions decode SOURCE values with the registry's schema, through Confluent's API only.
-    throw new Error("with mskSchemaRegistry glue, mskEventRecordFormat must be JSON: the functions cannot fetch Glue schemas");
-  }
   if (s.mskSchemaRegistry === "confluent" && !/^https?:\/\/[^/@]+/.test(s.mskSchemaRegistryUri)) {
     throw new Error(`mskSchemaRegistryUri must be the registry's URL, without credentials: ${s.mskSchemaRegistryUri}`);
   }

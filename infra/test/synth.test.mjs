@@ -195,12 +195,16 @@ test("a Confluent registry on every mapping with basic auth from the secret, SOU
   assert.ok(recordFormat(t).every((f) => f === "SOURCE"));
 });
 
-test("a Glue registry delivering SOURCE is refused: the functions cannot fetch Glue schemas", async () => {
+test("a Glue registry delivering SOURCE: the functions are told, and may fetch the schema versions themselves", async () => {
   const { execFileSync } = await import("node:child_process");
-  assert.throws(
-    () => execFileSync("npx", ["cdk", "synth", "--quiet", "-o", "cdk.out.refused", "-c", "artifactsDir=test/.artifacts", "-c", "mskSchemaRegistry=glue",
-      "-c", "mskSchemaRegistryUri=arn:aws:glue:us-east-1:111122223333:registry/orders", "-c", "mskEventRecordFormat=SOURCE"],
-      { cwd: new URL("..", import.meta.url), stdio: "pipe" }),
-    /mskEventRecordFormat must be JSON/,
-  );
+  execFileSync("npx", ["cdk", "synth", "--quiet", "-o", "cdk.out.gluesource", "-c", "artifactsDir=test/.artifacts", "-c", "mskSchemaRegistry=glue",
+    "-c", "mskSchemaRegistryUri=arn:aws:glue:us-east-1:111122223333:registry/orders", "-c", "mskEventRecordFormat=SOURCE"],
+    { cwd: new URL("..", import.meta.url), stdio: "pipe" });
+  const t = synthesized("cdk.out.gluesource");
+  const mappings = of(t, "AWS::Lambda::EventSourceMapping");
+  assert.equal(mappings.length, functions.length);
+  assert.ok(mappings.every((m) => m.Properties.AmazonManagedKafkaEventSourceConfig.SchemaRegistryConfig.EventRecordFormat === "SOURCE"));
+  assert.ok(recordFormat(t).every((f) => f === "SOURCE"));
+  const glue = statements(t).filter((s) => [s.Action].flat().includes("glue:GetSchemaVersion"));
+  assert.equal(glue.length, functions.length, "each function role may call GetSchemaVersion");
 });

@@ -84,9 +84,9 @@ pub const VARIABLES: &[Var] = &[
     secret("SCHEMA_REGISTRY_URL", "", "Schema registry with Confluent's REST API (Confluent, Redpanda, Karapace, Apicurio's compatibility API), for functions whose values are framed for one (`ValueFormat::confluent()`); `https://<user>:<password>@host` for basic auth. Unset: a `confluent()` function refuses to start; a `confluent_or_json()` function starts, reads JSON values, and dead-letters framed ones as `schema_registry_unset` (replayable once it is set)."),
     var("SCHEMA_REGISTRY_USERNAME", "", "Basic-auth user for the schema registry (an API key on Confluent Cloud); overrides a user in the URL."),
     secret("SCHEMA_REGISTRY_PASSWORD", "", "Basic-auth password for the schema registry (the API secret)."),
-    var("SCHEMA_REGISTRY_TIMEOUT_MS", "5000", "Timeout of one schema lookup; a slow registry counts as a failure for its breaker, and the records waiting for it are retried."),
+    var("SCHEMA_REGISTRY_TIMEOUT_MS", "5000", "Timeout of one schema lookup (Confluent-compatible or AWS Glue); a slow registry counts as a failure for its breaker, and the records waiting for it are retried."),
     var("SCHEMA_REGISTRY_CACHE_MAX", "10000", "Schemas kept per process (each is fetched once); ids past it are fetched every time, so forged ids cannot grow memory."),
-    var("SCHEMA_REGISTRY_BREAKER_FAILURES", "3", "Consecutive schema registry failures that open its breaker."),
+    var("SCHEMA_REGISTRY_BREAKER_FAILURES", "3", "Consecutive schema registry failures that open its breaker. The AWS Glue Schema Registry has a breaker of its own (`glue_schema_registry`) with the same settings."),
     var("SCHEMA_REGISTRY_BREAKER_OPEN_SECS", "10", "How long the schema registry breaker stays open before a probe."),
     var("SCHEMA_REGISTRY_BREAKER_SUCCESSES", "1", "Successful probes that close the schema registry breaker."),
     var("SCHEMA_REGISTRY_BREAKER_PROBES", "1", "Concurrent probe calls allowed while the schema registry breaker is half-open."),
@@ -671,6 +671,11 @@ pub struct RegistryConfig {
     pub cache_max: usize,
     /// `SCHEMA_REGISTRY_BREAKER_*`.
     pub breaker: BreakerConfig,
+    /// The AWS SDK configuration for the Glue Schema Registry, when the application
+    /// supplies its own (tests do: a local endpoint and fixed credentials). `None`: the
+    /// usual chain is loaded on the first Glue lookup (region and credentials from the
+    /// environment or the Lambda role; `AWS_ENDPOINT_URL_GLUE` overrides the endpoint).
+    pub glue_sdk: Option<aws_types::SdkConfig>,
 }
 
 impl RegistryConfig {
@@ -686,6 +691,7 @@ impl RegistryConfig {
             timeout: millis(env, "SCHEMA_REGISTRY_TIMEOUT_MS")?,
             cache_max: read(env, "SCHEMA_REGISTRY_CACHE_MAX")?,
             breaker: BreakerConfig::from_env(env, "SCHEMA_REGISTRY")?,
+            glue_sdk: None,
         })
     }
 }

@@ -1,6 +1,12 @@
-//! A client of Confluent's schema registry REST API (the API Redpanda, Karapace and
-//! Apicurio's compatibility layer serve too): a schema by its id, `GET /schemas/ids/{id}`,
-//! fetched once per id per process and kept, behind a circuit breaker.
+//! The schema registries values are framed for, behind one cache:
+//! - Confluent's REST API (the API Redpanda, Karapace and Apicurio's compatibility layer
+//!   serve too): a schema by its numeric id, `GET /schemas/ids/{id}`;
+//! - the AWS Glue Schema Registry: a schema version by its UUID, `GetSchemaVersion`
+//!   (aws-sdk-glue; the client is built on the first Glue lookup, from the usual AWS
+//!   configuration chain).
+//!
+//! Each schema is fetched once per id per process and kept; each registry has its own
+//! circuit breaker (`schema_registry`, `glue_schema_registry`).
 //!
 //! What a lookup can end in, and what the guard does with it:
 //! - the schema: cached (up to `SCHEMA_REGISTRY_CACHE_MAX` schemas) and used;
@@ -19,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use exactly_once_core::payload::{AvroSchema, JsonSchema, PayloadError};
+use exactly_once_core::payload::{AvroSchema, JsonSchema, PayloadError, SchemaId};
 use exactly_once_core::protobuf::ProtobufSchema;
 use tokio::sync::OnceCell;
 
@@ -39,7 +45,7 @@ pub enum RegistrySchema {
 
 impl RegistrySchema {
     /// Decodes one datum written with this schema.
-    pub fn decode(&self, schema_id: u32, body: &[u8]) -> Result<serde_json::Value, PayloadError> {
+    pub fn decode(&self, schema_id: SchemaId, body: &[u8]) -> Result<serde_json::Value, PayloadError> {
         match self {
             RegistrySchema::Avro(s) => s.decode(schema_id, body),
             RegistrySchema::Json(s) => s.decode(schema_id, body),
@@ -52,7 +58,7 @@ impl RegistrySchema {
     /// zero byte is the indexes of the file's first message (no message starts with it:
     /// field number 0 does not exist) and is skipped; a value without it is read as the
     /// file's first message.
-    pub fn decode_source(&self, schema_id: u32, body: &[u8]) -> Result<serde_json::Value, PayloadError> {
+    pub fn decode_source(&self, schema_id: SchemaId, body: &[u8]) -> Result<serde_json::Value, PayloadError> {
         match self {
             RegistrySchema::Protobuf(s) => match body.split_first() {
                 Some((0, message)) => s.decode_message(schema_id, &[0], message),
@@ -78,14 +84,14 @@ impl RegistrySchema {
 pub enum LookupError {
     /// The registry has no schema with this id.
     #[error("schema registry has no schema with id {0}")]
-    Unknown(u32),
+    Unknown(SchemaId),
     /// The registry's schema is of a type not decoded here.
     #[error(
         "schema {id} is {schema_type}, not decoded here (Avro and JSON Schema without references, and Protobuf, are)"
     )]
     Unsupported {
         /// The schema's id.
-        id: u32,
+        id: SchemaId,
         /// Its `schemaType`.
         schema_type: String,
     },
@@ -93,7 +99,7 @@ pub enum LookupError {
     #[error("schema {id} from the registry is not a valid schema: {message}")]
     Invalid {
         /// The schema's id.
-        id: u32,
+        id: SchemaId,
         /// What was wrong.
         message: String,
     },
@@ -121,10 +127,19 @@ pub struct SchemaRegistry {
     base: Option<reqwest::Url>,
     auth: Option<(String, Secret)>,
     http: reqwest::Client,
-    cache: Mutex<HashMap<u32, Arc<OnceCell<Arc<RegistrySchema>>>>>,
+    cache: Mutex<HashMap<SchemaId, Arc<OnceCell<Arc<RegistrySchema>>>>>,
     cache_max: usize,
     breaker: CircuitBreaker,
     fetches: AtomicU64,
+    glue: GlueRegistry,
+}
+
+/// The AWS Glue side: its client, built on first use, and its breaker.
+struct GlueRegistry {
+    sdk: Option<aws_types::SdkConfig>,
+    timeout: Duration,
+    client: OnceCell<aws_sdk_glue::Client>,
+    breaker: CircuitBreaker,
 }
 
 impl std::fmt::Debug for SchemaRegistry {
@@ -184,6 +199,12 @@ impl SchemaRegistry {
             cache_max: config.cache_max,
             breaker: CircuitBreaker::new("schema_registry", config.breaker),
             fetches: AtomicU64::new(0),
+            glue: GlueRegistry {
+                sdk: config.glue_sdk.clone(),
+                timeout: config.timeout,
+                client: OnceCell::new(),
+                breaker: CircuitBreaker::new("glue_schema_registry", config.breaker),
+            },
         })
     }
 
@@ -202,26 +223,32 @@ impl SchemaRegistry {
         self.fetches.load(Ordering::Relaxed)
     }
 
-    /// The breaker in front of the registry.
+    /// The breaker in front of the Confluent-compatible registry.
     pub fn breaker(&self) -> &CircuitBreaker {
         &self.breaker
+    }
+
+    /// The breaker in front of the AWS Glue Schema Registry.
+    pub fn glue_breaker(&self) -> &CircuitBreaker {
+        &self.glue.breaker
     }
 
     /// The schemas of `ids`, each looked up once (concurrently, for the ids not cached):
     /// a batch waits for at most one registry round trip.
     pub async fn schemas(
         &self,
-        ids: impl IntoIterator<Item = u32>,
-    ) -> HashMap<u32, Result<Arc<RegistrySchema>, LookupError>> {
-        let mut unique: Vec<u32> = ids.into_iter().collect();
+        ids: impl IntoIterator<Item = SchemaId>,
+    ) -> HashMap<SchemaId, Result<Arc<RegistrySchema>, LookupError>> {
+        let mut unique: Vec<SchemaId> = ids.into_iter().collect();
         unique.sort_unstable();
         unique.dedup();
         let answers = futures::future::join_all(unique.iter().map(|&id| self.schema(id))).await;
         unique.into_iter().zip(answers).collect()
     }
 
-    /// The schema with `id`, from the cache or the registry.
-    pub async fn schema(&self, id: u32) -> Result<Arc<RegistrySchema>, LookupError> {
+    /// The schema with `id`, from the cache or its registry.
+    pub async fn schema(&self, id: impl Into<SchemaId>) -> Result<Arc<RegistrySchema>, LookupError> {
+        let id = id.into();
         let cell = {
             let mut cache = self.cache.lock().expect("registry cache lock");
             match cache.get(&id) {
@@ -231,7 +258,15 @@ impl SchemaRegistry {
                 None => Arc::new(OnceCell::new()),
             }
         };
-        let result = cell.get_or_try_init(|| self.fetch(id)).await.cloned();
+        let result = cell
+            .get_or_try_init(|| async {
+                match id {
+                    SchemaId::Confluent(n) => self.fetch(n).await,
+                    SchemaId::Glue(_) => self.fetch_glue(id).await,
+                }
+            })
+            .await
+            .cloned();
         if result.is_err() {
             // Only schemas are kept: an id that failed is asked again next time.
             let mut cache = self.cache.lock().expect("registry cache lock");
@@ -283,26 +318,120 @@ impl SchemaRegistry {
         let url = base.join(&format!("schemas/ids/{id}")).map_err(|e| LookupError::Unavailable(e.to_string()))?;
         let answer = match self.get(url.clone(), id, &format!("schema {id}")).await? {
             Some(a) => a,
-            None => return Err(LookupError::Unknown(id)),
+            None => return Err(LookupError::Unknown(id.into())),
         };
+        let schema_id = SchemaId::Confluent(id);
         let schema = match answer.schema_type.as_deref().unwrap_or("AVRO") {
             "AVRO" | "JSON" if !answer.references.is_empty() => {
                 return Err(LookupError::Unsupported {
-                    id,
+                    id: schema_id,
                     schema_type: "an Avro or JSON Schema with references to others".into(),
                 })
             }
             "AVRO" => RegistrySchema::Avro(
-                AvroSchema::parse(&answer.schema).map_err(|message| LookupError::Invalid { id, message })?,
+                AvroSchema::parse(&answer.schema).map_err(|message| LookupError::Invalid { id: schema_id, message })?,
             ),
             "JSON" => RegistrySchema::Json(
-                JsonSchema::parse(&answer.schema).map_err(|message| LookupError::Invalid { id, message })?,
+                JsonSchema::parse(&answer.schema).map_err(|message| LookupError::Invalid { id: schema_id, message })?,
             ),
             "PROTOBUF" => RegistrySchema::Protobuf(self.protobuf(id, url).await?),
-            other => return Err(LookupError::Unsupported { id, schema_type: other.to_owned() }),
+            other => return Err(LookupError::Unsupported { id: schema_id, schema_type: other.to_owned() }),
         };
         tracing::info!(registry = self.host(), schema_id = id, "schema fetched from the registry");
         Ok(Arc::new(schema))
+    }
+
+    /// A schema version from the AWS Glue Schema Registry, by its UUID
+    /// (`GetSchemaVersion`). Avro and JSON Schema definitions are used as Confluent's
+    /// are; a version still `PENDING` (its compatibility check running) is asked again
+    /// later; one that `FAILURE`d or is being deleted cannot decode anything.
+    async fn fetch_glue(&self, id: SchemaId) -> Result<Arc<RegistrySchema>, LookupError> {
+        use aws_sdk_glue::types::{DataFormat, SchemaVersionStatus};
+        let client = self.glue.client.get_or_init(|| self.glue_client()).await;
+        let permit = self.glue.breaker.try_acquire().map_err(|e| LookupError::Unavailable(e.to_string()))?;
+        self.fetches.fetch_add(1, Ordering::Relaxed);
+        let answer = match client.get_schema_version().schema_version_id(id.to_string()).send().await {
+            Ok(answer) => {
+                permit.success();
+                answer
+            }
+            Err(e) => {
+                let service = e.as_service_error();
+                if service.is_some_and(|s| s.is_entity_not_found_exception() || s.is_invalid_input_exception()) {
+                    // Glue answered: it has no such version. The record's own fault.
+                    permit.success();
+                    return Err(LookupError::Unknown(id));
+                }
+                permit.failure();
+                let message = match service {
+                    Some(s) => format!("AWS Glue refused GetSchemaVersion for {id}: {}", cut(&s.to_string())),
+                    None => format!(
+                        "AWS Glue could not be asked for {id}: {} (is AWS_REGION set, and are credentials available?)",
+                        cut(&aws_sdk_glue::error::DisplayErrorContext(&e).to_string())
+                    ),
+                };
+                tracing::warn!(schema_id = %id, error = %message, "AWS Glue schema registry lookup failed");
+                return Err(LookupError::Unavailable(message));
+            }
+        };
+        match answer.status() {
+            Some(SchemaVersionStatus::Available) => {}
+            Some(SchemaVersionStatus::Pending) => {
+                return Err(LookupError::Unavailable(format!(
+                    "AWS Glue schema version {id} is PENDING (its compatibility check is running)"
+                )))
+            }
+            other => {
+                return Err(LookupError::Invalid {
+                    id,
+                    message: format!(
+                        "AWS Glue schema version is {}, not AVAILABLE",
+                        other.map_or("without a status", |s| s.as_str())
+                    ),
+                })
+            }
+        }
+        let definition = answer
+            .schema_definition()
+            .ok_or_else(|| LookupError::Invalid { id, message: "AWS Glue returned no SchemaDefinition".into() })?;
+        let invalid = |message: String| LookupError::Invalid { id, message };
+        let schema = match answer.data_format() {
+            Some(DataFormat::Avro) => RegistrySchema::Avro(AvroSchema::parse(definition).map_err(invalid)?),
+            Some(DataFormat::Json) => RegistrySchema::Json(JsonSchema::parse(definition).map_err(invalid)?),
+            Some(DataFormat::Protobuf) => {
+                return Err(LookupError::Unsupported {
+                    id,
+                    schema_type:
+                        "PROTOBUF from AWS Glue (a .proto text definition; Glue's Protobuf is not decoded here yet)"
+                            .into(),
+                })
+            }
+            other => {
+                return Err(LookupError::Unsupported {
+                    id,
+                    schema_type: other.map_or("without a DataFormat", |f| f.as_str()).to_owned(),
+                })
+            }
+        };
+        tracing::info!(schema_id = %id, "schema version fetched from AWS Glue");
+        Ok(Arc::new(schema))
+    }
+
+    /// The Glue client: the application's SDK configuration or the usual chain, every
+    /// call bounded by `SCHEMA_REGISTRY_TIMEOUT_MS` and tried at most twice (the guard
+    /// retries the batch, and the breaker counts the failure).
+    async fn glue_client(&self) -> aws_sdk_glue::Client {
+        let sdk = match &self.glue.sdk {
+            Some(sdk) => sdk.clone(),
+            None => aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await,
+        };
+        let config = aws_sdk_glue::config::Builder::from(&sdk)
+            .timeout_config(
+                aws_sdk_glue::config::timeout::TimeoutConfig::builder().operation_timeout(self.glue.timeout).build(),
+            )
+            .retry_config(aws_sdk_glue::config::retry::RetryConfig::standard().with_max_attempts(2))
+            .build();
+        aws_sdk_glue::Client::from_conf(config)
     }
 
     /// A Protobuf schema: its file descriptor and those of the files it imports, each
@@ -310,9 +439,9 @@ impl SchemaRegistry {
     /// through the schema's references (subject and version), transitively. Google's
     /// well-known types are built in and not fetched.
     async fn protobuf(&self, id: u32, mut url: reqwest::Url) -> Result<ProtobufSchema, LookupError> {
-        let invalid = |message: String| LookupError::Invalid { id, message };
+        let invalid = |message: String| LookupError::Invalid { id: id.into(), message };
         url.set_query(Some("format=serialized"));
-        let main = self.get(url, id, &format!("schema {id}")).await?.ok_or(LookupError::Unknown(id))?;
+        let main = self.get(url, id, &format!("schema {id}")).await?.ok_or(LookupError::Unknown(id.into()))?;
         let main_bytes = decode_base64(&main.schema).map_err(|e| invalid(format!("serialized schema: {e}")))?;
         let mut dependencies = Vec::new();
         let mut seen = std::collections::HashSet::new();
@@ -438,6 +567,11 @@ struct Reference {
     name: String,
     subject: String,
     version: i64,
+}
+
+/// An error's text, cut short for a log line or an outcome.
+fn cut(message: &str) -> String {
+    exactly_once_core::msk::cut(message, 300)
 }
 
 fn decode_base64(text: &str) -> Result<Vec<u8>, String> {

@@ -18,6 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub use exactly_once::local_cluster as cluster;
 
+pub mod glue;
 pub mod registry;
 
 /// The Python with the third-party Kafka clients (`scripts/pyclients.sh` installs them

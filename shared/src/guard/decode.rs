@@ -14,7 +14,9 @@
 //! fails as unavailable and is retried, never dead-lettered.
 
 use exactly_once_core::event::SchemaMetadata;
-use exactly_once_core::payload::{confluent_frame, Framed, PayloadError};
+use std::borrow::Cow;
+
+use exactly_once_core::payload::{confluent_frame, glue_frame, Framed, PayloadError, SchemaId};
 
 use crate::config::EventRecordFormat;
 
@@ -41,8 +43,9 @@ impl Guard {
     pub(super) async fn decode(&self, items: &mut [(&Event, Option<Rejection>)]) -> Vec<Decoded> {
         let or_json = match self.values {
             ValueFormat::Json => return items.iter().map(|_| Decoded::Raw).collect(),
-            ValueFormat::Confluent { or_json } => or_json,
+            ValueFormat::Confluent { or_json } | ValueFormat::Glue { or_json } => or_json,
         };
+        let max_datum = self.config.max_value_bytes;
         // What to decode, for records that have something and are not refused already.
         let mut frames = Vec::with_capacity(items.len());
         // Records that wait for the operator (a setting that does not match the mapping).
@@ -74,7 +77,7 @@ impl Guard {
                             None
                         }
                     },
-                    (None, _) => match confluent_frame(v) {
+                    (None, _) => match frame(self.values, v, max_datum) {
                         Ok(f) => Some((f, None)),
                         Err(PayloadError::NotFramed { .. }) if or_json => None,
                         Err(e) => {
@@ -89,9 +92,10 @@ impl Guard {
         if !self.registry.is_configured() {
             // Only a function that also reads JSON starts without a registry: its framed
             // values are filed, to be replayed once SCHEMA_REGISTRY_URL is set, rather
-            // than holding up the JSON ones behind them.
+            // than holding up the JSON ones behind them. (Glue needs no URL.)
             for ((_, rejected), frame) in items.iter_mut().zip(frames.iter_mut()) {
-                if frame.take().is_some() {
+                if frame.as_ref().is_some_and(|(f, _)| matches!(f.schema_id, SchemaId::Confluent(_))) {
+                    *frame = None;
                     *rejected = Some(reject(
                         "schema_registry_unset",
                         "value is framed for a schema registry, but SCHEMA_REGISTRY_URL is not set".into(),
@@ -112,7 +116,7 @@ impl Guard {
             };
             let schema = schemas.get(&frame.schema_id).expect("every frame's schema id was looked up");
             let decoded = schema.as_ref().map(|schema| match source {
-                None => schema.decode(frame.schema_id, frame.body),
+                None => schema.decode(frame.schema_id, &frame.body),
                 // The mapping's word for the format must be the schema's.
                 Some(format) if format != schema.kind() => Err(PayloadError::SchemaMismatch {
                     schema_id: frame.schema_id,
@@ -122,7 +126,7 @@ impl Guard {
                         schema.kind()
                     ),
                 }),
-                Some(_) => schema.decode_source(frame.schema_id, frame.body),
+                Some(_) => schema.decode_source(frame.schema_id, &frame.body),
             });
             match decoded {
                 Ok(decoded) => match decoded {
@@ -145,10 +149,19 @@ impl Guard {
     }
 }
 
+/// A value framed as `format` says: Confluent's frame, or Glue's (a compressed datum
+/// decompressed into at most `max_datum` bytes).
+fn frame(format: ValueFormat, value: &[u8], max_datum: usize) -> Result<Framed<'_>, PayloadError> {
+    match format {
+        ValueFormat::Glue { .. } => glue_frame(value, max_datum),
+        _ => confluent_frame(value),
+    }
+}
+
 /// A value an event source mapping passed on as `SOURCE`: the datum without its frame
 /// (for Protobuf, without message indexes too: the file's first message), its schema
-/// named by the record's metadata (a Confluent registry's numeric id), and the format
-/// the metadata names.
+/// named by the record's metadata (a Confluent registry's numeric id, or a Glue schema
+/// version's UUID), and the format the metadata names.
 fn unframed<'v>(meta: &SchemaMetadata, value: &'v [u8]) -> Result<(Framed<'v>, Option<&'static str>), Rejection> {
     let Some(format) =
         ["AVRO", "JSON", "PROTOBUF"].into_iter().find(|f| meta.data_format.trim().eq_ignore_ascii_case(f))
@@ -161,13 +174,13 @@ fn unframed<'v>(meta: &SchemaMetadata, value: &'v [u8]) -> Result<(Framed<'v>, O
             ),
         ));
     };
-    match meta.schema_id.trim().parse::<u32>() {
-        Ok(schema_id) => Ok((Framed { schema_id, body: value }, Some(format))),
-        Err(_) => Err(reject(
+    match SchemaId::parse(&meta.schema_id) {
+        Some(schema_id) => Ok((Framed { schema_id, body: Cow::Borrowed(value) }, Some(format))),
+        None => Err(reject(
             "schema_unsupported",
             format!(
-                "schema id `{}` is not a Confluent registry's number (an AWS Glue registry's ids are not supported yet)",
-                meta.schema_id
+                "schema id `{}` is neither a Confluent registry's number nor an AWS Glue schema version's UUID",
+                exactly_once_core::msk::cut(&meta.schema_id, 64)
             ),
         )),
     }

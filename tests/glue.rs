@@ -1,0 +1,349 @@
+//! Values framed for the AWS Glue Schema Registry, written by a Glue serializer nobody
+//! here wrote (`aws-glue-schema-registry` from PyPI, over boto3 and fastavro:
+//! `tests/py/glue_serialize.py`) against a stand-in serving Glue's JSON API
+//! (`integration_tests::glue`; no Glue runs here). Our side looks schema versions up with
+//! aws-sdk-glue (`GetSchemaVersion`, signed, through its own breaker). The worker consumes
+//! them exactly once, and every way a value can be wrong ends in its own outcome.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use exactly_once::config::{EventRecordFormat, GuardConfig, WorkerConfig};
+use exactly_once::payload::{confluent_framed, glue_framed};
+use exactly_once::runtime::worker::create_topics;
+use exactly_once::runtime::{Functions, Worker};
+use exactly_once::{
+    async_trait, DeadLetterReason, Event, FailureKind, FunctionSpec, Guard, Handler, HandlerContext, HandlerError,
+    IdStrategy, Outcome, ValueFormat,
+};
+use integration_tests::glue::GlueRegistry;
+use integration_tests::{committed_offsets, run_python, wait_until, TestEnv};
+
+const PARTITIONS: i32 = 3;
+
+const ORDER_AVRO: &str = r#"{"type":"record","name":"Order","namespace":"shop","fields":[
+    {"name":"order_id","type":"string"},{"name":"amount","type":"long"},
+    {"name":"note","type":["null","string"],"default":null},
+    {"name":"placed_at","type":"long","default":1700000000000}]}"#;
+
+const ORDER_JSON_SCHEMA: &str = r#"{"type":"object","required":["order_id","amount"],
+    "properties":{"order_id":{"type":"string"},"amount":{"type":"integer"}}}"#;
+
+#[derive(Debug, serde::Deserialize)]
+struct Order {
+    order_id: String,
+    amount: i64,
+}
+
+/// Writes each order to Postgres in the guard's transaction.
+struct Orders(ValueFormat);
+
+#[async_trait]
+impl Handler for Orders {
+    fn spec(&self) -> FunctionSpec {
+        FunctionSpec::new("glue-orders", &["orders"], IdStrategy::default_chain(Some("/order_id"), None)).values(self.0)
+    }
+
+    async fn handle(&self, _event: &Event, ctx: &mut HandlerContext<'_>) -> Result<(), HandlerError> {
+        let order: Order = ctx.payload()?;
+        sqlx::query("INSERT INTO orders (order_id, amount) VALUES ($1, $2)")
+            .bind(&order.order_id)
+            .bind(order.amount)
+            .execute(ctx.postgres().await?)
+            .await?;
+        Ok(())
+    }
+}
+
+/// An SDK configuration for the stand-in: its endpoint, a region and fixed credentials
+/// (requests are signed as on AWS; the stand-in refuses unsigned ones).
+fn sdk(endpoint: &str) -> aws_types::SdkConfig {
+    let credentials = aws_credential_types::Credentials::new("AKIDEXAMPLE", "secret", None, None, "test");
+    aws_types::SdkConfig::builder()
+        .region(aws_types::region::Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .credentials_provider(aws_types::sdk_config::SharedCredentialsProvider::new(credentials))
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .build()
+}
+
+async fn env_with(glue: &GlueRegistry, tweak: impl FnOnce(&mut exactly_once::config::Config)) -> TestEnv {
+    let sdk = sdk(glue.url());
+    let env = TestEnv::with(|c| {
+        c.registry.glue_sdk = Some(sdk);
+        c.registry.breaker.open_for = Duration::from_millis(200);
+        tweak(c);
+    })
+    .await;
+    sqlx::query("CREATE TABLE orders (order_id TEXT NOT NULL, amount BIGINT NOT NULL)")
+        .execute(env.pg())
+        .await
+        .unwrap();
+    env
+}
+
+/// Values as the Glue serializer frames them: `records` (JSON lines) in `format`
+/// (`avro` or `json`) of `schema`, registered in `registry` under the topic's name.
+async fn encode(
+    glue: &GlueRegistry,
+    registry: &str,
+    format: &str,
+    schema: &str,
+    records: &[serde_json::Value],
+    compress: bool,
+) -> Vec<Vec<u8>> {
+    let file = std::env::temp_dir().join(format!("{}.schema", integration_tests::unique("glue")));
+    std::fs::write(&file, schema).unwrap();
+    let input: String = records.iter().map(|r| format!("{r}\n")).collect();
+    let path = file.to_string_lossy().into_owned();
+    let mut args = vec![
+        "encode",
+        "--endpoint",
+        glue.url(),
+        "--registry",
+        registry,
+        "--topic",
+        "orders",
+        "--format",
+        format,
+        "--schema-file",
+        &path,
+    ];
+    if compress {
+        args.push("--compress");
+    }
+    let out = run_python("glue_serialize.py", &args, &input).await;
+    let _ = std::fs::remove_file(&file);
+    out.lines().map(|l| hex_bytes(l.trim())).collect()
+}
+
+fn hex_bytes(line: &str) -> Vec<u8> {
+    (0..line.len()).step_by(2).map(|i| u8::from_str_radix(&line[i..i + 2], 16).expect("hex")).collect()
+}
+
+fn order(id: &str, amount: i64) -> serde_json::Value {
+    serde_json::json!({"order_id": id, "amount": amount, "note": null})
+}
+
+fn guard(env: &TestEnv, format: ValueFormat) -> Guard {
+    let spec = Orders(format).spec();
+    Guard::new(&env.clients, spec.name, spec.id_strategy, GuardConfig::default()).unwrap().with_values(format)
+}
+
+fn record(offset: i64, value: Vec<u8>) -> Event {
+    Event::new("orders", 0, offset).with_value(value)
+}
+
+fn uuid_of(framed: &[u8]) -> [u8; 16] {
+    framed[2..18].try_into().unwrap()
+}
+
+#[tokio::test]
+async fn glue_avro_orders_from_a_third_party_serializer_are_consumed_exactly_once_by_the_worker() {
+    let glue = GlueRegistry::start().await;
+    let mut env = env_with(&glue, |_| {}).await;
+    env.kafka.topic_partitions = PARTITIONS;
+    let topic = env.kafka.topic("orders");
+    create_topics(&env.kafka, std::slice::from_ref(&topic)).await.expect("topic");
+    // 150 orders, half of them zlib-compressed by the serializer's own codec, and the
+    // first 40 sent again (a producer's retry): 190 records.
+    let orders: Vec<serde_json::Value> = (0..150).map(|i| order(&format!("g-{i}"), i)).collect();
+    let plain = encode(&glue, "shop", "avro", ORDER_AVRO, &orders[..75], false).await;
+    let compressed = encode(&glue, "shop", "avro", ORDER_AVRO, &orders[75..], true).await;
+    assert_eq!(compressed[0][1], 5, "the serializer's codec compressed it");
+    assert_eq!(uuid_of(&plain[0]), uuid_of(&compressed[0]), "one schema version");
+    let mut values: Vec<(String, Vec<u8>)> =
+        plain.into_iter().chain(compressed).enumerate().map(|(i, v)| (format!("g-{i}"), v)).collect();
+    values.extend(values[..40].to_vec());
+    // Published as they are, with no headers (the library's producer would add an
+    // idempotency key, which the id strategy would read before the order id).
+    let producer: rdkafka::producer::FutureProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", &env.kafka.brokers).create().expect("producer");
+    for (key, value) in &values {
+        let record = rdkafka::producer::FutureRecord::to(&topic).key(key.as_str()).payload(value.as_slice());
+        producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).expect("publish");
+    }
+
+    let functions = Arc::new(
+        Functions::new(&env.clients, vec![Arc::new(Orders(ValueFormat::glue())) as Arc<dyn Handler>], &env.kafka)
+            .await
+            .expect("functions"),
+    );
+    let mut config = WorkerConfig::from_env(&exactly_once::config::ProcessEnv).expect("worker configuration");
+    config.batch_size = 50;
+    config.retry_backoff = Duration::from_millis(50);
+    let worker = Worker::start(&env.clients, functions, &env.kafka, &config).await.expect("worker starts");
+    wait_until(Duration::from_secs(120), "every order stored and every offset committed", || async {
+        if env.count("SELECT count(*) FROM orders").await < 150 {
+            return false;
+        }
+        committed_offsets(&env.kafka, &topic, PARTITIONS).await.values().sum::<i64>() == 190
+    })
+    .await;
+    worker.shutdown().await;
+
+    assert_eq!(env.count("SELECT count(*) FROM orders").await, 150);
+    assert_eq!(env.count("SELECT count(DISTINCT order_id) FROM orders").await, 150);
+    assert_eq!(env.count("SELECT sum(amount)::bigint FROM orders").await, (0..150).sum::<i64>());
+    assert_eq!(env.count("SELECT count(*) FROM processed_events WHERE event_id LIKE 'f:g-%'").await, 150);
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters").await, 0);
+    // One schema version, looked up once by our client (the serializer asked once too).
+    assert_eq!(env.clients.registry.fetches(), 1);
+    assert_eq!(glue.lookups(), 2);
+}
+
+#[tokio::test]
+async fn every_glue_value_that_cannot_be_decoded_has_its_own_outcome() {
+    let glue = GlueRegistry::start().await;
+    let env = env_with(&glue, |_| {}).await;
+    let good = encode(&glue, "shop", "avro", ORDER_AVRO, &[order("good", 1)], false).await.remove(0);
+    let json = encode(&glue, "shop-json", "json", ORDER_JSON_SCHEMA, &[order("json", 2)], false).await.remove(0);
+    let datum = &good[18..];
+    let other = glue.register(
+        "shop",
+        "other",
+        "AVRO",
+        r#"{"type":"record","name":"Other","fields":[{"name":"n","type":"long"},{"name":"m","type":"long"}]}"#,
+        "AVAILABLE",
+    );
+    let uuid = |text: &str| *uuid::Uuid::parse_str(text).unwrap().as_bytes();
+    let pending = glue.register("shop", "pending", "AVRO", ORDER_AVRO, "PENDING");
+    let failed = glue.register("shop", "failed", "AVRO", ORDER_AVRO, "FAILURE");
+    let proto = glue.register(
+        "shop",
+        "proto",
+        "PROTOBUF",
+        "syntax = \"proto3\"; message O { string order_id = 1; }",
+        "AVAILABLE",
+    );
+    let missing = uuid::Uuid::new_v4();
+    let mut bad_compression = good.clone();
+    bad_compression[1] = 9;
+    let mut not_zlib = good.clone();
+    not_zlib[1] = 5;
+    let records = vec![
+        record(1, good.clone()),
+        record(2, json),
+        record(3, br#"{"order_id": "plain", "amount": 3}"#.to_vec()),
+        record(4, confluent_framed(7, datum)),
+        record(5, good[..12].to_vec()),
+        record(6, glue_framed(uuid(&other), datum)),
+        record(7, glue_framed(*missing.as_bytes(), datum)),
+        record(8, bad_compression),
+        record(9, not_zlib),
+        record(10, glue_framed(uuid(&failed), datum)),
+        record(11, glue_framed(uuid(&proto), b"\x0a\x01a")),
+        record(12, glue_framed(uuid(&pending), datum)),
+    ];
+    let report = guard(&env, ValueFormat::glue()).run_batch(&Orders(ValueFormat::glue()), &records, None).await;
+    let dead = |r: &'static str| Outcome::DeadLettered { reason: DeadLetterReason::Undecodable(r) };
+    let outcomes: Vec<&Outcome> = report.outcomes.iter().map(|o| &o.outcome).collect();
+    assert_eq!(
+        outcomes[..11],
+        [
+            &Outcome::Processed,
+            &Outcome::Processed,
+            &dead("payload_not_framed"),
+            &dead("payload_not_framed"),
+            &dead("payload_truncated"),
+            &dead("payload_schema_mismatch"),
+            &dead("schema_unknown"),
+            &dead("payload_compression"),
+            &dead("payload_compression"),
+            &dead("schema_invalid"),
+            &dead("schema_unsupported"),
+        ],
+        "{report:?}"
+    );
+    // A version whose compatibility check is still running is waited for, not filed.
+    assert!(
+        matches!(&report.outcomes[11].outcome, Outcome::Failed { kind: FailureKind::Unavailable, error, .. } if error.contains("PENDING")),
+        "{:?}",
+        report.outcomes[11]
+    );
+    assert_eq!(env.count("SELECT count(*) FROM orders").await, 2);
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters WHERE record_value IS NOT NULL").await, 9);
+    let unknown: String = sqlx::query_scalar("SELECT error FROM dead_letters WHERE reason = 'schema_unknown'")
+        .fetch_one(env.pg())
+        .await
+        .unwrap();
+    assert!(unknown.contains(&missing.to_string()), "the error names the schema version's UUID: {unknown}");
+
+    // With `glue-or-json` the plain JSON value is read as JSON instead.
+    let g = guard(&env, ValueFormat::glue_or_json());
+    let report = g.run_batch(&Orders(ValueFormat::glue_or_json()), &[records[2].clone()], None).await;
+    assert_eq!(report.outcomes[0].outcome, Outcome::Processed, "{report:?}");
+    assert_eq!(env.count("SELECT count(*) FROM orders WHERE order_id = 'plain'").await, 1);
+}
+
+#[tokio::test]
+async fn a_glue_outage_retries_framed_values_and_never_dead_letters_them() {
+    let glue = GlueRegistry::start().await;
+    let env = env_with(&glue, |_| {}).await;
+    let orders = [order("a", 1), order("b", 2)];
+    let framed = encode(&glue, "shop", "avro", ORDER_AVRO, &orders, false).await;
+    let records: Vec<Event> = framed.into_iter().enumerate().map(|(i, v)| record(i as i64, v)).collect();
+    let g = guard(&env, ValueFormat::glue());
+    let h = Orders(ValueFormat::glue());
+    glue.set_failing(true);
+    for _ in 0..4 {
+        let report = g.run_batch(&h, &records, None).await;
+        for o in &report.outcomes {
+            assert!(
+                matches!(&o.outcome, Outcome::Failed { kind: FailureKind::Unavailable, attempts: None, .. }),
+                "{o:?}"
+            );
+        }
+    }
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters").await, 0);
+    assert_eq!(env.count("SELECT count(*) FROM orders").await, 0);
+    assert_eq!(
+        env.clients.registry.glue_breaker().state(),
+        exactly_once::BreakerState::Open,
+        "three failed lookups open the Glue breaker"
+    );
+    // Three lookups reached Glue; the fourth batch was held back by the open breaker.
+    assert_eq!(env.clients.registry.fetches(), 3);
+
+    glue.set_failing(false);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let report = g.run_batch(&h, &records, None).await;
+    assert!(report.outcomes.iter().all(|o| o.outcome == Outcome::Processed), "{report:?}");
+    assert_eq!(env.count("SELECT count(*) FROM orders").await, 2);
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters").await, 0);
+}
+
+#[tokio::test]
+async fn on_lambda_source_values_named_by_a_glue_schema_version_are_decoded() {
+    let glue = GlueRegistry::start().await;
+    // No SCHEMA_REGISTRY_URL: a Glue schema version needs none.
+    let env = env_with(&glue, |c| c.guard.event_record_format = EventRecordFormat::Source).await;
+    let framed = encode(&glue, "shop", "avro", ORDER_AVRO, &[order("l-1", 1), order("l-2", 2)], false).await;
+    let version = uuid::Uuid::from_bytes(uuid_of(&framed[0])).to_string();
+    // SOURCE: the mapping removed Glue's frame; the schema version is in the metadata.
+    let events = vec![
+        Event::new("orders", 0, 0).with_value(framed[0][18..].to_vec()).with_value_schema("AVRO", &version),
+        Event::new("orders", 0, 1)
+            .with_value(framed[1][18..].to_vec())
+            .with_value_schema("AVRO", version.to_uppercase()),
+        Event::new("orders", 0, 2).with_value(framed[1][18..].to_vec()).with_value_schema("JSON", &version),
+    ];
+    let functions = Functions::new(
+        &env.clients,
+        vec![Arc::new(Orders(ValueFormat::confluent_or_json())) as Arc<dyn Handler>],
+        &env.kafka,
+    )
+    .await
+    .expect("functions");
+    let body = exactly_once::runtime::msk::encode(&events).to_string();
+    let event = exactly_once::runtime::msk::parse(body.as_bytes()).expect("an MSK event");
+    let answer = exactly_once::runtime::lambda::invoke(&functions, &event, None, false).await.expect("finished");
+    assert_eq!(
+        (answer["processed"].as_u64(), answer["duplicates"].as_u64(), answer["deadLettered"].as_u64()),
+        (Some(2), Some(0), Some(1)),
+        "{answer}"
+    );
+    assert_eq!(env.count("SELECT count(*) FROM orders WHERE order_id IN ('l-1', 'l-2')").await, 2);
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters WHERE reason = 'payload_schema_mismatch'").await, 1);
+    assert_eq!(env.clients.registry.fetches(), 1, "the UUID in either case is one schema version");
+}
