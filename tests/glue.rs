@@ -208,6 +208,8 @@ async fn every_glue_value_that_cannot_be_decoded_has_its_own_outcome() {
     );
     let uuid = |text: &str| *uuid::Uuid::parse_str(text).unwrap().as_bytes();
     let pending = glue.register("shop", "pending", "AVRO", ORDER_AVRO, "PENDING");
+    let deleting = glue.register("shop", "deleting", "AVRO", ORDER_AVRO, "DELETING");
+    let newer = glue.register("shop", "newer", "AVRO", ORDER_AVRO, "A_STATUS_ADDED_LATER");
     let failed = glue.register("shop", "failed", "AVRO", ORDER_AVRO, "FAILURE");
     let proto = glue.register(
         "shop",
@@ -233,13 +235,15 @@ async fn every_glue_value_that_cannot_be_decoded_has_its_own_outcome() {
         record(9, not_zlib),
         record(10, glue_framed(uuid(&failed), datum)),
         record(11, glue_framed(uuid(&proto), b"\x0a\x01a")),
-        record(12, glue_framed(uuid(&pending), datum)),
+        record(12, glue_framed(uuid(&deleting), datum)),
+        record(13, glue_framed(uuid(&pending), datum)),
+        record(14, glue_framed(uuid(&newer), datum)),
     ];
     let report = guard(&env, ValueFormat::glue()).run_batch(&Orders(ValueFormat::glue()), &records, None).await;
     let dead = |r: &'static str| Outcome::DeadLettered { reason: DeadLetterReason::Undecodable(r) };
     let outcomes: Vec<&Outcome> = report.outcomes.iter().map(|o| &o.outcome).collect();
     assert_eq!(
-        outcomes[..11],
+        outcomes[..12],
         [
             &Outcome::Processed,
             &Outcome::Processed,
@@ -252,17 +256,21 @@ async fn every_glue_value_that_cannot_be_decoded_has_its_own_outcome() {
             &dead("payload_compression"),
             &dead("schema_invalid"),
             &dead("schema_unsupported"),
+            &dead("schema_invalid"),
         ],
         "{report:?}"
     );
-    // A version whose compatibility check is still running is waited for, not filed.
-    assert!(
-        matches!(&report.outcomes[11].outcome, Outcome::Failed { kind: FailureKind::Unavailable, error, .. } if error.contains("PENDING")),
-        "{:?}",
-        report.outcomes[11]
-    );
+    // A version whose compatibility check is still running, or in a status this client
+    // does not know, is waited for, not filed.
+    for (i, status) in [(12, "PENDING"), (13, "A_STATUS_ADDED_LATER")] {
+        assert!(
+            matches!(&report.outcomes[i].outcome, Outcome::Failed { kind: FailureKind::Unavailable, error, .. } if error.contains(status)),
+            "{:?}",
+            report.outcomes[i]
+        );
+    }
     assert_eq!(env.count("SELECT count(*) FROM orders").await, 2);
-    assert_eq!(env.count("SELECT count(*) FROM dead_letters WHERE record_value IS NOT NULL").await, 9);
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters WHERE record_value IS NOT NULL").await, 10);
     let unknown: String = sqlx::query_scalar("SELECT error FROM dead_letters WHERE reason = 'schema_unknown'")
         .fetch_one(env.pg())
         .await
@@ -346,4 +354,60 @@ async fn on_lambda_source_values_named_by_a_glue_schema_version_are_decoded() {
     assert_eq!(env.count("SELECT count(*) FROM orders WHERE order_id IN ('l-1', 'l-2')").await, 2);
     assert_eq!(env.count("SELECT count(*) FROM dead_letters WHERE reason = 'payload_schema_mismatch'").await, 1);
     assert_eq!(env.clients.registry.fetches(), 1, "the UUID in either case is one schema version");
+}
+
+#[tokio::test]
+async fn a_glue_function_refuses_to_start_without_an_aws_region() {
+    let glue = GlueRegistry::start().await;
+    let credentials = aws_credential_types::Credentials::new("AKIDEXAMPLE", "secret", None, None, "test");
+    let no_region = aws_types::SdkConfig::builder()
+        .endpoint_url(glue.url())
+        .credentials_provider(aws_types::sdk_config::SharedCredentialsProvider::new(credentials))
+        .build();
+    let env = TestEnv::with(|c| c.registry.glue_sdk = Some(no_region)).await;
+    let err = Functions::new(&env.clients, vec![Arc::new(Orders(ValueFormat::glue())) as Arc<dyn Handler>], &env.kafka)
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("AWS_REGION"), "{err}");
+}
+
+#[tokio::test]
+async fn a_batch_of_compressed_values_decompresses_a_bounded_amount_and_the_rest_waits() {
+    let glue = GlueRegistry::start().await;
+    let env = env_with(&glue, |_| {}).await;
+    let version = glue.register("shop", "orders", "AVRO", ORDER_AVRO, "AVAILABLE");
+    let schema = exactly_once::payload::AvroSchema::parse(ORDER_AVRO).unwrap();
+    // Four values of 20 MiB each once inflated (a note of 20 MiB), about 20 KiB each on
+    // the wire; the batch's budget (64 MiB) takes three.
+    let max = 21 << 20;
+    let records: Vec<Event> = (0..4)
+        .map(|i| {
+            let json = serde_json::json!({"order_id": format!("big-{i}"), "amount": i, "note": "n".repeat(20 << 20)});
+            let datum = exactly_once::payload::avro_from_json(schema.schema(), json).unwrap();
+            let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+            std::io::Write::write_all(&mut z, &datum).unwrap();
+            let mut value = glue_framed(*uuid::Uuid::parse_str(&version).unwrap().as_bytes(), &z.finish().unwrap());
+            value[1] = exactly_once::payload::GLUE_COMPRESSION_ZLIB;
+            assert!(value.len() < 64 << 10, "{}", value.len());
+            record(i, value)
+        })
+        .collect();
+    let config = GuardConfig { max_value_bytes: max, ..GuardConfig::default() };
+    let spec = Orders(ValueFormat::glue()).spec();
+    let g = Guard::new(&env.clients, spec.name, spec.id_strategy, config).unwrap().with_values(ValueFormat::glue());
+    let h = Orders(ValueFormat::glue());
+    let report = g.run_batch(&h, &records, None).await;
+    let outcomes: Vec<&Outcome> = report.outcomes.iter().map(|o| &o.outcome).collect();
+    assert_eq!(outcomes[..3], [&Outcome::Processed; 3], "{outcomes:?}");
+    assert!(
+        matches!(outcomes[3], Outcome::Failed { kind: FailureKind::Unavailable, error, .. } if error.contains("later batch")),
+        "{:?}",
+        outcomes[3]
+    );
+    // The one left over goes through in the next batch; nothing was dead-lettered.
+    let report = g.run_batch(&h, &records[3..], None).await;
+    assert_eq!(report.outcomes[0].outcome, Outcome::Processed, "{report:?}");
+    assert_eq!(env.count("SELECT count(*) FROM orders WHERE order_id LIKE 'big-%'").await, 4);
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters").await, 0);
 }

@@ -11,7 +11,9 @@
 //!   against its (cached, compiled) schema, then the id and the struct as for Avro;
 //! - `protobuf (confluent)`: the frame split, the message indexes read, the message
 //!   decoded with its (cached) descriptor and written as JSON, then the id and the
-//!   struct as for Avro.
+//!   struct as for Avro;
+//! - `avro (glue)` and `avro (glue, zlib)`: the same Avro datums in the AWS Glue Schema
+//!   Registry's frame, plain and zlib-compressed (decompressed before decoding).
 //!
 //! Each variant runs `rounds` times over `events` values (distinct ids); the median
 //! round gives ns per event, and the ratio is against JSON in the same run.
@@ -19,7 +21,10 @@
 use std::time::Instant;
 
 use exactly_once::event_id::IdFormats;
-use exactly_once::payload::{avro_from_json, confluent_frame, confluent_framed, AvroSchema, JsonSchema};
+use exactly_once::payload::{
+    avro_from_json, confluent_frame, confluent_framed, glue_frame, glue_framed, AvroSchema, Framed, JsonSchema,
+    PayloadError, GLUE_COMPRESSION_ZLIB,
+};
 use exactly_once::registry::RegistrySchema;
 use exactly_once::{Event, IdStrategy};
 use exactly_once_core::protobuf::ProtobufSchema;
@@ -137,6 +142,23 @@ pub fn run(opts: &DecodeOptions) -> anyhow::Result<DecodeReport> {
         })
         .collect::<anyhow::Result<_>>()?;
 
+    // The same datums in Glue's frame, as they are and zlib-compressed.
+    let version = [7u8; 16];
+    let glue: Vec<Event> = avro
+        .iter()
+        .map(|e| Event::new("orders", 0, 0).with_value(glue_framed(version, &e.value_bytes()[5..])))
+        .collect();
+    let glue_zlib: Vec<Event> = avro
+        .iter()
+        .map(|e| {
+            use std::io::Write as _;
+            let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+            z.write_all(&e.value_bytes()[5..])?;
+            let mut value = glue_framed(version, &z.finish()?);
+            value[1] = GLUE_COMPRESSION_ZLIB;
+            Ok(Event::new("orders", 0, 0).with_value(value))
+        })
+        .collect::<anyhow::Result<_>>()?;
     let avro_schema = RegistrySchema::Avro(schema.clone());
     let json_schema = RegistrySchema::Json(JsonSchema::parse(ORDER_JSON_SCHEMA).map_err(anyhow::Error::msg)?);
     let framed_json: Vec<Event> = orders
@@ -158,9 +180,14 @@ pub fn run(opts: &DecodeOptions) -> anyhow::Result<DecodeReport> {
         .collect::<anyhow::Result<_>>()?;
     let proto_schema = RegistrySchema::Protobuf(proto);
     // The same reading, every way, before anything is timed.
-    for (((j, a), f), p) in json.iter().zip(&avro).zip(&framed_json).zip(&protobuf) {
+    for (i, (((j, a), f), p)) in json.iter().zip(&avro).zip(&framed_json).zip(&protobuf).enumerate() {
         let plain = read_json(&ids, j)?;
         anyhow::ensure!(plain == read_framed(&ids, &avro_schema, a)?, "Avro and JSON read differently");
+        anyhow::ensure!(plain == read_glue(&ids, &avro_schema, &glue[i])?, "Glue Avro and JSON read differently");
+        anyhow::ensure!(
+            plain == read_glue(&ids, &avro_schema, &glue_zlib[i])?,
+            "zlib Glue Avro and JSON read differently"
+        );
         anyhow::ensure!(plain == read_framed(&ids, &json_schema, f)?, "JSON Schema and JSON read differently");
         anyhow::ensure!(plain == read_framed(&ids, &proto_schema, p)?, "Protobuf and JSON read differently");
     }
@@ -180,6 +207,8 @@ pub fn run(opts: &DecodeOptions) -> anyhow::Result<DecodeReport> {
     let avro_ns = time(&|e| read_framed(&ids, &avro_schema, e), &avro)?;
     let json_schema_ns = time(&|e| read_framed(&ids, &json_schema, e), &framed_json)?;
     let protobuf_ns = time(&|e| read_framed(&ids, &proto_schema, e), &protobuf)?;
+    let glue_ns = time(&|e| read_glue(&ids, &avro_schema, e), &glue)?;
+    let glue_zlib_ns = time(&|e| read_glue(&ids, &avro_schema, e), &glue_zlib)?;
     let bytes = |events: &[Event]| {
         events.iter().map(|e| e.value_bytes().len()).sum::<usize>() as f64 / events.len().max(1) as f64
     };
@@ -207,6 +236,18 @@ pub fn run(opts: &DecodeOptions) -> anyhow::Result<DecodeReport> {
                 ns_per_event: protobuf_ns,
                 vs_json: protobuf_ns / json_ns,
             },
+            DecodeRow {
+                format: "avro (glue)".into(),
+                value_bytes: bytes(&glue),
+                ns_per_event: glue_ns,
+                vs_json: glue_ns / json_ns,
+            },
+            DecodeRow {
+                format: "avro (glue, zlib)".into(),
+                value_bytes: bytes(&glue_zlib),
+                ns_per_event: glue_zlib_ns,
+                vs_json: glue_zlib_ns / json_ns,
+            },
         ],
     })
 }
@@ -220,7 +261,22 @@ fn read_json(ids: &IdStrategy, e: &Event) -> anyhow::Result<(String, Order)> {
 /// A framed value as the guard's step 0 reads it (`RegistrySchema::decode`), then the id
 /// and the handler's struct from the decoded value.
 fn read_framed(ids: &IdStrategy, schema: &RegistrySchema, e: &Event) -> anyhow::Result<(String, Order)> {
-    let frame = confluent_frame(e.value_bytes())?;
+    read_frame(ids, schema, e, confluent_frame(e.value_bytes()))
+}
+
+/// The same for a value in Glue's frame (decompressed into at most 1 MiB, the guard's
+/// default `GUARD_MAX_VALUE_BYTES`).
+fn read_glue(ids: &IdStrategy, schema: &RegistrySchema, e: &Event) -> anyhow::Result<(String, Order)> {
+    read_frame(ids, schema, e, glue_frame(e.value_bytes(), 1 << 20))
+}
+
+fn read_frame(
+    ids: &IdStrategy,
+    schema: &RegistrySchema,
+    e: &Event,
+    frame: Result<Framed<'_>, PayloadError>,
+) -> anyhow::Result<(String, Order)> {
+    let frame = frame?;
     let decoded = schema.decode(frame.schema_id, &frame.body)?;
     let (id, _) = ids.derive_decoded(e, Some(&decoded), IdFormats::V2)?;
     let order = Order::deserialize(&decoded)?;
@@ -249,10 +305,11 @@ mod tests {
     #[test]
     fn decode_smoke_run_reads_every_format_alike_and_reports_each() {
         let r = run(&DecodeOptions { events: 200, rounds: 3 }).unwrap();
-        assert_eq!(r.rows.len(), 4);
+        assert_eq!(r.rows.len(), 6);
         assert!(r.rows.iter().all(|row| row.ns_per_event > 0.0 && row.value_bytes > 10.0), "{r:?}");
         assert!(r.rows[1].value_bytes < r.rows[0].value_bytes, "Avro is smaller than JSON: {r:?}");
         assert!(r.rows[3].value_bytes < r.rows[0].value_bytes, "Protobuf is smaller than JSON: {r:?}");
         assert!(render(&r).contains("avro (confluent)") && render(&r).contains("protobuf (confluent)"));
+        assert!(render(&r).contains("avro (glue, zlib)"));
     }
 }

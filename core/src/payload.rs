@@ -255,6 +255,35 @@ pub fn confluent_frame(value: &[u8]) -> Result<Framed<'_>, PayloadError> {
 /// datum, decompressing a zlib datum into at most `max_datum` bytes (a larger one is
 /// refused, so a small compressed value cannot expand without bound).
 pub fn glue_frame(value: &[u8], max_datum: usize) -> Result<Framed<'_>, PayloadError> {
+    let (schema_id, compressed) = glue_header(value)?;
+    let datum = &value[GLUE_HEADER_LEN..];
+    if !compressed {
+        return Ok(Framed { schema_id, body: Cow::Borrowed(datum) });
+    }
+    let compression = |message: String| PayloadError::Compression { schema_id, message };
+    let mut out = Vec::with_capacity(datum.len().saturating_mul(4).min(max_datum));
+    let limit = u64::try_from(max_datum).unwrap_or(u64::MAX).saturating_add(1);
+    let mut decoder = flate2::read::ZlibDecoder::new(datum);
+    (&mut decoder).take(limit).read_to_end(&mut out).map_err(|e| compression(format!("not a zlib stream: {e}")))?;
+    if out.len() > max_datum {
+        return Err(compression(format!("decompresses to more than {max_datum} bytes")));
+    }
+    // Bytes after the end of the zlib stream are not part of the datum: refused, as
+    // bytes left after any datum are.
+    let read = usize::try_from(decoder.total_in()).unwrap_or(usize::MAX);
+    if read < datum.len() {
+        return Err(compression(format!("{} bytes after the end of the zlib stream", datum.len() - read)));
+    }
+    if out.is_empty() {
+        return Err(PayloadError::Truncated { len: value.len(), needs: GLUE_HEADER_LEN + 1 });
+    }
+    Ok(Framed { schema_id, body: Cow::Owned(out) })
+}
+
+/// Checks a value's Glue header without touching its datum: its schema version id, and
+/// whether the datum is zlib-compressed. [`glue_frame`] fails the same way on the same
+/// header, and may fail later on the datum.
+pub fn glue_header(value: &[u8]) -> Result<(SchemaId, bool), PayloadError> {
     const NEEDS: usize = GLUE_HEADER_LEN + 1;
     match value.first() {
         None => return Err(PayloadError::Truncated { len: 0, needs: NEEDS }),
@@ -269,35 +298,14 @@ pub fn glue_frame(value: &[u8], max_datum: usize) -> Result<Framed<'_>, PayloadE
     let mut uuid = [0u8; 16];
     uuid.copy_from_slice(&value[2..GLUE_HEADER_LEN]);
     let schema_id = SchemaId::Glue(uuid);
-    let datum = &value[GLUE_HEADER_LEN..];
-    let body = match value[1] {
-        GLUE_COMPRESSION_NONE => Cow::Borrowed(datum),
-        GLUE_COMPRESSION_ZLIB => {
-            let mut out = Vec::with_capacity(datum.len().saturating_mul(4).min(max_datum));
-            let limit = u64::try_from(max_datum).unwrap_or(u64::MAX).saturating_add(1);
-            flate2::read::ZlibDecoder::new(datum)
-                .take(limit)
-                .read_to_end(&mut out)
-                .map_err(|e| PayloadError::Compression { schema_id, message: format!("not a zlib stream: {e}") })?;
-            if out.len() > max_datum {
-                return Err(PayloadError::Compression {
-                    schema_id,
-                    message: format!("decompresses to more than {max_datum} bytes"),
-                });
-            }
-            if out.is_empty() {
-                return Err(PayloadError::Truncated { len: value.len(), needs: NEEDS });
-            }
-            Cow::Owned(out)
-        }
-        other => {
-            return Err(PayloadError::Compression {
-                schema_id,
-                message: format!("compression byte {other:#04x} is not one Glue writes (0x00 none, 0x05 zlib)"),
-            })
-        }
-    };
-    Ok(Framed { schema_id, body })
+    match value[1] {
+        GLUE_COMPRESSION_NONE => Ok((schema_id, false)),
+        GLUE_COMPRESSION_ZLIB => Ok((schema_id, true)),
+        other => Err(PayloadError::Compression {
+            schema_id,
+            message: format!("compression byte {other:#04x} is not one Glue writes (0x00 none, 0x05 zlib)"),
+        }),
+    }
 }
 
 /// A value in the AWS Glue Schema Registry's format: the header for `schema_version`,
@@ -886,6 +894,16 @@ mod tests {
         assert!(bomb.len() < 4096, "{}", bomb.len());
         let err = glue_frame(&bomb, 1024).unwrap_err();
         assert!(err.to_string().contains("more than 1024 bytes"), "{err}");
+        // Bytes after the zlib stream are refused, not ignored.
+        let mut trailing = vec![GLUE_HEADER_VERSION, GLUE_COMPRESSION_ZLIB];
+        trailing.extend(UUID);
+        trailing.extend(zlib(b"abc"));
+        trailing.push(0);
+        let err = glue_frame(&trailing, 1024).unwrap_err();
+        assert!(err.to_string().contains("1 bytes after the end"), "{err}");
+        // The header alone says the same as the whole frame about the header.
+        assert_eq!(glue_header(&unknown).unwrap_err().reason(), "payload_compression");
+        assert_eq!(glue_header(&bomb).unwrap(), (SchemaId::Glue(UUID), true));
         // A compressed empty datum is as truncated as a bare header.
         let mut empty = vec![GLUE_HEADER_VERSION, GLUE_COMPRESSION_ZLIB];
         empty.extend(UUID);

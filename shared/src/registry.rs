@@ -357,8 +357,10 @@ impl SchemaRegistry {
             }
             Err(e) => {
                 let service = e.as_service_error();
-                if service.is_some_and(|s| s.is_entity_not_found_exception() || s.is_invalid_input_exception()) {
-                    // Glue answered: it has no such version. The record's own fault.
+                if service.is_some_and(|s| s.is_entity_not_found_exception()) {
+                    // Glue answered: it has no such version. The record's own fault. (Any
+                    // other refusal, InvalidInputException included, is not: the id we send
+                    // is always a well-formed UUID.)
                     permit.success();
                     return Err(LookupError::Unknown(id));
                 }
@@ -366,7 +368,7 @@ impl SchemaRegistry {
                 let message = match service {
                     Some(s) => format!("AWS Glue refused GetSchemaVersion for {id}: {}", cut(&s.to_string())),
                     None => format!(
-                        "AWS Glue could not be asked for {id}: {} (is AWS_REGION set, and are credentials available?)",
+                        "AWS Glue could not be asked for {id}: {} (a timeout, no network, or no credentials)",
                         cut(&aws_sdk_glue::error::DisplayErrorContext(&e).to_string())
                     ),
                 };
@@ -376,19 +378,22 @@ impl SchemaRegistry {
         };
         match answer.status() {
             Some(SchemaVersionStatus::Available) => {}
-            Some(SchemaVersionStatus::Pending) => {
-                return Err(LookupError::Unavailable(format!(
-                    "AWS Glue schema version {id} is PENDING (its compatibility check is running)"
-                )))
-            }
-            other => {
+            Some(SchemaVersionStatus::Failure | SchemaVersionStatus::Deleting) => {
                 return Err(LookupError::Invalid {
                     id,
                     message: format!(
                         "AWS Glue schema version is {}, not AVAILABLE",
-                        other.map_or("without a status", |s| s.as_str())
+                        answer.status().map_or("-", |s| s.as_str())
                     ),
                 })
+            }
+            // PENDING (its compatibility check is running), a status Glue added after this
+            // client, or none: waited for, never dead-lettered on what we do not know.
+            other => {
+                return Err(LookupError::Unavailable(format!(
+                    "AWS Glue schema version {id} is {}, not AVAILABLE yet",
+                    other.map_or("without a status", |s| s.as_str())
+                )))
             }
         }
         let definition = answer
@@ -417,6 +422,19 @@ impl SchemaRegistry {
         Ok(Arc::new(schema))
     }
 
+    /// Builds the Glue client now (loading the AWS configuration, within `wait`) and
+    /// checks that it has a region: a function over Glue-framed values refuses to start
+    /// without one, rather than failing every lookup.
+    pub async fn glue_ready(&self, wait: Duration) -> Result<(), String> {
+        let client = tokio::time::timeout(wait, self.glue.client.get_or_init(|| self.glue_client()))
+            .await
+            .map_err(|_| format!("loading the AWS configuration for the Glue schema registry took over {wait:?}"))?;
+        if client.config().region().is_none() {
+            return Err("no AWS region for the Glue schema registry: set AWS_REGION (Lambda sets it)".into());
+        }
+        Ok(())
+    }
+
     /// The Glue client: the application's SDK configuration or the usual chain, every
     /// call bounded by `SCHEMA_REGISTRY_TIMEOUT_MS` and tried at most twice (the guard
     /// retries the batch, and the breaker counts the failure).
@@ -426,6 +444,8 @@ impl SchemaRegistry {
             None => aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await,
         };
         let config = aws_sdk_glue::config::Builder::from(&sdk)
+            // An application's own SdkConfig may lack one; the client would panic without it.
+            .behavior_version(aws_config::BehaviorVersion::latest())
             .timeout_config(
                 aws_sdk_glue::config::timeout::TimeoutConfig::builder().operation_timeout(self.glue.timeout).build(),
             )

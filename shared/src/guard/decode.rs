@@ -16,7 +16,7 @@
 use exactly_once_core::event::SchemaMetadata;
 use std::borrow::Cow;
 
-use exactly_once_core::payload::{confluent_frame, glue_frame, Framed, PayloadError, SchemaId};
+use exactly_once_core::payload::{confluent_frame, glue_frame, glue_header, Framed, PayloadError, SchemaId};
 
 use crate::config::EventRecordFormat;
 
@@ -46,6 +46,11 @@ impl Guard {
             ValueFormat::Confluent { or_json } | ValueFormat::Glue { or_json } => or_json,
         };
         let max_datum = self.config.max_value_bytes;
+        // Glue datums are decompressed one at a time while decoding, and a batch's
+        // decompressed bytes are bounded: a batch of small zlib bombs (each up to
+        // GUARD_MAX_VALUE_BYTES once inflated) cannot take the process's memory. Past the
+        // budget, compressed values wait for a later batch (the first always fits).
+        let mut inflate_budget = MAX_BATCH_INFLATED_BYTES.max(max_datum);
         // What to decode, for records that have something and are not refused already.
         let mut frames = Vec::with_capacity(items.len());
         // Records that wait for the operator (a setting that does not match the mapping).
@@ -77,7 +82,7 @@ impl Guard {
                             None
                         }
                     },
-                    (None, _) => match frame(self.values, v, max_datum) {
+                    (None, _) => match frame(self.values, v) {
                         Ok(f) => Some((f, None)),
                         Err(PayloadError::NotFramed { .. }) if or_json => None,
                         Err(e) => {
@@ -115,6 +120,33 @@ impl Guard {
                 continue;
             };
             let schema = schemas.get(&frame.schema_id).expect("every frame's schema id was looked up");
+            // A Glue frame is kept whole until here: its datum is decompressed now, once its
+            // schema is known to be had.
+            let glue_whole = matches!(self.values, ValueFormat::Glue { .. }) && source.is_none();
+            let compressed = glue_whole && glue_header(&frame.body).is_ok_and(|(_, zlib)| zlib);
+            if compressed && schema.is_ok() && inflate_budget < max_datum {
+                out.push(Decoded::Unavailable(format!(
+                    "this batch decompressed {MAX_BATCH_INFLATED_BYTES} bytes of Glue values already; this one waits for a later batch"
+                )));
+                continue;
+            }
+            let frame = if glue_whole && schema.is_ok() {
+                match glue_frame(&frame.body, max_datum) {
+                    Ok(f) => {
+                        if let Cow::Owned(b) = &f.body {
+                            inflate_budget = inflate_budget.saturating_sub(b.len());
+                        }
+                        f
+                    }
+                    Err(e) => {
+                        *rejected = Some(reject(e.reason(), e.to_string()));
+                        out.push(Decoded::Raw);
+                        continue;
+                    }
+                }
+            } else {
+                frame
+            };
             let decoded = schema.as_ref().map(|schema| match source {
                 None => schema.decode(frame.schema_id, &frame.body),
                 // The mapping's word for the format must be the schema's.
@@ -149,11 +181,17 @@ impl Guard {
     }
 }
 
-/// A value framed as `format` says: Confluent's frame, or Glue's (a compressed datum
-/// decompressed into at most `max_datum` bytes).
-fn frame(format: ValueFormat, value: &[u8], max_datum: usize) -> Result<Framed<'_>, PayloadError> {
+/// Most bytes of Glue datums one batch decompresses (beyond a single value's
+/// `GUARD_MAX_VALUE_BYTES`, when that is larger).
+const MAX_BATCH_INFLATED_BYTES: usize = 64 << 20;
+
+/// A value framed as `format` says: Confluent's frame split, or Glue's header checked
+/// and the value kept whole (its datum is decompressed when it is decoded).
+fn frame(format: ValueFormat, value: &[u8]) -> Result<Framed<'_>, PayloadError> {
     match format {
-        ValueFormat::Glue { .. } => glue_frame(value, max_datum),
+        ValueFormat::Glue { .. } => {
+            glue_header(value).map(|(schema_id, _)| Framed { schema_id, body: Cow::Borrowed(value) })
+        }
         _ => confluent_frame(value),
     }
 }

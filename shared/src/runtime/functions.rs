@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -125,6 +126,14 @@ impl Functions {
                         function = spec.name,
                         "SCHEMA_REGISTRY_URL is not set: JSON values are handled, values framed for a registry are dead-lettered (schema_registry_unset; replay them once it is set)"
                     );
+                }
+                ValueFormat::Glue { .. } => {
+                    // Every lookup would fail without a region: refuse to start instead.
+                    clients
+                        .registry
+                        .glue_ready(Duration::from_secs(30))
+                        .await
+                        .map_err(|e| FunctionsError::Invalid(spec.name.to_owned(), e))?;
                 }
                 _ => {}
             }
