@@ -55,20 +55,9 @@ impl Handler for Orders {
     }
 }
 
-/// An SDK configuration for the stand-in: its endpoint, a region and fixed credentials
-/// (requests are signed as on AWS; the stand-in refuses unsigned ones).
-fn sdk(endpoint: &str) -> aws_types::SdkConfig {
-    let credentials = aws_credential_types::Credentials::new("AKIDEXAMPLE", "secret", None, None, "test");
-    aws_types::SdkConfig::builder()
-        .region(aws_types::region::Region::new("us-east-1"))
-        .endpoint_url(endpoint)
-        .credentials_provider(aws_types::sdk_config::SharedCredentialsProvider::new(credentials))
-        .behavior_version(aws_config::BehaviorVersion::latest())
-        .build()
-}
-
 async fn env_with(glue: &GlueRegistry, tweak: impl FnOnce(&mut exactly_once::config::Config)) -> TestEnv {
-    let sdk = sdk(glue.url());
+    // Requests are signed as on AWS; the stand-in refuses unsigned ones.
+    let sdk = integration_tests::aws_sdk(glue.url(), Some("us-east-1"));
     let env = TestEnv::with(|c| {
         c.registry.glue_sdk = Some(sdk);
         c.registry.breaker.open_for = Duration::from_millis(200);
@@ -359,11 +348,7 @@ async fn on_lambda_source_values_named_by_a_glue_schema_version_are_decoded() {
 #[tokio::test]
 async fn a_glue_function_refuses_to_start_without_an_aws_region() {
     let glue = GlueRegistry::start().await;
-    let credentials = aws_credential_types::Credentials::new("AKIDEXAMPLE", "secret", None, None, "test");
-    let no_region = aws_types::SdkConfig::builder()
-        .endpoint_url(glue.url())
-        .credentials_provider(aws_types::sdk_config::SharedCredentialsProvider::new(credentials))
-        .build();
+    let no_region = integration_tests::aws_sdk(glue.url(), None);
     let env = TestEnv::with(|c| c.registry.glue_sdk = Some(no_region)).await;
     let err = Functions::new(&env.clients, vec![Arc::new(Orders(ValueFormat::glue())) as Arc<dyn Handler>], &env.kafka)
         .await
@@ -401,7 +386,7 @@ async fn a_batch_of_compressed_values_decompresses_a_bounded_amount_and_the_rest
     let outcomes: Vec<&Outcome> = report.outcomes.iter().map(|o| &o.outcome).collect();
     assert_eq!(outcomes[..3], [&Outcome::Processed; 3], "{outcomes:?}");
     assert!(
-        matches!(outcomes[3], Outcome::Failed { kind: FailureKind::Unavailable, error, .. } if error.contains("later batch")),
+        matches!(outcomes[3], Outcome::Failed { kind: FailureKind::Unavailable, error, .. } if error.contains("GUARD_MAX_BATCH_DECOMPRESSED_BYTES")),
         "{:?}",
         outcomes[3]
     );

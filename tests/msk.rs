@@ -38,13 +38,7 @@ async fn stub() -> (String, Seen) {
 }
 
 fn sdk(endpoint: &str) -> aws_types::SdkConfig {
-    let credentials = aws_credential_types::Credentials::new("AKIDEXAMPLE", "secret", None, None, "test");
-    aws_types::SdkConfig::builder()
-        .region(aws_types::region::Region::new("eu-west-1"))
-        .endpoint_url(endpoint)
-        .credentials_provider(aws_types::sdk_config::SharedCredentialsProvider::new(credentials))
-        .behavior_version(aws_config::BehaviorVersion::latest())
-        .build()
+    integration_tests::aws_sdk(endpoint, Some("eu-west-1"))
 }
 
 const ARN: &str = "arn:aws:kafka:eu-west-1:111122223333:cluster/example/11111111-2222-3333-4444-555555555555-1";

@@ -80,6 +80,7 @@ pub const VARIABLES: &[Var] = &[
     var("EVENT_ID_FORMAT_RECHECK_SECS", "300", "With `EVENT_ID_FORMAT=auto`: how often a process asks the ledger again whether v1-only rows remain (one small index lookup per function)."),
     var("GUARD_DEFERRED_RELEASES", "64", "In the worker, a batch whose events all finished answers once its confirm has committed, and its release step (done markers, lease release: one Redis round trip) goes out after it, so the next batch does not wait for it. This bounds how many such releases may be in flight; more wait. At most 65536; `0` releases before answering, as Lambda and `POST /invoke` always do."),
     var("GUARD_MAX_VALUE_BYTES", "1048576", "Largest record value handled; larger ones are dead-lettered as `value_too_large`."),
+    var("GUARD_MAX_BATCH_DECOMPRESSED_BYTES", "67108864", "Most bytes of zlib-compressed values (AWS Glue's frame) one batch decompresses; past it the batch's other compressed values wait for a later batch (unavailable). Never less than one value (`GUARD_MAX_VALUE_BYTES`), so every batch makes progress."),
     var("GUARD_DEAD_LETTER_PAYLOAD_MISMATCH", "false", "Also store a copy of a duplicate whose payload differs from the confirmed one in the dead letters (it is always counted and logged)."),
     secret("SCHEMA_REGISTRY_URL", "", "Schema registry with Confluent's REST API (Confluent, Redpanda, Karapace, Apicurio's compatibility API), for functions whose values are framed for one (`ValueFormat::confluent()`); `https://<user>:<password>@host` for basic auth. Unset: a `confluent()` function refuses to start; a `confluent_or_json()` function starts, reads JSON values, and dead-letters framed ones as `schema_registry_unset` (replayable once it is set)."),
     var("SCHEMA_REGISTRY_USERNAME", "", "Basic-auth user for the schema registry (an API key on Confluent Cloud); overrides a user in the URL."),
@@ -559,6 +560,9 @@ pub struct GuardConfig {
     /// `GUARD_MAX_VALUE_BYTES`: larger record values are dead-lettered as
     /// `value_too_large`.
     pub max_value_bytes: usize,
+    /// `GUARD_MAX_BATCH_DECOMPRESSED_BYTES`: compressed values one batch decompresses,
+    /// in bytes once decompressed (at least `max_value_bytes` is used).
+    pub max_batch_decompressed_bytes: usize,
     /// `GUARD_DEAD_LETTER_PAYLOAD_MISMATCH`: also dead-letter a copy of a duplicate whose
     /// payload differs.
     pub dead_letter_payload_mismatch: bool,
@@ -608,6 +612,7 @@ impl GuardConfig {
             local_cache_max_bytes: read(env, "GUARD_LOCAL_CACHE_MAX_BYTES")?,
             max_attempts: positive(env, "GUARD_MAX_ATTEMPTS")?,
             max_value_bytes: positive(env, "GUARD_MAX_VALUE_BYTES")?,
+            max_batch_decompressed_bytes: positive(env, "GUARD_MAX_BATCH_DECOMPRESSED_BYTES")?,
             deferred_releases: {
                 let n: usize = read(env, "GUARD_DEFERRED_RELEASES")?;
                 if n > Self::MAX_DEFERRED_RELEASES {

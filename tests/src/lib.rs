@@ -21,6 +21,20 @@ pub use exactly_once::local_cluster as cluster;
 pub mod glue;
 pub mod registry;
 
+/// An AWS SDK configuration for a local stand-in (the MSK API, Glue): its endpoint,
+/// `region` if any, and fixed credentials, so requests are signed as on AWS.
+pub fn aws_sdk(endpoint: &str, region: Option<&str>) -> aws_types::SdkConfig {
+    let credentials = aws_credential_types::Credentials::new("AKIDEXAMPLE", "secret", None, None, "test");
+    let mut sdk = aws_types::SdkConfig::builder()
+        .endpoint_url(endpoint)
+        .credentials_provider(aws_types::sdk_config::SharedCredentialsProvider::new(credentials))
+        .behavior_version(aws_config::BehaviorVersion::latest());
+    if let Some(region) = region {
+        sdk = sdk.region(aws_types::region::Region::new(region.to_owned()));
+    }
+    sdk.build()
+}
+
 /// The Python with the third-party Kafka clients (`scripts/pyclients.sh` installs them
 /// and prints its path; `scripts/test.sh` exports it as `EO_PYTHON`).
 pub fn python() -> String {

@@ -50,7 +50,8 @@ impl Guard {
         // decompressed bytes are bounded: a batch of small zlib bombs (each up to
         // GUARD_MAX_VALUE_BYTES once inflated) cannot take the process's memory. Past the
         // budget, compressed values wait for a later batch (the first always fits).
-        let mut inflate_budget = MAX_BATCH_INFLATED_BYTES.max(max_datum);
+        let batch_budget = self.config.max_batch_decompressed_bytes.max(max_datum);
+        let mut inflate_budget = batch_budget;
         // What to decode, for records that have something and are not refused already.
         let mut frames = Vec::with_capacity(items.len());
         // Records that wait for the operator (a setting that does not match the mapping).
@@ -126,7 +127,7 @@ impl Guard {
             let compressed = glue_whole && glue_header(&frame.body).is_ok_and(|(_, zlib)| zlib);
             if compressed && schema.is_ok() && inflate_budget < max_datum {
                 out.push(Decoded::Unavailable(format!(
-                    "this batch decompressed {MAX_BATCH_INFLATED_BYTES} bytes of Glue values already; this one waits for a later batch"
+                    "this batch decompressed up to its {batch_budget} bytes of Glue values (GUARD_MAX_BATCH_DECOMPRESSED_BYTES); this one waits for a later batch"
                 )));
                 continue;
             }
@@ -180,10 +181,6 @@ impl Guard {
         out
     }
 }
-
-/// Most bytes of Glue datums one batch decompresses (beyond a single value's
-/// `GUARD_MAX_VALUE_BYTES`, when that is larger).
-const MAX_BATCH_INFLATED_BYTES: usize = 64 << 20;
 
 /// A value framed as `format` says: Confluent's frame split, or Glue's header checked
 /// and the value kept whole (its datum is decompressed when it is decoded).
