@@ -202,19 +202,19 @@ async fn every_undecodable_value_is_dead_lettered_with_its_own_reason() {
         record(4, mismatched),
         record(5, confluent_framed(999, &good[5..])),
         record(6, confluent_framed(registry.register("{\"type\": \"string\"", "AVRO"), b"\x02a")),
-        // An Avro schema that refers to another registered schema: not decoded here.
+        // A JSON Schema that refers to another registered schema: not decoded here.
         record(
             7,
             confluent_framed(
                 registry
                     .register_in(
                         "refers-value",
-                        r#"{"type":"record","name":"R","fields":[{"name":"m","type":"shop.Money"}]}"#,
-                        "AVRO",
-                        vec![serde_json::json!({"name": "shop.Money", "subject": "money", "version": 1})],
+                        r#"{"type":"object","properties":{"m":{"$ref":"money.json"}}}"#,
+                        "JSON",
+                        vec![serde_json::json!({"name": "money.json", "subject": "money", "version": 1})],
                     )
                     .0,
-                b"\x00",
+                b"{}",
             ),
         ),
     ];
@@ -704,4 +704,102 @@ async fn on_lambda_source_protobuf_values_are_read_with_or_without_message_index
     assert_eq!(answer["processed"].as_u64(), Some(2), "{answer}");
     assert_eq!(env.count("SELECT count(*) FROM proto_orders WHERE skus = 's-' || order_id || 'x2'").await, 2);
     assert_eq!(env.count("SELECT count(*) FROM dead_letters").await, 0);
+}
+
+#[tokio::test]
+async fn avro_values_whose_schema_refers_to_other_registered_schemas_decode() {
+    let registry = Registry::start().await;
+    let env = env_with(&registry, None).await;
+    let dir = std::env::temp_dir();
+    let file = |name: &str, text: &str| {
+        let path = dir.join(format!("{}-{name}.avsc", integration_tests::unique("ref")));
+        std::fs::write(&path, text).unwrap();
+        path.to_string_lossy().into_owned()
+    };
+    let money = file(
+        "money",
+        r#"{"type":"record","name":"Money","namespace":"shop","fields":[{"name":"units","type":"long"},
+            {"name":"currency","type":{"type":"enum","name":"Currency","symbols":["EUR","USD"]}}]}"#,
+    );
+    let address = file(
+        "address",
+        r#"{"type":"record","name":"Address","namespace":"shop","fields":[{"name":"city","type":"string"}]}"#,
+    );
+    let order = file(
+        "order",
+        r#"{"type":"record","name":"PricedOrder","namespace":"shop","fields":[{"name":"order_id","type":"string"},
+            {"name":"amount","type":"long"},{"name":"total","type":"shop.Money"},
+            {"name":"ship_to","type":["null","shop.Address"],"default":null},
+            {"name":"note","type":["null","string"],"default":null},{"name":"placed_at","type":"long"}]}"#,
+    );
+    let money_ref = format!("shop.Money=money-value={money}");
+    let address_ref = format!("shop.Address=address-value={address}");
+    // Confluent's serializer registers the two referenced schemas, then the order schema
+    // with its references, and frames each value under the order schema's id.
+    let args = [
+        "encode",
+        "--registry",
+        registry.url(),
+        "--schema-file",
+        &order,
+        "--reference",
+        &money_ref,
+        "--reference",
+        &address_ref,
+    ];
+    let input = concat!(
+        r#"{"order_id": "r-1", "amount": 5, "total": {"units": 500, "currency": "EUR"}, "ship_to": {"city": "Oslo"}, "note": null, "placed_at": 1}"#,
+        "\n",
+        r#"{"order_id": "r-2", "amount": 7, "total": {"units": 700, "currency": "USD"}, "ship_to": null, "note": "n", "placed_at": 2}"#,
+        "\n"
+    );
+    let out = run_python("confluent_serialize.py", &args, input).await;
+    let framed: Vec<Vec<u8>> = out.lines().map(from_hex).collect();
+    assert_eq!(framed.len(), 2);
+    let records: Vec<Event> = framed.iter().enumerate().map(|(i, v)| record(i as i64, v.clone())).collect();
+    let report =
+        guard(&env, ValueFormat::confluent()).run_batch(&Orders(ValueFormat::confluent()), &records, None).await;
+    assert!(report.outcomes.iter().all(|o| o.outcome == Outcome::Processed), "{report:?}");
+    assert_eq!(env.count("SELECT count(*) FROM orders WHERE order_id IN ('r-1', 'r-2')").await, 2);
+    assert_eq!(env.clients.registry.fetches(), 3, "the schema and its two references, once each");
+    // Every field as written, the referenced records and enum included.
+    let schema = env
+        .clients
+        .registry
+        .schema(u32::from_be_bytes([framed[0][1], framed[0][2], framed[0][3], framed[0][4]]))
+        .await
+        .unwrap();
+    let decoded: Vec<serde_json::Value> =
+        framed.iter().map(|v| schema.decode(exactly_once::payload::SchemaId::Confluent(0), &v[5..]).unwrap()).collect();
+    assert_eq!(
+        decoded,
+        vec![
+            serde_json::json!({"order_id": "r-1", "amount": 5, "total": {"units": 500, "currency": "EUR"}, "ship_to": {"city": "Oslo"}, "note": null, "placed_at": 1}),
+            serde_json::json!({"order_id": "r-2", "amount": 7, "total": {"units": 700, "currency": "USD"}, "ship_to": null, "note": "n", "placed_at": 2}),
+        ]
+    );
+    // The ids came from the decoded values (`/order_id`).
+    assert!(
+        report.outcomes.iter().all(|o| o.event_id.as_ref().is_some_and(|id| id.to_string().starts_with("f:r-"))),
+        "{report:?}"
+    );
+
+    // A reference the registry does not have makes the schema unusable: schema_invalid.
+    let (missing, _) = registry.register_in(
+        "dangling-value",
+        r#"{"type":"record","name":"D","fields":[{"name":"m","type":"shop.Gone"}]}"#,
+        "AVRO",
+        vec![serde_json::json!({"name": "shop.Gone", "subject": "gone", "version": 1})],
+    );
+    let report = guard(&env, ValueFormat::confluent())
+        .run_batch(&Orders(ValueFormat::confluent()), &[record(9, confluent_framed(missing, b"\x00"))], None)
+        .await;
+    assert_eq!(
+        report.outcomes[0].outcome,
+        Outcome::DeadLettered { reason: DeadLetterReason::Undecodable("schema_invalid") },
+        "{report:?}"
+    );
+    for f in [money, address, order] {
+        let _ = std::fs::remove_file(f);
+    }
 }

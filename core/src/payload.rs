@@ -351,14 +351,31 @@ const MAX_DECIMAL_SCALE: usize = 76;
 impl AvroSchema {
     /// Parses the schema's JSON text.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let schema = Schema::parse_str(text).map_err(|e| e.to_string())?;
-        if serde_json::from_str::<Value>(text).is_ok_and(|json| uuid_on_fixed(&json)) {
-            return Err("a uuid on fixed(16) is not decoded here (a uuid on string is)".into());
+        Self::parse_with(text, &[])
+    }
+
+    /// Parses the schema's JSON text, with the named types (records, enums, fixed) of
+    /// `references` in scope: the schemas a registry lists as its references, which it
+    /// refers to by full name.
+    pub fn parse_with(text: &str, references: &[String]) -> Result<Self, String> {
+        let (schema, referenced) = if references.is_empty() {
+            (Schema::parse_str(text).map_err(|e| e.to_string())?, Vec::new())
+        } else {
+            Schema::parse_str_with_list(text, references).map_err(|e| e.to_string())?
+        };
+        for t in std::iter::once(text).chain(references.iter().map(String::as_str)) {
+            if serde_json::from_str::<Value>(t).is_ok_and(|json| uuid_on_fixed(&json)) {
+                return Err("a uuid on fixed(16) is not decoded here (a uuid on string is)".into());
+            }
         }
         let mut names = HashMap::new();
-        collect_names(&schema, &None, &mut names, 0)?;
-        if let Some(name) = unresolved(&schema, &None, &names, 0) {
-            return Err(format!("the schema refers to a type it does not define: {name}"));
+        for s in referenced.iter().chain(std::iter::once(&schema)) {
+            collect_names(s, &None, &mut names, 0)?;
+        }
+        for s in std::iter::once(&schema).chain(referenced.iter()) {
+            if let Some(name) = unresolved(s, &None, &names, 0) {
+                return Err(format!("the schema refers to a type it does not define: {name}"));
+            }
         }
         Ok(Self { schema, names })
     }
@@ -909,6 +926,20 @@ mod tests {
         empty.extend(UUID);
         empty.extend(zlib(b""));
         assert_eq!(reason(&empty), "payload_truncated");
+    }
+
+    #[test]
+    fn named_types_of_referenced_schemas_are_in_scope() {
+        let money = r#"{"type":"record","name":"Money","namespace":"shop","fields":[{"name":"units","type":"long"}]}"#;
+        let kind = r#"{"type":"enum","name":"Kind","namespace":"shop","symbols":["A","B"]}"#;
+        let main = r#"{"type":"record","name":"O","fields":[{"name":"total","type":"shop.Money"},{"name":"kind","type":"shop.Kind"}]}"#;
+        assert!(AvroSchema::parse(main).is_err(), "without its references the schema does not parse");
+        let schema = AvroSchema::parse_with(main, &[money.to_owned(), kind.to_owned()]).unwrap();
+        let mut body = varint(-3);
+        body.extend(varint(1));
+        assert_eq!(schema.decode(1, &body).unwrap(), serde_json::json!({"total": {"units": -3}, "kind": "B"}));
+        // A reference that does not define the name the schema uses is refused.
+        assert!(AvroSchema::parse_with(main, &[money.to_owned()]).is_err());
     }
 
     #[test]

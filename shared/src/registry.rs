@@ -1,6 +1,7 @@
 //! The schema registries values are framed for, behind one cache:
 //! - Confluent's REST API (the API Redpanda, Karapace and Apicurio's compatibility layer
-//!   serve too): a schema by its numeric id, `GET /schemas/ids/{id}`;
+//!   serve too): a schema by its numeric id, `GET /schemas/ids/{id}`, with the schemas
+//!   it references (Avro named types, Protobuf imports) by subject and version;
 //! - the AWS Glue Schema Registry: a schema version by its UUID, `GetSchemaVersion`
 //!   (aws-sdk-glue; the client is built on the first Glue lookup, from the usual AWS
 //!   configuration chain).
@@ -86,9 +87,7 @@ pub enum LookupError {
     #[error("schema registry has no schema with id {0}")]
     Unknown(SchemaId),
     /// The registry's schema is of a type not decoded here.
-    #[error(
-        "schema {id} is {schema_type}, not decoded here (Avro and JSON Schema without references, and Protobuf, are)"
-    )]
+    #[error("schema {id} is {schema_type}, not decoded here (Avro, JSON Schema without references, and Protobuf are)")]
     Unsupported {
         /// The schema's id.
         id: SchemaId,
@@ -322,15 +321,21 @@ impl SchemaRegistry {
         };
         let schema_id = SchemaId::Confluent(id);
         let schema = match answer.schema_type.as_deref().unwrap_or("AVRO") {
-            "AVRO" | "JSON" if !answer.references.is_empty() => {
+            "JSON" if !answer.references.is_empty() => {
                 return Err(LookupError::Unsupported {
                     id: schema_id,
-                    schema_type: "an Avro or JSON Schema with references to others".into(),
+                    schema_type: "a JSON Schema with references to others".into(),
                 })
             }
-            "AVRO" => RegistrySchema::Avro(
-                AvroSchema::parse(&answer.schema).map_err(|message| LookupError::Invalid { id: schema_id, message })?,
-            ),
+            // The named types of the schemas it references are in scope when it is parsed.
+            "AVRO" => {
+                let referenced: Vec<String> =
+                    self.referenced(id, answer.references, false).await?.into_iter().map(|(_, text)| text).collect();
+                RegistrySchema::Avro(
+                    AvroSchema::parse_with(&answer.schema, &referenced)
+                        .map_err(|message| LookupError::Invalid { id: schema_id, message })?,
+                )
+            }
             "JSON" => RegistrySchema::Json(
                 JsonSchema::parse(&answer.schema).map_err(|message| LookupError::Invalid { id: schema_id, message })?,
             ),
@@ -464,10 +469,30 @@ impl SchemaRegistry {
         let main = self.get(url, id, &format!("schema {id}")).await?.ok_or(LookupError::Unknown(id.into()))?;
         let main_bytes = decode_base64(&main.schema).map_err(|e| invalid(format!("serialized schema: {e}")))?;
         let mut dependencies = Vec::new();
+        for (name, text) in self.referenced(id, main.references, true).await? {
+            let bytes = decode_base64(&text).map_err(|e| invalid(format!("reference {name}: {e}")))?;
+            dependencies.push((name, bytes));
+        }
+        ProtobufSchema::from_descriptors(&main_bytes, &dependencies).map_err(invalid)
+    }
+
+    /// The schemas `references` name, and theirs, transitively (each subject version
+    /// once, at most [`MAX_REFERENCES`]): each as its reference's name and the schema's
+    /// text (with `serialized`, a Protobuf file's base64 descriptor; Google's well-known
+    /// files are built in and skipped). A reference the registry does not have makes
+    /// the schema unusable (`schema_invalid`); a registry that cannot answer, unavailable.
+    async fn referenced(
+        &self,
+        id: u32,
+        references: Vec<Reference>,
+        serialized: bool,
+    ) -> Result<Vec<(String, String)>, LookupError> {
+        let invalid = |message: String| LookupError::Invalid { id: id.into(), message };
+        let mut out = Vec::new();
         let mut seen = std::collections::HashSet::new();
-        let mut queue: Vec<Reference> = main.references;
+        let mut queue = references;
         while let Some(reference) = queue.pop() {
-            if reference.name.starts_with("google/protobuf/")
+            if (serialized && reference.name.starts_with("google/protobuf/"))
                 || !seen.insert((reference.subject.clone(), reference.version))
             {
                 continue;
@@ -487,18 +512,19 @@ impl SchemaRegistry {
                 .map_err(|()| LookupError::Unavailable("SCHEMA_REGISTRY_URL cannot be a base URL".into()))?
                 .pop_if_empty()
                 .extend(["subjects", &reference.subject, "versions", &reference.version.to_string()]);
-            url.set_query(Some("format=serialized"));
+            if serialized {
+                url.set_query(Some("format=serialized"));
+            }
             let what =
                 format!("reference {} (subject {}, version {})", reference.name, reference.subject, reference.version);
             let found = self
                 .get(url, id, &what)
                 .await?
                 .ok_or_else(|| invalid(format!("{what}: the registry has no such subject version")))?;
-            let bytes = decode_base64(&found.schema).map_err(|e| invalid(format!("{what}: {e}")))?;
-            dependencies.push((reference.name, bytes));
+            out.push((reference.name, found.schema));
             queue.extend(found.references);
         }
-        ProtobufSchema::from_descriptors(&main_bytes, &dependencies).map_err(invalid)
+        Ok(out)
     }
 
     /// One GET through the breaker: the registry's answer, `None` for its own "not

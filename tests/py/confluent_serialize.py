@@ -8,7 +8,8 @@ magic byte, the schema id (for Protobuf, the message indexes) and the datum.
 
     confluent_serialize.py encode  --registry URL [--user U --password P]
                                    [--format avro|json|protobuf] [--schema-file F]
-                                   [--message Order|Refund] < records.jsonl
+                                   [--message Order|Refund]
+                                   [--reference NAME=SUBJECT=FILE ...] < records.jsonl
         prints each framed value as hex, one per line
     confluent_serialize.py produce --registry URL --brokers B --topic T < orders.jsonl
         produces each order to T (key: its order_id), prints how many were delivered
@@ -98,6 +99,9 @@ def main():
     parser.add_argument("--schema-file")
     parser.add_argument("--format", choices=["avro", "json", "protobuf"], default="avro")
     parser.add_argument("--message", choices=["Order", "Refund"], default="Order")
+    # NAME=SUBJECT=FILE, repeatable: an Avro schema FILE registered under SUBJECT, which
+    # the schema refers to by its full NAME (a schema reference, as Confluent's docs show).
+    parser.add_argument("--reference", action="append", default=[])
     args = parser.parse_args()
 
     conf = {"url": args.registry}
@@ -120,10 +124,21 @@ def main():
             return proto(json_format.ParseDict(o, message_class()), ctx)
     elif args.format == "json":
         serializer = JSONSerializer(schema, client)
+    elif args.reference:
+        from confluent_kafka.schema_registry import Schema, SchemaReference
+
+        references = []
+        for spec in args.reference:
+            name, subject, path = spec.split("=", 2)
+            with open(path) as f:
+                client.register_schema(subject, Schema(f.read(), "AVRO"))
+            version = client.get_latest_version(subject).version
+            references.append(SchemaReference(name, subject, version))
+        serializer = AvroSerializer(client, Schema(schema, "AVRO", references))
     else:
         serializer = AvroSerializer(client, schema)
     context = SerializationContext(args.topic, MessageField.VALUE)
-    if not args.schema_file and args.format != "protobuf":
+    if not args.schema_file and args.format != "protobuf" and not args.reference:
         for o in orders:
             o.setdefault("note", None)
             o.setdefault("placed_at", 1_700_000_000_000)
