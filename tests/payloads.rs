@@ -202,21 +202,8 @@ async fn every_undecodable_value_is_dead_lettered_with_its_own_reason() {
         record(4, mismatched),
         record(5, confluent_framed(999, &good[5..])),
         record(6, confluent_framed(registry.register("{\"type\": \"string\"", "AVRO"), b"\x02a")),
-        // A JSON Schema that refers to another registered schema: not decoded here.
-        record(
-            7,
-            confluent_framed(
-                registry
-                    .register_in(
-                        "refers-value",
-                        r#"{"type":"object","properties":{"m":{"$ref":"money.json"}}}"#,
-                        "JSON",
-                        vec![serde_json::json!({"name": "money.json", "subject": "money", "version": 1})],
-                    )
-                    .0,
-                b"{}",
-            ),
-        ),
+        // A schema type this library does not decode.
+        record(7, confluent_framed(registry.register_in("xml-value", "<order/>", "XML", vec![]).0, b"<order/>")),
     ];
     let g = guard(&env, ValueFormat::confluent());
     let report = g.run_batch(&Orders(ValueFormat::confluent()), &records, None).await;
@@ -802,4 +789,56 @@ async fn avro_values_whose_schema_refers_to_other_registered_schemas_decode() {
     for f in [money, address, order] {
         let _ = std::fs::remove_file(f);
     }
+}
+
+#[tokio::test]
+async fn json_schema_values_are_validated_with_the_documents_their_schema_references() {
+    let registry = Registry::start().await;
+    let env = env_with(&registry, None).await;
+    let money = std::env::temp_dir().join(format!("{}-money.json", integration_tests::unique("ref")));
+    std::fs::write(
+        &money,
+        r#"{"type": "object", "properties": {"units": {"type": "integer", "minimum": 0}}, "required": ["units"]}"#,
+    )
+    .unwrap();
+    let schema = r#"{"type": "object", "properties": {"order_id": {"type": "string"}, "amount": {"type": "integer"},
+        "placed_at": {"type": "integer"}, "total": {"$ref": "money.json"}},
+        "required": ["order_id", "amount", "placed_at", "total"]}"#;
+    let main = std::env::temp_dir().join(format!("{}-order.json", integration_tests::unique("ref")));
+    std::fs::write(&main, schema).unwrap();
+    let (money_path, main_path) = (money.to_string_lossy().into_owned(), main.to_string_lossy().into_owned());
+    let reference = format!("money.json=money-json={money_path}");
+    // JSONSerializer registers the referenced document, validates each order against the
+    // schema with it, registers the schema with its reference, and frames the text.
+    let args = [
+        "encode",
+        "--registry",
+        registry.url(),
+        "--format",
+        "json",
+        "--schema-file",
+        &main_path,
+        "--reference",
+        &reference,
+    ];
+    let input = concat!(
+        r#"{"order_id": "jr-1", "amount": 1, "placed_at": 1, "total": {"units": 100}}"#,
+        "\n",
+        r#"{"order_id": "jr-2", "amount": 2, "placed_at": 2, "total": {"units": 200}}"#,
+        "\n"
+    );
+    let framed: Vec<Vec<u8>> = run_python("confluent_serialize.py", &args, input).await.lines().map(from_hex).collect();
+    let id = u32::from_be_bytes([framed[0][1], framed[0][2], framed[0][3], framed[0][4]]);
+    // What a producer that skips validation could send: the referenced document's rule broken.
+    let invalid = confluent_framed(id, br#"{"order_id": "jr-3", "amount": 3, "placed_at": 3, "total": {"units": -1}}"#);
+    let records = vec![record(0, framed[0].clone()), record(1, framed[1].clone()), record(2, invalid)];
+    let report =
+        guard(&env, ValueFormat::confluent()).run_batch(&Orders(ValueFormat::confluent()), &records, None).await;
+    let outcomes: Vec<&Outcome> = report.outcomes.iter().map(|o| &o.outcome).collect();
+    let dead = Outcome::DeadLettered { reason: DeadLetterReason::Undecodable("payload_schema_mismatch") };
+    assert_eq!(outcomes, vec![&Outcome::Processed, &Outcome::Processed, &dead], "{report:?}");
+    assert_eq!(env.count("SELECT count(*) FROM orders WHERE order_id IN ('jr-1', 'jr-2')").await, 2);
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters WHERE error LIKE '%/total/units%'").await, 1);
+    assert_eq!(env.clients.registry.fetches(), 2, "the schema and its reference, once each");
+    let _ = (std::fs::remove_file(money), std::fs::remove_file(main));
 }

@@ -737,8 +737,34 @@ impl JsonSchema {
     /// Parses and compiles the schema's text. A `$ref` outside the schema is not fetched:
     /// it fails here.
     pub fn parse(text: &str) -> Result<Self, String> {
+        Self::parse_with(text, &[])
+    }
+
+    /// Parses and compiles the schema's text with the documents a registry lists as its
+    /// references, each under its reference's name (the URI a `$ref` uses; a relative
+    /// one is taken against the schema's `$id`, or the default base). Nothing else is
+    /// fetched: a `$ref` to any other document fails here.
+    pub fn parse_with(text: &str, references: &[(String, String)]) -> Result<Self, String> {
         let schema: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
-        let validator = jsonschema::validator_for(&schema).map_err(|e| short(&e.to_string()))?;
+        if references.is_empty() {
+            let validator = jsonschema::validator_for(&schema).map_err(|e| short(&e.to_string()))?;
+            return Ok(Self { validator });
+        }
+        let base = schema.get("$id").and_then(Value::as_str).filter(|id| id.contains(':')).unwrap_or(DEFAULT_JSON_BASE);
+        let mut registry = jsonschema::Registry::new();
+        for (name, document) in references {
+            let contents: Value =
+                serde_json::from_str(document).map_err(|e| format!("reference {name} is not JSON: {e}"))?;
+            let uri = if name.contains(':') {
+                name.clone()
+            } else {
+                format!("{}{}", &base[..base.rfind('/').map_or(base.len(), |i| i + 1)], name.trim_start_matches('/'))
+            };
+            registry = registry.add(&uri, contents).map_err(|e| format!("reference {name}: {e}"))?;
+        }
+        let registry = registry.prepare().map_err(|e| short(&e.to_string()))?;
+        let validator =
+            jsonschema::options().with_registry(&registry).build(&schema).map_err(|e| short(&e.to_string()))?;
         Ok(Self { validator })
     }
 
@@ -754,6 +780,10 @@ impl JsonSchema {
         Ok(value)
     }
 }
+
+/// The base a JSON Schema without an absolute `$id` resolves relative `$ref`s against
+/// (the validator's own default).
+const DEFAULT_JSON_BASE: &str = "json-schema:///";
 
 /// A validator's message, cut short (it may quote a whole value).
 fn short(message: &str) -> String {
@@ -940,6 +970,21 @@ mod tests {
         assert_eq!(schema.decode(1, &body).unwrap(), serde_json::json!({"total": {"units": -3}, "kind": "B"}));
         // A reference that does not define the name the schema uses is refused.
         assert!(AvroSchema::parse_with(main, &[money.to_owned()]).is_err());
+    }
+
+    #[test]
+    fn a_json_schema_validates_with_its_referenced_documents_and_fetches_nothing_else() {
+        let main = r#"{"type":"object","properties":{"m":{"$ref":"money.json"}},"required":["m"]}"#;
+        let money = r#"{"type":"object","properties":{"units":{"type":"integer","minimum":0}},"required":["units"]}"#;
+        assert!(JsonSchema::parse(main).is_err(), "an unknown document is not fetched");
+        let schema = JsonSchema::parse_with(main, &[("money.json".into(), money.into())]).unwrap();
+        assert!(schema.decode(1, br#"{"m":{"units":3}}"#).is_ok());
+        let err = schema.decode(1, br#"{"m":{"units":-3}}"#).unwrap_err();
+        assert!(err.to_string().contains("/m/units"), "{err}");
+        // Under an absolute name, with the schema's own absolute $id.
+        let main = r#"{"$id":"https://shop.example/schemas/order.json","properties":{"m":{"$ref":"money.json"}}}"#;
+        let schema = JsonSchema::parse_with(main, &[("money.json".into(), money.into())]).unwrap();
+        assert!(schema.decode(1, br#"{"m":{"units":-3}}"#).is_err());
     }
 
     #[test]

@@ -87,7 +87,7 @@ pub enum LookupError {
     #[error("schema registry has no schema with id {0}")]
     Unknown(SchemaId),
     /// The registry's schema is of a type not decoded here.
-    #[error("schema {id} is {schema_type}, not decoded here (Avro, JSON Schema without references, and Protobuf are)")]
+    #[error("schema {id} is {schema_type}, not decoded here (Avro, JSON Schema and Protobuf are)")]
     Unsupported {
         /// The schema's id.
         id: SchemaId,
@@ -321,12 +321,6 @@ impl SchemaRegistry {
         };
         let schema_id = SchemaId::Confluent(id);
         let schema = match answer.schema_type.as_deref().unwrap_or("AVRO") {
-            "JSON" if !answer.references.is_empty() => {
-                return Err(LookupError::Unsupported {
-                    id: schema_id,
-                    schema_type: "a JSON Schema with references to others".into(),
-                })
-            }
             // The named types of the schemas it references are in scope when it is parsed.
             "AVRO" => {
                 let referenced: Vec<String> =
@@ -336,9 +330,14 @@ impl SchemaRegistry {
                         .map_err(|message| LookupError::Invalid { id: schema_id, message })?,
                 )
             }
-            "JSON" => RegistrySchema::Json(
-                JsonSchema::parse(&answer.schema).map_err(|message| LookupError::Invalid { id: schema_id, message })?,
-            ),
+            // Each referenced document is known under the name its `$ref` uses.
+            "JSON" => {
+                let referenced = self.referenced(id, answer.references, false).await?;
+                RegistrySchema::Json(
+                    JsonSchema::parse_with(&answer.schema, &referenced)
+                        .map_err(|message| LookupError::Invalid { id: schema_id, message })?,
+                )
+            }
             "PROTOBUF" => RegistrySchema::Protobuf(self.protobuf(id, url).await?),
             other => return Err(LookupError::Unsupported { id: schema_id, schema_type: other.to_owned() }),
         };

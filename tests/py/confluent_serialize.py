@@ -122,19 +122,23 @@ def main():
 
         def serializer(o, ctx):
             return proto(json_format.ParseDict(o, message_class()), ctx)
-    elif args.format == "json":
-        serializer = JSONSerializer(schema, client)
     elif args.reference:
         from confluent_kafka.schema_registry import Schema, SchemaReference
 
+        kind = "JSON" if args.format == "json" else "AVRO"
         references = []
         for spec in args.reference:
             name, subject, path = spec.split("=", 2)
             with open(path) as f:
-                client.register_schema(subject, Schema(f.read(), "AVRO"))
+                client.register_schema(subject, Schema(f.read(), kind))
             version = client.get_latest_version(subject).version
             references.append(SchemaReference(name, subject, version))
-        serializer = AvroSerializer(client, Schema(schema, "AVRO", references))
+        if kind == "JSON":
+            serializer = JSONSerializer(Schema(schema, "JSON", references), client)
+        else:
+            serializer = AvroSerializer(client, Schema(schema, "AVRO", references))
+    elif args.format == "json":
+        serializer = JSONSerializer(schema, client)
     else:
         serializer = AvroSerializer(client, schema)
     context = SerializationContext(args.topic, MessageField.VALUE)
