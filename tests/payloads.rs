@@ -842,3 +842,130 @@ async fn json_schema_values_are_validated_with_the_documents_their_schema_refere
     assert_eq!(env.clients.registry.fetches(), 2, "the schema and its reference, once each");
     let _ = (std::fs::remove_file(money), std::fs::remove_file(main));
 }
+
+/// An order's key as the producer framed it: Avro, through the registry.
+#[derive(Debug, serde::Deserialize)]
+struct OrderKey {
+    order_id: String,
+    region: String,
+}
+
+/// Orders whose keys are framed too: the key's region goes in the note.
+struct KeyedOrders;
+
+#[async_trait]
+impl Handler for KeyedOrders {
+    fn spec(&self) -> FunctionSpec {
+        FunctionSpec::new("keyed_orders", &["orders"], IdStrategy::default_chain(Some("/order_id"), None))
+            .values(ValueFormat::confluent())
+            .keys(ValueFormat::confluent())
+    }
+
+    async fn handle(&self, _event: &Event, ctx: &mut HandlerContext<'_>) -> Result<(), HandlerError> {
+        let key: OrderKey = ctx.key()?;
+        let order: Order = ctx.payload()?;
+        if key.order_id != order.order_id {
+            return Err(HandlerError::permanent("key_mismatch", "the key names another order"));
+        }
+        sqlx::query("INSERT INTO orders (order_id, amount, note, placed_at) VALUES ($1, $2, $3, $4)")
+            .bind(&order.order_id)
+            .bind(order.amount)
+            .bind(&key.region)
+            .bind(order.placed_at)
+            .execute(ctx.postgres().await?)
+            .await?;
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn keys_framed_for_the_registry_are_decoded_and_a_bad_key_is_dead_lettered_with_its_reason() {
+    let registry = Registry::start().await;
+    let env = env_with(&registry, None).await;
+    let key_schema = r#"{"type":"record","name":"OrderKey","namespace":"shop","fields":[
+        {"name":"order_id","type":"string"},{"name":"region","type":"string"}]}"#;
+    let file = std::env::temp_dir().join(format!("{}-key.avsc", integration_tests::unique("key")));
+    std::fs::write(&file, key_schema).unwrap();
+    let path = file.to_string_lossy().into_owned();
+    // confluent-kafka's AvroSerializer for the record's key (subject `orders-key`).
+    let args = ["encode", "--registry", registry.url(), "--field", "key", "--schema-file", &path];
+    let input = "{\"order_id\": \"k-1\", \"region\": \"eu\"}\n{\"order_id\": \"k-2\", \"region\": \"us\"}\n";
+    let keys: Vec<Vec<u8>> = run_python("confluent_serialize.py", &args, input).await.lines().map(from_hex).collect();
+    let _ = std::fs::remove_file(&file);
+    let values = encode(&registry, &[("k-1", 1), ("k-2", 2), ("k-3", 3), ("k-4", 4)]).await;
+    let keyed = |offset: i64, key: Vec<u8>, value: &Vec<u8>| {
+        Event::new("orders", 0, offset).with_key(key).with_value(value.clone())
+    };
+    let records = vec![
+        keyed(0, keys[0].clone(), &values[0]),
+        keyed(1, keys[1].clone(), &values[1]),
+        // A key cut short, and one framed under a schema id the registry does not have.
+        keyed(2, keys[0][..3].to_vec(), &values[2]),
+        keyed(3, confluent_framed(4242, &keys[0][5..]), &values[3]),
+    ];
+    let spec = KeyedOrders.spec();
+    let g = Guard::new(&env.clients, spec.name, spec.id_strategy, GuardConfig::default())
+        .unwrap()
+        .with_values(spec.value_format)
+        .with_keys(spec.key_format);
+    let report = g.run_batch(&KeyedOrders, &records, None).await;
+    let outcomes: Vec<&Outcome> = report.outcomes.iter().map(|o| &o.outcome).collect();
+    let dead = |r: &'static str| Outcome::DeadLettered { reason: DeadLetterReason::Undecodable(r) };
+    assert_eq!(
+        outcomes,
+        vec![&Outcome::Processed, &Outcome::Processed, &dead("payload_truncated"), &dead("schema_unknown")],
+        "{report:?}"
+    );
+    assert_eq!(env.count("SELECT count(*) FROM orders WHERE order_id = 'k-1' AND note = 'eu'").await, 1);
+    assert_eq!(env.count("SELECT count(*) FROM orders WHERE order_id = 'k-2' AND note = 'us'").await, 1);
+    assert_eq!(
+        env.count("SELECT count(*) FROM dead_letters WHERE error LIKE 'key: %' AND record_key IS NOT NULL").await,
+        2
+    );
+}
+
+/// Plain keys (the default format), read with `ctx.key()`: the key's text goes in the note.
+struct PlainKeys;
+
+#[async_trait]
+impl Handler for PlainKeys {
+    fn spec(&self) -> FunctionSpec {
+        FunctionSpec::new("plain_keys", &["orders"], IdStrategy::default_chain(Some("/order_id"), None))
+    }
+
+    async fn handle(&self, _event: &Event, ctx: &mut HandlerContext<'_>) -> Result<(), HandlerError> {
+        let key: String = ctx.key()?;
+        let id = ctx.event_id().as_str().to_owned();
+        sqlx::query("INSERT INTO orders (order_id, amount, note, placed_at) VALUES ($1, 0, $2, 0)")
+            .bind(&id)
+            .bind(&key)
+            .execute(ctx.postgres().await?)
+            .await?;
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_plain_key_is_read_as_text_or_json_and_a_missing_one_is_key_invalid() {
+    let registry = Registry::start().await;
+    let env = env_with(&registry, None).await;
+    let records = vec![
+        Event::new("orders", 0, 0).with_key("abc-1").with_value(r#"{"order_id": "p-1"}"#),
+        Event::new("orders", 0, 1).with_key(r#""quoted""#).with_value(r#"{"order_id": "p-2"}"#),
+        Event::new("orders", 0, 2).with_value(r#"{"order_id": "p-3"}"#),
+    ];
+    let spec = PlainKeys.spec();
+    let g = Guard::new(&env.clients, spec.name, spec.id_strategy, GuardConfig::default()).unwrap();
+    let report = g.run_batch(&PlainKeys, &records, None).await;
+    let outcomes: Vec<&Outcome> = report.outcomes.iter().map(|o| &o.outcome).collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            &Outcome::Processed,
+            &Outcome::Processed,
+            &Outcome::DeadLettered { reason: DeadLetterReason::Refused("key_invalid") }
+        ],
+        "{report:?}"
+    );
+    assert_eq!(env.count("SELECT count(*) FROM orders WHERE note IN ('abc-1', 'quoted')").await, 2);
+}

@@ -30,6 +30,10 @@ pub struct FunctionSpec {
     /// and decoded by the guard before ids are derived (read it with
     /// [`HandlerContext::payload`]).
     pub value_format: ValueFormat,
+    /// How its record keys are written: plain (read as they are), or framed for a schema
+    /// registry and decoded by the guard with the values (read it with
+    /// [`HandlerContext::key`]).
+    pub key_format: ValueFormat,
 }
 
 impl FunctionSpec {
@@ -43,6 +47,7 @@ impl FunctionSpec {
             max_attempts: None,
             output_topics: &[],
             value_format: ValueFormat::Json,
+            key_format: ValueFormat::Json,
         }
     }
 
@@ -61,6 +66,14 @@ impl FunctionSpec {
     /// Sets how its record values are written (see [`ValueFormat`]).
     pub fn values(mut self, format: ValueFormat) -> Self {
         self.value_format = format;
+        self
+    }
+
+    /// Sets how its record keys are written (see [`ValueFormat`]): with a registry format,
+    /// keys are decoded as values are, and a key that cannot be decoded dead-letters its
+    /// record with the key's reason.
+    pub fn keys(mut self, format: ValueFormat) -> Self {
+        self.key_format = format;
         self
     }
 
@@ -172,6 +185,8 @@ pub struct HandlerContext<'a> {
     published: u32,
     value: &'a [u8],
     decoded: Option<&'a serde_json::Value>,
+    key: Option<&'a [u8]>,
+    decoded_key: Option<&'a serde_json::Value>,
     event_id: &'a EventId,
     namespace: &'a Namespace,
     tx: &'a mut LazyTx,
@@ -186,6 +201,7 @@ impl<'a> HandlerContext<'a> {
     pub(crate) fn new(
         event: &'a Event,
         decoded: Option<&'a serde_json::Value>,
+        decoded_key: Option<&'a serde_json::Value>,
         event_id: &'a EventId,
         namespace: &'a Namespace,
         tx: &'a mut LazyTx,
@@ -195,6 +211,8 @@ impl<'a> HandlerContext<'a> {
             published: 0,
             value: event.value_bytes(),
             decoded,
+            key: event.key.as_deref(),
+            decoded_key,
             event_id,
             namespace,
             tx,
@@ -218,6 +236,33 @@ impl<'a> HandlerContext<'a> {
         match self.decoded {
             Some(v) => T::deserialize(v).map_err(|e| HandlerError::permanent("payload_invalid", e)),
             None => serde_json::from_slice(self.value).map_err(HandlerError::from),
+        }
+    }
+
+    /// The event's key as the guard decoded it, for a function whose keys are framed for
+    /// a schema registry ([`crate::FunctionSpec::keys`]); `None` for a plain key.
+    pub fn decoded_key(&self) -> Option<&serde_json::Value> {
+        self.decoded_key
+    }
+
+    /// The event's key as `T`, whatever its format: the decoded key of a framed one, or
+    /// else the key parsed as JSON, or else (a plain text key, the common case) its text
+    /// as a JSON string. No key, or one that does not fit `T`, is the permanent error
+    /// `key_invalid` (dead-lettered at once).
+    pub fn key<T: serde::de::DeserializeOwned>(&self) -> Result<T, HandlerError> {
+        let invalid = |e: serde_json::Error| HandlerError::permanent("key_invalid", e);
+        if let Some(k) = self.decoded_key {
+            return T::deserialize(k).map_err(invalid);
+        }
+        let Some(bytes) = self.key else {
+            return Err(HandlerError::permanent("key_invalid", "the record has no key"));
+        };
+        match serde_json::from_slice(bytes) {
+            Ok(v) => Ok(v),
+            Err(e) => match std::str::from_utf8(bytes) {
+                Ok(text) => T::deserialize(serde_json::Value::String(text.to_owned())).map_err(invalid),
+                Err(_) => Err(invalid(e)),
+            },
         }
     }
 

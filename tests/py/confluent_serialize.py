@@ -9,7 +9,8 @@ magic byte, the schema id (for Protobuf, the message indexes) and the datum.
     confluent_serialize.py encode  --registry URL [--user U --password P]
                                    [--format avro|json|protobuf] [--schema-file F]
                                    [--message Order|Refund]
-                                   [--reference NAME=SUBJECT=FILE ...] < records.jsonl
+                                   [--reference NAME=SUBJECT=FILE ...]
+                                   [--field value|key] < records.jsonl
         prints each framed value as hex, one per line
     confluent_serialize.py produce --registry URL --brokers B --topic T < orders.jsonl
         produces each order to T (key: its order_id), prints how many were delivered
@@ -102,6 +103,8 @@ def main():
     # NAME=SUBJECT=FILE, repeatable: an Avro schema FILE registered under SUBJECT, which
     # the schema refers to by its full NAME (a schema reference, as Confluent's docs show).
     parser.add_argument("--reference", action="append", default=[])
+    # Frame for the record's key (subject <topic>-key) instead of its value.
+    parser.add_argument("--field", choices=["value", "key"], default="value")
     args = parser.parse_args()
 
     conf = {"url": args.registry}
@@ -141,7 +144,8 @@ def main():
         serializer = JSONSerializer(schema, client)
     else:
         serializer = AvroSerializer(client, schema)
-    context = SerializationContext(args.topic, MessageField.VALUE)
+    field = MessageField.KEY if args.field == "key" else MessageField.VALUE
+    context = SerializationContext(args.topic, field)
     if not args.schema_file and args.format != "protobuf" and not args.reference:
         for o in orders:
             o.setdefault("note", None)

@@ -27,6 +27,45 @@ use crate::payload::ValueFormat;
 use super::slot::Rejection;
 use super::Guard;
 
+/// Which part of a record step 0a decodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Part {
+    /// The record's value (`FunctionSpec::values`).
+    Value,
+    /// The record's key (`FunctionSpec::keys`).
+    Key,
+}
+
+impl Part {
+    fn bytes(self, event: &Event) -> Option<&[u8]> {
+        match self {
+            Part::Value => event.value.as_deref(),
+            Part::Key => event.key.as_deref(),
+        }
+    }
+
+    fn schema(self, event: &Event) -> Option<&SchemaMetadata> {
+        match self {
+            Part::Value => event.value_schema.as_ref(),
+            Part::Key => event.key_schema.as_ref(),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Part::Value => "value",
+            Part::Key => "key",
+        }
+    }
+
+    fn prefix(self) -> &'static str {
+        match self {
+            Part::Value => "",
+            Part::Key => "key: ",
+        }
+    }
+}
+
 /// What step 0a made of a record's value.
 pub(super) enum Decoded {
     /// Nothing to decode: a plain value, a null one, or one rejected already.
@@ -38,10 +77,16 @@ pub(super) enum Decoded {
 }
 
 impl Guard {
-    /// Decodes the framed values of `items`; the ones that cannot be decoded get their
-    /// rejection. One entry per item, in order.
-    pub(super) async fn decode(&self, items: &mut [(&Event, Option<Rejection>)]) -> Vec<Decoded> {
-        let or_json = match self.values {
+    /// Decodes the framed values (or keys, as `part` says) of `items`; the ones that
+    /// cannot be decoded get their rejection. One entry per item, in order.
+    pub(super) async fn decode(&self, items: &mut [(&Event, Option<Rejection>)], part: Part) -> Vec<Decoded> {
+        let format = match part {
+            Part::Value => self.values,
+            Part::Key => self.keys,
+        };
+        // A key's failures say it is the key's.
+        let reject = |reason: &'static str, error: String| reject(reason, format!("{}{error}", part.prefix()));
+        let or_json = match format {
             ValueFormat::Json => return items.iter().map(|_| Decoded::Raw).collect(),
             ValueFormat::Confluent { or_json } | ValueFormat::Glue { or_json } => or_json,
         };
@@ -57,21 +102,21 @@ impl Guard {
         // Records that wait for the operator (a setting that does not match the mapping).
         let mut waiting: Vec<Option<String>> = vec![None; items.len()];
         for (i, (event, rejected)) in items.iter_mut().enumerate() {
-            let frame = match &event.value {
+            let frame = match part.bytes(event) {
                 // A tombstone has nothing to decode; oversize values are refused in step 0b.
                 None => None,
                 Some(v) if rejected.is_some() || v.len() > self.config.max_value_bytes => None,
-                Some(v) => match (&event.value_schema, self.config.event_record_format) {
+                Some(v) => match (part.schema(event), self.config.event_record_format) {
                     // From a Lambda event source mapping with a schema registry, which
                     // decoded the value into JSON text itself. Bytes that cannot be JSON
                     // mean the mapping sends SOURCE: every record would be refused, so
                     // they wait for the setting to be fixed instead.
                     (Some(_), EventRecordFormat::Json) => {
                         if !looks_like_json(v) {
-                            waiting[i] = Some(
-                                "LAMBDA_EVENT_RECORD_FORMAT is JSON, but the event source mapping sent a value that is not JSON text: set it to SOURCE, as the mapping's EventRecordFormat is"
-                                    .into(),
-                            );
+                            waiting[i] = Some(format!(
+                                "LAMBDA_EVENT_RECORD_FORMAT is JSON, but the event source mapping sent a {} that is not JSON text: set it to SOURCE, as the mapping's EventRecordFormat is",
+                                part.name()
+                            ));
                         }
                         None
                     }
@@ -79,11 +124,11 @@ impl Guard {
                     (Some(meta), EventRecordFormat::Source) => match unframed(meta, v) {
                         Ok(f) => Some(f),
                         Err(e) => {
-                            *rejected = Some(e);
+                            *rejected = Some(reject(e.reason.as_str(), e.error));
                             None
                         }
                     },
-                    (None, _) => match frame(self.values, v) {
+                    (None, _) => match frame(format, v) {
                         Ok(f) => Some((f, None)),
                         Err(PayloadError::NotFramed { .. }) if or_json => None,
                         Err(e) => {
@@ -123,7 +168,7 @@ impl Guard {
             let schema = schemas.get(&frame.schema_id).expect("every frame's schema id was looked up");
             // A Glue frame is kept whole until here: its datum is decompressed now, once its
             // schema is known to be had.
-            let glue_whole = matches!(self.values, ValueFormat::Glue { .. }) && source.is_none();
+            let glue_whole = matches!(format, ValueFormat::Glue { .. }) && source.is_none();
             let compressed = glue_whole && glue_header(&frame.body).is_ok_and(|(_, zlib)| zlib);
             if compressed && schema.is_ok() && inflate_budget < max_datum {
                 out.push(Decoded::Unavailable(format!(

@@ -69,7 +69,7 @@ use crate::payload::ValueFormat;
 use crate::registry::SchemaRegistry;
 use crate::sink::{ClickHouseSink, SinkBatch, SinkError};
 
-use self::decode::Decoded;
+use self::decode::{Decoded, Part};
 use self::lease::{LeaseError, LeaseReply, Leases, Release};
 use self::ledger::{ConfirmRow, DeadLetterRow};
 use self::local_cache::LocalCache;
@@ -115,6 +115,8 @@ pub struct Guard {
     pass_through: bool,
     /// How record values are written; framed ones are decoded in step 0.
     values: ValueFormat,
+    /// How record keys are written; framed ones are decoded in step 0 too.
+    keys: ValueFormat,
     registry: Arc<SchemaRegistry>,
 }
 
@@ -138,6 +140,7 @@ impl Guard {
             formats: Mutex::new(id_formats::FormatState::new(id_format)),
             pass_through: false,
             values: ValueFormat::Json,
+            keys: ValueFormat::Json,
             registry: clients.registry.clone(),
         })
     }
@@ -148,6 +151,15 @@ impl Guard {
     /// [`HandlerContext::payload`].
     pub fn with_values(mut self, format: ValueFormat) -> Self {
         self.values = format;
+        self
+    }
+
+    /// Sets how the function's record keys are written
+    /// ([`FunctionSpec::key_format`](crate::handler::FunctionSpec)): keys framed for a
+    /// schema registry are decoded with the values (same lookups, same outcomes, errors
+    /// prefixed `key:`), and handlers read them with `ctx.key()`.
+    pub fn with_keys(mut self, format: ValueFormat) -> Self {
+        self.keys = format;
         self
     }
 
@@ -320,22 +332,35 @@ impl Guard {
         mut items: Vec<(&'e Event, Option<Rejection>)>,
         formats: IdFormats,
     ) -> Vec<Slot<'e>> {
-        let decoded = self.decode(&mut items).await;
-        self.derive_ids(items, decoded, formats)
+        let decoded = self.decode(&mut items, Part::Value).await;
+        let keys = match self.keys {
+            ValueFormat::Json => None,
+            _ => Some(self.decode(&mut items, Part::Key).await),
+        };
+        self.derive_ids(items, decoded, keys, formats)
     }
 
     fn derive_ids<'e>(
         &self,
         items: Vec<(&'e Event, Option<Rejection>)>,
         decoded: Vec<Decoded>,
+        keys: Option<Vec<Decoded>>,
         formats: IdFormats,
     ) -> Vec<Slot<'e>> {
         let mut slots = Vec::with_capacity(items.len());
+        let mut keys = keys.map(Vec::into_iter);
         for ((event, rejected), decoded) in items.into_iter().zip(decoded) {
             let (decoded, unavailable) = match decoded {
                 Decoded::Raw => (None, None),
                 Decoded::Value(v) => (Some(v), None),
                 Decoded::Unavailable(e) => (None, Some(e)),
+            };
+            // The key, when the function's keys are framed too: its schema unavailable
+            // makes the record wait as the value's would.
+            let (decoded_key, unavailable) = match keys.as_mut().and_then(Iterator::next) {
+                Some(Decoded::Value(k)) => (Some(k), unavailable),
+                Some(Decoded::Unavailable(e)) => (None, unavailable.or(Some(format!("key: {e}")))),
+                Some(Decoded::Raw) | None => (None, unavailable),
             };
             // A rejected record, or one without a usable id, is filed under its position.
             let stand_in = || EventId::new(format!("invalid:{}", event.position())).expect("non-empty");
@@ -373,6 +398,7 @@ impl Guard {
             let mut slot = Slot {
                 event,
                 decoded,
+                decoded_key,
                 hash: event.payload_hash(),
                 id,
                 shadow,
@@ -638,7 +664,15 @@ impl Guard {
             }
             part.len += 1;
             let slot = &slots[i];
-            let mut ctx = HandlerContext::new(slot.event, slot.decoded.as_ref(), &slot.id, &self.ns, tx, &self.sink);
+            let mut ctx = HandlerContext::new(
+                slot.event,
+                slot.decoded.as_ref(),
+                slot.decoded_key.as_ref(),
+                &slot.id,
+                &self.ns,
+                tx,
+                &self.sink,
+            );
             let result = self.call(handler, slot, &mut ctx).await;
             let handler_ok = result.is_ok();
             let (result, used_savepoint) = ctx

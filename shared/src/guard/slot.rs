@@ -19,6 +19,8 @@ pub(super) struct Slot<'e> {
     pub(super) event: &'e Event,
     /// Its value as step 0 decoded it (framed for a registry); `None` for a plain value.
     pub(super) decoded: Option<serde_json::Value>,
+    /// Its key as step 0 decoded it (keys framed for a registry); `None` for a plain key.
+    pub(super) decoded_key: Option<serde_json::Value>,
     pub(super) id: EventId,
     /// Its v2 id, in the transition between id formats.
     pub(super) shadow: Option<EventId>,

@@ -109,33 +109,37 @@ impl Functions {
             }
             let guard = Guard::new(clients, spec.name, spec.id_strategy.clone(), guard_config)
                 .map_err(|e| FunctionsError::Invalid(spec.name.to_owned(), e.to_string()))?
-                .with_values(spec.value_format);
-            match spec.value_format {
-                ValueFormat::Confluent { or_json } if !clients.registry.is_configured() => {
-                    if !or_json {
-                        // Every record would wait for a registry that is not there.
-                        return Err(FunctionsError::Invalid(
-                            spec.name.to_owned(),
-                            format!(
-                                "its values are `{}`, framed for a schema registry: set SCHEMA_REGISTRY_URL",
-                                spec.value_format.name()
-                            ),
-                        ));
+                .with_values(spec.value_format)
+                .with_keys(spec.key_format);
+            for (format, part) in [(spec.value_format, "values"), (spec.key_format, "keys")] {
+                match format {
+                    ValueFormat::Confluent { or_json } if !clients.registry.is_configured() => {
+                        if !or_json {
+                            // Every record would wait for a registry that is not there.
+                            return Err(FunctionsError::Invalid(
+                                spec.name.to_owned(),
+                                format!(
+                                    "its {part} are `{}`, framed for a schema registry: set SCHEMA_REGISTRY_URL",
+                                    format.name()
+                                ),
+                            ));
+                        }
+                        tracing::warn!(
+                            function = spec.name,
+                            part,
+                            "SCHEMA_REGISTRY_URL is not set: JSON is handled, what is framed for a registry is dead-lettered (schema_registry_unset; replay it once it is set)"
+                        );
                     }
-                    tracing::warn!(
-                        function = spec.name,
-                        "SCHEMA_REGISTRY_URL is not set: JSON values are handled, values framed for a registry are dead-lettered (schema_registry_unset; replay them once it is set)"
-                    );
+                    ValueFormat::Glue { .. } => {
+                        // Every lookup would fail without a region: refuse to start instead.
+                        clients
+                            .registry
+                            .glue_ready(Duration::from_secs(30))
+                            .await
+                            .map_err(|e| FunctionsError::Invalid(spec.name.to_owned(), e))?;
+                    }
+                    _ => {}
                 }
-                ValueFormat::Glue { .. } => {
-                    // Every lookup would fail without a region: refuse to start instead.
-                    clients
-                        .registry
-                        .glue_ready(Duration::from_secs(30))
-                        .await
-                        .map_err(|e| FunctionsError::Invalid(spec.name.to_owned(), e))?;
-                }
-                _ => {}
             }
             if schema == Schema::Migrate && !spec.clickhouse_ddl.trim().is_empty() {
                 clients
