@@ -969,3 +969,26 @@ async fn a_plain_key_is_read_as_text_or_json_and_a_missing_one_is_key_invalid() 
     );
     assert_eq!(env.count("SELECT count(*) FROM orders WHERE note IN ('abc-1', 'quoted')").await, 2);
 }
+
+#[tokio::test]
+async fn protobuf_values_importing_google_common_types_decode_without_references() {
+    let registry = Registry::start().await;
+    let env = env_with(&registry, None).await;
+    // confluent-kafka's ProtobufSerializer registers shop/priced.proto, which imports
+    // google/type/money.proto and date.proto, without references for them.
+    let lines = "{\"order_id\": \"pr-1\", \"price\": {\"currency_code\": \"NOK\", \"units\": \"99\", \"nanos\": 500000000}, \"due\": {\"year\": 2026, \"month\": 12, \"day\": 24}}\n";
+    let framed = encode_proto(&registry, "Priced", lines).await;
+    let id = u32::from_be_bytes([framed[0][1], framed[0][2], framed[0][3], framed[0][4]]);
+    let schema = env.clients.registry.schema(id).await.expect("the schema links with the built-in common types");
+    let decoded = schema.decode(exactly_once::payload::SchemaId::Confluent(id), &framed[0][5..]).unwrap();
+    assert_eq!(
+        decoded,
+        serde_json::json!({
+            "order_id": "pr-1",
+            "price": {"currency_code": "NOK", "units": 99, "nanos": 500000000},
+            "due": {"year": 2026, "month": 12, "day": 24}
+        })
+    );
+    // The schema and its serialized descriptor; no reference was there to fetch.
+    assert_eq!(env.clients.registry.fetches(), 2);
+}

@@ -12,3 +12,4 @@ pub mod event_id;
 pub mod msk;
 pub mod payload;
 pub mod protobuf;
+mod protobuf_builtin;

@@ -9,8 +9,10 @@
 //!
 //! The schema comes from the registry as a serialized `FileDescriptorProto` (the
 //! registry's `format=serialized`), with the files it imports fetched the same way
-//! through its references. Google's well-known types (`google/protobuf/*.proto`) are
-//! built in, as the serializers skip them when registering.
+//! through its references. Google's well-known types (`google/protobuf/*.proto`), its
+//! common types (`google/type/*.proto`) and Confluent's (`confluent/meta.proto`,
+//! `confluent/type/decimal.proto`) are built in, as the serializers skip them when
+//! registering.
 //!
 //! A decoded message becomes a [`serde_json::Value`] in the proto3 JSON mapping, with two
 //! choices made for event ids and serde handlers: field names as written in the `.proto`
@@ -68,6 +70,19 @@ impl ProtobufSchema {
             pending.push(file);
         }
         let mut pool = DescriptorPool::global();
+        // Imports every client is expected to have, which serializers never register as
+        // references (google/type, confluent): built in, unless the registry gave them.
+        let mut wanted: Vec<String> =
+            main.dependency.iter().chain(pending.iter().flat_map(|f| f.dependency.iter())).cloned().collect();
+        while let Some(name) = wanted.pop() {
+            if pool.get_file_by_name(&name).is_some() || pending.iter().any(|f| f.name() == name) {
+                continue;
+            }
+            if let Some(file) = crate::protobuf_builtin::file(&name) {
+                wanted.extend(file.dependency.iter().cloned());
+                pending.push(file);
+            }
+        }
         // Dependencies may come in any order: add those whose imports are all present,
         // until none is left (or none can be added: an import is missing).
         while !pending.is_empty() {
@@ -304,6 +319,79 @@ mod tests {
             type_name: type_name.map(Into::into),
             json_name: None,
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn google_and_confluent_common_types_are_built_in() {
+        use field_descriptor_proto::Type;
+        let imports = [
+            "google/type/money.proto",
+            "google/type/date.proto",
+            "google/type/datetime.proto",
+            "google/type/phone_number.proto",
+            "google/type/dayofweek.proto",
+            "confluent/meta.proto",
+            "confluent/type/decimal.proto",
+        ];
+        let mut when = field("when", 5, Type::Enum, Some(".google.type.DayOfWeek"));
+        when.label = Some(field_descriptor_proto::Label::Optional as i32);
+        let file = FileDescriptorProto {
+            name: Some("shop/priced.proto".into()),
+            package: Some("shop".into()),
+            dependency: imports.iter().map(|i| (*i).to_owned()).collect(),
+            message_type: vec![DescriptorProto {
+                name: Some("Priced".into()),
+                field: vec![
+                    field("total", 1, Type::Message, Some(".google.type.Money")),
+                    field("on", 2, Type::Message, Some(".google.type.Date")),
+                    field("exact", 3, Type::Message, Some(".confluent.type.Decimal")),
+                    field("phone", 4, Type::Message, Some(".google.type.PhoneNumber")),
+                    when,
+                    field("at", 6, Type::Message, Some(".google.type.DateTime")),
+                ],
+                ..Default::default()
+            }],
+            syntax: Some("proto3".into()),
+            ..Default::default()
+        };
+        let schema = ProtobufSchema::from_descriptors(&file.encode_to_vec(), &[]).expect("the imports are built in");
+        let json = serde_json::json!({
+            "total": {"currency_code": "EUR", "units": 12, "nanos": 500000000},
+            "on": {"year": 2026, "month": 12, "day": 7},
+            "exact": {"value": "AQI=", "precision": 5, "scale": 2},
+            "phone": {"short_code": {"region_code": "NO", "number": "1881"}},
+            "when": "MONDAY",
+            "at": {"year": 2026, "hours": 1, "time_zone": {"id": "Europe/Oslo"}}
+        });
+        let body = schema.encode_json(&[0], json).unwrap();
+        let decoded = schema.decode(1, &body).unwrap();
+        assert_eq!(decoded["total"]["units"], 12);
+        assert_eq!(decoded["on"]["day"], 7);
+        assert_eq!(decoded["exact"]["scale"], 2);
+        assert_eq!(decoded["phone"]["short_code"]["number"], "1881");
+        assert_eq!(decoded["when"], "MONDAY");
+        assert_eq!(decoded["at"]["time_zone"]["id"], "Europe/Oslo");
+        // Every built-in file links on its own.
+        for name in [
+            "google/type/calendar_period.proto",
+            "google/type/color.proto",
+            "google/type/decimal.proto",
+            "google/type/expr.proto",
+            "google/type/fraction.proto",
+            "google/type/interval.proto",
+            "google/type/latlng.proto",
+            "google/type/localized_text.proto",
+            "google/type/month.proto",
+            "google/type/postal_address.proto",
+            "google/type/quaternion.proto",
+            "google/type/timeofday.proto",
+        ] {
+            let mut one = file.clone();
+            one.dependency = vec![name.to_owned()];
+            one.message_type[0].field.truncate(0);
+            one.message_type[0].field.push(field("n", 1, Type::String, None));
+            ProtobufSchema::from_descriptors(&one.encode_to_vec(), &[]).unwrap_or_else(|e| panic!("{name}: {e}"));
         }
     }
 

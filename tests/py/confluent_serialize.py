@@ -8,7 +8,7 @@ magic byte, the schema id (for Protobuf, the message indexes) and the datum.
 
     confluent_serialize.py encode  --registry URL [--user U --password P]
                                    [--format avro|json|protobuf] [--schema-file F]
-                                   [--message Order|Refund]
+                                   [--message Order|Refund|Priced]
                                    [--reference NAME=SUBJECT=FILE ...]
                                    [--field value|key] < records.jsonl
         prints each framed value as hex, one per line
@@ -74,7 +74,26 @@ def protobuf_classes():
     field(refund, "order_id", 1, F.TYPE_STRING)
     field(refund, "amount", 2, F.TYPE_INT64)
     pool.Add(order_file)
-    return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"shop.{name}")) for name in ("Order", "Refund")}
+
+    # shop/priced.proto imports Google's common types (googleapis-common-protos), which
+    # the serializer never registers as references: every client is expected to have them.
+    from google.type import date_pb2, money_pb2
+
+    for module in (money_pb2, date_pb2):
+        common_type = descriptor_pb2.FileDescriptorProto()
+        module.DESCRIPTOR.CopyToProto(common_type)
+        pool.Add(common_type)
+    priced_file = descriptor_pb2.FileDescriptorProto(name="shop/priced.proto", package="shop", syntax="proto3")
+    priced_file.dependency.extend(["google/type/money.proto", "google/type/date.proto"])
+    priced = priced_file.message_type.add(name="Priced")
+    field(priced, "order_id", 1, F.TYPE_STRING)
+    field(priced, "price", 2, F.TYPE_MESSAGE, ".google.type.Money")
+    field(priced, "due", 3, F.TYPE_MESSAGE, ".google.type.Date")
+    pool.Add(priced_file)
+    return {
+        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"shop.{name}"))
+        for name in ("Order", "Refund", "Priced")
+    }
 
 ORDER_SCHEMA = json.dumps({
     "type": "record",
@@ -99,7 +118,7 @@ def main():
     parser.add_argument("--topic", default="orders")
     parser.add_argument("--schema-file")
     parser.add_argument("--format", choices=["avro", "json", "protobuf"], default="avro")
-    parser.add_argument("--message", choices=["Order", "Refund"], default="Order")
+    parser.add_argument("--message", choices=["Order", "Refund", "Priced"], default="Order")
     # NAME=SUBJECT=FILE, repeatable: an Avro schema FILE registered under SUBJECT, which
     # the schema refers to by its full NAME (a schema reference, as Confluent's docs show).
     parser.add_argument("--reference", action="append", default=[])
