@@ -902,6 +902,8 @@ async fn keys_framed_for_the_registry_are_decoded_and_a_bad_key_is_dead_lettered
         // A key cut short, and one framed under a schema id the registry does not have.
         keyed(2, keys[0][..3].to_vec(), &values[2]),
         keyed(3, confluent_framed(4242, &keys[0][5..]), &values[3]),
+        // A key over GUARD_MAX_VALUE_BYTES is refused, not read undecoded.
+        keyed(4, vec![0u8; (1 << 20) + 1], &values[3]),
     ];
     let spec = KeyedOrders.spec();
     let g = Guard::new(&env.clients, spec.name, spec.id_strategy, GuardConfig::default())
@@ -913,14 +915,20 @@ async fn keys_framed_for_the_registry_are_decoded_and_a_bad_key_is_dead_lettered
     let dead = |r: &'static str| Outcome::DeadLettered { reason: DeadLetterReason::Undecodable(r) };
     assert_eq!(
         outcomes,
-        vec![&Outcome::Processed, &Outcome::Processed, &dead("payload_truncated"), &dead("schema_unknown")],
+        vec![
+            &Outcome::Processed,
+            &Outcome::Processed,
+            &dead("payload_truncated"),
+            &dead("schema_unknown"),
+            &Outcome::DeadLettered { reason: DeadLetterReason::ValueTooLarge }
+        ],
         "{report:?}"
     );
     assert_eq!(env.count("SELECT count(*) FROM orders WHERE order_id = 'k-1' AND note = 'eu'").await, 1);
     assert_eq!(env.count("SELECT count(*) FROM orders WHERE order_id = 'k-2' AND note = 'us'").await, 1);
     assert_eq!(
-        env.count("SELECT count(*) FROM dead_letters WHERE error LIKE 'key: %' AND record_key IS NOT NULL").await,
-        2
+        env.count("SELECT count(*) FROM dead_letters WHERE error LIKE 'key%' AND record_key IS NOT NULL").await,
+        3
     );
 }
 
@@ -953,6 +961,8 @@ async fn a_plain_key_is_read_as_text_or_json_and_a_missing_one_is_key_invalid() 
         Event::new("orders", 0, 0).with_key("abc-1").with_value(r#"{"order_id": "p-1"}"#),
         Event::new("orders", 0, 1).with_key(r#""quoted""#).with_value(r#"{"order_id": "p-2"}"#),
         Event::new("orders", 0, 2).with_value(r#"{"order_id": "p-3"}"#),
+        // A key framed for a registry, read by a function that did not declare it.
+        Event::new("orders", 0, 3).with_key(confluent_framed(1, b"\x02a")).with_value(r#"{"order_id": "p-4"}"#),
     ];
     let spec = PlainKeys.spec();
     let g = Guard::new(&env.clients, spec.name, spec.id_strategy, GuardConfig::default()).unwrap();
@@ -963,6 +973,7 @@ async fn a_plain_key_is_read_as_text_or_json_and_a_missing_one_is_key_invalid() 
         vec![
             &Outcome::Processed,
             &Outcome::Processed,
+            &Outcome::DeadLettered { reason: DeadLetterReason::Refused("key_invalid") },
             &Outcome::DeadLettered { reason: DeadLetterReason::Refused("key_invalid") }
         ],
         "{report:?}"

@@ -358,11 +358,28 @@ impl AvroSchema {
     /// `references` in scope: the schemas a registry lists as its references, which it
     /// refers to by full name.
     pub fn parse_with(text: &str, references: &[String]) -> Result<Self, String> {
-        let (schema, referenced) = if references.is_empty() {
-            (Schema::parse_str(text).map_err(|e| e.to_string())?, Vec::new())
-        } else {
-            Schema::parse_str_with_list(text, references).map_err(|e| e.to_string())?
-        };
+        // apache-avro files a referenced schema under its name and panics when a nested
+        // definition hides it: each must be a named type at its top.
+        for r in references {
+            let named = serde_json::from_str::<Value>(r).ok().is_some_and(|v| {
+                v.get("name").is_some_and(Value::is_string)
+                    && v.get("type").and_then(Value::as_str).is_some_and(|t| matches!(t, "record" | "enum" | "fixed"))
+            });
+            if !named {
+                return Err(format!("a referenced schema is not a named record, enum or fixed: {}", short(r)));
+            }
+        }
+        // Some malformed schemas make apache-avro panic (an invalid nested name): such a
+        // schema is invalid, not a reason to take the partition down.
+        let parsed = std::panic::catch_unwind(|| {
+            if references.is_empty() {
+                Schema::parse_str(text).map(|s| (s, Vec::new()))
+            } else {
+                Schema::parse_str_with_list(text, references)
+            }
+        })
+        .map_err(|_| "the schema could not be parsed (apache-avro gave up on it)".to_owned())?;
+        let (schema, referenced) = parsed.map_err(|e| e.to_string())?;
         for t in std::iter::once(text).chain(references.iter().map(String::as_str)) {
             if serde_json::from_str::<Value>(t).is_ok_and(|json| uuid_on_fixed(&json)) {
                 return Err("a uuid on fixed(16) is not decoded here (a uuid on string is)".into());
@@ -750,17 +767,19 @@ impl JsonSchema {
             let validator = jsonschema::validator_for(&schema).map_err(|e| short(&e.to_string()))?;
             return Ok(Self { validator });
         }
-        let base = schema.get("$id").and_then(Value::as_str).filter(|id| id.contains(':')).unwrap_or(DEFAULT_JSON_BASE);
+        // Names resolve as the validator resolves `$ref`s (RFC 3986), against the
+        // schema's own `$id` when it is absolute, or the validator's default base.
+        let id = schema.get("$id").and_then(Value::as_str).unwrap_or(DEFAULT_JSON_BASE);
+        let base = jsonschema::uri::from_str(id)
+            .or_else(|_| jsonschema::uri::from_str(DEFAULT_JSON_BASE))
+            .map_err(|e| format!("the schema's $id: {e}"))?;
         let mut registry = jsonschema::Registry::new();
         for (name, document) in references {
             let contents: Value =
                 serde_json::from_str(document).map_err(|e| format!("reference {name} is not JSON: {e}"))?;
-            let uri = if name.contains(':') {
-                name.clone()
-            } else {
-                format!("{}{}", &base[..base.rfind('/').map_or(base.len(), |i| i + 1)], name.trim_start_matches('/'))
-            };
-            registry = registry.add(&uri, contents).map_err(|e| format!("reference {name}: {e}"))?;
+            let uri = jsonschema::uri::resolve_against(&base.borrow(), name)
+                .map_err(|e| format!("reference {name} is not a URI reference: {e}"))?;
+            registry = registry.add(uri.as_str(), contents).map_err(|e| format!("reference {name}: {e}"))?;
         }
         let registry = registry.prepare().map_err(|e| short(&e.to_string()))?;
         let validator =
@@ -970,6 +989,10 @@ mod tests {
         assert_eq!(schema.decode(1, &body).unwrap(), serde_json::json!({"total": {"units": -3}, "kind": "B"}));
         // A reference that does not define the name the schema uses is refused.
         assert!(AvroSchema::parse_with(main, &[money.to_owned()]).is_err());
+        // Malformed references (apache-avro would panic on the first) are errors here.
+        let hidden = r#"{"name":"A","type":{"type":"record","name":"B","fields":[]}}"#.to_owned();
+        assert!(AvroSchema::parse_with(main, &[hidden, kind.to_owned()]).is_err());
+        assert!(AvroSchema::parse_with(main, &["\"string\"".to_owned()]).is_err());
     }
 
     #[test]
@@ -985,6 +1008,16 @@ mod tests {
         let main = r#"{"$id":"https://shop.example/schemas/order.json","properties":{"m":{"$ref":"money.json"}}}"#;
         let schema = JsonSchema::parse_with(main, &[("money.json".into(), money.into())]).unwrap();
         assert!(schema.decode(1, br#"{"m":{"units":-3}}"#).is_err());
+        // Names resolve as `$ref`s do: against an `$id` without a path, and a URN `$id`
+        // with an absolute name.
+        let main = r#"{"$id":"https://shop.example","properties":{"m":{"$ref":"money.json"}}}"#;
+        let schema = JsonSchema::parse_with(main, &[("money.json".into(), money.into())]).unwrap();
+        assert!(schema.decode(1, br#"{"m":{"units":-3}}"#).is_err());
+        let main = r#"{"$id":"urn:shop:order","properties":{"m":{"$ref":"https://shop.example/money.json"}}}"#;
+        let refs = [("https://shop.example/money.json".into(), money.into())];
+        let schema = JsonSchema::parse_with(main, &refs).unwrap();
+        assert!(schema.decode(1, br#"{"m":{"units":-3}}"#).is_err());
+        assert!(schema.decode(1, br#"{"m":{"units":3}}"#).is_ok());
     }
 
     #[test]

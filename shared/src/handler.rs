@@ -259,9 +259,16 @@ impl<'a> HandlerContext<'a> {
         };
         match serde_json::from_slice(bytes) {
             Ok(v) => Ok(v),
+            // Text, not binary that happens to be UTF-8: a key framed for a registry (it
+            // starts with a zero byte) or a serialized number would read as garbage.
             Err(e) => match std::str::from_utf8(bytes) {
-                Ok(text) => T::deserialize(serde_json::Value::String(text.to_owned())).map_err(invalid),
-                Err(_) => Err(invalid(e)),
+                Ok(text) if !text.chars().any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r')) => {
+                    T::deserialize(serde_json::Value::String(text.to_owned())).map_err(invalid)
+                }
+                _ => Err(HandlerError::permanent(
+                    "key_invalid",
+                    format!("the key is neither JSON nor text ({e}); a key framed for a schema registry needs FunctionSpec::keys"),
+                )),
             },
         }
     }

@@ -233,7 +233,8 @@ impl SchemaRegistry {
     }
 
     /// The schemas of `ids`, each looked up once (concurrently, for the ids not cached):
-    /// a batch waits for at most one registry round trip.
+    /// a batch waits for one registry round trip per new id, plus those for the schemas
+    /// it references.
     pub async fn schemas(
         &self,
         ids: impl IntoIterator<Item = SchemaId>,
@@ -496,7 +497,8 @@ impl SchemaRegistry {
             {
                 continue;
             }
-            if reference.subject.is_empty() || reference.version < 1 {
+            // Version -1 is Confluent's "latest".
+            if reference.subject.is_empty() || (reference.version < 1 && reference.version != -1) {
                 return Err(invalid(format!(
                     "reference {:?} names no subject and version (subject {:?}, version {})",
                     reference.name, reference.subject, reference.version
@@ -511,9 +513,9 @@ impl SchemaRegistry {
                 .map_err(|()| LookupError::Unavailable("SCHEMA_REGISTRY_URL cannot be a base URL".into()))?
                 .pop_if_empty()
                 .extend(["subjects", &reference.subject, "versions", &reference.version.to_string()]);
-            if serialized {
-                url.set_query(Some("format=serialized"));
-            }
+            // A soft-deleted version still decodes the records written with it, as
+            // Confluent's own clients read it (`deleted=true`).
+            url.set_query(Some(if serialized { "format=serialized&deleted=true" } else { "deleted=true" }));
             let what =
                 format!("reference {} (subject {}, version {})", reference.name, reference.subject, reference.version);
             let found = self
@@ -592,7 +594,8 @@ impl SchemaRegistry {
     }
 }
 
-/// Most schemas one Protobuf schema may import, transitively.
+/// Most schemas one schema may reference (Avro named types, JSON documents, Protobuf
+/// imports), transitively.
 const MAX_REFERENCES: usize = 64;
 
 /// A registry's answer for a schema: `GET /schemas/ids/{id}` or a subject's version.

@@ -7,7 +7,10 @@
 //! the schema the metadata names); `LAMBDA_EVENT_RECORD_FORMAT` says which.
 //!
 //! The batch's schema ids are looked up together, each once (the registry client
-//! caches them), so a batch waits for at most one registry round trip and usually none.
+//! caches them), so a batch usually waits for none: a new id costs one registry round trip,
+//! plus one per schema it references (fetched one after another), and framed keys are
+//! looked up after the values.
+//!
 //! A record that cannot be decoded with its schema (not framed, cut short, not matching
 //! its schema, an unknown or unusable schema) is rejected with its own reason and
 //! dead-lettered; a record whose schema cannot be had now (registry down, breaker open)
@@ -26,6 +29,24 @@ use crate::payload::ValueFormat;
 
 use super::slot::Rejection;
 use super::Guard;
+
+/// How many bytes of Glue datums a batch may still decompress. Glue datums are
+/// decompressed one at a time while decoding, and a batch's decompressed bytes are
+/// bounded: a batch of small zlib bombs (each up to GUARD_MAX_VALUE_BYTES once inflated)
+/// cannot take the process's memory. Past the budget, compressed values and keys wait for
+/// a later batch; it holds at least two values' worth, so a batch's first record (its
+/// value and its key) always fits and every batch makes progress.
+pub(super) struct InflateBudget {
+    total: usize,
+    left: usize,
+}
+
+impl InflateBudget {
+    pub(super) fn new(setting: usize, max_value_bytes: usize) -> Self {
+        let total = setting.max(max_value_bytes.saturating_mul(2));
+        Self { total, left: total }
+    }
+}
 
 /// Which part of a record step 0a decodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,8 +99,16 @@ pub(super) enum Decoded {
 
 impl Guard {
     /// Decodes the framed values (or keys, as `part` says) of `items`; the ones that
-    /// cannot be decoded get their rejection. One entry per item, in order.
-    pub(super) async fn decode(&self, items: &mut [(&Event, Option<Rejection>)], part: Part) -> Vec<Decoded> {
+    /// cannot be decoded get their rejection. One entry per item, in order. `budget` is
+    /// the batch's decompression budget, shared by its value and key passes; the key
+    /// pass skips the records whose value waits (`waits`: the value pass's results).
+    pub(super) async fn decode(
+        &self,
+        items: &mut [(&Event, Option<Rejection>)],
+        part: Part,
+        budget: &mut InflateBudget,
+        waits: Option<&[Decoded]>,
+    ) -> Vec<Decoded> {
         let format = match part {
             Part::Value => self.values,
             Part::Key => self.keys,
@@ -91,21 +120,27 @@ impl Guard {
             ValueFormat::Confluent { or_json } | ValueFormat::Glue { or_json } => or_json,
         };
         let max_datum = self.config.max_value_bytes;
-        // Glue datums are decompressed one at a time while decoding, and a batch's
-        // decompressed bytes are bounded: a batch of small zlib bombs (each up to
-        // GUARD_MAX_VALUE_BYTES once inflated) cannot take the process's memory. Past the
-        // budget, compressed values wait for a later batch (the first always fits).
-        let batch_budget = self.config.max_batch_decompressed_bytes.max(max_datum);
-        let mut inflate_budget = batch_budget;
         // What to decode, for records that have something and are not refused already.
         let mut frames = Vec::with_capacity(items.len());
         // Records that wait for the operator (a setting that does not match the mapping).
         let mut waiting: Vec<Option<String>> = vec![None; items.len()];
         for (i, (event, rejected)) in items.iter_mut().enumerate() {
+            let skip = rejected.is_some()
+                || waits.is_some_and(|w| matches!(w.get(i), Some(Decoded::Unavailable(_))))
+                || (part == Part::Key && event.value_bytes().len() > max_datum);
             let frame = match part.bytes(event) {
                 // A tombstone has nothing to decode; oversize values are refused in step 0b.
                 None => None,
-                Some(v) if rejected.is_some() || v.len() > self.config.max_value_bytes => None,
+                Some(_) if skip => None,
+                Some(v) if v.len() > max_datum => {
+                    if part == Part::Key {
+                        *rejected = Some(Rejection {
+                            reason: DeadLetterReason::ValueTooLarge,
+                            error: format!("key is {} bytes, over GUARD_MAX_VALUE_BYTES={max_datum}", v.len()),
+                        });
+                    }
+                    None
+                }
                 Some(v) => match (part.schema(event), self.config.event_record_format) {
                     // From a Lambda event source mapping with a schema registry, which
                     // decoded the value into JSON text itself. Bytes that cannot be JSON
@@ -149,7 +184,7 @@ impl Guard {
                     *frame = None;
                     *rejected = Some(reject(
                         "schema_registry_unset",
-                        "value is framed for a schema registry, but SCHEMA_REGISTRY_URL is not set".into(),
+                        format!("{} is framed for a schema registry, but SCHEMA_REGISTRY_URL is not set", part.name()),
                     ));
                 }
             }
@@ -170,9 +205,10 @@ impl Guard {
             // schema is known to be had.
             let glue_whole = matches!(format, ValueFormat::Glue { .. }) && source.is_none();
             let compressed = glue_whole && glue_header(&frame.body).is_ok_and(|(_, zlib)| zlib);
-            if compressed && schema.is_ok() && inflate_budget < max_datum {
+            if compressed && schema.is_ok() && budget.left < max_datum {
                 out.push(Decoded::Unavailable(format!(
-                    "this batch decompressed up to its {batch_budget} bytes of Glue values (GUARD_MAX_BATCH_DECOMPRESSED_BYTES); this one waits for a later batch"
+                    "this batch decompressed up to its {} bytes of Glue values and keys (GUARD_MAX_BATCH_DECOMPRESSED_BYTES); this one waits for a later batch",
+                    budget.total
                 )));
                 continue;
             }
@@ -180,7 +216,7 @@ impl Guard {
                 match glue_frame(&frame.body, max_datum) {
                     Ok(f) => {
                         if let Cow::Owned(b) = &f.body {
-                            inflate_budget = inflate_budget.saturating_sub(b.len());
+                            budget.left = budget.left.saturating_sub(b.len());
                         }
                         f
                     }

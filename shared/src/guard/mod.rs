@@ -69,7 +69,7 @@ use crate::payload::ValueFormat;
 use crate::registry::SchemaRegistry;
 use crate::sink::{ClickHouseSink, SinkBatch, SinkError};
 
-use self::decode::{Decoded, Part};
+use self::decode::{Decoded, InflateBudget, Part};
 use self::lease::{LeaseError, LeaseReply, Leases, Release};
 use self::ledger::{ConfirmRow, DeadLetterRow};
 use self::local_cache::LocalCache;
@@ -332,10 +332,11 @@ impl Guard {
         mut items: Vec<(&'e Event, Option<Rejection>)>,
         formats: IdFormats,
     ) -> Vec<Slot<'e>> {
-        let decoded = self.decode(&mut items, Part::Value).await;
+        let mut budget = InflateBudget::new(self.config.max_batch_decompressed_bytes, self.config.max_value_bytes);
+        let decoded = self.decode(&mut items, Part::Value, &mut budget, None).await;
         let keys = match self.keys {
             ValueFormat::Json => None,
-            _ => Some(self.decode(&mut items, Part::Key).await),
+            _ => Some(self.decode(&mut items, Part::Key, &mut budget, Some(&decoded)).await),
         };
         self.derive_ids(items, decoded, keys, formats)
     }
