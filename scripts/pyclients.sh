@@ -3,6 +3,7 @@
 # Python client (its Avro, JSON Schema and Protobuf serializers frame records for a
 # schema registry), fastavro, Google's protobuf runtime, and the AWS Glue Schema
 # Registry's Python serializer (aws-glue-schema-registry, over boto3's Glue client),
+# and Google's protoc (grpcio-tools: the Glue Protobuf tests compile their .proto with it),
 # pinned, into a virtualenv of their own under $EO_STATE_DIR (once). Prints the path of
 # the virtualenv's python on stdout; the tests read it from EO_PYTHON (scripts/test.sh
 # exports it) or find it at the same default path. Idempotent.
@@ -15,7 +16,7 @@ VENV="$STATE_DIR/pyclients"
 # client, protobuf for Protobuf,
 # fastavro for Avro and jsonschema for JSON Schema.
 PACKAGES=("confluent-kafka[avro,json,protobuf]==2.16.1" "fastavro==1.13.1" "protobuf==7.36.2"
-  "aws-glue-schema-registry==1.1.3" "boto3==1.44.18")
+  "aws-glue-schema-registry==1.1.3" "boto3==1.44.18" "grpcio-tools==1.85.4")
 STAMP="$VENV/.installed"
 
 log() { printf '[pyclients] %s\n' "$*" >&2; }
@@ -32,5 +33,5 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "${PACKAGES
   printf '%s' "${PACKAGES[*]}" >"$STAMP"
 fi
 # Fails here, naming the package, rather than in a test.
-"$VENV/bin/python" -c 'import confluent_kafka, confluent_kafka.schema_registry.avro, confluent_kafka.schema_registry.json_schema, confluent_kafka.schema_registry.protobuf, fastavro, google.protobuf, aws_schema_registry, boto3' >&2
+"$VENV/bin/python" -c 'import confluent_kafka, confluent_kafka.schema_registry.avro, confluent_kafka.schema_registry.json_schema, confluent_kafka.schema_registry.protobuf, fastavro, google.protobuf, aws_schema_registry, boto3, grpc_tools.protoc' >&2
 echo "$VENV/bin/python"

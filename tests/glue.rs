@@ -18,6 +18,7 @@ use exactly_once::{
 };
 use integration_tests::glue::GlueRegistry;
 use integration_tests::{committed_offsets, run_python, wait_until, TestEnv};
+use serde_json::json;
 
 const PARTITIONS: i32 = 3;
 
@@ -200,13 +201,8 @@ async fn every_glue_value_that_cannot_be_decoded_has_its_own_outcome() {
     let deleting = glue.register("shop", "deleting", "AVRO", ORDER_AVRO, "DELETING");
     let newer = glue.register("shop", "newer", "AVRO", ORDER_AVRO, "A_STATUS_ADDED_LATER");
     let failed = glue.register("shop", "failed", "AVRO", ORDER_AVRO, "FAILURE");
-    let proto = glue.register(
-        "shop",
-        "proto",
-        "PROTOBUF",
-        "syntax = \"proto3\"; message O { string order_id = 1; }",
-        "AVAILABLE",
-    );
+    // A data format Glue may add one day.
+    let xml = glue.register("shop", "xml", "XML", "<order/>", "AVAILABLE");
     let missing = uuid::Uuid::new_v4();
     let mut bad_compression = good.clone();
     bad_compression[1] = 9;
@@ -223,7 +219,7 @@ async fn every_glue_value_that_cannot_be_decoded_has_its_own_outcome() {
         record(8, bad_compression),
         record(9, not_zlib),
         record(10, glue_framed(uuid(&failed), datum)),
-        record(11, glue_framed(uuid(&proto), b"\x0a\x01a")),
+        record(11, glue_framed(uuid(&xml), b"<order/>")),
         record(12, glue_framed(uuid(&deleting), datum)),
         record(13, glue_framed(uuid(&pending), datum)),
         record(14, glue_framed(uuid(&newer), datum)),
@@ -395,4 +391,255 @@ async fn a_batch_of_compressed_values_decompresses_a_bounded_amount_and_the_rest
     assert_eq!(report.outcomes[0].outcome, Outcome::Processed, "{report:?}");
     assert_eq!(env.count("SELECT count(*) FROM orders WHERE order_id LIKE 'big-%'").await, 4);
     assert_eq!(env.count("SELECT count(*) FROM dead_letters").await, 0);
+}
+
+/// The Protobuf schema of the Glue Protobuf tests, as a producer's `.proto` file (Glue
+/// keeps it as text). `Refund` comes first in the file, yet Glue numbers messages by full
+/// name: `shop.Order` 0, `shop.Order.Line` 1, `shop.Order.TagsEntry` 2 (the map's
+/// generated entry), `shop.Refund` 3.
+const SHOP_PROTO: &str = r#"syntax = "proto3";
+package shop;
+
+import "google/protobuf/timestamp.proto";
+import "google/type/money.proto";
+
+message Refund {
+  string order_id = 1;
+  int64 amount = 2;
+  string reason = 3;
+}
+
+message Order {
+  string order_id = 1;
+  int64 amount = 2;
+  repeated Line lines = 3;
+  map<string, string> tags = 4;
+  google.protobuf.Timestamp placed_at = 5;
+  google.type.Money total = 6;
+
+  message Line {
+    string sku = 1;
+    int32 quantity = 2;
+  }
+}
+"#;
+
+/// Stores every decoded value whole, with its id fields, in the guard's transaction.
+struct Messages(ValueFormat);
+
+#[async_trait]
+impl Handler for Messages {
+    fn spec(&self) -> FunctionSpec {
+        FunctionSpec::new("glue-messages", &["orders"], IdStrategy::default_chain(Some("/order_id"), None))
+            .values(self.0)
+    }
+
+    async fn handle(&self, _event: &Event, ctx: &mut HandlerContext<'_>) -> Result<(), HandlerError> {
+        let value: serde_json::Value = ctx.payload()?;
+        sqlx::query("INSERT INTO messages (order_id, amount, body) VALUES ($1, $2, $3)")
+            .bind(value["order_id"].as_str())
+            .bind(value["amount"].as_i64())
+            .bind(&value)
+            .execute(ctx.postgres().await?)
+            .await?;
+        Ok(())
+    }
+}
+
+async fn messages_table(env: &TestEnv) {
+    sqlx::query("CREATE TABLE messages (order_id TEXT NOT NULL, amount BIGINT NOT NULL, body JSONB NOT NULL)")
+        .execute(env.pg())
+        .await
+        .unwrap();
+}
+
+/// Glue Protobuf values: each `(message full name, proto3 JSON)` compiled by protoc and
+/// encoded by Google's runtime, framed by the Glue package's codec.
+async fn encode_protobuf(glue: &GlueRegistry, messages: &[(&str, serde_json::Value)], compress: bool) -> Vec<Vec<u8>> {
+    let records: Vec<serde_json::Value> =
+        messages.iter().map(|(name, value)| json!({"message": name, "value": value})).collect();
+    encode(glue, "shop", "protobuf", SHOP_PROTO, &records, compress).await
+}
+
+fn proto_order(id: &str, amount: i64) -> (&'static str, serde_json::Value) {
+    (
+        "shop.Order",
+        json!({
+            "order_id": id, "amount": amount.to_string(),
+            "lines": [{"sku": "sku-1", "quantity": 2}, {"sku": "sku-2", "quantity": 1}],
+            "tags": {"channel": "web"},
+            "placedAt": "2026-12-07T03:00:00Z",
+            "total": {"currencyCode": "EUR", "units": amount.to_string(), "nanos": 500000000}
+        }),
+    )
+}
+
+fn proto_refund(id: &str, amount: i64) -> (&'static str, serde_json::Value) {
+    ("shop.Refund", json!({"order_id": id, "amount": amount.to_string(), "reason": "damaged"}))
+}
+
+#[tokio::test]
+async fn glue_protobuf_values_from_googles_runtime_are_consumed_exactly_once_by_the_worker() {
+    let glue = GlueRegistry::start().await;
+    let mut env = env_with(&glue, |_| {}).await;
+    messages_table(&env).await;
+    env.kafka.topic_partitions = PARTITIONS;
+    let topic = env.kafka.topic("orders");
+    create_topics(&env.kafka, std::slice::from_ref(&topic)).await.expect("topic");
+    // 60 orders and 40 refunds, interleaved, the second half zlib-compressed by the
+    // package's codec, the first 30 sent again: 130 records.
+    let all: Vec<(&str, serde_json::Value)> = (0..100)
+        .map(|i| if i % 5 < 3 { proto_order(&format!("p-{i}"), i) } else { proto_refund(&format!("p-{i}"), i) })
+        .collect();
+    let plain = encode_protobuf(&glue, &all[..50], false).await;
+    let compressed = encode_protobuf(&glue, &all[50..], true).await;
+    assert_eq!((plain[0][1], compressed[0][1]), (0, 5));
+    assert_eq!(uuid_of(&plain[0]), uuid_of(&compressed[0]), "one schema version");
+    // Glue's message index, as the serializer's port wrote it: Order 0, Refund 3.
+    assert_eq!((plain[0][18], plain[3][18]), (0, 3));
+    let mut values: Vec<Vec<u8>> = plain.into_iter().chain(compressed).collect();
+    values.extend(values[..30].to_vec());
+    let producer: rdkafka::producer::FutureProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", &env.kafka.brokers).create().expect("producer");
+    for (i, value) in values.iter().enumerate() {
+        let key = format!("k-{}", i % 100);
+        let record = rdkafka::producer::FutureRecord::to(&topic).key(key.as_str()).payload(value.as_slice());
+        producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).expect("publish");
+    }
+
+    let functions = Arc::new(
+        Functions::new(&env.clients, vec![Arc::new(Messages(ValueFormat::glue())) as Arc<dyn Handler>], &env.kafka)
+            .await
+            .expect("functions"),
+    );
+    let mut config = WorkerConfig::from_env(&exactly_once::config::ProcessEnv).expect("worker configuration");
+    config.batch_size = 40;
+    config.retry_backoff = Duration::from_millis(50);
+    let worker = Worker::start(&env.clients, functions, &env.kafka, &config).await.expect("worker starts");
+    wait_until(Duration::from_secs(120), "every message stored and every offset committed", || async {
+        if env.count("SELECT count(*) FROM messages").await < 100 {
+            return false;
+        }
+        committed_offsets(&env.kafka, &topic, PARTITIONS).await.values().sum::<i64>() == 130
+    })
+    .await;
+    worker.shutdown().await;
+
+    assert_eq!(env.count("SELECT count(*) FROM messages").await, 100);
+    assert_eq!(env.count("SELECT count(DISTINCT order_id) FROM messages").await, 100);
+    assert_eq!(env.count("SELECT sum(amount)::bigint FROM messages").await, (0..100).sum::<i64>());
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters").await, 0);
+    // Each message read as its own type, field for field.
+    assert_eq!(env.count("SELECT count(*) FROM messages WHERE body->>'reason' = 'damaged'").await, 40);
+    assert_eq!(
+        env.count(
+            "SELECT count(*) FROM messages WHERE body->'lines'->1->>'sku' = 'sku-2' AND (body->'lines'->0->>'quantity')::int = 2
+               AND body->'tags'->>'channel' = 'web' AND body->>'placed_at' = '2026-12-07T03:00:00Z'
+               AND body->'total'->>'currency_code' = 'EUR' AND (body->'total'->>'units')::bigint = amount"
+        )
+        .await,
+        60
+    );
+    assert_eq!(env.clients.registry.fetches(), 1, "one schema version, looked up once");
+}
+
+#[tokio::test]
+async fn every_glue_protobuf_value_that_cannot_be_decoded_has_its_own_outcome() {
+    let glue = GlueRegistry::start().await;
+    let env = env_with(&glue, |_| {}).await;
+    messages_table(&env).await;
+    let framed = encode_protobuf(&glue, &[proto_order("good", 1), proto_refund("refund", 2)], false).await;
+    let (good, refund) = (&framed[0], &framed[1]);
+    let version = uuid_of(good);
+    let uuid = |text: &str| *uuid::Uuid::parse_str(text).unwrap().as_bytes();
+    let unparsable = glue.register("shop", "broken", "PROTOBUF", "syntax = \"proto3\"; message Order {", "AVAILABLE");
+    let unresolved = glue.register(
+        "shop",
+        "imports",
+        "PROTOBUF",
+        "syntax = \"proto3\"; import \"shop/common.proto\"; message Order { shop.Common c = 1; }",
+        "AVAILABLE",
+    );
+    let with_index = |index: u8, message: &[u8]| {
+        let mut body = vec![index];
+        body.extend_from_slice(message);
+        glue_framed(version, &body)
+    };
+    let records = vec![
+        record(1, good.clone()),
+        record(2, refund.clone()),
+        // Index 4: past the schema's four messages.
+        record(3, with_index(4, &good[19..])),
+        // The refund's bytes under the nested Line's index: reason (field 3) is not Line's.
+        record(4, with_index(1, &refund[19..])),
+        // The index varint cut short, and nothing after the header.
+        record(5, glue_framed(version, &[0x80])),
+        // Cut inside the order's first field.
+        record(6, good[..22].to_vec()),
+        record(7, glue_framed(uuid(&unparsable), &good[18..])),
+        record(8, glue_framed(uuid(&unresolved), &good[18..])),
+    ];
+    let h = Messages(ValueFormat::glue());
+    let spec = h.spec();
+    let g = Guard::new(&env.clients, spec.name, spec.id_strategy, GuardConfig::default())
+        .unwrap()
+        .with_values(ValueFormat::glue());
+    let report = g.run_batch(&h, &records, None).await;
+    let dead = |r: &'static str| Outcome::DeadLettered { reason: DeadLetterReason::Undecodable(r) };
+    let outcomes: Vec<&Outcome> = report.outcomes.iter().map(|o| &o.outcome).collect();
+    assert_eq!(
+        outcomes,
+        [
+            &Outcome::Processed,
+            &Outcome::Processed,
+            &dead("payload_schema_mismatch"),
+            &dead("payload_schema_mismatch"),
+            &dead("payload_schema_mismatch"),
+            &dead("payload_schema_mismatch"),
+            &dead("schema_invalid"),
+            &dead("schema_invalid"),
+        ],
+        "{report:?}"
+    );
+    assert_eq!(env.count("SELECT count(*) FROM messages").await, 2);
+    assert_eq!(env.count("SELECT count(*) FROM messages WHERE body->>'reason' = 'damaged'").await, 1);
+    assert_eq!(env.count("SELECT count(*) FROM dead_letters WHERE record_value IS NOT NULL").await, 6);
+    let errors: Vec<String> =
+        sqlx::query_scalar("SELECT error FROM dead_letters ORDER BY kafka_offset").fetch_all(env.pg()).await.unwrap();
+    assert!(errors[0].contains("message index 4"), "{}", errors[0]);
+    assert!(errors[4].contains("not a valid .proto"), "{}", errors[4]);
+    assert!(errors[5].contains("shop/common.proto"), "{}", errors[5]);
+}
+
+#[tokio::test]
+async fn on_lambda_source_glue_protobuf_values_keep_their_message_index() {
+    let glue = GlueRegistry::start().await;
+    let env = env_with(&glue, |c| c.guard.event_record_format = EventRecordFormat::Source).await;
+    messages_table(&env).await;
+    let framed = encode_protobuf(&glue, &[proto_order("s-1", 1), proto_refund("s-2", 2)], false).await;
+    let version = uuid::Uuid::from_bytes(uuid_of(&framed[0])).to_string();
+    // SOURCE: Glue's header removed, the message index kept (as Powertools reads it).
+    let events: Vec<Event> = framed
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            Event::new("orders", 0, i as i64).with_value(v[18..].to_vec()).with_value_schema("PROTOBUF", &version)
+        })
+        .collect();
+    let functions =
+        Functions::new(&env.clients, vec![Arc::new(Messages(ValueFormat::glue())) as Arc<dyn Handler>], &env.kafka)
+            .await
+            .expect("functions");
+    let body = exactly_once::runtime::msk::encode(&events).to_string();
+    let event = exactly_once::runtime::msk::parse(body.as_bytes()).expect("an MSK event");
+    let answer = exactly_once::runtime::lambda::invoke(&functions, &event, None, false).await.expect("finished");
+    assert_eq!((answer["processed"].as_u64(), answer["deadLettered"].as_u64()), (Some(2), Some(0)), "{answer}");
+    assert_eq!(
+        env.count("SELECT count(*) FROM messages WHERE order_id = 's-1' AND body->'tags'->>'channel' = 'web'").await,
+        1
+    );
+    assert_eq!(
+        env.count("SELECT count(*) FROM messages WHERE order_id = 's-2' AND body->>'reason' = 'damaged'").await,
+        1
+    );
 }

@@ -13,7 +13,9 @@
 //!   decoded with its (cached) descriptor and written as JSON, then the id and the
 //!   struct as for Avro;
 //! - `avro (glue)` and `avro (glue, zlib)`: the same Avro datums in the AWS Glue Schema
-//!   Registry's frame, plain and zlib-compressed (decompressed before decoding).
+//!   Registry's frame, plain and zlib-compressed (decompressed before decoding);
+//! - `protobuf (glue)`: the same messages after Glue's message index, with the schema
+//!   parsed from its `.proto` text (once, as the cache does).
 //!
 //! Each variant runs `rounds` times over `events` values (distinct ids); the median
 //! round gives ns per event, and the ratio is against JSON in the same run.
@@ -43,6 +45,17 @@ const ORDER_JSON_SCHEMA: &str = r#"{"type":"object","properties":{
     "order_id":{"type":"string"},"amount":{"type":"integer"},
     "note":{"type":["string","null"]},"tags":{"type":"array","items":{"type":"string"}}},
     "required":["order_id","amount","tags"]}"#;
+
+/// The same file as AWS Glue keeps it: `.proto` text.
+const ORDER_PROTO: &str = "syntax = \"proto3\";
+package bench;
+message Order {
+  string order_id = 1;
+  int64 amount = 2;
+  optional string note = 3;
+  repeated string tags = 4;
+}
+";
 
 /// bench/order.proto: `message Order { string order_id = 1; int64 amount = 2; optional
 /// string note = 3; repeated string tags = 4; }` (`optional`: an absent note is absent,
@@ -179,6 +192,17 @@ pub fn run(opts: &DecodeOptions) -> anyhow::Result<DecodeReport> {
         })
         .collect::<anyhow::Result<_>>()?;
     let proto_schema = RegistrySchema::Protobuf(proto);
+    let glue_proto = ProtobufSchema::from_proto_text("bench/order.proto", ORDER_PROTO).map_err(anyhow::Error::msg)?;
+    let glue_protobuf: Vec<Event> = protobuf
+        .iter()
+        .map(|e| {
+            // Glue's index of the file's one message is 0, then the same message bytes.
+            let mut body = vec![0u8];
+            body.extend_from_slice(&e.value_bytes()[6..]);
+            Event::new("orders", 0, 0).with_value(glue_framed(version, &body))
+        })
+        .collect();
+    let glue_proto_schema = RegistrySchema::GlueProtobuf(glue_proto);
     // The same reading, every way, before anything is timed.
     for (i, (((j, a), f), p)) in json.iter().zip(&avro).zip(&framed_json).zip(&protobuf).enumerate() {
         let plain = read_json(&ids, j)?;
@@ -190,6 +214,10 @@ pub fn run(opts: &DecodeOptions) -> anyhow::Result<DecodeReport> {
         );
         anyhow::ensure!(plain == read_framed(&ids, &json_schema, f)?, "JSON Schema and JSON read differently");
         anyhow::ensure!(plain == read_framed(&ids, &proto_schema, p)?, "Protobuf and JSON read differently");
+        anyhow::ensure!(
+            plain == read_glue(&ids, &glue_proto_schema, &glue_protobuf[i])?,
+            "Glue Protobuf and JSON read differently"
+        );
     }
     let time = |read: &dyn Fn(&Event) -> anyhow::Result<(String, Order)>, events: &[Event]| -> anyhow::Result<f64> {
         let mut rounds = Vec::with_capacity(opts.rounds);
@@ -209,6 +237,7 @@ pub fn run(opts: &DecodeOptions) -> anyhow::Result<DecodeReport> {
     let protobuf_ns = time(&|e| read_framed(&ids, &proto_schema, e), &protobuf)?;
     let glue_ns = time(&|e| read_glue(&ids, &avro_schema, e), &glue)?;
     let glue_zlib_ns = time(&|e| read_glue(&ids, &avro_schema, e), &glue_zlib)?;
+    let glue_protobuf_ns = time(&|e| read_glue(&ids, &glue_proto_schema, e), &glue_protobuf)?;
     let bytes = |events: &[Event]| {
         events.iter().map(|e| e.value_bytes().len()).sum::<usize>() as f64 / events.len().max(1) as f64
     };
@@ -247,6 +276,12 @@ pub fn run(opts: &DecodeOptions) -> anyhow::Result<DecodeReport> {
                 value_bytes: bytes(&glue_zlib),
                 ns_per_event: glue_zlib_ns,
                 vs_json: glue_zlib_ns / json_ns,
+            },
+            DecodeRow {
+                format: "protobuf (glue)".into(),
+                value_bytes: bytes(&glue_protobuf),
+                ns_per_event: glue_protobuf_ns,
+                vs_json: glue_protobuf_ns / json_ns,
             },
         ],
     })

@@ -1,4 +1,5 @@
-//! Protobuf values in Confluent's wire format, decoded into JSON without generated code.
+//! Protobuf values in Confluent's and AWS Glue's wire formats, decoded into JSON without
+//! generated code.
 //!
 //! After the magic byte and the schema id, a Protobuf value carries its *message
 //! indexes*: which message of the schema's file it is (a schema file may define several,
@@ -13,6 +14,13 @@
 //! common types (`google/type/*.proto`) and Confluent's (`confluent/meta.proto`,
 //! `confluent/type/decimal.proto`) are built in, as the serializers skip them when
 //! registering.
+//!
+//! AWS Glue frames Protobuf its own way ([`ProtobufSchema::decode_glue`]): one unsigned
+//! varint numbering the message among all the file's messages sorted by full name, then
+//! the message; and it keeps the schema as `.proto` text, parsed here with protox's
+//! parser ([`ProtobufSchema::from_proto_text`]). Glue resolves no imports but built-in
+//! ones, so neither do we: the files above, and the two its Kafka Connect converter
+//! imports (`additionalTypes/decimal.proto`, `metadata/metadata.proto`).
 //!
 //! A decoded message becomes a [`serde_json::Value`] in the proto3 JSON mapping, with two
 //! choices made for event ids and serde handlers: field names as written in the `.proto`
@@ -48,6 +56,9 @@ const MAX_INDEXES: usize = 64;
 #[derive(Debug, Clone)]
 pub struct ProtobufSchema {
     file: FileDescriptor,
+    /// Every message of the file, nested ones too, by full name: the numbering of AWS
+    /// Glue's message index.
+    glue_order: Vec<MessageDescriptor>,
 }
 
 impl ProtobufSchema {
@@ -69,6 +80,75 @@ impl ProtobufSchema {
             }
             pending.push(file);
         }
+        Self::link(main, pending)
+    }
+
+    /// Builds the schema from `.proto` text, as AWS Glue keeps a Protobuf schema: parsed
+    /// as `name`, linked with Google's well-known and common types and the other built-in
+    /// files (Glue's deserializers resolve no other imports). A definition that does not
+    /// parse or link is refused with the parser's message.
+    ///
+    /// Glue's Java serializer does not keep the producer's file: it registers the compiled
+    /// descriptor written back out as text by Wire, which names types fully qualified
+    /// (`.shop.Order.Line`), writes map entries as nested messages with
+    /// `option map_entry = true`, and writes custom options without their parentheses
+    /// (`[metadata.metadata_key = "..."]`), which `protoc` would read as a path of plain
+    /// field names. Such an option (its first name neither a field of its options message
+    /// nor an extension) is dropped: decoding needs no custom option.
+    pub fn from_proto_text(name: &str, text: &str) -> Result<Self, String> {
+        if text.len() > MAX_PROTO_TEXT {
+            return Err(format!("a .proto definition of {} bytes (at most {MAX_PROTO_TEXT})", text.len()));
+        }
+        // The text is the registry's, not the record's; the parser is still kept from
+        // turning a definition it mishandles into a panic the worker would retry for ever.
+        let mut parsed = std::panic::catch_unwind(|| protox_parse::parse(name, text))
+            .map_err(|_| "the .proto parser failed on this definition".to_owned())?
+            .map_err(|e| {
+                let mut message = e.to_string();
+                if message.len() > 300 {
+                    let mut end = 300;
+                    while !message.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    message.truncate(end);
+                    message.push('…');
+                }
+                format!("not a valid .proto definition: {message}")
+            })?;
+        drop_unresolvable_options(&mut parsed);
+        Self::link(parsed, Vec::new())
+    }
+
+    /// Links `main` after `pending` (the files it imports, in any order) and the built-in
+    /// files any of them import.
+    fn link(main: FileDescriptorProto, pending: Vec<FileDescriptorProto>) -> Result<Self, String> {
+        // prost-reflect 0.16 indexes past its file table building the error for a syntax
+        // it does not know (`editions`, or garbage): refused here first.
+        let mut main = main;
+        let mut pending = pending;
+        // An empty syntax is proto2's (descriptors leave it out for proto2).
+        for file in std::iter::once(&mut main).chain(pending.iter_mut()) {
+            if file.syntax.as_deref() == Some("") {
+                file.syntax = None;
+            }
+        }
+        if let Some(file) = std::iter::once(&main)
+            .chain(&pending)
+            .find(|f| !matches!(f.syntax.as_deref(), None | Some("proto2" | "proto3")))
+        {
+            return Err(format!(
+                "{}: syntax {:?} (proto2 and proto3 are decoded here)",
+                file.name(),
+                file.syntax.as_deref().unwrap_or_default()
+            ));
+        }
+        // The descriptors are the registry's, not the record's, but a panic on them would
+        // make the worker retry the batch for ever: it becomes the schema's error instead.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Self::link_checked(main, pending)))
+            .map_err(|_| "the descriptor library failed on this schema".to_owned())?
+    }
+
+    fn link_checked(main: FileDescriptorProto, mut pending: Vec<FileDescriptorProto>) -> Result<Self, String> {
         let mut pool = DescriptorPool::global();
         // Imports every client is expected to have, which serializers never register as
         // references (google/type, confluent): built in, unless the registry gave them.
@@ -113,7 +193,7 @@ impl ProtobufSchema {
         if file.messages().next().is_none() {
             return Err("the schema defines no message".into());
         }
-        Ok(Self { file })
+        Ok(Self { glue_order: glue_order(&file), file })
     }
 
     /// The message the indexes name, or why they name none.
@@ -147,19 +227,182 @@ impl ProtobufSchema {
         message: &[u8],
     ) -> Result<Value, PayloadError> {
         let schema_id = schema_id.into();
-        let mismatch = |message: String| PayloadError::SchemaMismatch { schema_id, message };
-        let descriptor = self.message(indexes).map_err(mismatch)?;
-        let decoded = DynamicMessage::decode(descriptor, message).map_err(|e| mismatch(e.to_string()))?;
-        let mut walk = Walk { fields: 0, budget: MIN_FIELD_BUDGET + FIELDS_PER_BYTE * message.len() };
-        walk.check(&decoded, 0).map_err(mismatch)?;
-        let options = SerializeOptions::new()
-            .use_proto_field_name(true)
-            .stringify_64_bit_integers(false)
-            .skip_default_fields(false);
-        decoded
-            .serialize_with_options(serde_json::value::Serializer, &options)
-            .map_err(|e| mismatch(format!("not representable as JSON: {e}")))
+        let descriptor =
+            self.message(indexes).map_err(|message| PayloadError::SchemaMismatch { schema_id, message })?;
+        decode_as(schema_id, descriptor, message)
     }
+
+    /// Decodes one value framed for AWS Glue, after its 18-byte header (and, if it was
+    /// compressed, inflated): a message index, then the message.
+    ///
+    /// Glue's serializers write one unsigned varint before the message (not Confluent's
+    /// zigzag list): the message's place among all the file's messages, nested ones and
+    /// generated map entries included, sorted by full name and numbered from 0. For a
+    /// file with `Refund` and `Order { message Line }` in package `shop`, `shop.Order` is
+    /// 0, `shop.Order.Line` 1 and `shop.Refund` 2, whatever their order in the file.
+    /// Event source mappings passing values on as `SOURCE` keep the index.
+    pub fn decode_glue(&self, schema_id: impl Into<SchemaId>, body: &[u8]) -> Result<Value, PayloadError> {
+        let schema_id = schema_id.into();
+        let mismatch = |message: String| PayloadError::SchemaMismatch { schema_id, message };
+        let (index, message) = glue_message_index(body).map_err(mismatch)?;
+        let descriptor = self.glue_message(index).map_err(mismatch)?;
+        decode_as(schema_id, descriptor, message)
+    }
+
+    /// The message AWS Glue's index `index` names.
+    fn glue_message(&self, index: u32) -> Result<MessageDescriptor, String> {
+        // Java reads it as a signed int: past 2^31 it is negative and names nothing.
+        let found = i32::try_from(index).ok().and_then(|i| self.glue_order.get(i as usize));
+        found.cloned().ok_or_else(|| {
+            format!(
+                "message index {index}: the schema has {} messages (AWS Glue numbers nested ones too)",
+                self.glue_order.len()
+            )
+        })
+    }
+
+    /// AWS Glue's message index of the message named `full_name` (`shop.Order.Line`).
+    pub fn glue_index(&self, full_name: &str) -> Option<usize> {
+        self.glue_order.iter().position(|m| m.full_name() == full_name)
+    }
+
+    /// Encodes `json` (proto3 JSON) as the message named `full_name`, after its AWS Glue
+    /// message index: the body of a Glue frame (the producer side, for tools and tests).
+    pub fn encode_glue_json(&self, full_name: &str, json: Value) -> Result<Vec<u8>, String> {
+        let index = self.glue_index(full_name).ok_or_else(|| format!("the schema has no message {full_name}"))?;
+        let message = DynamicMessage::deserialize(self.glue_order[index].clone(), json).map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        put_varint(&mut out, index as u64);
+        message.encode(&mut out).map_err(|e| e.to_string())?;
+        Ok(out)
+    }
+}
+
+/// Largest `.proto` text parsed (AWS Glue keeps definitions of at most 170,000 characters).
+const MAX_PROTO_TEXT: usize = 1 << 20;
+
+/// Drops the options of `file` that could only fail to resolve and that decoding does
+/// not need: a name whose first part is written without parentheses yet is no field of
+/// its options message (`metadata.metadata_key`, as Wire writes an extension).
+fn drop_unresolvable_options(file: &mut FileDescriptorProto) {
+    use prost_reflect::prost_types::UninterpretedOption;
+    fn keep(options: &mut Vec<UninterpretedOption>, kind: &str) {
+        let Some(message) = DescriptorPool::global().get_message_by_name(&format!("google.protobuf.{kind}")) else {
+            return;
+        };
+        options.retain(|o| {
+            o.name.first().is_none_or(|part| part.is_extension || message.get_field_by_name(&part.name_part).is_some())
+        });
+    }
+    fn enums(items: &mut [prost_reflect::prost_types::EnumDescriptorProto]) {
+        for e in items {
+            if let Some(o) = e.options.as_mut() {
+                keep(&mut o.uninterpreted_option, "EnumOptions");
+            }
+            for v in &mut e.value {
+                if let Some(o) = v.options.as_mut() {
+                    keep(&mut o.uninterpreted_option, "EnumValueOptions");
+                }
+            }
+        }
+    }
+    fn fields(items: &mut [prost_reflect::prost_types::FieldDescriptorProto]) {
+        for f in items {
+            if let Some(o) = f.options.as_mut() {
+                keep(&mut o.uninterpreted_option, "FieldOptions");
+            }
+        }
+    }
+    fn messages(items: &mut [prost_reflect::prost_types::DescriptorProto]) {
+        for m in items {
+            if let Some(o) = m.options.as_mut() {
+                keep(&mut o.uninterpreted_option, "MessageOptions");
+            }
+            fields(&mut m.field);
+            fields(&mut m.extension);
+            for oneof in &mut m.oneof_decl {
+                if let Some(o) = oneof.options.as_mut() {
+                    keep(&mut o.uninterpreted_option, "OneofOptions");
+                }
+            }
+            for range in &mut m.extension_range {
+                if let Some(o) = range.options.as_mut() {
+                    keep(&mut o.uninterpreted_option, "ExtensionRangeOptions");
+                }
+            }
+            enums(&mut m.enum_type);
+            messages(&mut m.nested_type);
+        }
+    }
+    if let Some(o) = file.options.as_mut() {
+        keep(&mut o.uninterpreted_option, "FileOptions");
+    }
+    messages(&mut file.message_type);
+    enums(&mut file.enum_type);
+    fields(&mut file.extension);
+    for service in &mut file.service {
+        if let Some(o) = service.options.as_mut() {
+            keep(&mut o.uninterpreted_option, "ServiceOptions");
+        }
+        for method in &mut service.method {
+            if let Some(o) = method.options.as_mut() {
+                keep(&mut o.uninterpreted_option, "MethodOptions");
+            }
+        }
+    }
+}
+
+/// Decodes `message` as `descriptor` into proto3 JSON, within the checks of [`Walk`].
+fn decode_as(schema_id: SchemaId, descriptor: MessageDescriptor, message: &[u8]) -> Result<Value, PayloadError> {
+    let mismatch = |message: String| PayloadError::SchemaMismatch { schema_id, message };
+    let decoded = DynamicMessage::decode(descriptor, message).map_err(|e| mismatch(e.to_string()))?;
+    let mut walk = Walk { fields: 0, budget: MIN_FIELD_BUDGET + FIELDS_PER_BYTE * message.len() };
+    walk.check(&decoded, 0).map_err(mismatch)?;
+    let options =
+        SerializeOptions::new().use_proto_field_name(true).stringify_64_bit_integers(false).skip_default_fields(false);
+    decoded
+        .serialize_with_options(serde_json::value::Serializer, &options)
+        .map_err(|e| mismatch(format!("not representable as JSON: {e}")))
+}
+
+/// Every message of `file`, nested ones (map entries too) included, sorted by full name
+/// as AWS Glue's serializers number them. Their sort is Java's `String` order; names are
+/// ASCII identifiers and dots, where it is byte order.
+fn glue_order(file: &FileDescriptor) -> Vec<MessageDescriptor> {
+    let mut all = Vec::new();
+    let mut queue: std::collections::VecDeque<MessageDescriptor> = file.messages().collect();
+    while let Some(message) = queue.pop_front() {
+        queue.extend(message.child_messages());
+        all.push(message);
+    }
+    all.sort_by(|a, b| a.full_name().cmp(b.full_name()));
+    all
+}
+
+/// Splits a Glue body into its message index and the message: one unsigned varint, read
+/// as Java's `CodedInputStream.readUInt32` reads it (at most 10 bytes, the low 32 bits
+/// kept, as a signed `int`: past 2^31 it names no message).
+pub fn glue_message_index(body: &[u8]) -> Result<(u32, &[u8]), String> {
+    let mut value: u64 = 0;
+    for (i, &byte) in body.iter().enumerate().take(10) {
+        value |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Ok((value as u32, &body[i + 1..]));
+        }
+    }
+    Err(if body.len() < 10 {
+        "message index: cut short".into()
+    } else {
+        "message index: a varint longer than 10 bytes".into()
+    })
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8 & 0x7f) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
 }
 
 impl ProtobufSchema {
@@ -623,5 +866,188 @@ mod tests {
         assert_eq!(v["total"]["cents"], 250);
         assert_eq!(v["at"], "2026-12-06T10:00:00Z");
         assert!(ProtobufSchema::from_descriptors(b"\xff\xff", &[]).is_err());
+        // A syntax prost-reflect does not know (here ""; found by the fuzzer: it panicked).
+        assert!(ProtobufSchema::from_descriptors(b"p\xd12p\xd13b\x00", &[]).is_err());
+        let mut garbage = main.clone();
+        garbage.syntax = Some("garbage".into());
+        let e = ProtobufSchema::from_descriptors(&garbage.encode_to_vec(), &[]).unwrap_err();
+        assert!(e.contains("syntax"), "{e}");
+    }
+
+    /// The file AWS Glue's tests below use: `Refund` declared before `Order`, a nested
+    /// message, a map (whose generated entry type Glue numbers too), imports Glue
+    /// resolves by itself, and Connect's metadata option.
+    const GLUE_PROTO: &str = r#"
+        syntax = "proto3";
+        package shop;
+
+        import "google/protobuf/timestamp.proto";
+        import "google/type/money.proto";
+        import "additionalTypes/decimal.proto";
+        import "metadata/metadata.proto";
+
+        message Refund {
+          string order_id = 1;
+          additionalTypes.Decimal amount = 2;
+        }
+
+        message Order {
+          string order_id = 1 [(metadata.metadata_key) = "source", (metadata.metadata_value) = "pos"];
+          int64 amount = 2;
+          repeated Line lines = 3;
+          map<string, string> tags = 4;
+          google.protobuf.Timestamp placed_at = 5;
+          google.type.Money total = 6;
+          message Line { string sku = 1; int32 quantity = 2; }
+        }
+    "#;
+
+    #[test]
+    fn glue_numbers_every_message_by_full_name() {
+        let s = ProtobufSchema::from_proto_text("shop.proto", GLUE_PROTO).expect("the text parses and links");
+        let order: Vec<&str> = s.glue_order.iter().map(|m| m.full_name()).collect();
+        assert_eq!(order, ["shop.Order", "shop.Order.Line", "shop.Order.TagsEntry", "shop.Refund"]);
+        // The example in Glue's own MessageIndexFinder: B { C {} A { D {} } } numbers
+        // B = 0, B.A = 1, B.A.D = 2, B.C = 3.
+        let b = ProtobufSchema::from_proto_text(
+            "b.proto",
+            "syntax = \"proto3\"; message B { message C {} message A { message D {} } }",
+        )
+        .unwrap();
+        let names: Vec<&str> = b.glue_order.iter().map(|m| m.full_name()).collect();
+        assert_eq!(names, ["B", "B.A", "B.A.D", "B.C"]);
+    }
+
+    #[test]
+    fn glue_values_decode_by_their_message_index() {
+        let s = ProtobufSchema::from_proto_text("shop.proto", GLUE_PROTO).unwrap();
+        let order = serde_json::json!({
+            "order_id": "o-1", "amount": 12,
+            "lines": [{"sku": "a", "quantity": 2}],
+            "tags": {"channel": "web"},
+            "placed_at": "2026-12-07T03:00:00Z",
+            "total": {"currency_code": "EUR", "units": 12, "nanos": 0}
+        });
+        let body = s.encode_glue_json("shop.Order", order).unwrap();
+        assert_eq!(body[0], 0, "shop.Order is message 0");
+        let v = s.decode_glue(SchemaId::Glue([7; 16]), &body).unwrap();
+        assert_eq!(v["order_id"], "o-1");
+        assert_eq!(v["lines"][0]["quantity"], 2);
+        assert_eq!(v["tags"]["channel"], "web");
+        assert_eq!(v["placed_at"], "2026-12-07T03:00:00Z");
+        assert_eq!(v["total"]["currency_code"], "EUR");
+        let refund = s
+            .encode_glue_json("shop.Refund", serde_json::json!({"order_id": "o-1", "amount": {"units": 3, "scale": 2}}))
+            .unwrap();
+        assert_eq!(refund[0], 3, "shop.Refund is message 3, though first in the file");
+        let v = s.decode_glue(SchemaId::Glue([7; 16]), &refund).unwrap();
+        assert_eq!(v["amount"]["units"], 3);
+        // The same bytes read as the nested Line are a mismatch (field 2 of Line is an
+        // int32, a length-delimited value there is the wrong wire type).
+        let mut as_line = refund.clone();
+        as_line[0] = 1;
+        assert_eq!(s.decode_glue(1, &as_line).unwrap_err().reason(), "payload_schema_mismatch");
+        // An index past the last message, a cut or overlong varint, nothing at all.
+        for body in [
+            vec![4u8, 0x0a, 0],
+            vec![0x80],
+            vec![0xff; 11],
+            vec![],
+            // 2^31: Java's signed int is negative there.
+            vec![0x80, 0x80, 0x80, 0x80, 0x08],
+        ] {
+            let e = s.decode_glue(1, &body).unwrap_err();
+            assert_eq!(e.reason(), "payload_schema_mismatch", "{body:?}: {e}");
+        }
+        // A zero index and an empty message: the first message, all defaults.
+        assert_eq!(s.decode_glue(1, &[0]).unwrap()["amount"], 0);
+        // A 10-byte varint keeps its low 32 bits, as Java's readUInt32: 2^63 reads as 0.
+        let long = [0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01];
+        assert_eq!(s.decode_glue(1, &long).unwrap()["order_id"], "");
+    }
+
+    /// [`GLUE_PROTO`] as Glue's Java serializer registers it: the compiled descriptor
+    /// written back as text by Wire (through apicurio's FileDescriptorUtils): types fully
+    /// qualified, `json_name` on every field, the map as its entry message with
+    /// `option map_entry = true`, and the custom options without parentheses.
+    const GLUE_PROTO_AS_WIRE_WRITES_IT: &str = r#"syntax = "proto3";
+package shop;
+
+import "google/protobuf/timestamp.proto";
+import "google/type/money.proto";
+import "additionalTypes/decimal.proto";
+import "metadata/metadata.proto";
+
+option java_package = "shop";
+option java_outer_classname = "ShopProto";
+
+message Refund {
+  string order_id = 1 [json_name = "orderId"];
+  .additionalTypes.Decimal amount = 2 [json_name = "amount"];
+}
+message Order {
+  string order_id = 1 [
+    json_name = "orderId",
+    metadata.metadata_key = "source",
+    metadata.metadata_value = "pos"
+  ];
+  int64 amount = 2 [json_name = "amount"];
+  repeated .shop.Order.Line lines = 3 [json_name = "lines"];
+  repeated .shop.Order.TagsEntry tags = 4 [json_name = "tags"];
+  .google.protobuf.Timestamp placed_at = 5 [json_name = "placedAt"];
+  .google.type.Money total = 6 [json_name = "total"];
+
+  message Line {
+    string sku = 1 [json_name = "sku"];
+    int32 quantity = 2 [json_name = "quantity"];
+  }
+  message TagsEntry {
+    option map_entry = true;
+
+    string key = 1 [json_name = "key"];
+    string value = 2 [json_name = "value"];
+  }
+}
+"#;
+
+    #[test]
+    fn glue_definitions_as_wire_writes_them_decode_the_same_values() {
+        let source = ProtobufSchema::from_proto_text("shop.proto", GLUE_PROTO).unwrap();
+        let wire = ProtobufSchema::from_proto_text("shop.proto", GLUE_PROTO_AS_WIRE_WRITES_IT)
+            .expect("Wire's rendering parses and links");
+        let names = |s: &ProtobufSchema| s.glue_order.iter().map(|m| m.full_name().to_owned()).collect::<Vec<_>>();
+        assert_eq!(names(&source), names(&wire));
+        let body = source
+            .encode_glue_json(
+                "shop.Order",
+                serde_json::json!({"order_id": "o-1", "amount": 3, "tags": {"a": "b"}, "lines": [{"sku": "x"}]}),
+            )
+            .unwrap();
+        let (a, b) = (source.decode_glue(1, &body).unwrap(), wire.decode_glue(1, &body).unwrap());
+        assert_eq!(a, b);
+        assert_eq!(b["tags"], serde_json::json!({"a": "b"}), "the entry message is still a map");
+        // A custom option written with parentheses stays and resolves; one naming nothing
+        // resolvable without them is dropped, not refused.
+        let odd = GLUE_PROTO_AS_WIRE_WRITES_IT.replace("metadata.metadata_value", "nowhere.at_all");
+        assert!(ProtobufSchema::from_proto_text("shop.proto", &odd).is_ok());
+        let unknown_extension = GLUE_PROTO_AS_WIRE_WRITES_IT.replace("metadata.metadata_value", "(nowhere.at_all)");
+        assert!(ProtobufSchema::from_proto_text("shop.proto", &unknown_extension).is_err());
+    }
+
+    #[test]
+    fn glue_definitions_that_do_not_parse_or_link_are_refused() {
+        for (text, says) in [
+            ("syntax = \"proto3\"; message {", "not a valid .proto"),
+            ("syntax = \"proto3\"; import \"shop/other.proto\"; message A { shop.Other o = 1; }", "shop/other.proto"),
+            ("syntax = \"proto3\"; message A { Missing m = 1; }", "Missing"),
+            ("syntax = \"proto3\"; enum E { E0 = 0; }", "no message"),
+            ("", "no message"),
+            ("edition = \"2023\"; message A {}", "not a valid .proto"),
+            // A long token quoted back is cut.
+            (&format!("syntax = \"proto3\"; {} A {{}}", "x".repeat(5000)), "…"),
+        ] {
+            let e = ProtobufSchema::from_proto_text("x.proto", text).unwrap_err();
+            assert!(e.contains(says), "{text:?}: {e}");
+        }
     }
 }

@@ -4,6 +4,11 @@
 //! `confluent/type/decimal.proto`). Google's well-known types (`google/protobuf/*.proto`)
 //! are in prost-reflect's global pool already; these are described here, field for field
 //! as their published definitions declare them, so a schema importing them links.
+//!
+//! AWS Glue's deserializers resolve two more, which its Kafka Connect converter imports
+//! into the schemas it writes: `additionalTypes/decimal.proto` (a decimal as units, a
+//! fraction in nanos, precision and scale) and `metadata/metadata.proto` (two string
+//! field options carrying Connect's metadata).
 
 use prost_reflect::prost_types::field_descriptor_proto::{Label, Type};
 use prost_reflect::prost_types::{
@@ -248,6 +253,33 @@ pub(crate) fn file(name: &str) -> Option<FileDescriptorProto> {
             )],
             vec![],
         ),
+        "additionalTypes/decimal.proto" => proto(
+            name,
+            "additionalTypes",
+            &[],
+            vec![message(
+                "Decimal",
+                vec![
+                    scalar("units", 1, Int64),
+                    scalar("fraction", 2, Int32),
+                    scalar("precision", 3, Uint32),
+                    scalar("scale", 4, Int32),
+                ],
+            )],
+            vec![],
+        ),
+        "metadata/metadata.proto" => {
+            let mut file = proto(name, "metadata", &["google/protobuf/descriptor.proto"], vec![], vec![]);
+            // `[(metadata.metadata_key) = "...", (metadata.metadata_value) = "..."]` on fields.
+            file.extension = [("metadata_key", 50001), ("metadata_value", 50002)]
+                .into_iter()
+                .map(|(field, number)| FieldDescriptorProto {
+                    extendee: Some(".google.protobuf.FieldOptions".into()),
+                    ..scalar(field, number, Str)
+                })
+                .collect();
+            file
+        }
         "confluent/meta.proto" => {
             let mut entry = message("ParamsEntry", vec![scalar("key", 1, Str), scalar("value", 2, Str)]);
             entry.options = Some(MessageOptions { map_entry: Some(true), ..Default::default() });

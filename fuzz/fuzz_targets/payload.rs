@@ -1,7 +1,8 @@
 //! Values framed for a schema registry: any bytes through the frame parser, the Avro
 //! decoder (with a schema of every kind of field, and with schemas built from the input)
 //! and the Protobuf decoder (message indexes, then a message of a file with nested,
-//! repeated, map, enum and well-known fields; and the input as a file descriptor) give a
+//! repeated, map, enum and well-known fields; and the input as a file descriptor), Glue's
+//! Protobuf index and the `.proto` text parser (the input as a Glue definition) give a
 //! value or a classified error, never a panic, a hang or an allocation a forged length
 //! asked for.
 #![no_main]
@@ -98,6 +99,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = proto.decode(frame.schema_id, &frame.body);
     }
     let _ = proto.decode(0, data);
+    let _ = proto.decode_glue(0, data);
     if let Ok(schema) = ProtobufSchema::from_descriptors(data, &[]) {
         let _ = schema.decode(0, data);
     }
@@ -114,6 +116,7 @@ fuzz_target!(|data: &[u8]| {
         Ok(frame) => {
             assert!(frame.body.len() <= 64 * 1024);
             let _ = order.decode(frame.schema_id, &frame.body);
+            let _ = proto.decode_glue(frame.schema_id, &frame.body);
             let _ = frame.schema_id.to_string();
         }
         Err(e) => {
@@ -129,6 +132,9 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
         if let Ok(schema) = AvroSchema::parse(text) {
             let _ = schema.decode(0, data);
+        }
+        if let Ok(schema) = ProtobufSchema::from_proto_text("fuzz.proto", text) {
+            let _ = schema.decode_glue(0, data);
         }
     }
 });

@@ -42,6 +42,9 @@ pub enum RegistrySchema {
     Json(JsonSchema),
     /// A Protobuf schema (`schemaType` `PROTOBUF`), with the files it imports.
     Protobuf(ProtobufSchema),
+    /// A Protobuf schema from AWS Glue (`.proto` text): its values carry Glue's message
+    /// index, not Confluent's.
+    GlueProtobuf(ProtobufSchema),
 }
 
 impl RegistrySchema {
@@ -51,6 +54,7 @@ impl RegistrySchema {
             RegistrySchema::Avro(s) => s.decode(schema_id, body),
             RegistrySchema::Json(s) => s.decode(schema_id, body),
             RegistrySchema::Protobuf(s) => s.decode(schema_id, body),
+            RegistrySchema::GlueProtobuf(s) => s.decode_glue(schema_id, body),
         }
     }
 
@@ -58,7 +62,8 @@ impl RegistrySchema {
     /// A Protobuf value may keep its message indexes or not (AWS does not say): a leading
     /// zero byte is the indexes of the file's first message (no message starts with it:
     /// field number 0 does not exist) and is skipped; a value without it is read as the
-    /// file's first message.
+    /// file's first message. A Glue Protobuf value keeps its message index (Powertools
+    /// reads it the same way) and decodes as it does framed.
     pub fn decode_source(&self, schema_id: SchemaId, body: &[u8]) -> Result<serde_json::Value, PayloadError> {
         match self {
             RegistrySchema::Protobuf(s) => match body.split_first() {
@@ -75,7 +80,7 @@ impl RegistrySchema {
         match self {
             RegistrySchema::Avro(_) => "AVRO",
             RegistrySchema::Json(_) => "JSON",
-            RegistrySchema::Protobuf(_) => "PROTOBUF",
+            RegistrySchema::Protobuf(_) | RegistrySchema::GlueProtobuf(_) => "PROTOBUF",
         }
     }
 }
@@ -408,14 +413,12 @@ impl SchemaRegistry {
         let schema = match answer.data_format() {
             Some(DataFormat::Avro) => RegistrySchema::Avro(AvroSchema::parse(definition).map_err(invalid)?),
             Some(DataFormat::Json) => RegistrySchema::Json(JsonSchema::parse(definition).map_err(invalid)?),
-            Some(DataFormat::Protobuf) => {
-                return Err(LookupError::Unsupported {
-                    id,
-                    schema_type:
-                        "PROTOBUF from AWS Glue (a .proto text definition; Glue's Protobuf is not decoded here yet)"
-                            .into(),
-                })
-            }
+            // Glue keeps the producer's `.proto` text. Named after the version, a name no
+            // import can take.
+            Some(DataFormat::Protobuf) => RegistrySchema::GlueProtobuf(
+                ProtobufSchema::from_proto_text(&format!("glue-schema-version-{id}.proto"), definition)
+                    .map_err(invalid)?,
+            ),
             other => {
                 return Err(LookupError::Unsupported {
                     id,

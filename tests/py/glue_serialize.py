@@ -12,6 +12,18 @@ byte 3, the compression byte, the schema version's 16-byte UUID, then the datum.
                              < records.jsonl
         prints each framed value as hex, one per line
 
+    glue_serialize.py encode ... --format protobuf --schema-file F.proto
+        each line is {"message": FULL_NAME, "value": {...proto3 JSON...}}
+
+Protobuf: the package does Avro and JSON Schema only, and Glue's Protobuf serializer is
+Java's. So the schema is compiled by Google's protoc (grpcio-tools), the message built
+and encoded by Google's protobuf runtime, the definition registered through the
+package's client (its text, as Glue keeps it) and the frame written by the package's
+codec. What is ours is the message index before the message, written as the Java
+serializer writes it (its MessageIndexFinder and ProtobufWireFormatEncoder): one
+unsigned varint, the message's position among all the file's messages (nested ones and
+map entries included, breadth first) sorted by full name.
+
 No Glue registry runs here: --endpoint is the tests' stand-in serving Glue's JSON API
 (`integration_tests::glue`). Without --schema-file the records are the orders of the
 Confluent tests (an Avro record). --compress re-frames each value with the package's
@@ -47,7 +59,7 @@ def main():
     p.add_argument("--endpoint", required=True)
     p.add_argument("--registry", required=True)
     p.add_argument("--topic", required=True)
-    p.add_argument("--format", choices=["avro", "json"], default="avro")
+    p.add_argument("--format", choices=["avro", "json", "protobuf"], default="avro")
     p.add_argument("--schema-file")
     p.add_argument("--compress", action="store_true")
     a = p.parse_args()
@@ -60,6 +72,8 @@ def main():
         aws_secret_access_key="secret",
     )
     client = SchemaRegistryClient(glue, registry_name=a.registry, wait_interval_seconds=0)
+    if a.format == "protobuf":
+        return encode_protobuf(client, a)
     serializer = KafkaSerializer(client)
     if a.schema_file:
         with open(a.schema_file) as f:
@@ -78,6 +92,66 @@ def main():
             data, version = decode(value)
             value = encode(data, version, compression=True)
         print(value.hex())
+
+
+def glue_message_indexes(file_descriptor):
+    """Each message's Glue index by full name: breadth first, then sorted by name."""
+    queue = list(file_descriptor.message_types_by_name.values())
+    everything = []
+    while queue:
+        message = queue.pop(0)
+        everything.append(message)
+        queue.extend(message.nested_types)
+    everything.sort(key=lambda m: m.full_name)
+    return {m.full_name: i for i, m in enumerate(everything)}
+
+
+def varint(n):
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def encode_protobuf(client, a):
+    import os
+    import tempfile
+
+    import grpc_tools
+    from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
+    from grpc_tools import protoc
+
+    with open(a.schema_file) as f:
+        definition = f.read()
+    well_known = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
+    # googleapis-common-protos ships google/type/*.proto beside its modules.
+    site = os.path.dirname(os.path.dirname(os.path.dirname(descriptor_pb2.__file__)))
+    with tempfile.TemporaryDirectory() as tmp:
+        name = "shop.proto"
+        with open(os.path.join(tmp, name), "w") as f:
+            f.write(definition)
+        out = os.path.join(tmp, "set.pb")
+        rc = protoc.main(["protoc", f"-I{tmp}", f"-I{site}", f"-I{well_known}",
+                          "--include_imports", f"--descriptor_set_out={out}", name])
+        if rc != 0:
+            sys.exit(f"protoc failed on {a.schema_file}")
+        with open(out, "rb") as f:
+            files = descriptor_pb2.FileDescriptorSet.FromString(f.read())
+    pool = descriptor_pool.DescriptorPool()
+    for proto in files.file:
+        pool.Add(proto)
+    indexes = glue_message_indexes(pool.FindFileByName(name))
+    version = client.get_or_register_schema_version(definition, a.topic, "PROTOBUF")
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        cls = message_factory.GetMessageClass(pool.FindMessageTypeByName(record["message"]))
+        message = json_format.ParseDict(record["value"], cls(), ignore_unknown_fields=False)
+        body = varint(indexes[record["message"]]) + message.SerializeToString()
+        print(encode(body, version.version_id, compression=a.compress).hex())
 
 
 if __name__ == "__main__":
