@@ -340,11 +340,11 @@ mod tests {
     #[test]
     fn decode_smoke_run_reads_every_format_alike_and_reports_each() {
         let r = run(&DecodeOptions { events: 200, rounds: 3 }).unwrap();
-        assert_eq!(r.rows.len(), 6);
+        assert_eq!(r.rows.len(), 7);
         assert!(r.rows.iter().all(|row| row.ns_per_event > 0.0 && row.value_bytes > 10.0), "{r:?}");
         assert!(r.rows[1].value_bytes < r.rows[0].value_bytes, "Avro is smaller than JSON: {r:?}");
         assert!(r.rows[3].value_bytes < r.rows[0].value_bytes, "Protobuf is smaller than JSON: {r:?}");
         assert!(render(&r).contains("avro (confluent)") && render(&r).contains("protobuf (confluent)"));
-        assert!(render(&r).contains("avro (glue, zlib)"));
+        assert!(render(&r).contains("avro (glue, zlib)") && render(&r).contains("protobuf (glue)"));
     }
 }
