@@ -40,7 +40,7 @@ fn no_cache() -> GuardConfig {
 
 /// The hash tag of bucket `b` of the `features` namespace, as a key Redis can slot.
 fn bucket_key(env: &TestEnv, b: u32) -> String {
-    format!("{}:{{features:{b}}}:done:x", env.key_prefix)
+    format!("{}:{{features:{b}}}:event:x", env.key_prefix)
 }
 
 #[derive(Default)]
@@ -248,9 +248,9 @@ async fn a_step_failing_in_one_bucket_frees_the_leases_it_took_in_the_others() {
     // One id's lease key holds a hash (a poisoned key): the script of its bucket fails
     // with WRONGTYPE, the other 15 buckets' scripts take their leases.
     // (The id in either format, whichever the guard runs in.)
-    let mut poison_keys: Vec<String> = ["h:f0", "f0"]
+    let poison_keys: Vec<String> = ["h:f0", "f0"]
         .iter()
-        .map(|id| env.clients.leases.key(&ns, "lease", &exactly_once::EventId::new(id.to_string()).unwrap()))
+        .map(|id| env.clients.leases.key(&ns, &exactly_once::EventId::new(id.to_string()).unwrap()))
         .collect();
     let mut c = env.redis().await;
     for key in &poison_keys {
@@ -264,11 +264,27 @@ async fn a_step_failing_in_one_bucket_frees_the_leases_it_took_in_the_others() {
     let batch: Vec<_> = (0..100).map(|i| ev(&format!("f{i}"), i)).collect();
     let r = g.run_batch(&h, &batch, None).await;
     assert!(r.outcomes.iter().all(|o| o.outcome == Outcome::Processed), "Postgres alone carries the batch: {r:?}");
-    let mut leases: Vec<String> =
-        redis::cmd("KEYS").arg(format!("{}:*:lease:*", env.key_prefix)).query_async(&mut c).await.unwrap();
-    leases.sort();
-    poison_keys.sort();
-    assert_eq!(leases, poison_keys, "only the poisoned keys are left: every lease the batch took was freed");
+    // Every key left is a done marker or a poisoned one: no lease. (The confirmed
+    // event's marker is written over its poisoned key, whatever that held.)
+    let keys: Vec<String> =
+        redis::cmd("KEYS").arg(format!("{}:*:event:*", env.key_prefix)).query_async(&mut c).await.unwrap();
+    let (mut markers, mut others) = (0, Vec::new());
+    for key in keys {
+        let kind: String = redis::cmd("TYPE").arg(&key).query_async(&mut c).await.unwrap();
+        let value: Option<String> = match kind.as_str() {
+            "string" => redis::cmd("GET").arg(&key).query_async(&mut c).await.unwrap(),
+            _ => None,
+        };
+        match value {
+            Some(v) if v.starts_with("done:") => markers += 1,
+            _ => others.push(key),
+        }
+    }
+    assert!(
+        others.iter().all(|k| poison_keys.contains(k)),
+        "only poisoned keys besides markers: every lease the batch took was freed: {others:?}"
+    );
+    assert_eq!(markers, 100, "each confirmed event has its marker");
     assert_exactly_once(&env, &(0..100).map(|i| format!("f{i}")).collect::<Vec<_>>()).await;
 }
 
@@ -310,8 +326,13 @@ async fn a_slot_moved_mid_stream_loses_nothing() {
     let moved_keys = cluster.node(to.port).await;
     let mut c = moved_keys;
     let on_target: Vec<String> =
-        redis::cmd("KEYS").arg(format!("{}:{{features:0}}:done:*", env.key_prefix)).query_async(&mut c).await.unwrap();
-    assert!(!on_target.is_empty(), "the bucket's done markers live on the new owner");
+        redis::cmd("KEYS").arg(format!("{}:{{features:0}}:event:*", env.key_prefix)).query_async(&mut c).await.unwrap();
+    let mut markers = 0;
+    for key in &on_target {
+        let value: Option<String> = redis::cmd("GET").arg(key).query_async(&mut c).await.unwrap();
+        markers += usize::from(value.is_some_and(|v| v.starts_with("done:")));
+    }
+    assert!(markers > 0, "the bucket's done markers live on the new owner");
     assert_exactly_once(&env, &ids).await;
     // Every id is still known: a full redelivery handles nothing again. Leases whose
     // release met the slot half-moved (a script over keys on two nodes is refused with

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use exactly_once::config::GuardConfig;
+use exactly_once::guard::lease::{LeaseReply, Release};
 use exactly_once::{
     async_trait, BreakerState, DuplicateTier, Event, FailureKind, FunctionSpec, Guard, Handler, HandlerContext,
     HandlerError, IdStrategy, Outcome,
@@ -179,8 +180,7 @@ async fn duplicate_is_detected_from_postgres_after_restart_and_marker_restored()
     env.flush_redis().await;
     let ns = exactly_once::Namespace::new(NS).unwrap();
     let id = exactly_once::EventId::new("h:e-restart").unwrap();
-    let marker = env.clients.leases.key(&ns, "done", &id);
-    assert!(!env.redis_exists(&marker).await);
+    assert!(!env.redis_exists(&env.clients.leases.key(&ns, &id)).await);
 
     let after = guard(&env, &probe, GuardConfig::default());
     let report = after.run_batch(&probe, &[event("e-restart", 0)], None).await;
@@ -189,8 +189,9 @@ async fn duplicate_is_detected_from_postgres_after_restart_and_marker_restored()
         "{report:?}"
     );
     assert_eq!(probe.calls.load(Ordering::SeqCst), 1);
-    assert!(env.redis_exists(&marker).await, "the done marker is restored");
-    assert!(!env.redis_exists(&env.clients.leases.key(&ns, "lease", &id)).await, "the lease is released");
+    let (lease, marker) = env.clients.leases.inspect(&ns, &id).await.unwrap();
+    assert!(marker.is_some(), "the done marker is restored");
+    assert!(lease.is_none(), "the lease is released (the marker replaced it)");
 }
 
 #[tokio::test]
@@ -211,7 +212,7 @@ async fn failing_handler_confirms_nothing_releases_the_lease_and_counts_the_atte
     assert_eq!(env.count("SELECT attempts::bigint FROM event_attempts WHERE event_id = 'h:e-fail'").await, 1);
     let ns = exactly_once::Namespace::new(NS).unwrap();
     let id = exactly_once::EventId::new("h:e-fail").unwrap();
-    assert!(!env.redis_exists(&env.clients.leases.key(&ns, "lease", &id)).await, "lease released after failure");
+    assert!(!env.redis_exists(&env.clients.leases.key(&ns, &id)).await, "lease released after failure");
 
     // The retry succeeds and records that it took two attempts.
     let retry = g.run_batch(&probe, &[event("e-fail", 3)], None).await;
@@ -485,7 +486,7 @@ async fn lease_ttl_is_capped_by_the_deadline() {
     let ns = exactly_once::Namespace::new(NS).unwrap();
     let spy = |id: &str| TtlSpy {
         redis: env.clients.redis.clone(),
-        key: env.clients.leases.key(&ns, "lease", &exactly_once::EventId::new(format!("h:{id}")).unwrap()),
+        key: env.clients.leases.key(&ns, &exactly_once::EventId::new(format!("h:{id}")).unwrap()),
         seen: Default::default(),
     };
     let config = GuardConfig { lease_ttl: Duration::from_secs(30), ..GuardConfig::default() };
@@ -1108,8 +1109,9 @@ async fn deferred_release_goes_out_after_the_answer_and_the_flush_waits_for_it()
     g.flush_releases().await;
     let ns = exactly_once::Namespace::new(NS).unwrap();
     let id = exactly_once::EventId::new("h:e-deferred").unwrap();
-    assert!(env.redis_exists(&env.clients.leases.key(&ns, "done", &id)).await, "done marker set");
-    assert!(!env.redis_exists(&env.clients.leases.key(&ns, "lease", &id)).await, "lease released");
+    let (lease, marker) = env.clients.leases.inspect(&ns, &id).await.unwrap();
+    assert!(marker.is_some(), "done marker set");
+    assert!(lease.is_none(), "lease released");
     assert_eq!(g.round_trips().redis(), 2, "lease step and release step");
     assert_eq!(g.round_trips().postgres(), 2, "durable check and confirm");
 }
@@ -1120,7 +1122,7 @@ async fn deferred_release_goes_out_after_the_answer_and_the_flush_waits_for_it()
 async fn a_failed_batch_or_no_deferral_releases_before_answering() {
     let env = TestEnv::new().await;
     let ns = exactly_once::Namespace::new(NS).unwrap();
-    let lease = |id: &str| env.clients.leases.key(&ns, "lease", &exactly_once::EventId::new(id).unwrap());
+    let lease = |id: &str| env.clients.leases.key(&ns, &exactly_once::EventId::new(id).unwrap());
 
     let failing = Probe { fail_first: AtomicU32::new(1), ..Default::default() };
     let g = guard(&env, &failing, GuardConfig::default());
@@ -1135,9 +1137,10 @@ async fn a_failed_batch_or_no_deferral_releases_before_answering() {
     let inline = guard(&env, &probe, GuardConfig { deferred_releases: 0, ..GuardConfig::default() });
     let report = inline.run_batch_deferring_release(&probe, &[event("e-def-off", 1)]).await;
     assert_eq!(only(&report), &Outcome::Processed);
-    let done = env.clients.leases.key(&ns, "done", &exactly_once::EventId::new("h:e-def-off").unwrap());
-    assert!(env.redis_exists(&done).await, "marker set before the answer");
-    assert!(!env.redis_exists(&lease("h:e-def-off")).await, "lease released before the answer");
+    let (lease, marker) =
+        env.clients.leases.inspect(&ns, &exactly_once::EventId::new("h:e-def-off").unwrap()).await.unwrap();
+    assert!(marker.is_some(), "marker set before the answer");
+    assert!(lease.is_none(), "lease released before the answer");
 }
 
 /// A lease still held over an id the ledger has confirmed (its holder committed; its
@@ -1156,9 +1159,9 @@ async fn a_busy_lease_over_a_confirmed_id_is_a_duplicate() {
     let mut c = env.redis().await;
     for id in ["h:e-busy-done", "h:e-busy-open"] {
         let id = exactly_once::EventId::new(id).unwrap();
-        let _: () = redis::cmd("DEL").arg(env.clients.leases.key(&ns, "done", &id)).query_async(&mut c).await.unwrap();
+        // (The lease takes the key the marker held.)
         let _: () = redis::cmd("SET")
-            .arg(env.clients.leases.key(&ns, "lease", &id))
+            .arg(env.clients.leases.key(&ns, &id))
             .arg("someone-else")
             .arg("PX")
             .arg(30_000)
@@ -1175,4 +1178,63 @@ async fn a_busy_lease_over_a_confirmed_id_is_a_duplicate() {
     );
     assert_eq!(report.outcomes[1].outcome, Outcome::InFlight, "{report:?}");
     assert_eq!(probe.calls.load(Ordering::SeqCst), 1, "the handler ran once, for the first guard");
+    // The release left both keys alone: they were never ours.
+    for id in ["h:e-busy-done", "h:e-busy-open"] {
+        let (lease, marker) = env.clients.leases.inspect(&ns, &exactly_once::EventId::new(id).unwrap()).await.unwrap();
+        assert_eq!((lease.map(|l| l.0), marker), (Some("someone-else".to_owned()), None), "{id}");
+    }
+}
+
+/// A confirmed event's marker is written over a lease another consumer took after ours
+/// lapsed (the event is in the ledger: that consumer's confirm finds a duplicate); an
+/// event that failed leaves the other consumer's lease alone; a marker is never taken by
+/// a lease, and `forget` deletes a marker but never a lease.
+#[tokio::test]
+async fn a_confirmed_events_marker_replaces_a_lapsed_lease_and_nothing_else_does() {
+    let env = TestEnv::new().await;
+    let ns = exactly_once::Namespace::new(NS).unwrap();
+    let id = |i: &str| exactly_once::EventId::new(i).unwrap();
+    let leases = &env.clients.leases;
+    let ttl = Duration::from_secs(30);
+    // Ours on both, then both lapse and another consumer takes them.
+    let ours = leases.acquire(&ns, &[&id("h:m-done"), &id("h:m-failed")], "ours", ttl).await.unwrap();
+    assert_eq!(ours, [LeaseReply::Acquired, LeaseReply::Acquired]);
+    let mut c = env.redis().await;
+    for i in ["h:m-done", "h:m-failed"] {
+        let _: () = redis::cmd("SET")
+            .arg(leases.key(&ns, &id(i)))
+            .arg("theirs")
+            .arg("PX")
+            .arg(30_000)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+    let hash = exactly_once::PayloadHash([7; 32]);
+    let released = leases
+        .release(
+            &ns,
+            &[Release { id: &id("h:m-done"), done: Some(hash) }, Release { id: &id("h:m-failed"), done: None }],
+            "ours",
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    assert_eq!(released, 1, "one marker written, no lease of ours left to free");
+    assert_eq!(leases.inspect(&ns, &id("h:m-done")).await.unwrap(), (None, Some(hash.to_hex())));
+    assert_eq!(leases.inspect(&ns, &id("h:m-failed")).await.unwrap().0.map(|l| l.0), Some("theirs".to_owned()));
+    // Acquiring over the marker answers done with its hash; a marker without a hash is
+    // still done.
+    let again = leases.acquire(&ns, &[&id("h:m-done")], "third", ttl).await.unwrap();
+    assert_eq!(again, [LeaseReply::Done(Some(hash))]);
+    let _: () = redis::cmd("SET").arg(leases.key(&ns, &id("h:m-bare"))).arg("done:").query_async(&mut c).await.unwrap();
+    assert_eq!(leases.acquire(&ns, &[&id("h:m-bare")], "third", ttl).await.unwrap(), [LeaseReply::Done(None)]);
+    // Our own lease, asked for again (a resent script), is still ours.
+    let mine = leases.acquire(&ns, &[&id("h:m-mine")], "ours", ttl).await.unwrap();
+    assert_eq!(leases.acquire(&ns, &[&id("h:m-mine")], "ours", ttl).await.unwrap(), mine);
+    // forget: the marker goes, the lease stays.
+    leases.forget(&ns, &id("h:m-done")).await.unwrap();
+    leases.forget(&ns, &id("h:m-failed")).await.unwrap();
+    assert!(!env.redis_exists(&leases.key(&ns, &id("h:m-done"))).await);
+    assert!(env.redis_exists(&leases.key(&ns, &id("h:m-failed"))).await);
 }

@@ -110,7 +110,7 @@ async fn assert_all_landed_once(
 /// Holds the lease of `event_id` in Redis for `ttl`, as another consumer would.
 async fn hold_lease(env: &TestEnv, event_id: &str, ttl: Duration) {
     let mut c = env.redis().await;
-    let key = format!("{}:{{user-events}}:lease:h:{event_id}", env.key_prefix);
+    let key = format!("{}:{{user-events}}:event:h:{event_id}", env.key_prefix);
     let ok: Option<String> = redis::cmd("SET")
         .arg(&key)
         .arg("someone-else")
@@ -126,7 +126,7 @@ async fn hold_lease(env: &TestEnv, event_id: &str, ttl: Duration) {
 /// Lets go of a lease taken by `hold_lease`.
 async fn release_lease(env: &TestEnv, event_id: &str) {
     let mut c = env.redis().await;
-    let key = format!("{}:{{user-events}}:lease:h:{event_id}", env.key_prefix);
+    let key = format!("{}:{{user-events}}:event:h:{event_id}", env.key_prefix);
     let _: i64 = redis::cmd("DEL").arg(&key).query_async(&mut c).await.expect("DEL");
 }
 

@@ -1,19 +1,29 @@
-//! Redis: done markers and leases, one round trip per batch in each direction.
+//! Redis: leases and done markers, one round trip per batch in each direction.
 //!
-//! Keys: `<prefix>:{<tag>}:done:<id>` holds the payload hash of a confirmed event;
-//! `<prefix>:{<tag>}:lease:<id>` holds the token of the batch working on it. The tag is
-//! the namespace, or with `REDIS_KEY_BUCKETS` above one `<namespace>:<bucket>`, the bucket
-//! being a fixed hash (FNV-1a) of the id. The tag is a Redis hash tag: every key with the
-//! same tag sits in one cluster slot, so a script over one bucket's keys is legal on Redis
-//! Cluster, and the buckets spread a function's keys over slots and so over shards.
+//! Keys: one per event id, `<prefix>:{<tag>}:event:<id>`, holding either the token of the
+//! batch working on the event (its lease) or, once the event is confirmed, `done:` and
+//! the payload hash (its done marker). The tag is the namespace, or with
+//! `REDIS_KEY_BUCKETS` above one `<namespace>:<bucket>`, the bucket being a fixed hash
+//! (FNV-1a) of the id. The tag is a Redis hash tag: every key with the same tag sits in
+//! one cluster slot, so a script over one bucket's keys is legal on Redis Cluster, and
+//! the buckets spread a function's keys over slots and so over shards.
+//!
+//! One key rather than a lease key and a marker key: a new id costs Redis three key
+//! operations (read and `SET NX PX` to lease it; one `SET` turning it into the marker)
+//! instead of five, one call fewer, and half the keys. Both states still mean what they
+//! did: a key that exists is either someone's lease (busy) or a marker (done), and
+//! `SET NX` takes a lease only where there is neither.
 //!
 //! A batch sends one script per bucket it touches, all at once, and waits for the last:
 //! about one round trip per step whatever the number of buckets. In standalone mode the
 //! default is one bucket, which is one script per step, as before buckets existed.
 //!
 //! Invariants:
-//! - a lease is only ever deleted by the holder of its token (compare-and-delete inside
-//!   the script, never a plain DEL), so an expired holder cannot free a successor's lease;
+//! - a lease is only ever deleted or turned into a marker by the holder of its token
+//!   (compare-and-delete inside the script, never a plain DEL), except that a confirmed
+//!   event's marker replaces whatever lease is there: the event is in Postgres, so a
+//!   holder whose lease it overwrites finds the event confirmed when it confirms;
+//! - a marker is never replaced by a lease (`SET NX`) and never deleted by a release;
 //! - Redis is an optimisation: every caller must treat an error here as "no lease
 //!   information" and fall back to Postgres, which stays the truth.
 
@@ -29,28 +39,36 @@ use crate::event_id::{EventId, Namespace};
 use crate::redis_client::{RedisClient, RedisConnectError, RedisConnection};
 use crate::BoxError;
 
-/// KEYS: n done keys, then the n matching lease keys; ARGV: token, ttl (ms).
-/// One MGET reads every done marker; ids without one try `SET NX PX` for the lease.
-/// Replies the marker's text (done), 1 (lease taken, or already ours: a client that
-/// resent the script after losing its answer must not find its own lease busy) or 0
-/// (busy: someone else holds it). Numbers, not letters: an integer reply costs the
-/// client no allocation, and most ids get one.
+/// KEYS: n event keys; ARGV: token, ttl (ms). One MGET reads every key; a missing one
+/// gets `SET NX PX` (the lease), one holding our own token is extended (a client that
+/// resent the script after losing its answer must not find its own lease busy), one
+/// holding a marker answers done. Replies the marker's hash (done; empty if it has
+/// none), 1 (lease taken, or already ours) or 0 (busy: someone else holds it). Numbers,
+/// not letters: an integer reply costs the client no allocation, and most ids get one.
+/// (MGET reads a key of another type as missing; its `SET NX` fails and the `GET` after
+/// it raises WRONGTYPE, failing the step as such a key always has.)
 const ACQUIRE: &str = r#"
-local n = #KEYS / 2
-local done = {}
+local n = #KEYS
+local held = {}
 for from = 1, n, 4000 do
   local part = redis.call('MGET', unpack(KEYS, from, math.min(from + 3999, n)))
-  for j = 1, #part do done[from + j - 1] = part[j] end
+  for j = 1, #part do held[from + j - 1] = part[j] end
 end
 local out = {}
 for i = 1, n do
-  if done[i] then
-    out[i] = done[i]
-  elseif redis.call('SET', KEYS[n + i], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local v = held[i]
+  if not v then
+    if redis.call('SET', KEYS[i], ARGV[1], 'NX', 'PX', ARGV[2]) then
+      out[i] = 1
+    else
+      redis.call('GET', KEYS[i])
+      out[i] = 0
+    end
+  elseif v == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[i], ARGV[2])
     out[i] = 1
-  elseif redis.call('GET', KEYS[n + i]) == ARGV[1] then
-    redis.call('PEXPIRE', KEYS[n + i], ARGV[2])
-    out[i] = 1
+  elseif string.sub(v, 1, 5) == 'done:' then
+    out[i] = string.sub(v, 6)
   else
     out[i] = 0
   end
@@ -58,33 +76,40 @@ end
 return out
 "#;
 
-/// KEYS: n lease keys, then the n matching done keys; ARGV: token, done ttl (ms), then
-/// one marker per id (empty: no marker). Writes the markers, then deletes, in one DEL,
-/// the leases that still hold our token (compare-and-delete). Returns how many were ours.
+/// KEYS: n event keys; ARGV: token, done ttl (ms), then one marker per id (empty: no
+/// marker). A confirmed id's marker is written over its key, whatever it holds (our
+/// lease, or one taken after ours lapsed: the event is confirmed either way), without
+/// reading it first. The other ids' keys are read with one MGET and those still holding
+/// our token deleted with one DEL (compare-and-delete). Returns how many keys were
+/// written or deleted.
 const RELEASE: &str = r#"
-local n = #KEYS / 2
-local mine = {}
-for from = 1, n, 4000 do
-  local to = math.min(from + 3999, n)
-  local leases = redis.call('MGET', unpack(KEYS, from, to))
-  for j = 1, #leases do
-    if leases[j] == ARGV[1] then mine[#mine + 1] = KEYS[from + j - 1] end
+local open = {}
+local written = 0
+for i = 1, #KEYS do
+  if ARGV[2 + i] ~= '' then
+    redis.call('SET', KEYS[i], 'done:' .. ARGV[2 + i], 'PX', ARGV[2])
+    written = written + 1
+  else
+    open[#open + 1] = KEYS[i]
   end
 end
-for i = 1, n do
-  if ARGV[2 + i] ~= '' then
-    redis.call('SET', KEYS[n + i], ARGV[2 + i], 'PX', ARGV[2])
+local mine = {}
+for from = 1, #open, 4000 do
+  local to = math.min(from + 3999, #open)
+  local held = redis.call('MGET', unpack(open, from, to))
+  for j = 1, #held do
+    if held[j] == ARGV[1] then mine[#mine + 1] = open[from + j - 1] end
   end
 end
 for from = 1, #mine, 4000 do
   redis.call('DEL', unpack(mine, from, math.min(from + 3999, #mine)))
 end
-return #mine
+return written + #mine
 "#;
 
-/// KEYS: n lease keys; ARGV: token, ttl (ms). For each lease: still ours? Then it is
+/// KEYS: n event keys; ARGV: token, ttl (ms). For each lease: still ours? Then it is
 /// extended by ttl, so it cannot lapse while the caller acts on the answer. Replies
-/// 1 (ours) or 0 (expired, or someone else's) per key.
+/// 1 (ours) or 0 (expired, someone else's, or done) per key.
 const HOLD: &str = r#"
 local out = {}
 for i = 1, #KEYS do
@@ -97,6 +122,18 @@ for i = 1, #KEYS do
 end
 return out
 "#;
+
+/// KEYS: one event key. Deletes it if it holds a done marker (a lease is left alone).
+const FORGET: &str = r#"
+local held = redis.call('GET', KEYS[1])
+if held and string.sub(held, 1, 5) == 'done:' then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
+/// The prefix of a done marker's value (a lease's is a UUID token).
+const DONE: &str = "done:";
 
 /// What Redis said about one id.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,6 +188,7 @@ pub struct Leases {
     acquire: Script,
     release: Script,
     hold: Script,
+    forget: Script,
 }
 
 impl Leases {
@@ -172,10 +210,11 @@ impl Leases {
             acquire: Script::new(ACQUIRE),
             release: Script::new(RELEASE),
             hold: Script::new(HOLD),
+            forget: Script::new(FORGET),
         };
         let err = |source: BoxError| RedisConnectError { url: leases.redis.url().to_owned(), source };
         let mut conn = leases.redis.connection().await.map_err(err)?;
-        for script in [&leases.acquire, &leases.release, &leases.hold] {
+        for script in [&leases.acquire, &leases.release, &leases.hold, &leases.forget] {
             script.load_async(&mut conn).await.map_err(|e| err(e.into()))?;
         }
         Ok(leases)
@@ -186,12 +225,12 @@ impl Leases {
         &self.breaker
     }
 
-    /// The Redis key of `kind` (`done` or `lease`) for `id`:
-    /// `<prefix>:{<namespace>}:<kind>:<id>` with one bucket,
-    /// `<prefix>:{<namespace>:<bucket>}:<kind>:<id>` with more.
-    pub fn key(&self, ns: &Namespace, kind: &str, id: &EventId) -> String {
+    /// The Redis key of `id`, holding its lease or its done marker:
+    /// `<prefix>:{<namespace>}:event:<id>` with one bucket,
+    /// `<prefix>:{<namespace>:<bucket>}:event:<id>` with more.
+    pub fn key(&self, ns: &Namespace, id: &EventId) -> String {
         let bucket = (self.buckets != 1).then(|| self.bucket(id));
-        key_text(&self.prefix, ns.as_str(), bucket, kind, id.as_str())
+        key_text(&self.prefix, ns.as_str(), bucket, "event", id.as_str())
     }
 
     /// The bucket of `id`: FNV-1a (64 bits) of its text, modulo the bucket count. Part of
@@ -235,8 +274,7 @@ impl Leases {
         token: &str,
         ttl: Duration,
     ) -> Result<Vec<LeaseReply>, LeaseError> {
-        let replies: Vec<redis::Value> =
-            self.per_id("acquire", &self.acquire, ns, ids, &["done", "lease"], token, ttl).await?;
+        let replies: Vec<redis::Value> = self.per_id("acquire", &self.acquire, ns, ids, token, ttl).await?;
         replies
             .into_iter()
             .map(|r| match r {
@@ -252,17 +290,14 @@ impl Leases {
     }
 
     /// One round trip over `ids`: `script` once per bucket, all at once. A bucket's
-    /// script gets the keys of each of `kinds` for its ids (every id's key of the first
-    /// kind, then of the next), then `token` and `ttl` (ms); it answers one reply per
-    /// id. The replies come back in the order of `ids`.
-    #[allow(clippy::too_many_arguments)]
+    /// script gets the keys of its ids, then `token` and `ttl` (ms); it answers one reply
+    /// per id. The replies come back in the order of `ids`.
     async fn per_id<T: redis::FromRedisValue>(
         &self,
         name: &str,
         script: &Script,
         ns: &Namespace,
         ids: &[&EventId],
-        kinds: &[&str],
         token: &str,
         ttl: Duration,
     ) -> Result<Vec<T>, LeaseError> {
@@ -275,10 +310,8 @@ impl Leases {
             .iter()
             .map(|group| {
                 let mut inv = script.prepare_invoke();
-                for kind in kinds {
-                    for &i in group {
-                        inv.key(self.key(ns, kind, ids[i]));
-                    }
+                for &i in group {
+                    inv.key(self.key(ns, ids[i]));
                 }
                 inv.arg(token).arg(ttl);
                 inv
@@ -297,7 +330,8 @@ impl Leases {
             .collect()
     }
 
-    /// One round trip: writes done markers and frees the leases our token still holds.
+    /// One round trip: writes done markers (each replacing its id's lease) and frees the
+    /// other leases our token still holds. Returns how many keys were written or freed.
     pub async fn release(
         &self,
         ns: &Namespace,
@@ -316,11 +350,8 @@ impl Leases {
                 let mut inv = self.release.prepare_invoke();
                 inv.arg(token).arg(done_ttl);
                 for &i in group {
-                    inv.key(self.key(ns, "lease", items[i].id));
+                    inv.key(self.key(ns, items[i].id));
                     inv.arg(items[i].done.map(|h| h.to_hex()).unwrap_or_default());
-                }
-                for &i in group {
-                    inv.key(self.key(ns, "done", items[i].id));
                 }
                 inv
             })
@@ -332,7 +363,7 @@ impl Leases {
     /// One round trip: which of `ids` our token still leases; those are extended by
     /// `ttl`. Only the holder may count a failed attempt or dead-letter an event: a
     /// consumer whose lease expired mid-handler must not fail an event another consumer
-    /// is handling now.
+    /// is handling now (or one another consumer confirmed: its marker replaced the lease).
     pub async fn still_held(
         &self,
         ns: &Namespace,
@@ -340,7 +371,7 @@ impl Leases {
         token: &str,
         ttl: Duration,
     ) -> Result<Vec<bool>, LeaseError> {
-        let held: Vec<i64> = self.per_id("hold", &self.hold, ns, ids, &["lease"], token, ttl).await?;
+        let held: Vec<i64> = self.per_id("hold", &self.hold, ns, ids, token, ttl).await?;
         Ok(held.into_iter().map(|h| h == 1).collect())
     }
 
@@ -357,25 +388,30 @@ impl Leases {
         LeaseError::Redis { url: self.redis.url().to_owned(), source: what.into() }
     }
 
-    /// What Redis holds for one id: the lease (token, ms left) and the done marker.
+    /// What Redis holds for one id: the lease (token, ms left) or the done marker (its
+    /// hash, possibly empty).
     pub async fn inspect(
         &self,
         ns: &Namespace,
         id: &EventId,
     ) -> Result<(Option<(String, i64)>, Option<String>), LeaseError> {
-        let (lease, done) = (self.key(ns, "lease", id), self.key(ns, "done", id));
-        let (token, pttl, marker): (Option<String>, i64, Option<String>) = self
-            .call(|mut conn| async move {
-                redis::pipe().get(&lease).cmd("PTTL").arg(&lease).get(&done).query_async(&mut conn).await
-            })
+        let key = self.key(ns, id);
+        let (held, pttl): (Option<String>, i64) = self
+            .call(|mut conn| async move { redis::pipe().get(&key).cmd("PTTL").arg(&key).query_async(&mut conn).await })
             .await?;
-        Ok((token.map(|t| (t, pttl)), marker))
+        Ok(match held {
+            Some(marker) if marker.starts_with(DONE) => (None, Some(marker[DONE.len()..].to_owned())),
+            Some(token) => (Some((token, pttl)), None),
+            None => (None, None),
+        })
     }
 
-    /// Deletes the done marker of `id` (a dead letter being replayed).
+    /// Deletes the done marker of `id` (a dead letter being replayed); a lease someone
+    /// holds on it now is left alone.
     pub async fn forget(&self, ns: &Namespace, id: &EventId) -> Result<(), LeaseError> {
-        let done = self.key(ns, "done", id);
-        self.call(|mut conn| async move { redis::cmd("DEL").arg(&done).query_async::<i64>(&mut conn).await }).await?;
+        let key = self.key(ns, id);
+        let forget = &self.forget;
+        self.call(|mut conn| async move { forget.key(&key).invoke_async::<i64>(&mut conn).await }).await?;
         Ok(())
     }
 
@@ -427,7 +463,7 @@ async fn run_all<T: redis::FromRedisValue>(
     .collect()
 }
 
-/// The text of a key (see [`Leases::key`]). Built by hand: it runs twice per id per
+/// The text of a key (see [`Leases::key`]). Built by hand: it runs once per id per
 /// step, and `format!` cost more than the rest of building the script call.
 fn key_text(prefix: &str, ns: &str, bucket: Option<u32>, kind: &str, id: &str) -> String {
     let bucket = bucket.map(|b| b.to_string());
@@ -455,7 +491,7 @@ mod tests {
     fn key_layout_is_stable() {
         // Every process of a function must build the same keys: the layout is part of
         // the protocol (a change strands the leases and markers of a running version).
-        assert_eq!(key_text("eo", "user-events", None, "lease", "h:a-1"), "eo:{user-events}:lease:h:a-1");
-        assert_eq!(key_text("eo", "user-events", Some(17), "done", "h:a-1"), "eo:{user-events:17}:done:h:a-1");
+        assert_eq!(key_text("eo", "user-events", None, "event", "h:a-1"), "eo:{user-events}:event:h:a-1");
+        assert_eq!(key_text("eo", "user-events", Some(17), "event", "h:a-1"), "eo:{user-events:17}:event:h:a-1");
     }
 }

@@ -13,7 +13,8 @@
 //! 5. confirm: `INSERT ... UNNEST ... ON CONFLICT DO NOTHING` in that transaction, then
 //!    the ClickHouse write, then commit; without a transaction, ClickHouse first and then
 //!    the confirm on its own (autocommit);
-//! 6. release: done markers written and leases compare-and-deleted in one Redis script;
+//! 6. release: done markers written over their ids' keys and the other leases
+//!    compare-and-deleted in one Redis script;
 //!    confirmed ids remembered locally.
 //!
 //! In the transition between id formats (`EVENT_ID_FORMAT=v1+v2`, see

@@ -36,8 +36,9 @@ pub(super) struct Slot<'e> {
     pub(super) shadow_leased: bool,
     /// The lease step failed, so we may hold the leases of `id` and `shadow` without
     /// knowing it (a cluster step whose other buckets succeeded, or an answer lost on the
-    /// way back): the release step offers them anyway (compare-and-delete frees only
-    /// what our token holds), so they do not block a retry until their TTL.
+    /// way back): the release step offers them anyway (an id without a marker is
+    /// compare-and-deleted, freeing only what our token holds; a confirmed id's marker is
+    /// written whoever holds its key), so they do not block a retry until their TTL.
     pub(super) lease_unknown: bool,
     /// The hash Postgres or Redis recorded when this id was confirmed, if known.
     pub(super) confirmed_hash: Option<PayloadHash>,
