@@ -1238,3 +1238,71 @@ async fn a_confirmed_events_marker_replaces_a_lapsed_lease_and_nothing_else_does
     assert!(!env.redis_exists(&leases.key(&ns, &id("h:m-done"))).await);
     assert!(env.redis_exists(&leases.key(&ns, &id("h:m-failed"))).await);
 }
+
+/// The confirm statement names exactly the ids someone else confirmed first (and nothing
+/// when there are none), stores each row's own position whether the batch holds one
+/// partition (topic and partition sent once) or several (a Lambda batch), and clears the
+/// failure counters of what it confirms, counting the attempts.
+#[tokio::test]
+async fn the_confirm_names_only_ids_confirmed_elsewhere_and_keeps_each_rows_position() {
+    use exactly_once::guard::ledger::{self, ConfirmRow};
+    use exactly_once::{EventId, Namespace};
+
+    let env = TestEnv::new().await;
+    let ns = Namespace::new(NS).unwrap();
+    let mut conn = env.pg().acquire().await.unwrap();
+    async fn confirm(conn: &mut sqlx::PgConnection, ns: &Namespace, events: &[Event]) -> Vec<String> {
+        let ids: Vec<EventId> = events.iter().map(|e| EventId::new(e.offset.to_string()).unwrap()).collect();
+        let rows: Vec<ConfirmRow<'_>> =
+            events.iter().zip(&ids).map(|(event, id)| ConfirmRow { id, event, hash: event.payload_hash() }).collect();
+        let mut taken = ledger::confirm(conn, ns, &rows, true).await.unwrap();
+        taken.sort();
+        taken
+    }
+
+    assert!(confirm(&mut conn, &ns, &[]).await.is_empty());
+    // Offsets double as ids. 12 and 15 are confirmed first; 13 has failed twice.
+    let first: Vec<Event> = [12, 15].iter().map(|&o| user_event("t-one", 4, o, "x", "u")).collect();
+    assert!(confirm(&mut conn, &ns, &first).await.is_empty(), "nothing confirmed before");
+    sqlx::query("INSERT INTO event_attempts (namespace, event_id, attempts, last_error) VALUES ($1, '13', 2, 'boom')")
+        .bind(NS)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+
+    let one: Vec<Event> = (10..16).map(|o| user_event("t-one", 4, o, "x", "u")).collect();
+    assert_eq!(confirm(&mut conn, &ns, &one).await, vec!["12".to_string(), "15".to_string()]);
+    // Several partitions in one batch, one of its ids confirmed before.
+    let many = vec![
+        user_event("t-a", 0, 20, "x", "u"),
+        user_event("t-b", 3, 21, "x", "u"),
+        user_event("t-a", 1, 10, "x", "u"),
+        user_event("t-b", 3, 22, "x", "u"),
+    ];
+    assert_eq!(confirm(&mut conn, &ns, &many).await, vec!["10".to_string()]);
+
+    let stored: Vec<(String, String, i32, i64, i32)> = sqlx::query_as(
+        "SELECT event_id, topic, kafka_partition, kafka_offset, attempts FROM processed_events
+         WHERE namespace = $1 ORDER BY kafka_offset",
+    )
+    .bind(NS)
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    let expected: Vec<(String, String, i32, i64, i32)> = [
+        ("t-one", 4, 10, 1),
+        ("t-one", 4, 11, 1),
+        ("t-one", 4, 12, 1),
+        ("t-one", 4, 13, 3),
+        ("t-one", 4, 14, 1),
+        ("t-one", 4, 15, 1),
+        ("t-a", 0, 20, 1),
+        ("t-b", 3, 21, 1),
+        ("t-b", 3, 22, 1),
+    ]
+    .iter()
+    .map(|&(t, p, o, a)| (o.to_string(), t.to_string(), p, o, a))
+    .collect();
+    assert_eq!(stored, expected);
+    assert_eq!(env.count("SELECT count(*) FROM event_attempts").await, 0, "the counter of 13 is cleared");
+}

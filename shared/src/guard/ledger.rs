@@ -56,28 +56,67 @@ pub struct ConfirmRow<'a> {
 /// Step 5: `INSERT ... ON CONFLICT DO NOTHING` (in the handlers' transaction when there
 /// is one). The same statement forgets the events' failure counters and records how many
 /// attempts each took. Returns the ids this call did *not* insert: those were confirmed
-/// by someone else first. (That answer is nearly always empty; the ids inserted would be
-/// the whole batch back over the wire, decoded and hashed, for nothing.) `v2_known`: the events are also known by their v2 ids
-/// (every format but `v1`; see the migration that added the column).
+/// by someone else first. That answer is nearly always empty, so the statement names
+/// them only when it inserted fewer rows than it was given (a one-time check on the
+/// count; the anti-join is not run otherwise), and the ids inserted never come back over
+/// the wire. A batch from one partition (every worker batch) sends its topic and
+/// partition once instead of once per row. `v2_known`: the events are also known by
+/// their v2 ids (every format but `v1`; see the migration that added the column).
+///
+/// Rows are inserted in byte order of their ids (`COLLATE "C"`: a plain memory
+/// comparison, where the database's collation would go through `strcoll` for each one),
+/// so concurrent batches take their row locks in one order and cannot deadlock each
+/// other. [`dead_letter`] and [`record_failures`] sort the same way.
 pub async fn confirm(
     conn: &mut PgConnection,
     ns: &Namespace,
     rows: &[ConfirmRow<'_>],
     v2_known: bool,
 ) -> Result<Vec<String>, sqlx::Error> {
+    let Some(first) = rows.first() else {
+        return Ok(Vec::new());
+    };
     let mut ids = Vec::with_capacity(rows.len());
     let mut hashes = Vec::with_capacity(rows.len());
-    let mut topics = Vec::with_capacity(rows.len());
-    let mut partitions = Vec::with_capacity(rows.len());
     let mut offsets = Vec::with_capacity(rows.len());
     for r in rows {
         ids.push(r.id.as_str());
-        hashes.push(r.hash.0.to_vec());
-        topics.push(r.event.topic.as_str());
-        partitions.push(r.event.partition);
+        hashes.push(&r.hash.0[..]);
         offsets.push(r.event.offset);
     }
-    sqlx::query_scalar(
+    let one_partition =
+        rows.iter().all(|r| r.event.partition == first.event.partition && r.event.topic == first.event.topic);
+    if one_partition {
+        sqlx::query_scalar(CONFIRM_ONE_PARTITION)
+            .bind(ns.as_str())
+            .bind(&ids)
+            .bind(&hashes)
+            .bind(first.event.topic.as_str())
+            .bind(first.event.partition)
+            .bind(&offsets)
+            .bind(v2_known)
+            .fetch_all(conn)
+            .await
+    } else {
+        let topics: Vec<&str> = rows.iter().map(|r| r.event.topic.as_str()).collect();
+        let partitions: Vec<i32> = rows.iter().map(|r| r.event.partition).collect();
+        sqlx::query_scalar(CONFIRM_MANY_PARTITIONS)
+            .bind(ns.as_str())
+            .bind(&ids)
+            .bind(&hashes)
+            .bind(&topics)
+            .bind(&partitions)
+            .bind(&offsets)
+            .bind(v2_known)
+            .fetch_all(conn)
+            .await
+    }
+}
+
+/// Shared start of the two confirm statements: the failure counters deleted, the insert
+/// begun.
+macro_rules! confirm_sql_head {
+    () => {
         "WITH failures AS (
              DELETE FROM event_attempts a USING UNNEST($2::text[]) AS d(event_id)
              WHERE a.namespace = $1 AND a.event_id = d.event_id
@@ -86,29 +125,45 @@ pub async fn confirm(
          inserted AS (
              INSERT INTO processed_events
                  (namespace, event_id, status, payload_hash, topic, kafka_partition, kafka_offset, attempts, v2_known)
-             SELECT $1, t.event_id, 'processed', t.payload_hash, t.topic, t.kafka_partition, t.kafka_offset,
-                    COALESCE(f.attempts, 0) + 1, $7
-             FROM UNNEST($2::text[], $3::bytea[], $4::text[], $5::int4[], $6::int8[])
-                  AS t(event_id, payload_hash, topic, kafka_partition, kafka_offset)
+         "
+    };
+}
+
+/// Shared end of the two confirm statements: the insert in id order, then the ids not
+/// inserted, looked for only when fewer rows went in than were given.
+macro_rules! confirm_sql_tail {
+    () => {
+        "
              LEFT JOIN failures f USING (event_id)
-             ORDER BY t.event_id
+             ORDER BY t.event_id COLLATE \"C\"
              ON CONFLICT (namespace, event_id) DO NOTHING
              RETURNING event_id
          )
-         SELECT a.event_id FROM UNNEST($2::text[]) AS a(event_id)
-         EXCEPT
-         SELECT event_id FROM inserted",
-    )
-    .bind(ns.as_str())
-    .bind(&ids)
-    .bind(&hashes)
-    .bind(&topics)
-    .bind(&partitions)
-    .bind(&offsets)
-    .bind(v2_known)
-    .fetch_all(conn)
-    .await
+         SELECT d.event_id FROM UNNEST($2::text[]) AS d(event_id)
+         WHERE (SELECT count(*) FROM inserted) < cardinality($2::text[])
+           AND NOT EXISTS (SELECT 1 FROM inserted i WHERE i.event_id = d.event_id)"
+    };
 }
+
+/// The confirm of [`confirm`]: `$4` and `$5` the batch's one topic and partition.
+const CONFIRM_ONE_PARTITION: &str = concat!(
+    confirm_sql_head!(),
+    "SELECT $1, t.event_id, 'processed', t.payload_hash, $4::text, $5::int4, t.kafka_offset,
+            COALESCE(f.attempts, 0) + 1, $7
+     FROM UNNEST($2::text[], $3::bytea[], $6::int8[]) AS t(event_id, payload_hash, kafka_offset)",
+    confirm_sql_tail!()
+);
+
+/// The confirm of [`confirm`]: a topic and a partition per row (a Lambda batch can hold
+/// several partitions).
+const CONFIRM_MANY_PARTITIONS: &str = concat!(
+    confirm_sql_head!(),
+    "SELECT $1, t.event_id, 'processed', t.payload_hash, t.topic, t.kafka_partition, t.kafka_offset,
+            COALESCE(f.attempts, 0) + 1, $7
+     FROM UNNEST($2::text[], $3::bytea[], $4::text[], $5::int4[], $6::int8[])
+          AS t(event_id, payload_hash, topic, kafka_partition, kafka_offset)",
+    confirm_sql_tail!()
+);
 
 /// Counts one more failed attempt for each id; returns the new totals.
 pub async fn record_failures(
@@ -121,7 +176,7 @@ pub async fn record_failures(
     let rows: Vec<(String, i32)> = sqlx::query_as(
         "INSERT INTO event_attempts (namespace, event_id, attempts, last_error)
          SELECT $1, t.event_id, 1, t.error FROM UNNEST($2::text[], $3::text[]) AS t(event_id, error)
-         ORDER BY t.event_id
+         ORDER BY t.event_id COLLATE \"C\"
          ON CONFLICT (namespace, event_id) DO UPDATE
              SET attempts = event_attempts.attempts + 1,
                  last_error = EXCLUDED.last_error,
@@ -210,7 +265,7 @@ pub async fn dead_letter(
                   v2_known)
              SELECT $1, event_id, 'dead_lettered', payload_hash, topic, kafka_partition, kafka_offset, attempts,
                     jsonb_build_object('reason', reason), $14
-             FROM input ORDER BY event_id
+             FROM input ORDER BY event_id COLLATE \"C\"
              ON CONFLICT (namespace, event_id) DO NOTHING
              RETURNING event_id
          ),
@@ -224,7 +279,7 @@ pub async fn dead_letter(
                     i.attempts, jsonb_build_object('reason', i.reason), $14
              FROM input i JOIN confirmed c USING (event_id)
              WHERE i.shadow_id IS NOT NULL
-             ORDER BY i.shadow_id
+             ORDER BY i.shadow_id COLLATE \"C\"
              ON CONFLICT (namespace, event_id) DO NOTHING
          ),
          cleared AS (
