@@ -1305,4 +1305,19 @@ async fn the_confirm_names_only_ids_confirmed_elsewhere_and_keeps_each_rows_posi
     .collect();
     assert_eq!(stored, expected);
     assert_eq!(env.count("SELECT count(*) FROM event_attempts").await, 0, "the counter of 13 is cleared");
+
+    // Every id taken: all named (the count check passes nothing through by mistake).
+    let all: Vec<String> = (10..16).map(|o: i64| o.to_string()).collect();
+    assert_eq!(confirm(&mut conn, &ns, &one).await, all);
+    // One event under two ids (the transition between id formats), one of them taken.
+    let pair_event = user_event("t-one", 4, 30, "x", "u");
+    let (v1, v2) = (EventId::new("pair-v1").unwrap(), EventId::new("pair-v2").unwrap());
+    let rows = [ConfirmRow { id: &v1, event: &pair_event, hash: pair_event.payload_hash() }];
+    assert!(ledger::confirm(&mut conn, &ns, &rows, true).await.unwrap().is_empty());
+    let rows = [
+        ConfirmRow { id: &v1, event: &pair_event, hash: pair_event.payload_hash() },
+        ConfirmRow { id: &v2, event: &pair_event, hash: pair_event.payload_hash() },
+    ];
+    assert_eq!(ledger::confirm(&mut conn, &ns, &rows, true).await.unwrap(), vec!["pair-v1".to_string()]);
+    assert_eq!(env.count("SELECT count(*) FROM processed_events WHERE event_id = 'pair-v2'").await, 1);
 }

@@ -56,7 +56,7 @@ pub struct ConfirmRow<'a> {
 /// Step 5: `INSERT ... ON CONFLICT DO NOTHING` (in the handlers' transaction when there
 /// is one). The same statement forgets the events' failure counters and records how many
 /// attempts each took. Returns the ids this call did *not* insert: those were confirmed
-/// by someone else first. That answer is nearly always empty, so the statement names
+/// by someone else first (an id given twice and taken is named twice). That answer is nearly always empty, so the statement names
 /// them only when it inserted fewer rows than it was given (a one-time check on the
 /// count; the anti-join is not run otherwise), and the ids inserted never come back over
 /// the wire. A batch from one partition (every worker batch) sends its topic and
@@ -65,8 +65,12 @@ pub struct ConfirmRow<'a> {
 ///
 /// Rows are inserted in byte order of their ids (`COLLATE "C"`: a plain memory
 /// comparison, where the database's collation would go through `strcoll` for each one),
-/// so concurrent batches take their row locks in one order and cannot deadlock each
-/// other. [`dead_letter`] and [`record_failures`] sort the same way.
+/// so concurrent confirms take their row locks in one order and cannot deadlock each
+/// other. [`dead_letter`] and [`record_failures`] sort the same way, but a confirm racing
+/// a dead letter or a failure count of the same ids (only possible after a lease lapsed)
+/// can still deadlock: the dead letter locks an event's v1 ids before its v2 ids, and it
+/// and the confirm touch `processed_events` and `event_attempts` in opposite orders.
+/// Postgres detects that, aborts one statement, and its batch is retried.
 pub async fn confirm(
     conn: &mut PgConnection,
     ns: &Namespace,
