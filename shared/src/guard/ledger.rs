@@ -56,10 +56,10 @@ pub struct ConfirmRow<'a> {
 /// Step 5: `INSERT ... ON CONFLICT DO NOTHING` (in the handlers' transaction when there
 /// is one). The same statement forgets the events' failure counters and records how many
 /// attempts each took. Returns the ids this call did *not* insert: those were confirmed
-/// by someone else first (an id given twice and taken is named twice). That answer is nearly always empty, so the statement names
-/// them only when it inserted fewer rows than it was given (a one-time check on the
-/// count; the anti-join is not run otherwise), and the ids inserted never come back over
-/// the wire. A batch from one partition (every worker batch) sends its topic and
+/// by someone else first (an id given twice and taken is named twice). That answer is
+/// nearly always empty, so the statement names them only when it inserted fewer rows
+/// than it was given (a one-time check on the count; the anti-join is not run
+/// otherwise), and the ids inserted never come back over the wire. A batch from one partition (every worker batch) sends its topic and
 /// partition once instead of once per row. `v2_known`: the events are also known by
 /// their v2 ids (every format but `v1`; see the migration that added the column).
 ///
