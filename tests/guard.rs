@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use exactly_once::config::GuardConfig;
-use exactly_once::guard::lease::{LeaseReply, Release};
+use exactly_once::guard::lease::{AcquireMode, LeaseReply, Leases, Release};
 use exactly_once::{
     async_trait, BreakerState, DuplicateTier, Event, FailureKind, FunctionSpec, Guard, Handler, HandlerContext,
     HandlerError, IdStrategy, Outcome,
@@ -1188,17 +1188,43 @@ async fn a_busy_lease_over_a_confirmed_id_is_a_duplicate() {
 /// A confirmed event's marker is written over a lease another consumer took after ours
 /// lapsed (the event is in the ledger: that consumer's confirm finds a duplicate); an
 /// event that failed leaves the other consumer's lease alone; a marker is never taken by
-/// a lease, and `forget` deletes a marker but never a lease.
+/// a lease, and `forget` deletes a marker but never a lease. With the lease step as
+/// plain `SET NX GET` commands, which the project's Redis (7.0) takes.
 #[tokio::test]
 async fn a_confirmed_events_marker_replaces_a_lapsed_lease_and_nothing_else_does() {
     let env = TestEnv::new().await;
+    assert_eq!(env.clients.leases.acquire_mode(), AcquireMode::Commands, "Redis 7.0 takes SET with NX and GET");
+    markers_and_leases(&env, &env.clients.leases).await;
+}
+
+/// The same with the lease step as a script, as on a server before Redis 7.0: both
+/// forms must answer alike.
+#[tokio::test]
+async fn the_lease_script_answers_as_the_lease_commands_do() {
+    let env = TestEnv::new().await;
+    let leases = Leases::connect(
+        env.clients.redis.clone(),
+        &env.key_prefix,
+        env.clients.leases.buckets(),
+        env.clients.leases.breaker().clone(),
+    )
+    .await
+    .unwrap()
+    .with_acquire_mode(AcquireMode::Script);
+    markers_and_leases(&env, &leases).await;
+}
+
+async fn markers_and_leases(env: &TestEnv, leases: &Leases) {
     let ns = exactly_once::Namespace::new(NS).unwrap();
     let id = |i: &str| exactly_once::EventId::new(i).unwrap();
-    let leases = &env.clients.leases;
     let ttl = Duration::from_secs(30);
     // Ours on both, then both lapse and another consumer takes them.
     let ours = leases.acquire(&ns, &[&id("h:m-done"), &id("h:m-failed")], "ours", ttl).await.unwrap();
     assert_eq!(ours, [LeaseReply::Acquired, LeaseReply::Acquired]);
+    let (lease, marker) = leases.inspect(&ns, &id("h:m-done")).await.unwrap();
+    let (token, left) = lease.expect("a lease");
+    assert_eq!((token.as_str(), marker), ("ours", None));
+    assert!(left > 20_000 && left <= 30_000, "the lease has the TTL asked for: {left} ms left");
     let mut c = env.redis().await;
     for i in ["h:m-done", "h:m-failed"] {
         let _: () = redis::cmd("SET")
@@ -1210,6 +1236,8 @@ async fn a_confirmed_events_marker_replaces_a_lapsed_lease_and_nothing_else_does
             .await
             .unwrap();
     }
+    // Someone else's lease is busy, and stays theirs.
+    assert_eq!(leases.acquire(&ns, &[&id("h:m-failed")], "ours", ttl).await.unwrap(), [LeaseReply::Busy]);
     let hash = exactly_once::PayloadHash([7; 32]);
     let released = leases
         .release(
@@ -1229,14 +1257,51 @@ async fn a_confirmed_events_marker_replaces_a_lapsed_lease_and_nothing_else_does
     assert_eq!(again, [LeaseReply::Done(Some(hash))]);
     let _: () = redis::cmd("SET").arg(leases.key(&ns, &id("h:m-bare"))).arg("done:").query_async(&mut c).await.unwrap();
     assert_eq!(leases.acquire(&ns, &[&id("h:m-bare")], "third", ttl).await.unwrap(), [LeaseReply::Done(None)]);
-    // Our own lease, asked for again (a resent script), is still ours.
+    // Our own lease, asked for again (a resent call), is still ours.
     let mine = leases.acquire(&ns, &[&id("h:m-mine")], "ours", ttl).await.unwrap();
     assert_eq!(leases.acquire(&ns, &[&id("h:m-mine")], "ours", ttl).await.unwrap(), mine);
+    // One call mixing every case answers each id in its place.
+    let mixed = [&id("h:m-new"), &id("h:m-done"), &id("h:m-failed"), &id("h:m-mine"), &id("h:m-bare")];
+    assert_eq!(
+        leases.acquire(&ns, &mixed, "ours", ttl).await.unwrap(),
+        [
+            LeaseReply::Acquired,
+            LeaseReply::Done(Some(hash)),
+            LeaseReply::Busy,
+            LeaseReply::Acquired,
+            LeaseReply::Done(None),
+        ]
+    );
+    // A release frees our leases and writes markers in one call; a key that is no
+    // lease of ours (a marker) is left as it is.
+    let released = leases
+        .release(
+            &ns,
+            &[
+                Release { id: &id("h:m-new"), done: None },
+                Release { id: &id("h:m-mine"), done: Some(hash) },
+                Release { id: &id("h:m-bare"), done: None },
+            ],
+            "ours",
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    assert_eq!(released, 2, "h:m-new freed, h:m-mine marked");
+    assert_eq!(leases.inspect(&ns, &id("h:m-new")).await.unwrap(), (None, None));
+    assert_eq!(leases.inspect(&ns, &id("h:m-mine")).await.unwrap(), (None, Some(hash.to_hex())));
+    assert_eq!(leases.inspect(&ns, &id("h:m-bare")).await.unwrap(), (None, Some(String::new())));
     // forget: the marker goes, the lease stays.
     leases.forget(&ns, &id("h:m-done")).await.unwrap();
     leases.forget(&ns, &id("h:m-failed")).await.unwrap();
     assert!(!env.redis_exists(&leases.key(&ns, &id("h:m-done"))).await);
     assert!(env.redis_exists(&leases.key(&ns, &id("h:m-failed"))).await);
+    // A key of another type fails the step (no lease information), never reads as free
+    // or busy.
+    let _: () =
+        redis::cmd("HSET").arg(leases.key(&ns, &id("h:m-hash"))).arg("f").arg("v").query_async(&mut c).await.unwrap();
+    let err = leases.acquire(&ns, &[&id("h:m-x"), &id("h:m-hash")], "ours", ttl).await.unwrap_err();
+    assert!(err.to_string().contains("WRONGTYPE"), "{err}");
 }
 
 /// The confirm statement names exactly the ids someone else confirmed first (and nothing

@@ -1,6 +1,8 @@
 //! Profiling aid: the guard's steps for one batch of N (default 1000) new ids, each timed
 //! alone through the public APIs, next to the floor's two round trips for the same ids
-//! and `Guard::run_batch_deferring_release` doing the whole. Run with
+//! and `Guard::run_batch_deferring_release` doing the whole. The lease step is timed in
+//! both forms: plain `SET NX PX GET` commands (what a Redis of 7.0 or later gets) and the
+//! script (what an older one gets), on other ids of the same count. Run with
 //! `cargo run --release -p bench --example batch_steps -- [N] [batches]`.
 
 use std::time::{Duration, Instant};
@@ -22,7 +24,15 @@ async fn main() -> anyhow::Result<()> {
     let clients = Clients::connect(config).await?;
     let ns = Namespace::new("steps")?;
     let ttl = Duration::from_secs(30);
-    let mut t = [Duration::ZERO; 6];
+    let by_script = lease::Leases::connect(
+        clients.redis.clone(),
+        &name,
+        clients.leases.buckets(),
+        clients.leases.breaker().clone(),
+    )
+    .await?
+    .with_acquire_mode(lease::AcquireMode::Script);
+    let mut t = [Duration::ZERO; 7];
     for b in 0..batches {
         let ids: Vec<EventId> = (0..n).map(|i| EventId::new(format!("s-{b}-{i}"))).collect::<Result<_, _>>()?;
         let refs: Vec<&EventId> = ids.iter().collect();
@@ -59,13 +69,26 @@ async fn main() -> anyhow::Result<()> {
         let (redis, pg) = bench::floor_batch(&clients, &name, "floor", &floor_ids).await?;
         t[4] += redis;
         t[5] += pg;
+
+        let other: Vec<EventId> = (0..n).map(|i| EventId::new(format!("x-{b}-{i}"))).collect::<Result<_, _>>()?;
+        let other: Vec<&EventId> = other.iter().collect();
+        let s = Instant::now();
+        by_script.acquire(&ns, &other, "tok", ttl).await?;
+        t[6] += s.elapsed();
     }
     let per = |d: Duration| d.as_secs_f64() * 1e3 / batches as f64;
     println!("batch of {n}, {batches} batches, ms per batch:");
-    for (label, d) in
-        ["redis acquire", "pg lookup", "pg confirm", "redis release", "floor: redis SET NX", "floor: pg insert"]
-            .iter()
-            .zip(t)
+    for (label, d) in [
+        "redis acquire",
+        "pg lookup",
+        "pg confirm",
+        "redis release",
+        "floor: redis SET NX",
+        "floor: pg insert",
+        "redis acquire script",
+    ]
+    .iter()
+    .zip(t)
     {
         println!("  {label:<20} {:>7.2}", per(d));
     }

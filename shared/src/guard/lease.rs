@@ -5,18 +5,29 @@
 //! the payload hash (its done marker). The tag is the namespace, or with
 //! `REDIS_KEY_BUCKETS` above one `<namespace>:<bucket>`, the bucket being a fixed hash
 //! (FNV-1a) of the id. The tag is a Redis hash tag: every key with the same tag sits in
-//! one cluster slot, so a script over one bucket's keys is legal on Redis Cluster, and
-//! the buckets spread a function's keys over slots and so over shards.
+//! one cluster slot, so a script or pipeline over one bucket's keys is legal on Redis
+//! Cluster, and the buckets spread a function's keys over slots and so over shards.
 //!
-//! One key rather than a lease key and a marker key: a new id costs Redis three key
-//! operations (read and `SET NX PX` to lease it; one `SET` turning it into the marker)
-//! instead of five, one call fewer, and half the keys. Both states still mean what they
-//! did: a key that exists is either someone's lease (busy) or a marker (done), and
-//! `SET NX` takes a lease only where there is neither.
+//! One key rather than a lease key and a marker key: a new id costs Redis two key
+//! operations (`SET NX PX` to lease it; one `SET` turning it into the marker), one call
+//! fewer, and half the keys. Both states still mean what they did: a key that exists is
+//! either someone's lease (busy) or a marker (done), and `SET NX` takes a lease only
+//! where there is neither.
 //!
-//! A batch sends one script per bucket it touches, all at once, and waits for the last:
-//! about one round trip per step whatever the number of buckets. In standalone mode the
-//! default is one bucket, which is one script per step, as before buckets existed.
+//! Plain commands where a key needs no condition beyond its own: the lease step sends one
+//! `SET key token NX PX ttl GET` per id (Redis 7.0 and later; Valkey), which takes a
+//! missing key and answers what an existing one holds, in one operation; the release
+//! step writes each done marker with a plain `SET`. Pipelined, these cost Redis about
+//! what the same number of bare `SET NX` cost it, where the same work inside a Lua
+//! script cost about one and a half times that (every `redis.call` converts its
+//! arguments and reply between Lua and Redis). Scripts remain where one key's change
+//! depends on another read (compare-and-delete of a lease, the holder check), and for
+//! the lease step on a server older than 7.0, which refuses `NX` with `GET` (found out
+//! once, at connect).
+//!
+//! A batch sends one pipeline (or script) per bucket it touches, all at once, and waits
+//! for the last: about one round trip per step whatever the number of buckets. In
+//! standalone mode the default is one bucket, which is one call per step.
 //!
 //! Invariants:
 //! - a lease is only ever deleted or turned into a marker by the holder of its token
@@ -39,6 +50,7 @@ use crate::event_id::{EventId, Namespace};
 use crate::redis_client::{RedisClient, RedisConnectError, RedisConnection};
 use crate::BoxError;
 
+/// The lease step as a script, for servers before Redis 7.0 (see [`AcquireMode`]).
 /// KEYS: n event keys; ARGV: token, ttl (ms). One MGET reads every key; a missing one
 /// gets `SET NX PX` (the lease), one holding our own token is extended (a client that
 /// resent the script after losing its answer must not find its own lease busy), one
@@ -76,35 +88,24 @@ end
 return out
 "#;
 
-/// KEYS: n event keys; ARGV: token, done ttl (ms), then one marker per id (empty: no
-/// marker). A confirmed id's marker is written over its key, whatever it holds (our
-/// lease, or one taken after ours lapsed: the event is confirmed either way), without
-/// reading it first. The other ids' keys are read with one MGET and those still holding
-/// our token deleted with one DEL (compare-and-delete). Returns how many keys were
-/// written or deleted.
+/// KEYS: n event keys; ARGV: token. The keys are read with one MGET and those still
+/// holding our token deleted with one DEL (compare-and-delete: a lease that lapsed and
+/// was taken by someone else, or became a marker, is left alone). Returns how many keys
+/// were deleted. (Done markers are written by plain `SET`s beside it, see
+/// [`Leases::release`].)
 const RELEASE: &str = r#"
-local open = {}
-local written = 0
-for i = 1, #KEYS do
-  if ARGV[2 + i] ~= '' then
-    redis.call('SET', KEYS[i], 'done:' .. ARGV[2 + i], 'PX', ARGV[2])
-    written = written + 1
-  else
-    open[#open + 1] = KEYS[i]
-  end
-end
 local mine = {}
-for from = 1, #open, 4000 do
-  local to = math.min(from + 3999, #open)
-  local held = redis.call('MGET', unpack(open, from, to))
+for from = 1, #KEYS, 4000 do
+  local to = math.min(from + 3999, #KEYS)
+  local held = redis.call('MGET', unpack(KEYS, from, to))
   for j = 1, #held do
-    if held[j] == ARGV[1] then mine[#mine + 1] = open[from + j - 1] end
+    if held[j] == ARGV[1] then mine[#mine + 1] = KEYS[from + j - 1] end
   end
 end
 for from = 1, #mine, 4000 do
   redis.call('DEL', unpack(mine, from, math.min(from + 3999, #mine)))
 end
-return written + #mine
+return #mine
 "#;
 
 /// KEYS: n event keys; ARGV: token, ttl (ms). For each lease: still ours? Then it is
@@ -134,6 +135,18 @@ return 0
 
 /// The prefix of a done marker's value (a lease's is a UUID token).
 const DONE: &str = "done:";
+
+/// How the lease step asks Redis, chosen at connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcquireMode {
+    /// One `SET key token NX PX ttl GET` per id, pipelined: Redis 7.0 and later, Valkey.
+    /// A missing key is taken (the reply is nil); an existing one is left as it is and
+    /// its value answered (a marker, our own token, or someone else's).
+    Commands,
+    /// The acquire script (`MGET`, then `SET NX PX` per missing key): servers before
+    /// Redis 7.0, which refuse `NX` together with `GET`.
+    Script,
+}
 
 /// What Redis said about one id.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,6 +198,7 @@ pub struct Leases {
     breaker: Arc<CircuitBreaker>,
     prefix: String,
     buckets: u32,
+    acquire_mode: AcquireMode,
     acquire: Script,
     release: Script,
     hold: Script,
@@ -195,7 +209,9 @@ impl Leases {
     /// Leases over `redis`, keys under `prefix`, spread over `buckets` hash slots per
     /// namespace (at least one). Loads the scripts now (on every node of a cluster): it
     /// saves the first batch a NOSCRIPT round trip, and a Redis that refuses scripts fails
-    /// start-up.
+    /// start-up. Then finds out whether the server takes `SET ... NX ... GET` (one
+    /// `SET` of a probe key that expires in a second): [`AcquireMode::Commands`] if it
+    /// does, [`AcquireMode::Script`] if not.
     pub async fn connect(
         redis: RedisClient,
         prefix: &str,
@@ -207,6 +223,7 @@ impl Leases {
             breaker,
             prefix: prefix.to_owned(),
             buckets: buckets.max(1),
+            acquire_mode: AcquireMode::Commands,
             acquire: Script::new(ACQUIRE),
             release: Script::new(RELEASE),
             hold: Script::new(HOLD),
@@ -217,7 +234,37 @@ impl Leases {
         for script in [&leases.acquire, &leases.release, &leases.hold, &leases.forget] {
             script.load_async(&mut conn).await.map_err(|e| err(e.into()))?;
         }
-        Ok(leases)
+        // The probe's key is in no namespace's slot and holds no token a batch could use.
+        let probe = format!("{}:{{probe}}:set-nx-get", leases.prefix);
+        let probed: redis::RedisResult<Option<String>> = redis::cmd("SET")
+            .arg(&probe)
+            .arg("probe")
+            .arg("NX")
+            .arg("PX")
+            .arg(1000)
+            .arg("GET")
+            .query_async(&mut conn)
+            .await;
+        let acquire_mode = match probed {
+            Ok(_) => AcquireMode::Commands,
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) => {
+                tracing::info!(error = %e, "Redis refuses SET with NX and GET (before 7.0): leases are taken by script");
+                AcquireMode::Script
+            }
+            Err(e) => return Err(err(e.into())),
+        };
+        Ok(Self { acquire_mode, ..leases })
+    }
+
+    /// How the lease step asks Redis (found at connect).
+    pub fn acquire_mode(&self) -> AcquireMode {
+        self.acquire_mode
+    }
+
+    /// The same leases, with the lease step sent as `mode` says. For tests of the script
+    /// path on a current server: the mode found at connect is the right one otherwise.
+    pub fn with_acquire_mode(self, mode: AcquireMode) -> Self {
+        Self { acquire_mode: mode, ..self }
     }
 
     /// The breaker in front of Redis.
@@ -268,6 +315,54 @@ impl Leases {
 
     /// One round trip: done markers and leases for `ids`, in order.
     pub async fn acquire(
+        &self,
+        ns: &Namespace,
+        ids: &[&EventId],
+        token: &str,
+        ttl: Duration,
+    ) -> Result<Vec<LeaseReply>, LeaseError> {
+        if self.acquire_mode == AcquireMode::Script {
+            return self.acquire_by_script(ns, ids, token, ttl).await;
+        }
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let groups = self.groups(ids.iter().copied());
+        let ttl = ttl.as_millis().max(1).to_string();
+        let pipes: Vec<redis::Pipeline> = groups
+            .iter()
+            .map(|group| {
+                let mut pipe = redis::Pipeline::with_capacity(group.len());
+                for &i in group {
+                    pipe.cmd("SET").arg(self.key(ns, ids[i])).arg(token).arg("NX").arg("PX").arg(&ttl).arg("GET");
+                }
+                pipe
+            })
+            .collect();
+        let replies: Vec<Vec<redis::Value>> = self.call(|conn| run_pipes(conn, pipes)).await?;
+        let mut out: Vec<Option<LeaseReply>> = vec![None; ids.len()];
+        for (group, replies) in groups.iter().zip(replies) {
+            for (&i, r) in group.iter().zip(self.one_per_id("acquire", replies, group.len())?) {
+                out[i] = Some(match r {
+                    // The key was missing: ours now.
+                    redis::Value::Nil => LeaseReply::Acquired,
+                    // Our own token: a resent call whose first answer was lost.
+                    redis::Value::BulkString(b) if b == token.as_bytes() => LeaseReply::Acquired,
+                    redis::Value::BulkString(b) => match b.strip_prefix(DONE.as_bytes()) {
+                        Some(hash) => LeaseReply::Done(std::str::from_utf8(hash).ok().and_then(PayloadHash::from_hex)),
+                        None => LeaseReply::Busy,
+                    },
+                    other => return Err(self.malformed(format!("SET NX GET answered {other:?} for an id"))),
+                });
+            }
+        }
+        out.into_iter()
+            .map(|r| r.ok_or_else(|| self.malformed("acquire left an id without a reply".to_owned())))
+            .collect()
+    }
+
+    /// The lease step by script ([`AcquireMode::Script`]).
+    async fn acquire_by_script(
         &self,
         ns: &Namespace,
         ids: &[&EventId],
@@ -332,6 +427,10 @@ impl Leases {
 
     /// One round trip: writes done markers (each replacing its id's lease) and frees the
     /// other leases our token still holds. Returns how many keys were written or freed.
+    ///
+    /// Per bucket, the markers go as a pipeline of plain `SET key done:<hash> PX ttl`
+    /// (no condition: see the module's invariants) and the other ids as one
+    /// compare-and-delete script, sent only when there are such ids; all at once.
     pub async fn release(
         &self,
         ns: &Namespace,
@@ -342,22 +441,46 @@ impl Leases {
         if items.is_empty() {
             return Ok(0);
         }
-        let done_ttl = done_ttl.as_millis().max(1) as u64;
-        let invocations: Vec<ScriptInvocation<'_>> = self
-            .groups(items.iter().map(|item| item.id))
-            .iter()
-            .map(|group| {
-                let mut inv = self.release.prepare_invoke();
-                inv.arg(token).arg(done_ttl);
-                for &i in group {
-                    inv.key(self.key(ns, items[i].id));
-                    inv.arg(items[i].done.map(|h| h.to_hex()).unwrap_or_default());
+        let done_ttl = done_ttl.as_millis().max(1).to_string();
+        let mut pipes: Vec<redis::Pipeline> = Vec::new();
+        let mut invocations: Vec<ScriptInvocation<'_>> = Vec::new();
+        let mut written = 0u64;
+        for group in self.groups(items.iter().map(|item| item.id)) {
+            let mut pipe = redis::Pipeline::new();
+            let mut inv: Option<ScriptInvocation<'_>> = None;
+            for i in group {
+                let key = self.key(ns, items[i].id);
+                match items[i].done {
+                    Some(hash) => {
+                        let mut marker = String::with_capacity(DONE.len() + 64);
+                        marker.push_str(DONE);
+                        marker.push_str(&hash.to_hex());
+                        pipe.cmd("SET").arg(key).arg(marker).arg("PX").arg(&done_ttl).ignore();
+                        written += 1;
+                    }
+                    None => {
+                        inv.get_or_insert_with(|| {
+                            let mut inv = self.release.prepare_invoke();
+                            inv.arg(token);
+                            inv
+                        })
+                        .key(key);
+                    }
                 }
-                inv
+            }
+            if !pipe.is_empty() {
+                pipes.push(pipe);
+            }
+            invocations.extend(inv);
+        }
+        let (_, freed): ((), Vec<u64>) = self
+            .call(|conn| async move {
+                // Both run to their end; then either's error fails the step.
+                let (set, freed) = tokio::join!(run_pipes::<()>(conn.clone(), pipes), run_all(conn, invocations));
+                Ok((set.map(drop)?, freed?))
             })
-            .collect();
-        let freed: Vec<u64> = self.call(|conn| run_all(conn, invocations)).await?;
-        Ok(freed.into_iter().sum())
+            .await?;
+        Ok(written + freed.into_iter().sum::<u64>())
     }
 
     /// One round trip: which of `ids` our token still leases; those are extended by
@@ -457,6 +580,21 @@ async fn run_all<T: redis::FromRedisValue>(
     join_all(invocations.iter().map(|inv| {
         let mut conn = conn.clone();
         async move { inv.invoke_async(&mut conn).await }
+    }))
+    .await
+    .into_iter()
+    .collect()
+}
+
+/// Sends every pipeline at once (each on a clone of `conn`) and collects their replies
+/// in order; like [`run_all`], each runs to its end, then any error fails the step.
+async fn run_pipes<T: redis::FromRedisValue>(
+    conn: RedisConnection,
+    pipes: Vec<redis::Pipeline>,
+) -> redis::RedisResult<Vec<T>> {
+    join_all(pipes.iter().map(|pipe| {
+        let mut conn = conn.clone();
+        async move { pipe.query_async(&mut conn).await }
     }))
     .await
     .into_iter()

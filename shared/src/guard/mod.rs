@@ -5,16 +5,17 @@
 //! 0. derive each record's id; records with no usable id go to the dead letters;
 //!    records repeating an id earlier in the batch follow that record's fate;
 //! 1. duplicates: the in-process cache (no round trip), then Redis done markers,
-//! 2. leases: `SET NX PX` in the same Redis script as the markers;
+//! 2. leases: in the same Redis call as the markers (`SET NX PX GET` per id, pipelined:
+//!    one operation takes a missing key or reads a marker or lease);
 //! 3. durable check: Postgres `processed_events` (Redis may have lost markers), sent
-//!    concurrently with the Redis script;
+//!    concurrently with the Redis call;
 //! 4. handle: handlers run, their ClickHouse rows staged; the first handler that touches
 //!    Postgres begins the batch transaction (handlers without Postgres effects need none);
 //! 5. confirm: `INSERT ... UNNEST ... ON CONFLICT DO NOTHING` in that transaction, then
 //!    the ClickHouse write, then commit; without a transaction, ClickHouse first and then
 //!    the confirm on its own (autocommit);
-//! 6. release: done markers written over their ids' keys and the other leases
-//!    compare-and-deleted in one Redis script;
+//! 6. release: done markers written over their ids' keys (plain `SET`s, pipelined) and
+//!    the other leases compare-and-deleted (a script beside them), one round trip;
 //!    confirmed ids remembered locally.
 //!
 //! In the transition between id formats (`EVENT_ID_FORMAT=v1+v2`, see
@@ -463,7 +464,7 @@ impl Guard {
         }
     }
 
-    /// Steps 1b to 3: Redis (done markers, leases; one script) and the Postgres durable
+    /// Steps 1b to 3: Redis (done markers, leases; one call) and the Postgres durable
     /// check (one statement), sent concurrently so a batch waits for one round trip
     /// instead of two. Postgres is asked about every open id before the leases are known;
     /// its answer counts only for the ids we lease (or, Redis down, all of them). A
