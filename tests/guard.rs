@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use exactly_once::config::GuardConfig;
-use exactly_once::guard::lease::{AcquireMode, LeaseReply, Leases, Release};
+use exactly_once::guard::lease::{Calls, LeaseReply, Leases, Release};
 use exactly_once::{
     async_trait, BreakerState, DuplicateTier, Event, FailureKind, FunctionSpec, Guard, Handler, HandlerContext,
     HandlerError, IdStrategy, Outcome,
@@ -1193,14 +1193,14 @@ async fn a_busy_lease_over_a_confirmed_id_is_a_duplicate() {
 #[tokio::test]
 async fn a_confirmed_events_marker_replaces_a_lapsed_lease_and_nothing_else_does() {
     let env = TestEnv::new().await;
-    assert_eq!(env.clients.leases.acquire_mode(), AcquireMode::Commands, "Redis 7.0 takes SET with NX and GET");
+    assert_eq!(env.clients.leases.calls(), Calls::Commands, "Redis 7.0 takes SET with NX and GET");
     markers_and_leases(&env, &env.clients.leases).await;
 }
 
-/// The same with the lease step as a script, as on a server before Redis 7.0: both
-/// forms must answer alike.
+/// The same with leases and markers by script, as on Redis Cluster or a server before
+/// Redis 7.0: both forms must answer alike.
 #[tokio::test]
-async fn the_lease_script_answers_as_the_lease_commands_do() {
+async fn the_scripts_answer_as_the_commands_do() {
     let env = TestEnv::new().await;
     let leases = Leases::connect(
         env.clients.redis.clone(),
@@ -1210,7 +1210,7 @@ async fn the_lease_script_answers_as_the_lease_commands_do() {
     )
     .await
     .unwrap()
-    .with_acquire_mode(AcquireMode::Script);
+    .with_calls(Calls::Scripts);
     markers_and_leases(&env, &leases).await;
 }
 

@@ -9,21 +9,20 @@
 //! Cluster, and the buckets spread a function's keys over slots and so over shards.
 //!
 //! One key rather than a lease key and a marker key: a new id costs Redis two key
-//! operations (`SET NX PX` to lease it; one `SET` turning it into the marker), one call
-//! fewer, and half the keys. Both states still mean what they did: a key that exists is
-//! either someone's lease (busy) or a marker (done), and `SET NX` takes a lease only
-//! where there is neither.
+//! operations with commands (`SET NX PX GET` to lease it; one `SET` turning it into the
+//! marker), three with scripts (a read first), and half the keys of two. Both states
+//! still mean what they did: a key that exists is either someone's lease (busy) or a
+//! marker (done), and `SET NX` takes a lease only where there is neither.
 //!
-//! Plain commands where a key needs no condition beyond its own: the lease step sends one
-//! `SET key token NX PX ttl GET` per id (Redis 7.0 and later; Valkey), which takes a
-//! missing key and answers what an existing one holds, in one operation; the release
-//! step writes each done marker with a plain `SET`. Pipelined, these cost Redis about
-//! what the same number of bare `SET NX` cost it, where the same work inside a Lua
-//! script cost about one and a half times that (every `redis.call` converts its
-//! arguments and reply between Lua and Redis). Scripts remain where one key's change
-//! depends on another read (compare-and-delete of a lease, the holder check), and for
-//! the lease step on a server older than 7.0, which refuses `NX` with `GET` (found out
-//! once, at connect).
+//! Plain commands where a key needs no condition beyond its own ([`Calls::Commands`],
+//! standalone Redis 7.0 and later): the lease step sends one `SET key token NX PX ttl
+//! GET` per id, which takes a missing key and answers what an existing one holds in one
+//! operation, and the release step writes each done marker with a plain `SET`.
+//! Pipelined, these cost Redis about what as many bare `SET NX` cost it, where the same
+//! work inside a Lua script cost about one and a half times that (every `redis.call`
+//! converts its arguments and reply between Lua and Redis). Scripts remain where one
+//! key's change depends on its read (compare-and-delete of a lease, the holder check),
+//! and for both steps on Redis Cluster and on servers before 7.0 ([`Calls::Scripts`]).
 //!
 //! A batch sends one pipeline (or script) per bucket it touches, all at once, and waits
 //! for the last: about one round trip per step whatever the number of buckets. In
@@ -38,6 +37,7 @@
 //! - Redis is an optimisation: every caller must treat an error here as "no lease
 //!   information" and fall back to Postgres, which stays the truth.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,7 +50,7 @@ use crate::event_id::{EventId, Namespace};
 use crate::redis_client::{RedisClient, RedisConnectError, RedisConnection};
 use crate::BoxError;
 
-/// The lease step as a script, for servers before Redis 7.0 (see [`AcquireMode`]).
+/// The lease step as a script ([`Calls::Scripts`]).
 /// KEYS: n event keys; ARGV: token, ttl (ms). One MGET reads every key; a missing one
 /// gets `SET NX PX` (the lease), one holding our own token is extended (a client that
 /// resent the script after losing its answer must not find its own lease busy), one
@@ -88,24 +88,36 @@ end
 return out
 "#;
 
-/// KEYS: n event keys; ARGV: token. The keys are read with one MGET and those still
-/// holding our token deleted with one DEL (compare-and-delete: a lease that lapsed and
-/// was taken by someone else, or became a marker, is left alone). Returns how many keys
-/// were deleted. (Done markers are written by plain `SET`s beside it, see
-/// [`Leases::release`].)
+/// KEYS: n event keys; ARGV: token, done ttl (ms), then one marker per id (empty: no
+/// marker). A confirmed id's marker is written over its key, whatever it holds (our
+/// lease, or one taken after ours lapsed: the event is confirmed either way), without
+/// reading it first. The other ids' keys are read with one MGET and those still holding
+/// our token deleted with one DEL (compare-and-delete). Returns how many keys were
+/// written or deleted. With [`Calls::Commands`] it gets only the ids without a marker
+/// (the markers go as plain `SET`s beside it).
 const RELEASE: &str = r#"
+local open = {}
+local written = 0
+for i = 1, #KEYS do
+  if ARGV[2 + i] ~= '' then
+    redis.call('SET', KEYS[i], 'done:' .. ARGV[2 + i], 'PX', ARGV[2])
+    written = written + 1
+  else
+    open[#open + 1] = KEYS[i]
+  end
+end
 local mine = {}
-for from = 1, #KEYS, 4000 do
-  local to = math.min(from + 3999, #KEYS)
-  local held = redis.call('MGET', unpack(KEYS, from, to))
+for from = 1, #open, 4000 do
+  local to = math.min(from + 3999, #open)
+  local held = redis.call('MGET', unpack(open, from, to))
   for j = 1, #held do
-    if held[j] == ARGV[1] then mine[#mine + 1] = KEYS[from + j - 1] end
+    if held[j] == ARGV[1] then mine[#mine + 1] = open[from + j - 1] end
   end
 end
 for from = 1, #mine, 4000 do
   redis.call('DEL', unpack(mine, from, math.min(from + 3999, #mine)))
 end
-return #mine
+return written + #mine
 "#;
 
 /// KEYS: n event keys; ARGV: token, ttl (ms). For each lease: still ours? Then it is
@@ -136,16 +148,21 @@ return 0
 /// The prefix of a done marker's value (a lease's is a UUID token).
 const DONE: &str = "done:";
 
-/// How the lease step asks Redis, chosen at connect.
+/// How the lease and release steps talk to Redis, chosen at connect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AcquireMode {
-    /// One `SET key token NX PX ttl GET` per id, pipelined: Redis 7.0 and later, Valkey.
-    /// A missing key is taken (the reply is nil); an existing one is left as it is and
-    /// its value answered (a marker, our own token, or someone else's).
+pub enum Calls {
+    /// Plain commands, pipelined: one `SET key token NX PX ttl GET` per id to lease (a
+    /// missing key is taken and the reply is nil; an existing one is left as it is and
+    /// its value answered: a marker, our own token, or someone else's), one plain `SET`
+    /// per done marker; the release script only for the ids without a marker.
+    /// Standalone Redis 7.0 and later, Valkey.
     Commands,
-    /// The acquire script (`MGET`, then `SET NX PX` per missing key): servers before
-    /// Redis 7.0, which refuse `NX` together with `GET`.
-    Script,
+    /// The acquire and release scripts: Redis Cluster, and servers before Redis 7.0
+    /// (which refuse `NX` together with `GET`). On a cluster a pipeline is redirected
+    /// as a whole (one `ASKING` for all of it while a slot migrates), so a key could be
+    /// written on the importing node while it still lives on the old one; a script is
+    /// refused there (`TRYAGAIN`) and writes nothing.
+    Scripts,
 }
 
 /// What Redis said about one id.
@@ -198,7 +215,9 @@ pub struct Leases {
     breaker: Arc<CircuitBreaker>,
     prefix: String,
     buckets: u32,
-    acquire_mode: AcquireMode,
+    /// [`Calls::Scripts`] when set (an atomic: a server found refusing the commands
+    /// later, after a failover to an older one, switches it).
+    by_script: AtomicBool,
     acquire: Script,
     release: Script,
     hold: Script,
@@ -209,9 +228,9 @@ impl Leases {
     /// Leases over `redis`, keys under `prefix`, spread over `buckets` hash slots per
     /// namespace (at least one). Loads the scripts now (on every node of a cluster): it
     /// saves the first batch a NOSCRIPT round trip, and a Redis that refuses scripts fails
-    /// start-up. Then finds out whether the server takes `SET ... NX ... GET` (one
-    /// `SET` of a probe key that expires in a second): [`AcquireMode::Commands`] if it
-    /// does, [`AcquireMode::Script`] if not.
+    /// start-up. On a standalone server, then finds out whether it takes
+    /// `SET ... NX ... GET`: [`Calls::Commands`] if it does, [`Calls::Scripts`] if not
+    /// (and on a cluster).
     pub async fn connect(
         redis: RedisClient,
         prefix: &str,
@@ -223,7 +242,7 @@ impl Leases {
             breaker,
             prefix: prefix.to_owned(),
             buckets: buckets.max(1),
-            acquire_mode: AcquireMode::Commands,
+            by_script: AtomicBool::new(true),
             acquire: Script::new(ACQUIRE),
             release: Script::new(RELEASE),
             hold: Script::new(HOLD),
@@ -234,37 +253,27 @@ impl Leases {
         for script in [&leases.acquire, &leases.release, &leases.hold, &leases.forget] {
             script.load_async(&mut conn).await.map_err(|e| err(e.into()))?;
         }
-        // The probe's key is in no namespace's slot and holds no token a batch could use.
-        let probe = format!("{}:{{probe}}:set-nx-get", leases.prefix);
-        let probed: redis::RedisResult<Option<String>> = redis::cmd("SET")
-            .arg(&probe)
-            .arg("probe")
-            .arg("NX")
-            .arg("PX")
-            .arg(1000)
-            .arg("GET")
-            .query_async(&mut conn)
-            .await;
-        let acquire_mode = match probed {
-            Ok(_) => AcquireMode::Commands,
-            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) => {
-                tracing::info!(error = %e, "Redis refuses SET with NX and GET (before 7.0): leases are taken by script");
-                AcquireMode::Script
-            }
-            Err(e) => return Err(err(e.into())),
-        };
-        Ok(Self { acquire_mode, ..leases })
+        if !leases.redis.is_cluster() {
+            let by_script = !takes_set_nx_get(&mut conn, &leases.prefix).await;
+            leases.by_script.store(by_script, Ordering::Relaxed);
+        }
+        Ok(leases)
     }
 
-    /// How the lease step asks Redis (found at connect).
-    pub fn acquire_mode(&self) -> AcquireMode {
-        self.acquire_mode
+    /// How the lease and release steps talk to Redis.
+    pub fn calls(&self) -> Calls {
+        if self.by_script.load(Ordering::Relaxed) {
+            Calls::Scripts
+        } else {
+            Calls::Commands
+        }
     }
 
-    /// The same leases, with the lease step sent as `mode` says. For tests of the script
-    /// path on a current server: the mode found at connect is the right one otherwise.
-    pub fn with_acquire_mode(self, mode: AcquireMode) -> Self {
-        Self { acquire_mode: mode, ..self }
+    /// The same leases, talking to Redis as `calls` says. For tests of the script path on
+    /// a current server: the form chosen at connect is the right one otherwise.
+    pub fn with_calls(self, calls: Calls) -> Self {
+        self.by_script.store(calls == Calls::Scripts, Ordering::Relaxed);
+        self
     }
 
     /// The breaker in front of Redis.
@@ -321,9 +330,30 @@ impl Leases {
         token: &str,
         ttl: Duration,
     ) -> Result<Vec<LeaseReply>, LeaseError> {
-        if self.acquire_mode == AcquireMode::Script {
+        if self.calls() == Calls::Scripts {
             return self.acquire_by_script(ns, ids, token, ttl).await;
         }
+        match self.acquire_by_commands(ns, ids, token, ttl).await {
+            // A server that refuses the commands now (a failover to an older version):
+            // scripts from here on, and this step again by script (what the commands
+            // wrote, if anything, is ours: the script answers it as ours).
+            Err(LeaseError::Redis { source, .. }) if refuses_set_nx_get(&*source) => {
+                tracing::warn!(error = %source, "Redis refuses SET with NX and GET: leases are taken by script from now on");
+                self.by_script.store(true, Ordering::Relaxed);
+                self.acquire_by_script(ns, ids, token, ttl).await
+            }
+            other => other,
+        }
+    }
+
+    /// The lease step by commands ([`Calls::Commands`]).
+    async fn acquire_by_commands(
+        &self,
+        ns: &Namespace,
+        ids: &[&EventId],
+        token: &str,
+        ttl: Duration,
+    ) -> Result<Vec<LeaseReply>, LeaseError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -361,7 +391,7 @@ impl Leases {
             .collect()
     }
 
-    /// The lease step by script ([`AcquireMode::Script`]).
+    /// The lease step by script ([`Calls::Scripts`]).
     async fn acquire_by_script(
         &self,
         ns: &Namespace,
@@ -428,9 +458,10 @@ impl Leases {
     /// One round trip: writes done markers (each replacing its id's lease) and frees the
     /// other leases our token still holds. Returns how many keys were written or freed.
     ///
-    /// Per bucket, the markers go as a pipeline of plain `SET key done:<hash> PX ttl`
-    /// (no condition: see the module's invariants) and the other ids as one
-    /// compare-and-delete script, sent only when there are such ids; all at once.
+    /// Per bucket, with [`Calls::Commands`], the markers go as a pipeline of plain
+    /// `SET key done:<hash> PX ttl` (no condition: see the module's invariants) and the
+    /// other ids to the release script, sent only when there are such ids; all at once.
+    /// With [`Calls::Scripts`], the release script does both.
     pub async fn release(
         &self,
         ns: &Namespace,
@@ -442,6 +473,7 @@ impl Leases {
             return Ok(0);
         }
         let done_ttl = done_ttl.as_millis().max(1).to_string();
+        let commands = self.calls() == Calls::Commands;
         let mut pipes: Vec<redis::Pipeline> = Vec::new();
         let mut invocations: Vec<ScriptInvocation<'_>> = Vec::new();
         let mut written = 0u64;
@@ -451,20 +483,21 @@ impl Leases {
             for i in group {
                 let key = self.key(ns, items[i].id);
                 match items[i].done {
-                    Some(hash) => {
+                    Some(hash) if commands => {
                         let mut marker = String::with_capacity(DONE.len() + 64);
                         marker.push_str(DONE);
                         marker.push_str(&hash.to_hex());
                         pipe.cmd("SET").arg(key).arg(marker).arg("PX").arg(&done_ttl).ignore();
                         written += 1;
                     }
-                    None => {
+                    done => {
                         inv.get_or_insert_with(|| {
                             let mut inv = self.release.prepare_invoke();
-                            inv.arg(token);
+                            inv.arg(token).arg(&done_ttl);
                             inv
                         })
-                        .key(key);
+                        .key(key)
+                        .arg(done.map(|h| h.to_hex()).unwrap_or_default());
                     }
                 }
             }
@@ -584,6 +617,45 @@ async fn run_all<T: redis::FromRedisValue>(
     .await
     .into_iter()
     .collect()
+}
+
+/// Whether the server takes `SET key value NX PX ttl GET` (Redis 7.0 and later). The
+/// probe key is in no namespace's slot, holds no token a batch could use, and is
+/// deleted at once. Any answer but the refusal of a server before 7.0 (`ERR syntax
+/// error`) is not taken as its verdict: a Redis that is out of memory, read-only or
+/// refuses the probe key by ACL gets scripts, which work on every version, and starts
+/// (the guard runs on Postgres alone while Redis refuses writes, as always).
+async fn takes_set_nx_get(conn: &mut RedisConnection, prefix: &str) -> bool {
+    let probe = format!("{prefix}:{{probe}}:set-nx-get");
+    let probed: redis::RedisResult<(Option<String>, i64)> = redis::pipe()
+        .cmd("SET")
+        .arg(&probe)
+        .arg("probe")
+        .arg("NX")
+        .arg("PX")
+        .arg(1000)
+        .arg("GET")
+        .cmd("DEL")
+        .arg(&probe)
+        .query_async(conn)
+        .await;
+    match probed {
+        Ok(_) => true,
+        Err(e) if refuses_set_nx_get(&e) => {
+            tracing::info!(error = %e, "Redis refuses SET with NX and GET (before 7.0): leases are taken by script");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not find out whether Redis takes SET with NX and GET: leases are taken by script");
+            false
+        }
+    }
+}
+
+/// Whether `e` is a server's refusal of `SET ... NX ... GET`: `ERR syntax error`
+/// (Redis 6.2 and before).
+fn refuses_set_nx_get(e: &(dyn std::error::Error + 'static)) -> bool {
+    e.to_string().to_ascii_lowercase().contains("syntax error")
 }
 
 /// Sends every pipeline at once (each on a clone of `conn`) and collects their replies
