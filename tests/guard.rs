@@ -1209,8 +1209,8 @@ async fn the_scripts_answer_as_the_commands_do() {
         env.clients.leases.breaker().clone(),
     )
     .await
-    .unwrap()
-    .with_calls(Calls::Scripts);
+    .unwrap();
+    leases.set_calls(Calls::Scripts);
     markers_and_leases(&env, &leases).await;
 }
 

@@ -30,8 +30,8 @@ async fn main() -> anyhow::Result<()> {
         clients.leases.buckets(),
         clients.leases.breaker().clone(),
     )
-    .await?
-    .with_calls(lease::Calls::Scripts);
+    .await?;
+    by_script.set_calls(lease::Calls::Scripts);
     let mut t = [Duration::ZERO; 7];
     for b in 0..batches {
         let ids: Vec<EventId> = (0..n).map(|i| EventId::new(format!("s-{b}-{i}"))).collect::<Result<_, _>>()?;

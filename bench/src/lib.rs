@@ -43,6 +43,7 @@ use exactly_once::{
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
+use exactly_once::guard::lease::Calls;
 use stats::Samples;
 
 /// What to run.
@@ -65,6 +66,10 @@ pub struct Options {
     pub added_rtt_us: u64,
     pub out_dir: PathBuf,
     pub seed: u64,
+    /// Leases and done markers by Lua script (as on Redis Cluster or before Redis 7.0,
+    /// and as every server got them before the commands), instead of the form chosen at
+    /// connect: the same binary measures both.
+    pub redis_scripts: bool,
 }
 
 impl Options {
@@ -80,6 +85,7 @@ impl Options {
             added_rtt_us: 500,
             out_dir,
             seed: 7,
+            redis_scripts: false,
         }
     }
 }
@@ -356,6 +362,10 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
 pub const ROUND_TRIP_BUDGET: &str = "guard, worst batch: round trips (redis, postgres)";
 
 async fn run_in(env: &Env, opts: &Options) -> anyhow::Result<Report> {
+    if opts.redis_scripts {
+        env.clients.leases.set_calls(Calls::Scripts);
+    }
+    eprintln!("[bench] Redis leases and markers by {:?}", env.clients.leases.calls());
     let events = stream(opts.events, 0.25, opts.seed);
     let mut rows = Vec::new();
     let mut targets = Vec::new();
@@ -518,6 +528,7 @@ async fn run_in(env: &Env, opts: &Options) -> anyhow::Result<Report> {
         let rtt = Duration::from_micros(opts.added_rtt_us);
         eprintln!("[bench] baseline, guard and floor at batch {largest} with {rtt:?} added per round trip");
         let far = Env::behind_network(rtt).await?;
+        far.clients.leases.set_calls(env.clients.leases.calls());
         let result = async {
             let measured = select_one_latency(&far.clients.pg, 200).await?;
             let direct = select_one_latency(&env.clients.pg, 200).await?;

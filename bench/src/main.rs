@@ -40,6 +40,10 @@ struct Args {
     smoke: bool,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Leases and done markers by Lua script, as on Redis Cluster or before Redis 7.0
+    /// (and as every server got them before the plain commands): a before/after in one binary.
+    #[arg(long)]
+    redis_scripts: bool,
 }
 
 fn main() -> ExitCode {
@@ -57,6 +61,7 @@ fn main() -> ExitCode {
             added_rtt_us: a.added_rtt_us,
             out_dir: a.out,
             seed: a.seed,
+            redis_scripts: a.redis_scripts,
         }
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");

@@ -269,11 +269,10 @@ impl Leases {
         }
     }
 
-    /// The same leases, talking to Redis as `calls` says. For tests of the script path on
-    /// a current server: the form chosen at connect is the right one otherwise.
-    pub fn with_calls(self, calls: Calls) -> Self {
+    /// Talks to Redis as `calls` says from now on. For tests and benchmarks of the script
+    /// form on a current server: the form chosen at connect is the right one otherwise.
+    pub fn set_calls(&self, calls: Calls) {
         self.by_script.store(calls == Calls::Scripts, Ordering::Relaxed);
-        self
     }
 
     /// The breaker in front of Redis.
