@@ -1,8 +1,9 @@
 //! Profiling aid: the guard's steps for one batch of N (default 1000) new ids, each timed
 //! alone through the public APIs, next to the floor's two round trips for the same ids
 //! and `Guard::run_batch_deferring_release` doing the whole. The lease step is timed in
-//! both forms: plain `SET NX PX GET` commands (what a Redis of 7.0 or later gets) and the
-//! script (what an older one gets), on other ids of the same count. Run with
+//! both forms, and so is the release: plain commands (what a standalone Redis of 7.0 or
+//! later gets) and the scripts (a cluster, an older server), on other ids of the same
+//! count. Run with
 //! `cargo run --release -p bench --example batch_steps -- [N] [batches]`.
 
 use std::time::{Duration, Instant};
@@ -32,7 +33,7 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     by_script.set_calls(lease::Calls::Scripts);
-    let mut t = [Duration::ZERO; 7];
+    let mut t = [Duration::ZERO; 8];
     for b in 0..batches {
         let ids: Vec<EventId> = (0..n).map(|i| EventId::new(format!("s-{b}-{i}"))).collect::<Result<_, _>>()?;
         let refs: Vec<&EventId> = ids.iter().collect();
@@ -71,10 +72,15 @@ async fn main() -> anyhow::Result<()> {
         t[5] += pg;
 
         let other: Vec<EventId> = (0..n).map(|i| EventId::new(format!("x-{b}-{i}"))).collect::<Result<_, _>>()?;
-        let other: Vec<&EventId> = other.iter().collect();
+        let refs: Vec<&EventId> = other.iter().collect();
         let s = Instant::now();
-        by_script.acquire(&ns, &other, "tok", ttl).await?;
+        by_script.acquire(&ns, &refs, "tok", ttl).await?;
         t[6] += s.elapsed();
+        let releases: Vec<lease::Release<'_>> =
+            other.iter().zip(&events).map(|(id, e)| lease::Release { id, done: Some(e.payload_hash()) }).collect();
+        let s = Instant::now();
+        by_script.release(&ns, &releases, "tok", Duration::from_secs(60)).await?;
+        t[7] += s.elapsed();
     }
     let per = |d: Duration| d.as_secs_f64() * 1e3 / batches as f64;
     println!("batch of {n}, {batches} batches, ms per batch:");
@@ -86,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
         "floor: redis SET NX",
         "floor: pg insert",
         "redis acquire script",
+        "redis release script",
     ]
     .iter()
     .zip(t)
