@@ -369,24 +369,19 @@ impl Leases {
             })
             .collect();
         let replies: Vec<Vec<redis::Value>> = self.call(|conn| run_pipes(conn, pipes)).await?;
-        let mut out: Vec<Option<LeaseReply>> = vec![None; ids.len()];
-        for (group, replies) in groups.iter().zip(replies) {
-            for (&i, r) in group.iter().zip(self.one_per_id("acquire", replies, group.len())?) {
-                out[i] = Some(match r {
-                    // The key was missing: ours now.
-                    redis::Value::Nil => LeaseReply::Acquired,
-                    // Our own token: a resent call whose first answer was lost.
-                    redis::Value::BulkString(b) if b == token.as_bytes() => LeaseReply::Acquired,
-                    redis::Value::BulkString(b) => match b.strip_prefix(DONE.as_bytes()) {
-                        Some(hash) => LeaseReply::Done(std::str::from_utf8(hash).ok().and_then(PayloadHash::from_hex)),
-                        None => LeaseReply::Busy,
-                    },
-                    other => return Err(self.malformed(format!("SET NX GET answered {other:?} for an id"))),
-                });
-            }
-        }
-        out.into_iter()
-            .map(|r| r.ok_or_else(|| self.malformed("acquire left an id without a reply".to_owned())))
+        self.in_id_order("acquire", &groups, replies, ids.len())?
+            .into_iter()
+            .map(|r| match r {
+                // The key was missing: ours now.
+                redis::Value::Nil => Ok(LeaseReply::Acquired),
+                // Our own token: a resent call whose first answer was lost.
+                redis::Value::BulkString(b) if b == token.as_bytes() => Ok(LeaseReply::Acquired),
+                redis::Value::BulkString(b) => Ok(match b.strip_prefix(DONE.as_bytes()) {
+                    Some(hash) => LeaseReply::Done(std::str::from_utf8(hash).ok().and_then(PayloadHash::from_hex)),
+                    None => LeaseReply::Busy,
+                }),
+                other => Err(self.malformed(format!("SET NX GET answered {other:?} for an id"))),
+            })
             .collect()
     }
 
@@ -442,16 +437,31 @@ impl Leases {
             })
             .collect();
         let replies: Vec<Vec<T>> = self.call(|conn| run_all(conn, invocations)).await?;
-        let mut out: Vec<Option<T>> = std::iter::repeat_with(|| None).take(ids.len()).collect();
+        self.in_id_order(name, &groups, replies, ids.len())
+    }
+
+    /// The replies of each bucket's call (`replies[g]` for the ids at positions
+    /// `groups[g]`), put back in the order of the `n` ids. A call that answered other
+    /// than one reply per id fails the step (a short answer must not be read as "the
+    /// rest are fine").
+    fn in_id_order<T>(
+        &self,
+        step: &str,
+        groups: &[Vec<usize>],
+        replies: Vec<Vec<T>>,
+        n: usize,
+    ) -> Result<Vec<T>, LeaseError> {
+        let mut out: Vec<Option<T>> = std::iter::repeat_with(|| None).take(n).collect();
         for (group, replies) in groups.iter().zip(replies) {
-            for (&i, r) in group.iter().zip(self.one_per_id(name, replies, group.len())?) {
+            if replies.len() != group.len() {
+                return Err(self.malformed(format!("{step}: {} replies for {} ids", replies.len(), group.len())));
+            }
+            for (&i, r) in group.iter().zip(replies) {
                 out[i] = Some(r);
             }
         }
         // Every id is in exactly one group and every group answered one reply per id.
-        out.into_iter()
-            .map(|r| r.ok_or_else(|| self.malformed(format!("{name} script left an id without a reply"))))
-            .collect()
+        out.into_iter().map(|r| r.ok_or_else(|| self.malformed(format!("{step}: an id without a reply")))).collect()
     }
 
     /// One round trip: writes done markers (each replacing its id's lease) and frees the
@@ -528,15 +538,6 @@ impl Leases {
     ) -> Result<Vec<bool>, LeaseError> {
         let held: Vec<i64> = self.per_id("hold", &self.hold, ns, ids, token, ttl).await?;
         Ok(held.into_iter().map(|h| h == 1).collect())
-    }
-
-    /// A script's replies, checked to be one per id (a short answer must not be read as
-    /// "the rest are fine").
-    fn one_per_id<T>(&self, script: &str, replies: Vec<T>, ids: usize) -> Result<Vec<T>, LeaseError> {
-        if replies.len() != ids {
-            return Err(self.malformed(format!("{script} script answered {} replies for {ids} ids", replies.len())));
-        }
-        Ok(replies)
     }
 
     fn malformed(&self, what: String) -> LeaseError {
