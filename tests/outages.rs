@@ -127,3 +127,102 @@ async fn unreachable_postgres_fails_start_up_with_a_clear_message() {
     assert!(text.contains("Postgres at postgres://app:***@127.0.0.1:1/app") && text.contains("DATABASE_URL"), "{text}");
     assert!(!text.contains("hunter2"));
 }
+
+/// The last command the server saw on client `id` (`CLIENT LIST ID`), asked on
+/// `observer`; `None` once the server has no such client.
+async fn last_command(observer: &mut redis::aio::MultiplexedConnection, id: i64) -> Option<String> {
+    let list: String =
+        redis::cmd("CLIENT").arg("LIST").arg("ID").arg(id).query_async(observer).await.expect("CLIENT LIST");
+    list.split_whitespace().find_map(|f| f.strip_prefix("cmd=")).map(str::to_owned)
+}
+
+async fn client_id(conn: &mut exactly_once::redis_client::RedisConnection) -> redis::RedisResult<i64> {
+    redis::cmd("CLIENT").arg("ID").query_async(conn).await
+}
+
+/// A pooled Redis connection in steady use is handed out without a PING (the PING
+/// would double every Redis step); one idle for `REDIS_PING_IDLE_MS` gets one. A
+/// connection the server dropped fails one call and is replaced, and every other
+/// connection of the pool is pinged before its next use, so a Redis restart costs one
+/// failed call, not one per pooled connection. A server error leaves the connection be.
+#[tokio::test]
+async fn redis_pool_pings_only_idle_connections_and_replaces_dropped_ones_after_one_failed_call() {
+    use exactly_once::redis_client::RedisClient;
+    let config = exactly_once::Config::load().expect("configuration");
+    let observer_client = redis::Client::open(config.redis.url.expose()).expect("REDIS_URL");
+    let mut observer = observer_client.get_multiplexed_async_connection().await.expect("observer connection");
+    let settings =
+        |ping_idle: Duration| exactly_once::config::RedisConfig { pool_size: 2, ping_idle, ..config.redis.clone() };
+
+    // In steady use: the same connection comes back (LIFO) and nothing is sent first.
+    let steady = RedisClient::connect(&settings(Duration::from_secs(60))).await.expect("connect");
+    let mut c = steady.connection().await.expect("connection");
+    let id = client_id(&mut c).await.expect("CLIENT ID");
+    drop(c);
+    let mut c = steady.connection().await.expect("connection");
+    assert_eq!(last_command(&mut observer, id).await.as_deref(), Some("client|id"), "no PING before reuse");
+    assert_eq!(client_id(&mut c).await.expect("CLIENT ID"), id, "the connection used last comes back");
+    drop(c);
+    assert_eq!(steady.pings(), 0, "the pool counts no PING");
+
+    // With REDIS_PING_IDLE_MS=0 every checkout is checked first.
+    let pinging = RedisClient::connect(&settings(Duration::ZERO)).await.expect("connect");
+    let mut c = pinging.connection().await.expect("connection");
+    let pinged_id = client_id(&mut c).await.expect("CLIENT ID");
+    drop(c);
+    let c = pinging.connection().await.expect("connection");
+    assert_eq!(last_command(&mut observer, pinged_id).await.as_deref(), Some("ping"), "PING before reuse");
+    assert_eq!(pinging.pings(), 2, "a PING on each of the two checkouts");
+    drop(c);
+
+    // A command the server refuses does not cost the connection.
+    let key = format!("{}:list", integration_tests::unique("pool"));
+    let mut c = steady.connection().await.expect("connection");
+    let _: () = redis::cmd("RPUSH").arg(&key).arg("x").query_async(&mut c).await.expect("RPUSH");
+    let wrong: redis::RedisResult<Option<String>> = redis::cmd("GET").arg(&key).query_async(&mut c).await;
+    assert!(wrong.is_err(), "GET of a list is WRONGTYPE");
+    drop(c);
+    let mut c = steady.connection().await.expect("connection");
+    assert_eq!(client_id(&mut c).await.expect("CLIENT ID"), id, "kept after a server error");
+    let _: () = redis::cmd("DEL").arg(&key).query_async(&mut c).await.expect("DEL");
+    drop(c);
+
+    // Both pooled connections in use once, then both dropped by the server (a restart).
+    let (mut a, mut b) = (steady.connection().await.expect("a"), steady.connection().await.expect("b"));
+    let ids = [client_id(&mut a).await.expect("CLIENT ID"), client_id(&mut b).await.expect("CLIENT ID")];
+    assert_ne!(ids[0], ids[1], "two connections held at once");
+    drop((a, b));
+    for id in ids {
+        let killed: i64 =
+            redis::cmd("CLIENT").arg("KILL").arg("ID").arg(id).query_async(&mut observer).await.expect("KILL");
+        assert_eq!(killed, 1);
+    }
+    wait_until_gone(&mut observer, &ids).await;
+    // Used a moment ago, so handed out unchecked: this one call fails...
+    let mut c = steady.connection().await.expect("connection");
+    assert!(client_id(&mut c).await.is_err(), "the first call after the restart meets a dropped connection");
+    drop(c);
+    // ...and it tells the pool: the broken one is replaced, the other is pinged (and
+    // replaced too) instead of failing the next call.
+    let before = steady.pings();
+    for _ in 0..3 {
+        let mut c = steady.connection().await.expect("connection");
+        let fresh = client_id(&mut c).await.expect("a fresh connection answers");
+        assert!(!ids.contains(&fresh), "a dropped connection was handed out again");
+    }
+    assert_eq!(steady.pings() - before, 1, "the surviving connection was pinged once, then replaced");
+}
+
+async fn wait_until_gone(observer: &mut redis::aio::MultiplexedConnection, ids: &[i64]) {
+    for _ in 0..100 {
+        let mut gone = true;
+        for &id in ids {
+            gone &= last_command(observer, id).await.is_none();
+        }
+        if gone {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the killed clients are still listed");
+}

@@ -104,6 +104,9 @@ pub struct Row {
     pub event_p99_us: f64,
     pub redis_round_trips_per_batch: f64,
     pub postgres_round_trips_per_batch: f64,
+    /// `PING`s the Redis pool sent to check a connection before handing it out, per
+    /// batch: round trips on top of the steps (guard and floor; 0 elsewhere).
+    pub redis_pool_pings_per_batch: f64,
 }
 
 /// A target of the issue and whether this run meets it.
@@ -227,6 +230,7 @@ fn row(variant: &str, batch: usize, events: usize, total: Duration, batches: &Sa
         event_p99_us: batches.percentile(99.0) * 1e6 / batch as f64,
         redis_round_trips_per_batch: redis,
         postgres_round_trips_per_batch: pg,
+        redis_pool_pings_per_batch: 0.0,
     }
 }
 
@@ -275,6 +279,7 @@ async fn guard(env: &Env, namespace: &str, events: &[Event], batch: usize) -> an
 
 async fn guard_with(env: &Env, namespace: &str, events: &[Event], batch: usize, inline: bool) -> anyhow::Result<Row> {
     let g = Guard::new(&env.clients, namespace, IdStrategy::Header("idempotency_key".into()), GuardConfig::default())?;
+    let pings = env.clients.redis.pings();
     let mut samples = Samples::default();
     let started = Instant::now();
     for chunk in events.chunks(batch) {
@@ -292,11 +297,15 @@ async fn guard_with(env: &Env, namespace: &str, events: &[Event], batch: usize, 
     let batches = events.len().div_ceil(batch) as f64;
     let rt = g.round_trips();
     let variant = if inline { "guard inline release" } else { "guard" };
-    Ok(row(variant, batch, events.len(), total, &samples, rt.redis() as f64 / batches, rt.postgres() as f64 / batches))
+    let mut r =
+        row(variant, batch, events.len(), total, &samples, rt.redis() as f64 / batches, rt.postgres() as f64 / batches);
+    r.redis_pool_pings_per_batch = (env.clients.redis.pings() - pings) as f64 / batches;
+    Ok(r)
 }
 
 /// The bare round trips: one Redis pipeline and one Postgres statement per batch.
 async fn floor(env: &Env, namespace: &str, events: &[Event], batch: usize) -> anyhow::Result<Row> {
+    let pings = env.clients.redis.pings();
     let mut samples = Samples::default();
     let started = Instant::now();
     for chunk in events.chunks(batch) {
@@ -313,7 +322,9 @@ async fn floor(env: &Env, namespace: &str, events: &[Event], batch: usize) -> an
         floor_batch(&env.clients, env.slice.name(), namespace, &ids).await?;
         samples.push(t.elapsed());
     }
-    Ok(row("floor", batch, events.len(), started.elapsed(), &samples, 1.0, 1.0))
+    let mut r = row("floor", batch, events.len(), started.elapsed(), &samples, 1.0, 1.0);
+    r.redis_pool_pings_per_batch = (env.clients.redis.pings() - pings) as f64 / events.len().div_ceil(batch) as f64;
+    Ok(r)
 }
 
 /// The floor for one batch of `ids`: a Redis pipeline of `SET NX PX` (keys under
@@ -361,6 +372,9 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
 /// Name of the target that holds the guard to its round trips per batch.
 pub const ROUND_TRIP_BUDGET: &str = "guard, worst batch: round trips (redis, postgres)";
 
+/// Name of the target that holds the Redis pool to (nearly) no `PING` per checkout.
+pub const POOL_PING_BUDGET: &str = "guard at batch 1: Redis pool PINGs per batch";
+
 async fn run_in(env: &Env, opts: &Options) -> anyhow::Result<Report> {
     if opts.redis_scripts {
         env.clients.leases.set_calls(Calls::Scripts);
@@ -400,6 +414,18 @@ async fn run_in(env: &Env, opts: &Options) -> anyhow::Result<Report> {
         required: "<= (2, 2)".into(),
         met: Some(worst.0 <= 2.0 && worst.1 <= 2.0),
     });
+    // The pool's PINGs are round trips the guard does not count: a connection in steady
+    // use must come back unchecked, or every Redis step costs two. Checked at batch 1,
+    // where the run has the most batches; only connections that sat idle (between
+    // variants) may be pinged.
+    if let Some(one) = rows.iter().find(|r| r.variant == "guard" && r.batch == 1) {
+        targets.push(Target {
+            name: POOL_PING_BUDGET.into(),
+            measured: format!("{:.3}", one.redis_pool_pings_per_batch),
+            required: "<= 0.05".into(),
+            met: Some(one.redis_pool_pings_per_batch <= 0.05),
+        });
+    }
 
     // The issue's targets are stated at batch 500; smaller runs use their largest batch.
     let largest = if opts.batch_sizes.contains(&500) { 500 } else { *opts.batch_sizes.iter().max().unwrap_or(&1) };
@@ -693,12 +719,22 @@ pub mod e2e;
 pub fn render(report: &Report) -> String {
     let mut out = format!("machine: {}\n\n", report.machine);
     out += &format!(
-        "{:<34} {:>6} {:>9} {:>12} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8}\n",
-        "variant", "batch", "events", "events/s", "batch p50", "batch p99", "event p50", "event p99", "redis/b", "pg/b"
+        "{:<34} {:>6} {:>9} {:>12} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8}\n",
+        "variant",
+        "batch",
+        "events",
+        "events/s",
+        "batch p50",
+        "batch p99",
+        "event p50",
+        "event p99",
+        "redis/b",
+        "pg/b",
+        "ping/b"
     );
     for r in &report.rows {
         out += &format!(
-            "{:<34} {:>6} {:>9} {:>12.0} {:>8.3}ms {:>8.3}ms {:>8.1}us {:>8.1}us {:>8.2} {:>8.2}\n",
+            "{:<34} {:>6} {:>9} {:>12.0} {:>8.3}ms {:>8.3}ms {:>8.1}us {:>8.1}us {:>8.2} {:>8.2} {:>8.3}\n",
             r.variant,
             r.batch,
             r.events,
@@ -708,7 +744,8 @@ pub fn render(report: &Report) -> String {
             r.event_p50_us,
             r.event_p99_us,
             r.redis_round_trips_per_batch,
-            r.postgres_round_trips_per_batch
+            r.postgres_round_trips_per_batch,
+            r.redis_pool_pings_per_batch
         );
     }
     out += "\ntargets:\n";
@@ -753,6 +790,9 @@ mod tests {
             assert_eq!(t.met, Some(true), "round-trip budget exceeded: {} measured {}", t.name, t.measured);
         }
         assert!(report.targets.iter().any(|t| t.name == super::ROUND_TRIP_BUDGET));
+        // So are the pool's PINGs: a connection in steady use comes back unchecked.
+        let pings = report.targets.iter().find(|t| t.name == super::POOL_PING_BUDGET).expect("pool PING target");
+        assert_eq!(pings.met, Some(true), "Redis pool PINGs per batch: {}", pings.measured);
         let png = std::fs::read(dir.join("throughput.png")).unwrap();
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
         let text = super::render(&report);

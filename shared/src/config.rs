@@ -54,6 +54,7 @@ pub const VARIABLES: &[Var] = &[
     var("REDIS_KEY_PREFIX", "eo", "Prefix of every Redis key (`<prefix>:{<function>}:event:<id>`, or `<prefix>:{<function>:<bucket>}:event:<id>` with more than one bucket; the key holds the event's lease or its done marker)."),
     var("REDIS_KEY_BUCKETS", "auto", "How many hash slots a function's keys are spread over: `auto` (1 standalone, 64 cluster: with three shards 16 buckets left one shard with a fifth of the keys and another with half, 64 spread them within 15%) or 1 to 1024. A batch sends one Redis call (a pipeline or a script) per bucket it touches, concurrently. Changing it changes every key: done markers are forgotten (Postgres answers instead) and, while old and new processes overlap, their leases do not see each other."),
     var("REDIS_TIMEOUT_MS", "1000", "Per-call Redis timeout; a slow Redis counts as a failure for its breaker."),
+    var("REDIS_PING_IDLE_MS", "1000", "A pooled Redis connection (standalone) that has not been used for this long gets a `PING` before it is handed out again; one in steady use does not, which saves a round trip per Redis step. A call failing on a connection discards it and has every other connection pinged before its next use. 0 pings on every use."),
     var("REDIS_CONNECT_TIMEOUT_MS", "5000", "How long connecting to Redis may take at start-up, or when the cluster connection is rebuilt: a cluster connection reaches every node, and each that does not answer costs up to `REDIS_TIMEOUT_MS`."),
     var("CLICKHOUSE_URL", "http://127.0.0.1:8123", "ClickHouse HTTP endpoint; several, comma-separated, are used round-robin and a failed write moves to the next."),
     var("CLICKHOUSE_DATABASE", "default", "ClickHouse database holding the function tables."),
@@ -438,6 +439,9 @@ pub struct RedisConfig {
     /// `REDIS_CONNECT_TIMEOUT_MS`: the limit on building a connection (a cluster
     /// connection reaches every node).
     pub connect_timeout: Duration,
+    /// `REDIS_PING_IDLE_MS`: a pooled connection unused this long is pinged before reuse
+    /// (zero: on every use).
+    pub ping_idle: Duration,
 }
 
 impl RedisConfig {
@@ -478,6 +482,7 @@ impl RedisConfig {
             key_prefix,
             timeout: millis(env, "REDIS_TIMEOUT_MS")?,
             connect_timeout: millis(env, "REDIS_CONNECT_TIMEOUT_MS")?,
+            ping_idle: Duration::from_millis(read(env, "REDIS_PING_IDLE_MS")?),
         })
     }
 }

@@ -4,7 +4,13 @@
 //!
 //! Two deployments, one interface ([`RedisConnection`]):
 //! - **standalone** (`REDIS_MODE=standalone`): a pool of multiplexed connections to one
-//!   address;
+//!   address. A connection in steady use is handed out again as it is: checking it with a
+//!   `PING` first (what `deadpool-redis` does on every checkout) would double the time of
+//!   every Redis step. It is checked when it has been idle for `REDIS_PING_IDLE_MS`, and
+//!   after any call in the pool failed at the connection level (a Redis restart breaks
+//!   them all at once: one call finds out, the others are pinged before their next use);
+//!   a connection whose own call failed that way is replaced. Calls time out after
+//!   `REDIS_TIMEOUT_MS` (redis-rs would otherwise stop waiting at 500 ms);
 //! - **cluster** (`REDIS_MODE=cluster`): one multiplexed connection per node, found from
 //!   the seed nodes in `REDIS_URL`. The client routes each command by the hash slot of its
 //!   first key, follows `MOVED` and `ASK` redirections, retries `TRYAGAIN` and
@@ -20,11 +26,12 @@
 //! `rediss://` addresses use TLS (rustls, the system's roots, or `REDIS_TLS_CA_FILE`);
 //! AUTH comes from the address (`redis://:<token>@host`, or `<user>:<token>@` for ACLs).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use deadpool_redis::{Pool, Runtime};
+use deadpool::managed::{self, Metrics, RecycleError, RecycleResult};
+use deadpool::Runtime;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
@@ -48,6 +55,58 @@ pub struct RedisConnectError {
 enum Backend {
     Pool(Pool),
     Cluster(Arc<Cluster>),
+}
+
+type Pool = managed::Pool<Manager>;
+
+/// Makes the standalone pool's connections (as `deadpool-redis` does) and decides when
+/// one needs a `PING` before it is handed out again (see the module docs).
+struct Manager {
+    inner: deadpool_redis::Manager,
+    ping_idle: Duration,
+    failures: Arc<AtomicU64>,
+    pings: AtomicU64,
+}
+
+/// A pooled connection.
+struct Pooled {
+    conn: MultiplexedConnection,
+    /// `failures` when it was made or last answered a `PING`.
+    verified: u64,
+    /// Set when a call on it failed at the connection level.
+    broken: Arc<AtomicBool>,
+}
+
+impl managed::Manager for Manager {
+    type Type = Pooled;
+    type Error = redis::RedisError;
+
+    async fn create(&self) -> Result<Pooled, redis::RedisError> {
+        let verified = self.failures.load(Ordering::SeqCst);
+        let conn = managed::Manager::create(&self.inner).await?;
+        Ok(Pooled { conn, verified, broken: Arc::default() })
+    }
+
+    async fn recycle(&self, conn: &mut Pooled, metrics: &Metrics) -> RecycleResult<redis::RedisError> {
+        if conn.broken.load(Ordering::SeqCst) {
+            return Err(RecycleError::message("a call on this connection failed; replaced"));
+        }
+        let failures = self.failures.load(Ordering::SeqCst);
+        if conn.verified == failures && metrics.last_used() < self.ping_idle {
+            return Ok(());
+        }
+        // UNWATCH and PING, in one round trip.
+        self.pings.fetch_add(1, Ordering::Relaxed);
+        managed::Manager::recycle(&self.inner, &mut conn.conn, metrics).await?;
+        conn.verified = failures;
+        Ok(())
+    }
+}
+
+/// Whether a failed call says the connection itself is gone or stuck (rather than the
+/// server refusing the command).
+fn breaks_connection(e: &redis::RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error()
 }
 
 /// The cluster connection in use, and what is needed to build a fresh one.
@@ -104,14 +163,38 @@ pub struct RedisConnection(Inner);
 
 #[derive(Clone)]
 enum Inner {
-    Standalone { conn: MultiplexedConnection, _checked_out: Arc<deadpool_redis::Connection> },
+    Standalone { conn: MultiplexedConnection, health: Health, _checked_out: Arc<managed::Object<Manager>> },
     Cluster(ClusterConnection),
+}
+
+/// Where a standalone connection reports a call that failed at the connection level.
+#[derive(Clone)]
+struct Health {
+    broken: Arc<AtomicBool>,
+    failures: Arc<AtomicU64>,
+}
+
+impl Health {
+    /// `call`, noting a connection-level failure: this connection is replaced, every
+    /// other one pinged before its next use.
+    fn watch<'a, T: Send + 'a>(&self, call: RedisFuture<'a, T>) -> RedisFuture<'a, T> {
+        let health = self.clone();
+        Box::pin(async move {
+            let result = call.await;
+            if let Err(e) = &result {
+                if breaks_connection(e) && !health.broken.swap(true, Ordering::SeqCst) {
+                    health.failures.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            result
+        })
+    }
 }
 
 impl ConnectionLike for RedisConnection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match &mut self.0 {
-            Inner::Standalone { conn, .. } => conn.req_packed_command(cmd),
+            Inner::Standalone { conn, health, .. } => health.watch(conn.req_packed_command(cmd)),
             Inner::Cluster(c) => c.req_packed_command(cmd),
         }
     }
@@ -123,7 +206,7 @@ impl ConnectionLike for RedisConnection {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match &mut self.0 {
-            Inner::Standalone { conn, .. } => conn.req_packed_commands(pipeline, offset, count),
+            Inner::Standalone { conn, health, .. } => health.watch(conn.req_packed_commands(pipeline, offset, count)),
             Inner::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }
@@ -154,9 +237,19 @@ impl RedisClient {
                     None => redis::IntoConnectionInfo::into_connection_info(config.url.expose())
                         .map_err(|e| err(e.into()))?,
                 };
-                let manager = deadpool_redis::Manager::new(info).map_err(|e| err(e.into()))?;
+                // redis-rs's own defaults (500 ms per call, 1 s to connect) would cut
+                // REDIS_TIMEOUT_MS short.
+                let timeouts = redis::AsyncConnectionConfig::new()
+                    .set_response_timeout(Some(config.timeout))
+                    .set_connection_timeout(Some(config.timeout));
+                let inner = deadpool_redis::Manager::new_with_config(info, timeouts).map_err(|e| err(e.into()))?;
+                let manager =
+                    Manager { inner, ping_idle: config.ping_idle, failures: Arc::default(), pings: AtomicU64::new(0) };
                 let pool = Pool::builder(manager)
                     .max_size(config.pool_size)
+                    // The connection used last is handed out first, so a few stay in
+                    // steady use (no PING) and the rest idle until a burst needs them.
+                    .queue_mode(managed::QueueMode::Lifo)
                     .wait_timeout(Some(config.timeout))
                     .create_timeout(Some(config.timeout))
                     .recycle_timeout(Some(config.timeout))
@@ -203,8 +296,9 @@ impl RedisClient {
             }
             Backend::Pool(pool) => match tokio::time::timeout(self.timeout, pool.get()).await {
                 Ok(Ok(pooled)) => {
-                    let conn = (*pooled).clone();
-                    Ok(RedisConnection(Inner::Standalone { conn, _checked_out: Arc::new(pooled) }))
+                    let conn = pooled.conn.clone();
+                    let health = Health { broken: pooled.broken.clone(), failures: pool.manager().failures.clone() };
+                    Ok(RedisConnection(Inner::Standalone { conn, health, _checked_out: Arc::new(pooled) }))
                 }
                 Ok(Err(e)) => Err(e.into()),
                 Err(_) => Err(format!("no connection within {} ms", self.timeout.as_millis()).into()),
@@ -256,6 +350,16 @@ impl RedisClient {
             self.recover();
         }
         ok
+    }
+
+    /// How many `PING`s the standalone pool has sent to check a connection before
+    /// handing it out (always 0 on a cluster): round trips on top of the calls
+    /// themselves, which the benchmark adds to the guard's.
+    pub fn pings(&self) -> u64 {
+        match &self.backend {
+            Backend::Pool(pool) => pool.manager().pings.load(Ordering::Relaxed),
+            Backend::Cluster(_) => 0,
+        }
     }
 
     /// True for a cluster connection.
