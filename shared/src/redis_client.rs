@@ -6,11 +6,14 @@
 //! - **standalone** (`REDIS_MODE=standalone`): a pool of multiplexed connections to one
 //!   address. A connection in steady use is handed out again as it is: checking it with a
 //!   `PING` first (what `deadpool-redis` does on every checkout) would double the time of
-//!   every Redis step. It is checked when it has been idle for `REDIS_PING_IDLE_MS`, and
-//!   after any call in the pool failed at the connection level (a Redis restart breaks
-//!   them all at once: one call finds out, the others are pinged before their next use);
-//!   a connection whose own call failed that way is replaced. Calls time out after
-//!   `REDIS_TIMEOUT_MS` (redis-rs would otherwise stop waiting at 500 ms);
+//!   every Redis step. It is pinged first when it has not been checked out for
+//!   `REDIS_PING_IDLE_MS`, and after any call in the pool went unanswered or failed at
+//!   the connection level (a Redis restart or a network partition breaks them all at
+//!   once: the calls in flight find out, the others are pinged before their next use,
+//!   within a quarter of `REDIS_TIMEOUT_MS` and at most 250 ms). A connection that is
+//!   closed, unreadable, or answers `READONLY` (a demoted primary) is replaced; one that
+//!   was only slow is kept. Calls time out after `REDIS_TIMEOUT_MS` (redis-rs would
+//!   otherwise stop waiting at 500 ms);
 //! - **cluster** (`REDIS_MODE=cluster`): one multiplexed connection per node, found from
 //!   the seed nodes in `REDIS_URL`. The client routes each command by the hash slot of its
 //!   first key, follows `MOVED` and `ASK` redirections, retries `TRYAGAIN` and
@@ -103,10 +106,30 @@ impl managed::Manager for Manager {
     }
 }
 
-/// Whether a failed call says the connection itself is gone or stuck (rather than the
-/// server refusing the command).
-fn breaks_connection(e: &redis::RedisError) -> bool {
-    e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error()
+/// What a failed call says about its connection.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// The server refused the command: the connection is fine.
+    Fine,
+    /// No answer in time: the connection may be stuck, or Redis slow or unreachable.
+    /// Every connection is pinged before its next use (a stuck one fails the PING and is
+    /// replaced); a slow but healthy one is kept.
+    Suspect,
+    /// The connection is gone (closed, reset, unreadable), or talks to a server that can
+    /// no longer take writes (`READONLY`: a primary demoted in a failover, while the
+    /// address now names the new one). It is replaced, and every other connection pinged.
+    Broken,
+}
+
+fn verdict(e: &redis::RedisError) -> Verdict {
+    if e.is_timeout() {
+        Verdict::Suspect
+    } else if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() || e.code() == Some("READONLY")
+    {
+        Verdict::Broken
+    } else {
+        Verdict::Fine
+    }
 }
 
 /// The cluster connection in use, and what is needed to build a fresh one.
@@ -175,19 +198,40 @@ struct Health {
 }
 
 impl Health {
-    /// `call`, noting a connection-level failure: this connection is replaced, every
-    /// other one pinged before its next use.
+    /// `call`, noting what its failure says about the connection (see [`Verdict`]). A
+    /// call given up before its answer (a caller's timeout around it) counts as
+    /// [`Verdict::Suspect`]: the answer may never come.
     fn watch<'a, T: Send + 'a>(&self, call: RedisFuture<'a, T>) -> RedisFuture<'a, T> {
-        let health = self.clone();
+        let mut unanswered = Unanswered(Some(self.clone()));
         Box::pin(async move {
             let result = call.await;
-            if let Err(e) = &result {
-                if breaks_connection(e) && !health.broken.swap(true, Ordering::SeqCst) {
-                    health.failures.fetch_add(1, Ordering::SeqCst);
+            let Some(health) = unanswered.0.take() else { return result };
+            match result.as_ref().map_err(verdict) {
+                Ok(_) | Err(Verdict::Fine) => {}
+                Err(Verdict::Suspect) => health.suspect(),
+                Err(Verdict::Broken) => {
+                    if !health.broken.swap(true, Ordering::SeqCst) {
+                        health.suspect();
+                    }
                 }
             }
             result
         })
+    }
+
+    fn suspect(&self) {
+        self.failures.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Marks the pool suspect when a watched call is dropped before its answer.
+struct Unanswered(Option<Health>);
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(health) = self.0.take() {
+            health.suspect();
+        }
     }
 }
 
@@ -252,7 +296,9 @@ impl RedisClient {
                     .queue_mode(managed::QueueMode::Lifo)
                     .wait_timeout(Some(config.timeout))
                     .create_timeout(Some(config.timeout))
-                    .recycle_timeout(Some(config.timeout))
+                    // A PING that does not come back quickly gives up on the connection
+                    // and makes a new one, within the call's own time.
+                    .recycle_timeout(Some((config.timeout / 4).min(Duration::from_millis(250))))
                     .runtime(Runtime::Tokio1)
                     .build()
                     .map_err(|e| err(e.into()))?;
@@ -394,4 +440,28 @@ fn tls_certificates(config: &RedisConfig) -> Result<Option<redis::TlsCertificate
     let Some(path) = &config.tls_ca_file else { return Ok(None) };
     let pem = std::fs::read(path).map_err(|e| format!("REDIS_TLS_CA_FILE {}: {e}", path.display()))?;
     Ok(Some(redis::TlsCertificates { client_tls: None, root_cert: Some(pem) }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{verdict, Verdict};
+    use redis::{ErrorKind, RedisError, ServerErrorKind};
+    use std::io;
+
+    /// How a failed call's error is read. (The pool acting on it, against a real Redis:
+    /// `tests/outages.rs`.)
+    #[test]
+    fn a_failed_call_is_judged_by_what_it_says_about_the_connection() {
+        let io = |kind| RedisError::from(io::Error::new(kind, "on the socket"));
+        assert_eq!(verdict(&io(io::ErrorKind::TimedOut)), Verdict::Suspect);
+        for kind in [io::ErrorKind::ConnectionReset, io::ErrorKind::BrokenPipe, io::ErrorKind::UnexpectedEof] {
+            assert_eq!(verdict(&io(kind)), Verdict::Broken, "{kind:?}");
+        }
+        let server = |kind| RedisError::from((ErrorKind::Server(kind), "from the server"));
+        assert_eq!(verdict(&server(ServerErrorKind::ReadOnly)), Verdict::Broken, "a demoted primary");
+        for kind in [ServerErrorKind::ResponseError, ServerErrorKind::NoScript, ServerErrorKind::BusyLoading] {
+            assert_eq!(verdict(&server(kind)), Verdict::Fine, "{kind:?}");
+        }
+        assert_eq!(verdict(&RedisError::from((ErrorKind::Parse, "garbled reply"))), Verdict::Broken);
+    }
 }
