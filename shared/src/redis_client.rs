@@ -400,7 +400,7 @@ impl RedisClient {
 
     /// How many `PING`s the standalone pool has sent to check a connection before
     /// handing it out (always 0 on a cluster): round trips on top of the calls
-    /// themselves, which the benchmark adds to the guard's.
+    /// themselves, which the benchmark reports beside the guard's own.
     pub fn pings(&self) -> u64 {
         match &self.backend {
             Backend::Pool(pool) => pool.manager().pings.load(Ordering::Relaxed),
