@@ -136,6 +136,12 @@ async fn last_command(observer: &mut redis::aio::MultiplexedConnection, id: i64)
     list.split_whitespace().find_map(|f| f.strip_prefix("cmd=")).map(str::to_owned)
 }
 
+/// `redis_pool_events_total{event}` (process-wide: other tests may add to it, so only
+/// its growth is asserted).
+fn pool_events(event: &str) -> u64 {
+    exactly_once::metrics::metrics().redis_pool.with_label_values(&[event]).get()
+}
+
 async fn client_id(conn: &mut exactly_once::redis_client::RedisConnection) -> redis::RedisResult<i64> {
     redis::cmd("CLIENT").arg("ID").query_async(conn).await
 }
@@ -197,6 +203,7 @@ async fn redis_pool_pings_only_idle_connections_and_replaces_dropped_ones_after_
     // the connection may be stuck, so it is pinged before its next use. This one is
     // (BLPOP holds it), so its PING does not come back, and a new connection takes its
     // place instead of failing the next call.
+    let (unanswered, check_failed) = (pool_events("call_unanswered"), pool_events("check_failed"));
     let key = format!("{}:blocked", integration_tests::unique("pool"));
     let mut c = steady.connection().await.expect("connection");
     let blocked = client_id(&mut c).await.expect("CLIENT ID");
@@ -212,6 +219,8 @@ async fn redis_pool_pings_only_idle_connections_and_replaces_dropped_ones_after_
     assert!(started.elapsed() < Duration::from_secs(1), "not queued behind the BLPOP");
     assert_ne!(next, blocked, "the stuck connection was handed out again");
     assert_eq!(steady.pings() - pings, 1, "pinged before reuse");
+    assert!(pool_events("call_unanswered") > unanswered, "the given-up call is counted");
+    assert!(pool_events("check_failed") > check_failed, "the failed check is counted");
     drop(c);
 
     // Both pooled connections in use once, then both dropped by the server (a restart).
@@ -225,9 +234,11 @@ async fn redis_pool_pings_only_idle_connections_and_replaces_dropped_ones_after_
         assert_eq!(killed, 1);
     }
     wait_until_gone(&mut observer, &ids).await;
+    let call_failed = pool_events("call_failed");
     // Used a moment ago, so handed out unchecked: this one call fails...
     let mut c = steady.connection().await.expect("connection");
     assert!(client_id(&mut c).await.is_err(), "the first call after the restart meets a dropped connection");
+    assert!(pool_events("call_failed") > call_failed, "the failed call is counted");
     drop(c);
     // ...and it tells the pool: the broken one is replaced, the other is pinged (and
     // replaced too) instead of failing the next call.

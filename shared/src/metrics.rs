@@ -50,6 +50,9 @@ pub const OUTBOX_DEAD_LETTERED: &str = "outbox_messages_dead_lettered_total";
 /// The name of [`Metrics::outbox_cleanup_deleted`].
 pub const OUTBOX_CLEANUP_DELETED: &str = "outbox_cleanup_deleted_total";
 
+/// The name of [`Metrics::redis_pool`].
+pub const REDIS_POOL_EVENTS: &str = "redis_pool_events_total";
+
 /// Every metric this library exports (alert rules and dashboards are checked against it).
 pub const ALL: &[&str] = &[
     EVENTS_PROCESSED,
@@ -72,6 +75,7 @@ pub const ALL: &[&str] = &[
     OUTBOX_FAILED,
     OUTBOX_DEAD_LETTERED,
     OUTBOX_CLEANUP_DELETED,
+    REDIS_POOL_EVENTS,
 ];
 
 /// The process's metrics, registered once in one registry (see `metrics()`).
@@ -122,6 +126,12 @@ pub struct Metrics {
     pub outbox_dead_lettered: IntCounterVec,
     /// Published outbox messages deleted past `OUTBOX_RETENTION_HOURS`.
     pub outbox_cleanup_deleted: prometheus::IntCounter,
+    /// `{event}`: the standalone Redis pool's connections. `checked`: pinged before reuse
+    /// (idle, or after a failure in the pool); `check_failed`: that PING failed, the
+    /// connection was replaced; `call_failed`: a call found its connection closed or
+    /// unusable, replaced; `call_unanswered`: a call timed out or was given up, every
+    /// connection is checked before its next use.
+    pub redis_pool: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -229,6 +239,12 @@ impl Metrics {
                 &["function"],
             ),
             round_trips: counter(&registry, GUARD_ROUND_TRIPS, "Round trips made by the guard", &["function", "store"]),
+            redis_pool: counter(
+                &registry,
+                REDIS_POOL_EVENTS,
+                "Standalone Redis pool: connections checked before reuse (checked, check_failed: replaced), calls that broke their connection (call_failed: replaced) or went unanswered (call_unanswered)",
+                &["event"],
+            ),
             breaker_state,
             registry,
         }

@@ -67,6 +67,10 @@ type Pool = managed::Pool<Manager>;
 struct Manager {
     inner: deadpool_redis::Manager,
     ping_idle: Duration,
+    /// How long the PING before reuse may take: a quarter of `REDIS_TIMEOUT_MS`, at most
+    /// 250 ms, so a stuck connection is given up and a new one made within the call's
+    /// own time.
+    check_timeout: Duration,
     failures: Arc<AtomicU64>,
     pings: AtomicU64,
 }
@@ -100,10 +104,26 @@ impl managed::Manager for Manager {
         }
         // UNWATCH and PING, in one round trip.
         self.pings.fetch_add(1, Ordering::Relaxed);
-        managed::Manager::recycle(&self.inner, &mut conn.conn, metrics).await?;
+        let check =
+            tokio::time::timeout(self.check_timeout, managed::Manager::recycle(&self.inner, &mut conn.conn, metrics));
+        let failed = match check.await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e),
+            Err(_) => Some(RecycleError::message(format!("no PONG within {} ms", self.check_timeout.as_millis()))),
+        };
+        if let Some(e) = failed {
+            pool_event("check_failed");
+            tracing::info!(error = %e, "a pooled Redis connection failed its check before reuse; replacing it");
+            return Err(e);
+        }
+        pool_event("checked");
         conn.verified = failures;
         Ok(())
     }
+}
+
+fn pool_event(event: &str) {
+    crate::metrics::metrics().redis_pool.with_label_values(&[event]).inc();
 }
 
 /// What a failed call says about its connection.
@@ -206,12 +226,16 @@ impl Health {
         Box::pin(async move {
             let result = call.await;
             let Some(health) = unanswered.0.take() else { return result };
-            match result.as_ref().map_err(verdict) {
-                Ok(_) | Err(Verdict::Fine) => {}
-                Err(Verdict::Suspect) => health.suspect(),
-                Err(Verdict::Broken) => {
-                    if !health.broken.swap(true, Ordering::SeqCst) {
-                        health.suspect();
+            if let Err(e) = &result {
+                match verdict(e) {
+                    Verdict::Fine => {}
+                    Verdict::Suspect => health.unanswered(),
+                    Verdict::Broken => {
+                        if !health.broken.swap(true, Ordering::SeqCst) {
+                            pool_event("call_failed");
+                            tracing::warn!(error = %e, "a Redis connection failed; replacing it and checking the others before reuse");
+                            health.suspect();
+                        }
                     }
                 }
             }
@@ -222,6 +246,11 @@ impl Health {
     fn suspect(&self) {
         self.failures.fetch_add(1, Ordering::SeqCst);
     }
+
+    fn unanswered(&self) {
+        pool_event("call_unanswered");
+        self.suspect();
+    }
 }
 
 /// Marks the pool suspect when a watched call is dropped before its answer.
@@ -230,7 +259,7 @@ struct Unanswered(Option<Health>);
 impl Drop for Unanswered {
     fn drop(&mut self) {
         if let Some(health) = self.0.take() {
-            health.suspect();
+            health.unanswered();
         }
     }
 }
@@ -287,8 +316,13 @@ impl RedisClient {
                     .set_response_timeout(Some(config.timeout))
                     .set_connection_timeout(Some(config.timeout));
                 let inner = deadpool_redis::Manager::new_with_config(info, timeouts).map_err(|e| err(e.into()))?;
-                let manager =
-                    Manager { inner, ping_idle: config.ping_idle, failures: Arc::default(), pings: AtomicU64::new(0) };
+                let manager = Manager {
+                    inner,
+                    ping_idle: config.ping_idle,
+                    check_timeout: (config.timeout / 4).min(Duration::from_millis(250)),
+                    failures: Arc::default(),
+                    pings: AtomicU64::new(0),
+                };
                 let pool = Pool::builder(manager)
                     .max_size(config.pool_size)
                     // The connection used last is handed out first, so a few stay in
@@ -296,9 +330,6 @@ impl RedisClient {
                     .queue_mode(managed::QueueMode::Lifo)
                     .wait_timeout(Some(config.timeout))
                     .create_timeout(Some(config.timeout))
-                    // A PING that does not come back quickly gives up on the connection
-                    // and makes a new one, within the call's own time.
-                    .recycle_timeout(Some((config.timeout / 4).min(Duration::from_millis(250))))
                     .runtime(Runtime::Tokio1)
                     .build()
                     .map_err(|e| err(e.into()))?;
